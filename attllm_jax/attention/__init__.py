@@ -1,0 +1,22 @@
+"""Everything about asking the LLM where to look.
+
+* :mod:`~attllm_jax.attention.parse`: LLM answers -> fixed-size padded arrays (``parse_answer``).
+* :mod:`~attllm_jax.attention.maps`: batches of answers -> dense maps (``attention_maps``).
+* :mod:`~attllm_jax.attention.store`: per-image attention files (``read_attention_file``, ``find_attention_file``).
+* :mod:`~attllm_jax.attention.prompts`, :mod:`~attllm_jax.attention.overlay`: what is sent to the model.
+* :mod:`~attllm_jax.attention.providers`, :mod:`~attllm_jax.attention.runner`: asking it, resumably.
+"""
+
+from attllm_jax.attention.maps import attention_maps, attention_mask
+from attllm_jax.attention.parse import ParsedAttention, parse_answer, stack_attention
+from attllm_jax.attention.store import find_attention_file, read_attention_file
+
+__all__ = [
+    "ParsedAttention",
+    "attention_mask",
+    "attention_maps",
+    "find_attention_file",
+    "parse_answer",
+    "read_attention_file",
+    "stack_attention",
+]

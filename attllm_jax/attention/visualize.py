@@ -1,0 +1,115 @@
+"""A picture of one answer: the photo, its attention map as a heat overlay, the points with their
+weights and reasoning (or the grid cells with their weights)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import numpy as np
+from PIL import Image
+
+from attllm_jax.attention.maps import attention_maps
+from attllm_jax.attention.overlay import resize_longest_side
+from attllm_jax.attention.parse import ParsedAttention
+
+
+def render_attention(
+    photo: Image.Image,
+    parsed: ParsedAttention,
+    output: str | os.PathLike,
+    sigma: float = 0.2,
+    grid_interpolate: bool = False,
+    max_side: int = 1024,
+    title: str | None = None,
+    map_resolution: int = 96,
+) -> np.ndarray:
+    """Draws the photo with its attention map and writes a PNG.
+
+    Args:
+        photo: the photo.
+        parsed: its parsed answer.
+        output: the PNG to write.
+        sigma: RBF width of point answers.
+        grid_interpolate: bilinear grid maps instead of sharp cells.
+        max_side: the photo is shown with its longest side at most this.
+        title: a first title line (e.g. the file name and model).
+        map_resolution: the map's longest side (it is drawn stretched over the photo).
+
+    Returns:
+        The map that was drawn, float32 [h, w].
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    photo = resize_longest_side(photo.convert("RGB"), max_side)
+    width, height = photo.size
+    scale = map_resolution / max(width, height)
+    map_h, map_w = max(2, round(height * scale)), max(2, round(width * scale))
+    heat = np.asarray(attention_maps([parsed], map_h, map_w, sigma=sigma, grid_interpolate=grid_interpolate))[0]
+
+    has_notes = parsed.kind == "points"
+    fig_w = 10.0
+    fig_h = fig_w * height / width + (1.6 if has_notes else 0.6)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=100)
+    ax = fig.add_subplot()
+    # Pixel centres at 0..1 as in the maps (linspace(0, 1, n)): the photo spans half a pixel beyond.
+    half_x, half_y = 0.5 / max(width - 1, 1), 0.5 / max(height - 1, 1)
+    extent = (-half_x, 1 + half_x, 1 + half_y, -half_y)
+    ax.imshow(photo, extent=extent)
+    shown = ax.imshow(heat, extent=extent, cmap="jet", vmin=0.0, vmax=2.0, alpha=0.45, interpolation="bilinear")
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_aspect((height / (1 + 2 * half_y)) / (width / (1 + 2 * half_x)))  # square photo pixels
+    fig.colorbar(shown, ax=ax, fraction=0.03, pad=0.02, label="attention weight")
+
+    notes = []
+    if parsed.kind == "points":
+        for i in np.flatnonzero(parsed.valid):
+            x, y = parsed.centers[i]
+            weight = float(parsed.weights[i])
+            ax.scatter([x], [y], s=60 + 60 * weight, facecolors="none", edgecolors="white", linewidths=2)
+            ax.annotate(
+                f"{i + 1}: {weight:.1f}",
+                (x, y),
+                xytext=(6, -6),
+                textcoords="offset points",
+                color="white",
+                fontsize=10,
+                weight="bold",
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"},
+            )
+            notes.append(f"{i + 1} ({weight:.1f}): {parsed.reasoning[i] or '-'}")
+    elif parsed.kind == "grid":
+        n = parsed.grid.shape[0]
+        for k in range(1, n):
+            ax.axhline(k / n, color="white", linewidth=1)
+            ax.axvline(k / n, color="white", linewidth=1)
+        for r in range(n):
+            for c in range(n):
+                ax.text(
+                    (c + 0.5) / n,
+                    (r + 0.5) / n,
+                    f"{chr(ord('A') + r)}{c + 1}: {parsed.grid[r, c]:.1f}",
+                    ha="center",
+                    va="center",
+                    color="white",
+                    fontsize=9,
+                    bbox={"facecolor": "black", "alpha": 0.4, "pad": 1, "edgecolor": "none"},
+                )
+    summary = {
+        "points": f"{parsed.num_points} points",
+        "grid": "grid answer",
+        "none": "answer None: no attention (single landmark)",
+        "invalid": f"invalid answer: {parsed.error}",
+    }[parsed.kind]
+    if parsed.num_dropped:
+        summary += f", {parsed.num_dropped} entries dropped"
+    ax.set_title("\n".join(t for t in (title, summary) if t), fontsize=11)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_yticks(np.linspace(0, 1, 6))
+    if notes:
+        wrapped = "\n".join(textwrap.shorten(note, 140) for note in notes)
+        fig.text(0.02, 0.01, wrapped, fontsize=8, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.02 + 0.018 * len(notes), 1, 1))
+    fig.savefig(output, format="png")
+    return heat

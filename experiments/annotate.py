@@ -1,0 +1,159 @@
+r"""Asks a vision-language model where to look, one attention file per query photo.
+
+    python -m experiments.annotate --images DIR --city "San Francisco" --provider gemini \
+        --output_dir DIR [--workers 4 --qpm 60 --prompt axis_focus]
+
+Resumable: images that already have a valid (or None) attention file in --output_dir are skipped, so
+rerunning after a crash, a kill or Ctrl-C continues where it stopped; --retry_invalid also re-asks the
+images whose answer could not be used. Ctrl-C (or SIGTERM) stops cleanly: no new image is started and
+the answers in flight are still written. The summary (valid / none / invalid / failed, tokens, wall
+time) is printed and written to OUTPUT_DIR/annotate_summary.json, the log to OUTPUT_DIR/annotate.log.
+
+Providers: gemini (key from GEMINI_API_KEY or GOOGLE_API_KEY), openai (an OpenAI-compatible server
+such as vLLM or Ollama at --base_url; optional key from OPENAI_API_KEY), files (re-reads the attention
+files of --source_dir, ours or the published code's per-image format, into our format). Keys are
+never printed, logged or written.
+
+Exit status: 0 all images annotated; 3 some requests failed (rerun to retry them); 1 the run was
+aborted (bad key, unknown model, too many failures in a row); 130 interrupted.
+"""
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from attllm_jax.attention import prompts, providers, runner
+
+FLAGS = flags.FLAGS
+_PROVIDERS = ("gemini", "openai", "files")
+
+flags.DEFINE_string("images", None, "Folder of query photos (searched recursively).", required=True)
+flags.DEFINE_string("output_dir", None, "Folder for the attention files, summary and log.", required=True)
+flags.DEFINE_string("city", None, "City named in the prompt, e.g. 'San Francisco'.")
+flags.DEFINE_enum("provider", "gemini", _PROVIDERS, "Who answers.")
+flags.DEFINE_string("model", None, "Model name (default gemini-2.5-flash for gemini; required for openai).")
+flags.DEFINE_string("base_url", None, "Endpoint to use instead of the provider's default (proxy, local server).")
+flags.DEFINE_string("api_version", "v1beta", "Gemini REST API version.")
+flags.DEFINE_string("source_dir", None, "Attention files to read with --provider files.")
+flags.DEFINE_enum("prompt", "axis_focus", sorted(prompts.PROMPTS), "Prompt id (recorded in every output file).")
+flags.DEFINE_integer("grid_size", 4, "n of the n x n grid prompt.", lower_bound=2, upper_bound=26)
+flags.DEFINE_integer("workers", 4, "Worker threads.", lower_bound=1)
+flags.DEFINE_float("qpm", 60.0, "Requests per minute, all workers and retries together (0: no limit).", lower_bound=0)
+flags.DEFINE_float("timeout_s", 60.0, "Per-request timeout in seconds.", lower_bound=0.001)
+flags.DEFINE_integer("max_attempts", 5, "Attempts per image on 429/5xx/timeouts/dropped connections.", lower_bound=1)
+flags.DEFINE_float("initial_backoff_s", 1.0, "First retry delay (doubles, with jitter).", lower_bound=0)
+flags.DEFINE_float("max_backoff_s", 60.0, "Longest backoff (a longer server retry delay is honoured).", lower_bound=0)
+flags.DEFINE_float("temperature", None, "Sampling temperature (default: the model's).")
+flags.DEFINE_float("top_p", None, "Nucleus sampling (default: the model's).")
+flags.DEFINE_integer("thinking_budget", None, "Gemini thinking budget in tokens (0: off on 2.5 Flash).")
+flags.DEFINE_integer("max_output_tokens", None, "Cap on the answer length.")
+flags.DEFINE_bool("json_mode", True, "Gemini: request application/json with the prompt's response schema.")
+flags.DEFINE_integer("max_side", 1024, "Longest side of the photo sent.", lower_bound=16)
+flags.DEFINE_float("ruler_step", None, "Ruler tick spacing (default 0.2; 1/n for the grid prompt).")
+flags.DEFINE_bool("grid_lines", False, "Draw grid lines across the photo at the ticks.")
+flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the image sent.", lower_bound=1, upper_bound=95)
+flags.DEFINE_bool("retry_invalid", False, "Re-ask images whose attention file holds an invalid answer.")
+flags.DEFINE_string("save_sent_images", None, "Debug: save the exact JPEG sent for each image in this folder.")
+flags.DEFINE_integer("max_consecutive_failures", 20, "Abort after this many failed requests in a row (0: never).")
+
+flags.register_validator("ruler_step", lambda v: v is None or 0 < v <= 1, "--ruler_step must be in (0, 1]")
+flags.register_validator("temperature", lambda v: v is None or 0 <= v <= 2, "--temperature must be in [0, 2]")
+flags.register_validator("top_p", lambda v: v is None or 0 < v <= 1, "--top_p must be in (0, 1]")
+
+
+def make_provider() -> providers.Provider:
+    """The provider the flags ask for. Raises ValueError with a one-line message on bad settings."""
+    retry = providers.RetryPolicy(
+        max_attempts=FLAGS.max_attempts, initial_delay_s=FLAGS.initial_backoff_s, max_delay_s=FLAGS.max_backoff_s
+    )
+    limiter = providers.RateLimiter(FLAGS.qpm, 60.0)
+    sampling = {"temperature": FLAGS.temperature, "top_p": FLAGS.top_p, "max_output_tokens": FLAGS.max_output_tokens}
+    if FLAGS.provider == "gemini":
+        return providers.GeminiProvider(
+            model=FLAGS.model or "gemini-2.5-flash",
+            base_url=FLAGS.base_url,
+            api_version=FLAGS.api_version,
+            timeout_s=FLAGS.timeout_s,
+            thinking_budget=FLAGS.thinking_budget,
+            json_mode=FLAGS.json_mode,
+            retry=retry,
+            limiter=limiter,
+            **sampling,
+        )
+    if FLAGS.provider == "openai":
+        if not FLAGS.model:
+            raise ValueError("--provider openai needs --model (the served model's name)")
+        return providers.OpenAIProvider(
+            model=FLAGS.model,
+            base_url=FLAGS.base_url,
+            timeout_s=FLAGS.timeout_s,
+            retry=retry,
+            limiter=limiter,
+            **sampling,
+        )
+    if not FLAGS.source_dir:
+        raise ValueError("--provider files needs --source_dir (the folder of attention files to read)")
+    return providers.FilesProvider(FLAGS.source_dir)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv):
+    del argv
+    output_dir = Path(FLAGS.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output_dir / "annotate.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("httpx", "httpx2", "httpcore", "google_genai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log = logging.getLogger("annotate")
+    log.info("flags: %s", json.dumps({f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}))
+
+    city = FLAGS.city
+    if not city and FLAGS.provider != "files":
+        raise app.UsageError("--city is required (the city named in the prompt)")
+    try:
+        provider = make_provider()
+        config = runner.RunConfig(
+            city=city or "unknown",
+            prompt=prompts.get_prompt(FLAGS.prompt),
+            grid_size=FLAGS.grid_size,
+            max_side=FLAGS.max_side,
+            ruler_step=FLAGS.ruler_step,
+            grid_lines=FLAGS.grid_lines,
+            jpeg_quality=FLAGS.jpeg_quality,
+            workers=FLAGS.workers,
+            retry_invalid=FLAGS.retry_invalid,
+            save_sent_dir=FLAGS.save_sent_images,
+            max_consecutive_failures=FLAGS.max_consecutive_failures,
+        )
+    except (ValueError, KeyError) as e:
+        sys.exit(f"annotate: {e}")
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        summary = runner.annotate_folder(
+            FLAGS.images, output_dir, provider, config, progress=runner.ProgressPrinter(sys.stderr)
+        )
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"annotate: {e}")
+    finally:
+        provider.close()
+    log.info("summary: %s", runner.summarize_counts(summary))
+    print(json.dumps(summary.to_dict(), indent=2))
+    if summary.interrupted:
+        return 130
+    if summary.aborted:
+        return 1
+    return 3 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    app.run(main)
