@@ -1,0 +1,390 @@
+"""Converts DINOv2 + SALAD PyTorch checkpoints (serizba/salad ``dino_salad.ckpt``) into :class:`SaladNet` modules.
+
+The released checkpoint is the state dict of upstream's ``VPRModel``: the torch.hub DINOv2 under
+``backbone.model.`` (``cls_token``, ``pos_embed``, ``mask_token``, ``register_tokens``, ``patch_embed.proj.*``,
+``blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1 | mlp.w12, mlp.fc2 | mlp.w3, ls2.gamma}.*``,
+``norm.*``) and the SALAD head under ``aggregator.`` (``token_features.{0,2}``, ``cluster_features.{0,3}``,
+``score.{0,3}`` with 1x1-convolution weights, ``dust_bin``). A Lightning ``{"state_dict": ...}`` wrapper is
+accepted too. Every dimension (width, depth, feed-forward kind and width, patch size, position grid, registers,
+cluster sizes) is inferred from the shapes; only the head count is not in the weights (DINOv2 uses 64-dimensional
+heads, the default). The key map is driven by the target module and checked strictly both ways by
+:func:`~attllm_jax.convert.common.fill_module`; ``mask_token`` (used only for masked pre-training) is the one
+tensor deliberately dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from attllm_jax.convert.common import ConversionError, TensorSource, fill_module, read_state_dict, sha256_file
+from attllm_jax.convert.download import DEFAULT_CACHE_DIR
+from attllm_jax.models import registry
+from attllm_jax.models.dinov2 import DINOV2_PRESETS, DinoV2Config, DinoVisionTransformer, dinov2_config, preset_name
+from attllm_jax.models.salad import DEFAULT_IMAGE_SIZE, SaladConfig, SaladNet
+
+CONVERTER_VERSION = "1.0"
+FAMILY = "salad"
+BACKBONE_PREFIX = "backbone.model."
+AGGREGATOR_PREFIX = "aggregator."
+IGNORED = ("num_batches_tracked", "mask_token")  # also matches "backbone.model.mask_token"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_HEAD_DIM = 64  # every DINOv2 release
+_MLP_INDEX = {"token_features": ("0", "2"), "cluster_features": ("0", "3"), "score": ("0", "3")}
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "gamma": "gamma"}
+_REQUIRED_BACKBONE = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+_REQUIRED_HEAD = (
+    "token_features.0.weight",
+    "token_features.2.weight",
+    "cluster_features.3.weight",
+    "score.3.weight",
+    "dust_bin",
+)
+
+
+def salad_preprocess_config(image_size: Sequence[int] = DEFAULT_IMAGE_SIZE) -> dict:
+    """SALAD's evaluation transform: resize to exactly ``(height, width)`` (322x322) with PIL bilinear."""
+    return {
+        "resize": "exact",
+        "size": [int(s) for s in image_size],
+        "interpolation": "bilinear",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+def _describe_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys)} keys)" if len(keys) > limit else "")
+
+
+def _check_salad_family(source: TensorSource, source_name: str) -> None:
+    required = [BACKBONE_PREFIX + k for k in _REQUIRED_BACKBONE] + [AGGREGATOR_PREFIX + k for k in _REQUIRED_HEAD]
+    missing = [k for k in required if k not in source]
+    if not missing:
+        return
+    keys = source.keys()
+    hint = ""
+    if "aggregation.3.weight" in source or any(k.startswith("backbone.0.") for k in keys):
+        hint = " It looks like a CosPlace/EigenPlaces checkpoint: use converters/cosplace.py or eigenplaces.py."
+    elif "cls_token" in source and "pos_embed" in source:
+        hint = " It looks like a bare DINOv2 backbone without the SALAD head."
+    raise ConversionError(
+        f"{source_name} is not a complete SALAD checkpoint (DINOv2 under 'backbone.model.', SALAD head under "
+        f"'aggregator.'): missing {_describe_keys(missing)}; found {_describe_keys(keys)}.{hint}"
+    )
+
+
+def infer_dinov2_config(
+    source: TensorSource,
+    prefix: str = "",
+    num_heads: int | None = None,
+    interpolate_offset: float | None = None,
+    interpolate_antialias: bool | None = None,
+) -> DinoV2Config:
+    """Infers a DINOv2 architecture from torch.hub tensor shapes.
+
+    Args:
+        source: the tensors.
+        prefix: key prefix of the DINOv2 tensors (``"backbone.model."`` in SALAD checkpoints).
+        num_heads: attention heads (not stored in the weights); default ``embed_dim // 64``.
+        interpolate_offset: position-embedding interpolation offset; default 0.1 without registers and 0 with
+            them, as the torch.hub models.
+        interpolate_antialias: default False without registers and True with them.
+
+    Raises:
+        ConversionError: the shapes fit no DINOv2 (the message names the tensors).
+    """
+    problems = []
+    cls_shape = source.shape(prefix + "cls_token")
+    pos_shape = source.shape(prefix + "pos_embed")
+    proj_shape = source.shape(prefix + "patch_embed.proj.weight")
+    if cls_shape is None or len(cls_shape) != 3 or cls_shape[:2] != (1, 1):
+        raise ConversionError(f"{prefix}cls_token must have shape [1, 1, C], got {cls_shape}")
+    dim = cls_shape[2]
+    grid = 0
+    if pos_shape is None or len(pos_shape) != 3 or pos_shape[0] != 1 or pos_shape[2] != dim:
+        problems.append(f"{prefix}pos_embed must have shape [1, 1 + M*M, {dim}], got {pos_shape}")
+    else:
+        grid = math.isqrt(pos_shape[1] - 1)
+        if grid * grid != pos_shape[1] - 1:
+            problems.append(f"{prefix}pos_embed holds {pos_shape[1] - 1} patch positions, not a square grid")
+    if proj_shape is None or len(proj_shape) != 4 or proj_shape[:2] != (dim, 3) or proj_shape[2] != proj_shape[3]:
+        problems.append(f"{prefix}patch_embed.proj.weight must have shape [{dim}, 3, p, p], got {proj_shape}")
+    block_ids = {int(m.group(1)) for k in source.keys() if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
+    if not block_ids:
+        problems.append(f"no transformer blocks ('{prefix}blocks.N.*') found")
+    if source.shape(prefix + "blocks.0.mlp.w12.weight") is not None:
+        ffn_layer, ffn_hidden = "swiglu", source.shape(prefix + "blocks.0.mlp.w12.weight")[0] // 2
+    elif source.shape(prefix + "blocks.0.mlp.fc1.weight") is not None:
+        ffn_layer, ffn_hidden = "mlp", source.shape(prefix + "blocks.0.mlp.fc1.weight")[0]
+    else:
+        ffn_layer, ffn_hidden = "mlp", 0
+        problems.append(f"no feed-forward weights '{prefix}blocks.0.mlp.fc1.weight' or '{prefix}blocks.0.mlp.w12.*'")
+    reg_shape = source.shape(prefix + "register_tokens")
+    registers = 0
+    if reg_shape is not None:
+        if len(reg_shape) != 3 or reg_shape[0] != 1 or reg_shape[2] != dim:
+            problems.append(f"{prefix}register_tokens must have shape [1, R, {dim}], got {reg_shape}")
+        else:
+            registers = reg_shape[1]
+    if num_heads is None:
+        if dim % _HEAD_DIM:
+            problems.append(f"cannot infer the head count of width {dim} (not a multiple of 64): pass num_heads")
+        num_heads = max(dim // _HEAD_DIM, 1)
+    elif dim % int(num_heads):
+        problems.append(f"num_heads={num_heads} does not divide the width {dim}")
+    if problems:
+        raise ConversionError("cannot infer the DINOv2 architecture: " + "; ".join(problems))
+    return DinoV2Config(
+        embed_dim=dim,
+        depth=max(block_ids) + 1,
+        num_heads=int(num_heads),
+        ffn_layer=ffn_layer,
+        ffn_hidden_dim=int(ffn_hidden),
+        patch_size=proj_shape[2],
+        pos_embed_grid=grid,
+        num_register_tokens=registers,
+        interpolate_offset=(0.0 if registers else 0.1) if interpolate_offset is None else float(interpolate_offset),
+        interpolate_antialias=bool(registers) if interpolate_antialias is None else bool(interpolate_antialias),
+    )
+
+
+def infer_salad_config(source: TensorSource, backbone: DinoV2Config) -> SaladConfig:
+    """Infers the SALAD head sizes from the ``aggregator.*`` shapes (1x1-conv weights ``[out, in, 1, 1]``).
+
+    Raises:
+        ConversionError: a head weight is not at least 2-D (the message names it).
+    """
+    dims = {}
+    for key in ("token_features.0.weight", "token_features.2.weight", "cluster_features.3.weight", "score.3.weight"):
+        shape = source.shape(AGGREGATOR_PREFIX + key)
+        if shape is None or len(shape) < 2:
+            raise ConversionError(f"{AGGREGATOR_PREFIX}{key} must be a Linear or 1x1-conv weight, got shape {shape}")
+        dims[key] = shape[0]
+    hidden, token_dim = dims["token_features.0.weight"], dims["token_features.2.weight"]
+    cluster_dim, num_clusters = dims["cluster_features.3.weight"], dims["score.3.weight"]
+    return SaladConfig(
+        backbone=backbone, num_clusters=num_clusters, cluster_dim=cluster_dim, token_dim=token_dim, hidden_dim=hidden
+    )
+
+
+def _conv_to_hwio(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (2, 3, 1, 0)) if w.ndim == 4 else w  # a wrong rank is reported as a shape mismatch
+
+
+def _dense_to_io(w: np.ndarray) -> np.ndarray:
+    # Linear [out, in] and 1x1 conv [out, in, 1, 1] -> [in, out]; a larger kernel yields a reported shape mismatch.
+    return np.reshape(w, (w.shape[0], -1)).T if w.ndim >= 2 else w
+
+
+def _backbone_source(rel: list[str]) -> tuple[str, object]:
+    """Target path inside the DINOv2 module -> (hub key, transform)."""
+    leaf = rel[-1]
+    if rel[0] in ("cls_token", "pos_embed", "register_tokens"):
+        return rel[0], None
+    if rel[:2] == ["patch_embed", "proj"]:
+        return f"patch_embed.proj.{_LEAF[leaf]}", _conv_to_hwio if leaf == "kernel" else None
+    return ".".join(rel[:-1] + [_LEAF[leaf]]), _dense_to_io if leaf == "kernel" else None
+
+
+def _aggregator_source(rel: list[str]) -> tuple[str, object]:
+    """Target path inside the SALAD aggregator -> (checkpoint key without prefix, transform)."""
+    if rel == ["dust_bin"]:
+        return "dust_bin", None
+    mlp, layer, leaf = rel
+    index = _MLP_INDEX[mlp][0 if layer == "fc1" else 1]
+    return f"{mlp}.{index}.{_LEAF[leaf]}", _dense_to_io if leaf == "kernel" else None
+
+
+def _target_paths(module: nnx.Module) -> list[list[str]]:
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    return [[str(p) for p in path] for path, _ in flat]
+
+
+def map_dinov2(module: DinoVisionTransformer, source: TensorSource, prefix: str = "") -> dict[str, np.ndarray | None]:
+    """Takes the value of every Param of a DINOv2 module from torch.hub-named tensors under ``prefix``."""
+    values = {}
+    for rel in _target_paths(module):
+        key, transform = _backbone_source(rel)
+        values["/".join(rel)] = source.take(prefix + key, transform)
+    return values
+
+
+def map_salad(net: SaladNet, source: TensorSource) -> dict[str, np.ndarray | None]:
+    """Takes the value of every Param of a :class:`SaladNet` from a SALAD checkpoint's tensors."""
+    values = {f"backbone/{k}": v for k, v in map_dinov2(net.backbone, source, BACKBONE_PREFIX).items()}
+    for rel in _target_paths(net.aggregator):
+        key, transform = _aggregator_source(rel)
+        values["aggregator/" + "/".join(rel)] = source.take(AGGREGATOR_PREFIX + key, transform)
+    return values
+
+
+def convert_dinov2_state_dict(
+    state_dict: dict[str, np.ndarray],
+    num_heads: int | None = None,
+    interpolate_offset: float | None = None,
+    interpolate_antialias: bool | None = None,
+) -> DinoVisionTransformer:
+    """Converts a bare torch.hub DINOv2 state dict (``cls_token``, ``blocks.N.*``, ...) strictly.
+
+    Args:
+        state_dict: ``{key: array}``.
+        num_heads: attention heads (default ``embed_dim // 64``).
+        interpolate_offset: see :func:`infer_dinov2_config`.
+        interpolate_antialias: see :func:`infer_dinov2_config`.
+
+    Returns:
+        The filled :class:`DinoVisionTransformer`.
+
+    Raises:
+        ConversionError: any missing, extra or misshapen tensor (all listed).
+    """
+    source = TensorSource(state_dict, ignore=IGNORED)
+    config = infer_dinov2_config(source, "", num_heads, interpolate_offset, interpolate_antialias)
+    module = nnx.eval_shape(lambda: DinoVisionTransformer(config, rngs=nnx.Rngs(0)))
+    fill_module(module, map_dinov2(module, source), source)
+    return module
+
+
+def _backbone_name(config: DinoV2Config) -> str:
+    return preset_name(config) or "dinov2_custom"
+
+
+def convert_salad_state_dict(
+    state_dict: dict[str, np.ndarray],
+    backbone: str | None = None,
+    num_heads: int | None = None,
+    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
+    interpolate_offset: float | None = None,
+    interpolate_antialias: bool | None = None,
+    source_name: str = "<state dict>",
+) -> tuple[SaladNet, dict]:
+    """Converts an in-memory SALAD state dict; see :func:`convert_salad`."""
+    source = TensorSource(state_dict, ignore=IGNORED)
+    _check_salad_family(source, source_name)
+    if num_heads is None and backbone in DINOV2_PRESETS:
+        num_heads = dinov2_config(backbone).num_heads
+    dinov2 = infer_dinov2_config(source, BACKBONE_PREFIX, num_heads, interpolate_offset, interpolate_antialias)
+    salad = infer_salad_config(source, dinov2)
+    name = _backbone_name(dinov2)
+    if backbone is not None and backbone != name:
+        raise ConversionError(
+            f"{source_name}: --backbone={backbone} but the checkpoint holds a {name} (width {dinov2.embed_dim}, "
+            f"depth {dinov2.depth}, {dinov2.ffn_layer} feed-forward, {dinov2.num_register_tokens} registers)"
+        )
+    image_size = [int(s) for s in image_size]
+    if len(image_size) != 2 or any(s <= 0 or s % dinov2.patch_size for s in image_size):
+        raise ValueError(f"image_size must be (height, width) multiples of {dinov2.patch_size}, got {image_size}")
+    net = nnx.eval_shape(lambda: SaladNet(salad, rngs=nnx.Rngs(0)))
+    fill_module(net, map_salad(net, source), source)
+    config = {
+        "family": FAMILY,
+        "backbone": name,
+        "dinov2": dinov2.to_dict(),
+        "num_clusters": salad.num_clusters,
+        "cluster_dim": salad.cluster_dim,
+        "token_dim": salad.token_dim,
+        "hidden_dim": salad.hidden_dim,
+        "descriptor_dim": salad.descriptor_dim,
+        "image_size": image_size,
+        "preprocess": salad_preprocess_config(image_size),
+        "converter_version": CONVERTER_VERSION,
+    }
+    return net, config
+
+
+def convert_salad(
+    path: str | os.PathLike,
+    backbone: str | None = None,
+    num_heads: int | None = None,
+    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
+    interpolate_offset: float | None = None,
+    interpolate_antialias: bool | None = None,
+) -> tuple[SaladNet, dict]:
+    """Reads a DINOv2 + SALAD checkpoint file and converts it.
+
+    Args:
+        path: ``.ckpt``/``.pth``/``.pt``/``.bin``/``.safetensors`` holding upstream's ``VPRModel`` state dict
+            (plain or Lightning-wrapped).
+        backbone: optional expected torch.hub name (``"dinov2_vitb14"``), checked against the shapes.
+        num_heads: attention heads, when the width is not a multiple of 64 (custom models).
+        image_size: evaluation ``(height, width)``, multiples of the patch size (322x322 upstream).
+        interpolate_offset: position-embedding interpolation offset (default: as the torch.hub model).
+        interpolate_antialias: antialiased position-embedding interpolation (default: as the torch.hub model).
+
+    Returns:
+        ``(net, config)``: the filled :class:`SaladNet` and the dict for ``config.json`` (family, backbone, dinov2
+        architecture, head sizes, descriptor_dim, image_size, preprocess, source_file, source_sha256,
+        published_file, converter_version).
+
+    Raises:
+        ConversionError: unreadable file, not a SALAD checkpoint, a contradicting ``backbone``, or any missing /
+            extra / misshapen tensor (all listed in one message).
+    """
+    path = Path(path)
+    state_dict = read_state_dict(path)
+    net, config = convert_salad_state_dict(
+        state_dict, backbone, num_heads, image_size, interpolate_offset, interpolate_antialias, source_name=str(path)
+    )
+    config["source_file"] = path.name
+    config["source_sha256"] = sha256_file(path)
+    published = [
+        e.file_name
+        for e in registry.PUBLISHED
+        if (e.family, e.backbone, e.descriptor_dim) == (FAMILY, config["backbone"], config["descriptor_dim"])
+    ]
+    config["published_file"] = published[0] if published else None
+    return net, config
+
+
+def resolve_salad_checkpoint(
+    checkpoint: str | os.PathLike | None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR
+) -> Path:
+    """``checkpoint`` when given, else the published ``dino_salad.ckpt`` (downloaded into ``cache_dir`` if needed).
+
+    Raises:
+        DownloadError: the download failed (e.g. offline).
+    """
+    if checkpoint is not None:
+        return Path(checkpoint)
+    from attllm_jax.convert.download import fetch_published
+
+    (entry,) = [e for e in registry.PUBLISHED if e.family == FAMILY]
+    return fetch_published(entry, cache_dir)
+
+
+def convert_salad_to_directory(
+    output: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    backbone: str | None = None,
+    num_heads: int | None = None,
+    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
+    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+) -> dict:
+    """What ``converters/salad.py`` does: resolve (download if needed), convert, save.
+
+    Args:
+        output: model directory to write (orbax state + ``config.json``).
+        checkpoint: source file; None downloads the published ``dino_salad.ckpt``.
+        backbone: expected torch.hub backbone name (checked against the shapes).
+        num_heads: attention heads for custom widths.
+        image_size: evaluation ``(height, width)``.
+        cache_dir: download cache.
+
+    Returns:
+        The config written to ``output/config.json``.
+    """
+    from attllm_jax.checkpoint import save_model
+
+    path = resolve_salad_checkpoint(checkpoint, cache_dir)
+    net, config = convert_salad(path, backbone=backbone, num_heads=num_heads, image_size=image_size)
+    save_model(output, net, config)
+    return config
