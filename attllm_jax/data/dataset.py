@@ -1,0 +1,171 @@
+"""Database and query folders: the image list, and where each image was taken.
+
+A folder's images are listed from ``<folder>_images_paths.txt`` beside it when that file exists (one path
+relative to the folder per line, as VPR-methods-evaluation does for large folders), otherwise by walking the
+folder for .jpg/.jpeg/.png files (extensions matched case-insensitively), sorted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from attllm_jax.data import coordinates as coords
+
+
+def paths_file_for(folder: str | os.PathLike) -> Path:
+    """The optional path list of a folder: ``<folder>_images_paths.txt`` beside it."""
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}_images_paths.txt"
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Relative paths (with '/') of the images of a folder.
+
+    Args:
+        folder: The image folder.
+
+    Returns:
+        Paths relative to ``folder``: the path list's order when ``<folder>_images_paths.txt`` exists, else sorted.
+
+    Raises:
+        FileNotFoundError: when the folder is missing, holds no image, or the path list names a missing first file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    listing = paths_file_for(folder)
+    if listing.is_file():
+        lines = listing.read_text(encoding="utf-8").splitlines()
+        paths = [coords.normalize_relative_path(line) for line in lines if line.strip()]
+        if not paths:
+            raise FileNotFoundError(f"{listing} lists no image")
+        if not (folder / paths[0]).is_file():
+            raise FileNotFoundError(f"{listing} names {paths[0]!r}, which is not a file in {folder}")
+        return paths
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(coords.IMAGE_EXTENSIONS):
+                paths.append(Path(dirpath, name).relative_to(folder).as_posix())
+    if not paths:
+        raise FileNotFoundError(f"image folder {str(folder)!r} contains no .jpg/.jpeg/.png image")
+    return sorted(paths)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """The images of one folder and their locations.
+
+    Attributes:
+        root: The folder.
+        paths: Image paths relative to ``root`` (with '/').
+        locations: One parsed location per image.
+    """
+
+    root: Path
+    paths: tuple[str, ...]
+    locations: tuple[coords.Location, ...] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def absolute(self, index: int) -> Path:
+        """The full path of image ``index``."""
+        return self.root / self.paths[index]
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved folder and the ordered image list (keys descriptor stores)."""
+        digest = hashlib.sha256(str(self.root.resolve()).encode())
+        for path in self.paths:
+            digest.update(b"\0" + path.encode())
+        return digest.hexdigest()
+
+
+def load_image_set(
+    folder: str | os.PathLike, convention: str = "auto", coordinates_csv: str | os.PathLike | None = None
+) -> ImageSet:
+    """Lists a folder's images and reads their locations.
+
+    Args:
+        folder: The image folder.
+        convention: File-name convention ("auto", "sfxl", "flood"); ignored when ``coordinates_csv`` is given.
+        coordinates_csv: Optional CSV ``path,lat,lon`` or ``path,utm_east,utm_north`` (paths relative to folder).
+
+    Returns:
+        The image set.
+
+    Raises:
+        CoordinateError: naming the first file without coordinates (or missing from the CSV).
+        FileNotFoundError: for a missing or empty folder.
+    """
+    folder = Path(folder)
+    paths = list_images(folder)
+    if coordinates_csv is not None:
+        table = coords.read_coordinates_csv(coordinates_csv)
+        missing = [p for p in paths if p not in table]
+        if missing:
+            raise coords.CoordinateError(
+                f"{len(missing)} image(s) of {folder} are not in {coordinates_csv}, first: {missing[0]!r}"
+            )
+        locations = [table[p] for p in paths]
+    else:
+        locations = [coords.parse_location(str(folder / p), convention) for p in paths]
+    return ImageSet(root=folder, paths=tuple(paths), locations=tuple(locations))
+
+
+@dataclass(frozen=True)
+class GeoPair:
+    """Database and query positions in one planar or spherical frame.
+
+    Attributes:
+        metric: "utm" (Euclidean metres) or "haversine" (great-circle metres on lat/lon).
+        database: ``[N, 2]`` (east, north) or (lat, lon).
+        queries: ``[Q, 2]`` same frame.
+        zone: The UTM zone used, or None for haversine.
+    """
+
+    metric: str
+    database: np.ndarray
+    queries: np.ndarray
+    zone: tuple[int, str] | None
+
+
+def geo_pair(database: ImageSet, queries: ImageSet, metric: str = "utm") -> GeoPair:
+    """Puts database and query locations in one frame for positive search.
+
+    With "utm", lat/lon points are projected into the database's zone (the zone written in the database names, or
+    the most common zone of its points), so flood queries named by lat/lon line up with SF-XL UTM names.
+
+    Raises:
+        ValueError: for an unknown metric.
+        CoordinateError: when the locations cannot be put in that frame.
+    """
+    if metric == "utm":
+        zone = _evaluation_zone(database, queries)
+        return GeoPair(
+            metric,
+            coords.to_utm(list(database.locations), zone),
+            coords.to_utm(list(queries.locations), zone),
+            zone,
+        )
+    if metric == "haversine":
+        return GeoPair(
+            metric, coords.to_latlon(list(database.locations)), coords.to_latlon(list(queries.locations)), None
+        )
+    raise ValueError(f"unknown distance metric {metric!r}; expected 'utm' or 'haversine'")
+
+
+def _evaluation_zone(database: ImageSet, queries: ImageSet) -> tuple[int, str] | None:
+    everything = database.locations + queries.locations
+    if not any(loc.utm is None or loc.zone is not None for loc in everything):
+        return None  # plain UTM everywhere: nothing to project
+    try:
+        return coords.majority_zone(list(database.locations))
+    except coords.CoordinateError:
+        return coords.majority_zone(list(queries.locations))

@@ -1,0 +1,156 @@
+"""The settings of one evaluation run, validated before any work starts."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from attllm_jax.data.coordinates import CONVENTIONS
+from attllm_jax.retrieval.recall import validate_recall_values
+
+DISTANCES = ("utm", "haversine")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and where to write it.
+
+    Attributes:
+        database_folder: Database images.
+        queries_folder: Query images.
+        output_dir: Where results, logs and figures go.
+        checkpoint: A converted model directory; None = a random-weight CosPlace ResNet-18/512 built in JAX.
+        attention_dir: Attention files of the queries (``find_attention_file`` naming); None = no attention.
+        alphas: Blend factors in [0, 1]; every one is evaluated from one backbone pass per query.
+        recall_values: The N of recall@N.
+        positive_dist_threshold: Positive radius in metres (boundary included).
+        distance: "utm" (Euclidean in one UTM zone) or "haversine" (great circle on lat/lon).
+        database_csv: Optional coordinates CSV of the database (``path,lat,lon`` or ``path,utm_east,utm_north``).
+        queries_csv: Optional coordinates CSV of the queries.
+        convention: File-name coordinate convention: "auto", "sfxl" or "flood".
+        image_size: Override of the model's resize: shorter side (int) or ``(height, width)``.
+        batch_size: Images per device batch (rounded up to a multiple of the local device count).
+        num_workers: Decode threads (None = cores, at most 8).
+        store_dir: Database descriptor store (None = ``output_dir/database_store``).
+        chunk_size: Images per store chunk (the resume granularity).
+        sigma: RBF width of point attention maps.
+        grid_interpolate: Bilinear upsampling of grid answers instead of sharp cells.
+        max_points: Point slots per attention answer.
+        num_preds_to_save: Top-K prediction strips saved per query and alpha (0 = none).
+        model_seed: Seed of the random-weight model (ignored with a checkpoint).
+        notes: Extra lines printed with the results (e.g. the demo's disclaimers).
+    """
+
+    database_folder: str
+    queries_folder: str
+    output_dir: str
+    checkpoint: str | None = None
+    attention_dir: str | None = None
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    recall_values: tuple[int, ...] = (1, 5, 10, 20)
+    positive_dist_threshold: float = 25.0
+    distance: str = "utm"
+    database_csv: str | None = None
+    queries_csv: str | None = None
+    convention: str = "auto"
+    image_size: int | tuple[int, int] | None = None
+    batch_size: int = 8
+    num_workers: int | None = None
+    store_dir: str | None = None
+    chunk_size: int = 1024
+    sigma: float = 0.2
+    grid_interpolate: bool = False
+    max_points: int = 8
+    num_preds_to_save: int = 0
+    model_seed: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def resolved_store_dir(self) -> Path:
+        return Path(self.store_dir) if self.store_dir else Path(self.output_dir) / "database_store"
+
+    def validated(self) -> EvalConfig:
+        """Checks every setting that does not need the data; returns a normalized copy.
+
+        Raises:
+            ValueError: naming the first bad setting.
+            FileNotFoundError: for a missing folder, checkpoint, attention directory or CSV.
+        """
+        alphas = tuple(float(a) for a in self.alphas)
+        if not alphas:
+            raise ValueError("--alphas must list at least one value")
+        bad = [a for a in alphas if not (math.isfinite(a) and 0.0 <= a <= 1.0)]
+        if bad:
+            raise ValueError(f"--alphas must lie in [0, 1], got {bad}")
+        if len(set(alphas)) != len(alphas):
+            raise ValueError(f"--alphas must be distinct, got {list(alphas)}")
+        recall_values = tuple(validate_recall_values(self.recall_values))
+        threshold = float(self.positive_dist_threshold)
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"--positive_dist_threshold must be a positive number of metres, got {threshold}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"--distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"--convention must be one of {CONVENTIONS}, got {self.convention!r}")
+        for name in ("batch_size", "chunk_size", "max_points"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers is not None and int(self.num_workers) < 1:
+            raise ValueError(f"--num_workers must be >= 1, got {self.num_workers}")
+        if int(self.num_preds_to_save) < 0:
+            raise ValueError(f"--num_preds_to_save must be >= 0, got {self.num_preds_to_save}")
+        if not (math.isfinite(float(self.sigma)) and float(self.sigma) > 0):
+            raise ValueError(f"--sigma must be positive, got {self.sigma}")
+        image_size = _validate_image_size(self.image_size)
+        for name in ("database_folder", "queries_folder"):
+            if not Path(getattr(self, name)).is_dir():
+                raise FileNotFoundError(f"--{name} {getattr(self, name)!r} is not a directory")
+        for name in ("checkpoint", "attention_dir"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_dir():
+                raise FileNotFoundError(f"--{name} {value!r} is not a directory")
+        for name in ("database_csv", "queries_csv"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise FileNotFoundError(f"--{name} {value!r} is not a file")
+        output = Path(self.output_dir)
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"--output_dir {self.output_dir!r} exists and is not a directory")
+        return replace(
+            self,
+            alphas=alphas,
+            recall_values=recall_values,
+            positive_dist_threshold=threshold,
+            image_size=image_size,
+            batch_size=int(self.batch_size),
+            chunk_size=int(self.chunk_size),
+            num_workers=None if self.num_workers is None else int(self.num_workers),
+            num_preds_to_save=int(self.num_preds_to_save),
+        )
+
+
+def _validate_image_size(value) -> int | tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            value = value[0]
+        elif len(value) == 2 and all(int(v) == v and int(v) > 0 for v in value):
+            return (int(value[0]), int(value[1]))
+        else:
+            raise ValueError(f"--image_size must be one positive int or two (height, width), got {list(value)}")
+    if int(value) != value or int(value) < 1:
+        raise ValueError(f"--image_size must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def alpha_key(alpha: float) -> str:
+    """The results.json key of an alpha: ``str(float(alpha))`` ("0.0", "0.5")."""
+    return str(float(alpha))
+
+
+def default_output_dir() -> str:
+    """Where the demo writes when no --output_dir is given."""
+    return os.path.join("outputs", "demo")

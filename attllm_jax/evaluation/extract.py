@@ -1,0 +1,298 @@
+"""Descriptor extraction: the database into a resumable store, the queries for a whole alpha grid at once.
+
+Batches are sharded over all local devices (a 1-D ``data`` mesh); on one CPU device that is a no-op. The device
+computes batch k while the host converts batch k-1's descriptors and the decode threads prepare later images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from attllm_jax.attention.maps import attention_maps, attention_mask
+from attllm_jax.attention.parse import ParsedAttention
+from attllm_jax.data.dataset import ImageSet
+from attllm_jax.data.loading import Batch, LoadFailure, decode_stream, shape_batches
+from attllm_jax.evaluation.progress import Progress
+from attllm_jax.retrieval.store import DescriptorStore
+
+log = logging.getLogger("attllm_jax.evaluation")
+
+
+def data_sharding() -> NamedSharding:
+    """Batch-dimension sharding over every local device (a 1-D mesh named "data")."""
+    mesh = Mesh(np.array(jax.local_devices()), ("data",))
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def device_batch_size(batch_size: int) -> int:
+    """``batch_size`` rounded up to a multiple of the local device count."""
+    n = jax.local_device_count()
+    return -(-int(batch_size) // n) * n
+
+
+def weights_digest(model) -> str:
+    """sha256 over the model's parameter and statistic arrays (with their paths), keys descriptor stores."""
+    from flax import nnx
+
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model.net))
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _preprocess_fn(model, image_size) -> Callable:
+    return lambda image: model.preprocess(image, image_size=image_size)
+
+
+def _pipelined(batches, compute: Callable[[Batch], object]):
+    """Yields ``(batch, result)`` with the next batch dispatched before the previous result is read."""
+    pending = None
+    for batch in batches:
+        result = compute(batch)  # asynchronous dispatch
+        if pending is not None:
+            yield pending
+        pending = (batch, result)
+    if pending is not None:
+        yield pending
+
+
+@dataclass
+class DatabaseExtraction:
+    """What extracting (or reusing) the database store did.
+
+    Attributes:
+        status: The store's status ("created", "reused", "resumed", "rebuilt").
+        chunks_total: Chunks in the store.
+        chunks_computed: Chunks computed in this run.
+        images_computed: Images decoded and run through the model in this run.
+        seconds: Wall time of this run's extraction.
+    """
+
+    status: str
+    chunks_total: int
+    chunks_computed: int = 0
+    images_computed: int = 0
+    seconds: float = 0.0
+
+
+def extract_database(
+    model,
+    images: ImageSet,
+    store: DescriptorStore,
+    *,
+    batch_size: int,
+    image_size=None,
+    num_workers: int | None = None,
+    progress_interval_s: float = 5.0,
+) -> DatabaseExtraction:
+    """Fills the store's missing chunks with database descriptors.
+
+    Unreadable images are skipped: their row is zeros with ``valid`` False, and a failure record is kept in the
+    chunk. A chunk is written (atomically) as soon as all its images are done, so an interrupted run resumes
+    from the last complete chunk.
+
+    Args:
+        model: A :class:`~attllm_jax.models.vpr.VPRModel`.
+        images: The database image set.
+        store: The opened store (its ``num_items`` must equal ``len(images)``).
+        batch_size: Images per device batch.
+        image_size: Optional resize override passed to ``model.preprocess``.
+        num_workers: Decode threads.
+        progress_interval_s: Seconds between progress lines.
+
+    Returns:
+        A summary of the work done.
+    """
+    if store.num_items != len(images):
+        raise ValueError(f"store covers {store.num_items} items, the database has {len(images)} images")
+    pending = store.pending_chunks()
+    summary = DatabaseExtraction(store.status, store.num_chunks)
+    if not pending:
+        return summary
+    batch_size = device_batch_size(batch_size)
+    sharding = data_sharding()
+    dim = model.config.get("descriptor_dim")
+    chunks: dict[int, _ChunkBuffer] = {}
+    for c in pending:
+        start, stop = store.chunk_range(c)
+        chunks[c] = _ChunkBuffer(start, stop, dim)
+    todo = [i for c in pending for i in range(*store.chunk_range(c))]
+    progress = Progress("database images", len(todo), log, progress_interval_s)
+
+    def finish_if_complete(chunk: int) -> None:
+        buffer = chunks[chunk]
+        if buffer.remaining == 0:
+            store.write_chunk(chunk, buffer.descriptors(), buffer.valid, buffer.failures)
+            summary.chunks_computed += 1
+            del chunks[chunk]
+
+    def on_failure(failure: LoadFailure) -> None:
+        log.warning("skipping unreadable database image %s (%s)", failure.path, failure.error)
+        chunk = store.chunk_of(failure.index)
+        chunks[chunk].fail(failure)
+        progress.update()
+        finish_if_complete(chunk)
+
+    stream = decode_stream(((i, str(images.absolute(i))) for i in todo), _preprocess_fn(model, image_size), num_workers)
+    batches = shape_batches(stream, batch_size, on_failure, group_of=store.chunk_of)
+    # features + aggregate (not __call__): the queries reuse the same compiled backbone for the same shape
+    compute = lambda batch: model.aggregate(model.features(jax.device_put(batch.images, sharding)))  # noqa: E731
+    for batch, result in _pipelined(batches, compute):
+        descriptors = np.asarray(result)
+        touched = set()
+        for row, index in enumerate(batch.indices):
+            if index < 0:
+                continue
+            chunk = store.chunk_of(int(index))
+            chunks[chunk].put(int(index), descriptors[row])
+            touched.add(chunk)
+        summary.images_computed += batch.num_valid
+        progress.update(batch.num_valid)
+        for chunk in sorted(touched):
+            finish_if_complete(chunk)
+    if chunks:  # only reachable if the stream lost items, which would be a bug
+        raise RuntimeError(f"database extraction left chunks {sorted(chunks)} incomplete")
+    summary.seconds = progress.finish()
+    return summary
+
+
+@dataclass
+class _ChunkBuffer:
+    start: int
+    stop: int
+    dim: int | None
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.valid = np.zeros(self.stop - self.start, dtype=bool)
+        self.remaining = self.stop - self.start
+
+    def put(self, index: int, descriptor: np.ndarray) -> None:
+        self.rows[index] = descriptor
+        self.valid[index - self.start] = True
+        self.dim = self.dim or descriptor.shape[-1]
+        self.remaining -= 1
+
+    def fail(self, failure: LoadFailure) -> None:
+        self.failures.append({"index": failure.index, "path": failure.path, "error": failure.error})
+        self.remaining -= 1
+
+    def descriptors(self) -> np.ndarray:
+        out = np.zeros((self.stop - self.start, int(self.dim or 1)), dtype=np.float32)
+        for index, row in self.rows.items():
+            out[index - self.start] = row
+        return out
+
+
+@dataclass
+class QueryDescriptors:
+    """Query descriptors for every alpha.
+
+    Attributes:
+        descriptors: ``[K, Q, D]`` float32 (zeros for unreadable queries).
+        valid: ``[Q]`` bool, False for unreadable queries.
+        with_attention: ``[Q]`` bool, True where an attention map was applied.
+        failures: The unreadable queries.
+        seconds: Wall time.
+    """
+
+    descriptors: np.ndarray
+    valid: np.ndarray
+    with_attention: np.ndarray
+    failures: list[LoadFailure]
+    seconds: float
+
+
+def extract_queries(
+    model,
+    images: ImageSet,
+    attention: Sequence[ParsedAttention | None],
+    alphas: Sequence[float],
+    *,
+    batch_size: int,
+    image_size=None,
+    num_workers: int | None = None,
+    sigma: float = 0.2,
+    grid_interpolate: bool = False,
+    progress_interval_s: float = 5.0,
+) -> QueryDescriptors:
+    """Backbone features once per query, attention maps once per query, every alpha in one vmapped call.
+
+    A query without attention (no file, "none" or invalid answer) gets the plain descriptor for every alpha: an
+    all-ones map blended with alpha > 0 would not be "no attention" under the native blend.
+
+    Args:
+        model: A :class:`~attllm_jax.models.vpr.VPRModel`.
+        images: The query image set.
+        attention: One parsed answer (or None) per query.
+        alphas: ``[K]`` blend factors.
+        batch_size: Queries per device batch.
+        image_size: Optional resize override.
+        num_workers: Decode threads.
+        sigma: RBF width of point answers.
+        grid_interpolate: Bilinear grid maps.
+        progress_interval_s: Seconds between progress lines.
+
+    Returns:
+        The descriptors and bookkeeping.
+    """
+    if len(attention) != len(images):
+        raise ValueError(f"{len(attention)} attention entries for {len(images)} queries")
+    alphas = np.asarray(alphas, dtype=np.float32)
+    batch_size = device_batch_size(batch_size)
+    sharding = data_sharding()
+    failures: list[LoadFailure] = []
+    out: np.ndarray | None = None
+    valid = np.zeros(len(images), dtype=bool)
+    applied = np.zeros(len(images), dtype=bool)
+    progress = Progress("query images", len(images), log, progress_interval_s)
+
+    def on_failure(failure: LoadFailure) -> None:
+        log.warning("skipping unreadable query image %s (%s)", failure.path, failure.error)
+        failures.append(failure)
+        progress.update()
+
+    def compute(batch: Batch):
+        feats = model.features(jax.device_put(batch.images, sharding))
+        height, width = model.feature_grid(feats)
+        rows = [attention[i] if i >= 0 else None for i in batch.indices]
+        mask = attention_mask(rows)
+        plain = None if mask[batch.indices >= 0].all() else model.aggregate(feats)
+        if not mask.any():
+            return mask, None, plain
+        maps = attention_maps(rows, height, width, sigma=sigma, grid_interpolate=grid_interpolate)
+        return mask, model.aggregate_sweep(feats, maps, alphas), plain
+
+    stream = decode_stream(
+        ((i, str(images.absolute(i))) for i in range(len(images))), _preprocess_fn(model, image_size), num_workers
+    )
+    for batch, (mask, sweep, plain) in _pipelined(shape_batches(stream, batch_size, on_failure), compute):
+        if plain is None:
+            result = np.asarray(sweep)  # every real row has attention (padding rows are dropped below)
+        else:
+            plain = np.asarray(plain)
+            result = np.broadcast_to(plain, (len(alphas), *plain.shape))
+            if sweep is not None:
+                result = np.where(mask[None, :, None], np.asarray(sweep), result)
+        if out is None:
+            out = np.zeros((len(alphas), len(images), result.shape[-1]), dtype=np.float32)
+        keep = batch.indices >= 0
+        out[:, batch.indices[keep]] = result[:, keep]
+        valid[batch.indices[keep]] = True
+        applied[batch.indices[keep]] = mask[keep]
+        progress.update(batch.num_valid)
+    if out is None:
+        out = np.zeros((len(alphas), len(images), int(model.config.get("descriptor_dim", 1))), dtype=np.float32)
+    seconds = progress.finish()
+    return QueryDescriptors(out, valid, applied, failures, seconds)

@@ -1,0 +1,360 @@
+"""The evaluation pipeline behind ``python -m experiments.eval``.
+
+Database descriptors come from (or go into) a resumable store; query backbone features are computed once and
+aggregated for every alpha in one vmapped call; faiss exact search gives the top-M database images; recall@N is
+computed as VPR-methods-evaluation does. See :func:`run_evaluation`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from attllm_jax.attention.maps import attention_maps
+from attllm_jax.data.dataset import geo_pair, load_image_set
+from attllm_jax.evaluation.attention_source import load_query_attention
+from attllm_jax.evaluation.config import EvalConfig, alpha_key
+from attllm_jax.evaluation.extract import extract_database, extract_queries, weights_digest
+from attllm_jax.evaluation.figures import plot_recall_vs_alpha, save_prediction_strip
+from attllm_jax.evaluation.progress import setup_logging
+from attllm_jax.evaluation.report import (
+    Retrieval,
+    recall_table,
+    write_json,
+    write_per_query_csv,
+    write_published_csvs,
+)
+from attllm_jax.retrieval.index import ExactIndex
+from attllm_jax.retrieval.positives import find_positives
+from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
+from attllm_jax.retrieval.store import DescriptorStore
+
+log = logging.getLogger("attllm_jax.evaluation")
+
+RESULTS_FILE = "results.json"
+LOG_FILE = "eval.log"
+
+
+def random_cosplace_model(seed: int = 0, backbone: str = "resnet18", descriptor_dim: int = 512):
+    """A CosPlace network with random weights, deterministic in ``seed`` (no torch, no download).
+
+    The weights are drawn on the host with NumPy into the abstract network (He-normal kernels, zero biases,
+    identity BatchNorm statistics, GeM p = 3): initializing through the modules' JAX initializers compiles one
+    program per parameter shape, which takes tens of seconds on a small CPU.
+
+    Returns:
+        A :class:`~attllm_jax.models.vpr.VPRModel`.
+    """
+    from flax import nnx
+
+    from attllm_jax.models import registry
+    from attllm_jax.models.vpr import VPRModel, default_preprocess_config
+
+    config = {
+        "family": "cosplace",
+        "backbone": backbone,
+        "descriptor_dim": int(descriptor_dim),
+        "blend": "native",
+        "image_size": 512,
+        "preprocess": default_preprocess_config("cosplace"),
+        "weights": f"random (seed {seed})",
+    }
+    abstract = nnx.eval_shape(lambda: registry.build_net(config, nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    state = jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(path, leaf, rng), state)
+    return VPRModel(nnx.merge(graphdef, state), config)
+
+
+_CONSTANT_LEAVES = {"bias": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0, "p": 3.0}
+
+
+def _random_leaf(path, leaf, rng: np.random.Generator) -> jax.Array:
+    name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
+    if name == "kernel":
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jax.device_put(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(leaf.dtype))
+    if name in _CONSTANT_LEAVES:
+        return jax.device_put(np.full(leaf.shape, _CONSTANT_LEAVES[name], leaf.dtype))
+    raise ValueError(f"no random initializer for parameter {jax.tree_util.keystr(path)}")
+
+
+def load_eval_model(config: EvalConfig):
+    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512."""
+    if config.checkpoint is None:
+        return random_cosplace_model(config.model_seed)
+    from attllm_jax.checkpoint import load_model
+
+    return load_model(config.checkpoint)
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_evaluation` produced.
+
+    Attributes:
+        results: The content of results.json.
+        retrieval: Predictions, scores, first-hit ranks and recalls of every alpha.
+        database_descriptors: ``[N, D]`` (zeros for unreadable images).
+        query_descriptors: ``[K, Q, D]``.
+        positives: Per-query positive database indices (readable database images only).
+        output_dir: Where the files are.
+        model: The model that was evaluated.
+    """
+
+    results: dict[str, Any]
+    retrieval: Retrieval
+    database_descriptors: np.ndarray
+    query_descriptors: np.ndarray
+    positives: list[np.ndarray]
+    output_dir: Path
+    model: Any = None
+
+
+def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
+    """Evaluates flood-query geo-localization for every alpha and writes the result files.
+
+    Writes into ``config.output_dir``: ``results.json``, ``per_query.csv``, ``csv_results/alpha_<a>/``
+    (the published code's ``individual_results.csv`` / ``aggregated_results.csv``), ``recall_vs_alpha.png``,
+    ``eval.log`` and, with ``num_preds_to_save``, ``predictions/alpha_<a>/<query>.jpg``.
+
+    Args:
+        config: The run's settings (validated here, before any work).
+        model: Optional already loaded model (else loaded from ``config.checkpoint`` or built with random weights).
+
+    Returns:
+        The results and the arrays behind them.
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings; CoordinateError: a file name without coordinates.
+    """
+    t_start = time.perf_counter()
+    config = config.validated()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out / LOG_FILE)
+    log.info("evaluation settings: %s", json.dumps(asdict(config), default=str))
+    database = load_image_set(config.database_folder, config.convention, config.database_csv)
+    queries = load_image_set(config.queries_folder, config.convention, config.queries_csv)
+    log.info(
+        "database: %d images in %s; queries: %d images in %s", len(database), database.root, len(queries), queries.root
+    )
+    geo = geo_pair(database, queries, config.distance)
+    positives_all = find_positives(geo.database, geo.queries, config.positive_dist_threshold, config.distance)
+    attention = load_query_attention(queries, config.attention_dir, config.max_points)
+    log.info("attention answers per kind: %s", attention.counts)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = model if model is not None else load_eval_model(config)
+    digest = weights_digest(model)
+    timings["load_model"] = time.perf_counter() - t0
+    log.info("model: %s, weights sha256 %s...", model, digest[:12])
+
+    store_key = {
+        "model": model.config,
+        "weights_sha256": digest,
+        "image_size": config.image_size,
+        "images": database.fingerprint(),
+    }
+    store = DescriptorStore.open(config.resolved_store_dir, store_key, len(database), config.chunk_size)
+    log.info(
+        "descriptor store %s: %s (%d chunks pending of %d)",
+        store.directory,
+        store.status,
+        len(store.pending_chunks()),
+        store.num_chunks,
+    )
+    db_run = extract_database(
+        model,
+        database,
+        store,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+    )
+    contents = store.load()
+    timings["database"] = db_run.seconds
+
+    q = extract_queries(
+        model,
+        queries,
+        attention.parsed,
+        config.alphas,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+        sigma=config.sigma,
+        grid_interpolate=config.grid_interpolate,
+    )
+    timings["queries"] = q.seconds
+
+    t0 = time.perf_counter()
+    db_valid = contents.valid
+    positives = [p[db_valid[p]] for p in positives_all]
+    retrieval = retrieve(
+        contents.descriptors,
+        db_valid,
+        q.descriptors,
+        q.valid,
+        positives,
+        config.alphas,
+        config.recall_values,
+        max(max(config.recall_values), config.num_preds_to_save),
+    )
+    timings["search"] = time.perf_counter() - t0
+
+    kinds = [_applied_kind(a, applied) for a, applied in zip(attention.parsed, q.with_attention, strict=True)]
+    write_per_query_csv(out / "per_query.csv", retrieval, queries.paths, database.paths, positives, q.valid, kinds)
+    for k, alpha in enumerate(config.alphas):
+        write_published_csvs(
+            out / "csv_results" / f"alpha_{alpha_key(alpha)}",
+            k,
+            retrieval,
+            queries.paths,
+            [str(database.absolute(i)) for i in range(len(database))],
+            positives,
+            config.positive_dist_threshold,
+            num_evaluated=int(q.valid.sum()),
+        )
+    weights_note = model.config.get("weights") or f"checkpoint {config.checkpoint}"
+    plot_recall_vs_alpha(
+        out / "recall_vs_alpha.png",
+        config.alphas,
+        retrieval.recalls,
+        config.recall_values,
+        f"{model.config.get('family')} {model.config.get('backbone')}/{model.config.get('descriptor_dim')} "
+        f"({weights_note}), {len(queries)} queries, {config.positive_dist_threshold:g} m",
+    )
+    if config.num_preds_to_save:
+        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives)
+
+    no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
+    timings["total"] = time.perf_counter() - t_start
+    results = {
+        "model": model.config,
+        "weights": {"source": weights_note, "sha256": digest},
+        "num_database": len(database),
+        "num_queries": len(queries),
+        "positive_dist_threshold": config.positive_dist_threshold,
+        "recalls": retrieval.recalls_dict(),
+        "alphas": list(config.alphas),
+        "recall_values": list(config.recall_values),
+        "distance": config.distance,
+        "utm_zone": list(geo.zone) if geo.zone else None,
+        "recall_denominator": "all queries (unreadable queries and queries without positives count as misses)",
+        "queries_without_positives": {"count": len(no_positive), "queries": no_positive},
+        "num_skipped": {"database": len(contents.failures), "queries": len(q.failures)},
+        "skipped_images": {
+            "database": contents.failures,
+            "queries": [{"index": f.index, "path": f.path, "error": f.error} for f in q.failures],
+        },
+        "attention": {
+            "source": attention.source,
+            "counts": attention.counts,
+            "queries_with_attention": int(q.with_attention.sum()),
+            "queries_without_attention": int(len(queries) - q.with_attention.sum()),
+            "missing_files": attention.missing,
+            "unusable_files": attention.invalid,
+            "sigma": config.sigma,
+            "grid_interpolate": config.grid_interpolate,
+        },
+        "store": {
+            "directory": str(store.directory),
+            "status": db_run.status,
+            "chunks_total": db_run.chunks_total,
+            "chunks_computed": db_run.chunks_computed,
+            "images_computed": db_run.images_computed,
+        },
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": list(config.notes),
+    }
+    write_json(out / RESULTS_FILE, results)
+    log.info(
+        "recall@N (%%) over %d queries, positives within %g m:\n%s",
+        len(queries),
+        config.positive_dist_threshold,
+        recall_table(retrieval),
+    )
+    log.info("results written to %s", out / RESULTS_FILE)
+    return EvalResult(results, retrieval, contents.descriptors, q.descriptors, positives, out, model)
+
+
+def retrieve(
+    database: np.ndarray,
+    database_valid: np.ndarray,
+    queries: np.ndarray,
+    queries_valid: np.ndarray,
+    positives: list[np.ndarray],
+    alphas: tuple[float, ...],
+    recall_values: tuple[int, ...],
+    top_m: int,
+) -> Retrieval:
+    """Exact top-M search of every alpha's query descriptors in one faiss call, then recall@N.
+
+    Args:
+        database: ``[N, D]``; only rows with ``database_valid`` are indexed.
+        database_valid: ``[N]`` bool.
+        queries: ``[K, Q, D]``.
+        queries_valid: ``[Q]`` bool; unreadable queries get no prediction (a miss).
+        positives: Q arrays of positive database indices.
+        alphas: ``[K]``.
+        recall_values: The N.
+        top_m: Predictions kept per query.
+
+    Returns:
+        The retrieval of every alpha.
+    """
+    k_alphas, n_queries, dim = queries.shape
+    valid_rows = np.flatnonzero(database_valid)
+    predictions = np.full((k_alphas, n_queries, top_m), -1, dtype=np.int64)
+    scores = np.full((k_alphas, n_queries, top_m), -np.inf, dtype=np.float32)
+    if len(valid_rows) and queries_valid.any():
+        index = ExactIndex(database[valid_rows])
+        flat = queries[:, queries_valid].reshape(-1, dim)
+        s, i = index.search(flat, top_m)
+        mapped = np.where(i >= 0, valid_rows[np.clip(i, 0, None)], -1)
+        predictions[:, queries_valid] = mapped.reshape(k_alphas, -1, top_m)
+        scores[:, queries_valid] = s.reshape(k_alphas, -1, top_m)
+    first_hit = np.stack([first_hit_ranks(predictions[k], positives) for k in range(k_alphas)])
+    recalls = np.stack([recall_from_ranks(first_hit[k], recall_values) for k in range(k_alphas)])
+    return Retrieval(tuple(alphas), predictions, scores, first_hit, recalls, tuple(recall_values))
+
+
+def _applied_kind(parsed, applied: bool) -> str:
+    if parsed is None:
+        return "missing"
+    return parsed.kind if applied or not parsed.has_attention else "unreadable"
+
+
+def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives) -> None:
+    k_preds = config.num_preds_to_save
+    for qi in range(len(queries)):
+        if not q.valid[qi]:
+            continue
+        answer = parsed[qi]
+        overlay = None
+        if answer is not None and answer.has_attention:
+            overlay = np.asarray(
+                attention_maps([answer], 24, 32, sigma=config.sigma, grid_interpolate=config.grid_interpolate)
+            )[0]
+        pos = set(positives[qi].tolist())
+        for k, alpha in enumerate(retrieval.alphas):
+            preds = [int(i) for i in retrieval.predictions[k, qi, :k_preds] if i >= 0]
+            rank = retrieval.first_hit[k, qi]
+            caption = f"alpha {alpha:g} | {queries.paths[qi]} | first positive: {'none' if rank < 0 else int(rank) + 1}"
+            save_prediction_strip(
+                directory / f"alpha_{alpha_key(alpha)}" / (Path(queries.paths[qi]).stem + ".jpg"),
+                queries.absolute(qi),
+                [database.absolute(i) for i in preds],
+                [i in pos for i in preds],
+                overlay if alpha > 0 else None,
+                caption,
+            )

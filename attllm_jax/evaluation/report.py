@@ -1,0 +1,155 @@
+"""Result files: results.json (the public contract), the per-query CSV, the published code's CSV layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attllm_jax.evaluation.config import alpha_key
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Retrieval outcome of every alpha.
+
+    Attributes:
+        alphas: ``[K]`` blend factors.
+        predictions: ``[K, Q, M]`` database indices, best first (-1 = none).
+        scores: ``[K, Q, M]`` inner products.
+        first_hit: ``[K, Q]`` 0-based rank of the first positive, -1 for a miss.
+        recalls: ``[K, len(recall_values)]`` percentages.
+        recall_values: The N of recall@N.
+    """
+
+    alphas: tuple[float, ...]
+    predictions: np.ndarray
+    scores: np.ndarray
+    first_hit: np.ndarray
+    recalls: np.ndarray
+    recall_values: tuple[int, ...]
+
+    def recalls_dict(self) -> dict[str, dict[str, float]]:
+        """``{"<alpha>": {"<N>": percent}}`` with the contract's key spelling."""
+        return {
+            alpha_key(a): {str(int(n)): float(r) for n, r in zip(self.recall_values, row, strict=True)}
+            for a, row in zip(self.alphas, self.recalls, strict=True)
+        }
+
+
+def recall_table(retrieval: Retrieval) -> str:
+    """A plain-text table: one row per alpha, one column per N."""
+    header = "alpha  " + "".join(f"{'R@' + str(n):>8}" for n in retrieval.recall_values)
+    lines = [header, "-" * len(header)]
+    for alpha, row in zip(retrieval.alphas, retrieval.recalls, strict=True):
+        lines.append(f"{alpha:<7g}" + "".join(f"{r:8.1f}" for r in row))
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def write_per_query_csv(
+    path: str | os.PathLike,
+    retrieval: Retrieval,
+    query_paths: Sequence[str],
+    database_paths: Sequence[str],
+    positives: Sequence[np.ndarray],
+    query_valid: np.ndarray,
+    attention_kinds: Sequence[str],
+) -> None:
+    """One row per (alpha, query): the top-M database paths and scores, the positives and the first-hit rank.
+
+    ``first_positive_rank`` is 1-based and empty for a miss; ``attention`` is the answer kind actually applied
+    ("points", "grid") or why none was ("none", "invalid", "missing"); ``readable`` is 0 for skipped images.
+    """
+    m = retrieval.predictions.shape[-1]
+    header = ["alpha", "query", "readable", "attention", "num_positives", "first_positive_rank"]
+    header += [f"pred_{r + 1}" for r in range(m)] + [f"score_{r + 1}" for r in range(m)] + ["positives"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for k, alpha in enumerate(retrieval.alphas):
+            for q, query in enumerate(query_paths):
+                preds = retrieval.predictions[k, q]
+                rank = retrieval.first_hit[k, q]
+                row = [alpha_key(alpha), query, int(query_valid[q]), attention_kinds[q], len(positives[q])]
+                row.append("" if rank < 0 else int(rank) + 1)
+                row += [database_paths[i] if i >= 0 else "" for i in preds]
+                row += [f"{s:.6f}" if i >= 0 else "" for s, i in zip(retrieval.scores[k, q], preds, strict=True)]
+                row.append(";".join(database_paths[i] for i in positives[q]))
+                writer.writerow(row)
+
+
+def write_published_csvs(
+    directory: str | os.PathLike,
+    alpha_index: int,
+    retrieval: Retrieval,
+    query_paths: Sequence[str],
+    database_paths: Sequence[str],
+    positives: Sequence[np.ndarray],
+    threshold_m: float,
+    num_evaluated: int | None = None,
+) -> tuple[Path, Path]:
+    """The published VPR-AttLLM code's ``individual_results.csv`` and ``aggregated_results.csv`` for one alpha.
+
+    Same columns and metric rows as its ``RecordEvaluator.save_results`` (predicted paths and ';'-joined
+    ground-truth base names, ``success_at_k``; ``success_rate_at_k`` as a fraction and ``_percent``), with two
+    corrections: ``distance_threshold_m`` is the threshold actually used (the published code writes its default
+    25 even for a 100 m evaluation) and the rates are divided by all queries, unreadable ones included
+    (``evaluated_queries`` counts the readable ones).
+
+    Returns:
+        The two paths written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ks = list(retrieval.recall_values)
+    preds_all = retrieval.predictions[alpha_index]
+    first_hit = retrieval.first_hit[alpha_index]
+    individual = directory / "individual_results.csv"
+    with open(individual, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["query_path", "num_predicted_paths", "num_gt_paths", "predicted_paths", "gt_paths"]
+            + [f"success_at_{k}" for k in ks]
+        )
+        for q, query in enumerate(query_paths):
+            preds = [database_paths[i] for i in preds_all[q] if i >= 0]
+            gt = [os.path.basename(database_paths[i]) for i in positives[q]]
+            success = [int(0 <= first_hit[q] < k) for k in ks]
+            writer.writerow([query, len(preds), len(gt), ";".join(preds), ";".join(gt)] + success)
+    total = len(query_paths)
+    aggregated = directory / "aggregated_results.csv"
+    with open(aggregated, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["metric", "value"])
+        writer.writerow(["total_queries", total])
+        writer.writerow(["evaluated_queries", total if num_evaluated is None else int(num_evaluated)])
+        writer.writerow(["distance_threshold_m", f"{threshold_m:g}"])
+        for k in ks:
+            rate = float(np.count_nonzero((first_hit >= 0) & (first_hit < k))) / total if total else 0.0
+            writer.writerow([f"success_rate_at_{k}", rate])
+            writer.writerow([f"success_rate_at_{k}_percent", round(rate * 100, 2)])
+    return individual, aggregated

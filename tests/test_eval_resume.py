@@ -1,0 +1,155 @@
+"""Killing the database extraction part-way and resuming; store invalidation; the command line's flag checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
+
+    class SlowModel:
+        # the seed-0 random model with a slow preprocess, so that the kill lands part-way through the database
+        def __init__(self, model):
+            self._model = model
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+        def preprocess(self, image, image_size=None):
+            time.sleep(0.3)
+            return self._model.preprocess(image, image_size=image_size)
+
+    database, queries, out = sys.argv[1:4]
+    config = EvalConfig(database_folder=database, queries_folder=queries, output_dir=out, alphas=(0.0,),
+                        recall_values=(1,), image_size=64, chunk_size=3, batch_size=2, num_workers=1)
+    run_evaluation(config, model=SlowModel(random_cosplace_model(seed=0)))
+    """
+)
+
+
+def _dataset(root: Path) -> tuple[Path, Path]:
+    from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
+
+    bench = generate_benchmark(
+        root,
+        SyntheticConfig(num_streets=1, street_length_m=120.0, num_queries=2, image_height=48, image_width=64, seed=11),
+    )
+    return bench.database, bench.queries
+
+
+def _chunks(store: Path) -> list[Path]:
+    return sorted(store.glob("chunk_*.npz"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_cosplace_model(seed=0)
+
+
+def test_killed_extraction_resumes_without_redoing_chunks(tmp_path, model):
+    database, queries = _dataset(tmp_path / "data")
+    num_images = len(list(database.glob("*.jpg")))
+    assert num_images == 13  # 5 chunks of 3 (the last one holds 1)
+    out = tmp_path / "out"
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py"), str(database), str(queries), str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    store = out / "database_store"
+    deadline = time.monotonic() + 120
+    while len(_chunks(store)) < 2:
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the extraction did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _chunks(store)
+    assert 2 <= len(done) < 5, "the kill must land part-way"
+    first_bytes = {p.name: p.read_bytes() for p in done}
+    done_images = 3 * len(done)
+
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(out),
+        alphas=(0.0,),
+        recall_values=(1,),
+        image_size=64,
+        chunk_size=3,
+        batch_size=2,
+    )
+    resumed = run_evaluation(config, model=model)
+    store_info = resumed.results["store"]
+    assert store_info["status"] == "resumed"
+    assert store_info["chunks_computed"] == 5 - len(done)
+    assert store_info["images_computed"] == num_images - done_images  # no duplicated work
+    assert all(p.read_bytes() == first_bytes[p.name] for p in done)  # finished chunks untouched
+
+    fresh = run_evaluation(EvalConfig(**{**config.__dict__, "output_dir": str(tmp_path / "fresh")}), model=model)
+    assert fresh.results["store"]["images_computed"] == num_images
+    np.testing.assert_array_equal(resumed.database_descriptors, fresh.database_descriptors)
+
+    # a changed checkpoint (other weights) or image list never reuses the store
+    other = run_evaluation(config, model=random_cosplace_model(seed=1))
+    assert other.results["store"]["status"] == "rebuilt"
+    assert other.results["store"]["images_computed"] == num_images
+    sorted(database.glob("*.jpg"))[-1].unlink()
+    fewer = run_evaluation(config, model=model)
+    assert fewer.results["store"]["status"] == "rebuilt"
+    assert fewer.results["store"]["images_computed"] == num_images - 1
+    again = run_evaluation(config, model=model)
+    assert again.results["store"]["status"] == "reused" and again.results["store"]["images_computed"] == 0
+    np.testing.assert_array_equal(again.database_descriptors, fresh.database_descriptors[:-1])
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.eval", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--alphas", "0,1.5"], "--alphas must be distinct numbers in [0, 1]"),
+        (["--alphas", "0,abc"], "--alphas"),
+        (["--recall_values", "1,0"], "--recall_values"),
+        (["--positive_dist_threshold", "-5"], "--positive_dist_threshold"),
+        (["--image_size", "0"], "--image_size"),
+        (["--distance", "l1"], "--distance"),
+        (["--database_folder", "/nowhere"], "--queries_folder"),
+    ],
+)
+def test_cli_rejects_bad_flags_before_any_work(tmp_path, args, message):
+    result = _cli(*args, "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), cwd=REPO)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_demo_command_prints_the_recall_table(tmp_path):
+    result = _cli("--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model weights are RANDOM" in result.stdout and "ORACLE" in result.stdout
+    assert "R@1" in result.stdout and "R@20" in result.stdout
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(res["recalls"]) == ["0.0", "0.25", "0.5", "0.75", "1.0"]
+    assert res["num_database"] == 124 and res["num_queries"] == 40
