@@ -7,37 +7,7 @@ The backbone and descriptor dimension are inferred from the tensor shapes; --bac
 given, are checked against them. Load the result with ``attllm_jax.load_model(DIR)``.
 """
 
-import sys
-
-from absl import app, flags, logging
-
-from attllm_jax.convert.cosplace import convert_cnn_to_directory
-from attllm_jax.convert.download import DEFAULT_CACHE_DIR
-
-FAMILY = "eigenplaces"
-
-flags.DEFINE_string("checkpoint", None, "Source .pth/.pt/.ckpt/.safetensors; omit to download the published file.")
-flags.DEFINE_string("output", None, "Output model directory.", required=True)
-flags.DEFINE_string("backbone", None, "Expected backbone (ResNet18/50/101, VGG16); needed to download.")
-flags.DEFINE_integer("fc_output_dim", None, "Expected descriptor dimension; needed to download.", lower_bound=1)
-flags.DEFINE_string("cache_dir", str(DEFAULT_CACHE_DIR), "Where downloaded checkpoints are kept.")
-FLAGS = flags.FLAGS
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    logging.info(
-        "flags: %s", {k: FLAGS[k].value for k in ("checkpoint", "output", "backbone", "fc_output_dim", "cache_dir")}
-    )
-    try:
-        config = convert_cnn_to_directory(
-            FAMILY, FLAGS.output, FLAGS.checkpoint, FLAGS.backbone, FLAGS.fc_output_dim, FLAGS.cache_dir
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
-    logging.info("wrote %s: %s", FLAGS.output, config)
-    print(f"wrote {FLAGS.output}: {config['family']} {config['backbone']} dim {config['descriptor_dim']}")
-
+from _cnn import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run("eigenplaces")

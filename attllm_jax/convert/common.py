@@ -121,6 +121,12 @@ def _strip_module_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndar
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
+def describe_keys(keys: list[str], limit: int = 8) -> str:
+    """``'a', 'b', ... (N keys)``: a short, quoted listing of checkpoint keys for error messages."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys)} keys)" if len(keys) > limit else "")
+
+
 def _shape(x) -> tuple[int, ...]:
     return tuple(int(d) for d in np.shape(x))
 

@@ -17,34 +17,24 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, fill_module, read_state_dict, sha256_file
+from attllm_jax.convert.common import (
+    ConversionError,
+    TensorSource,
+    describe_keys,
+    fill_module,
+    read_state_dict,
+    sha256_file,
+)
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR, fetch_published
 from attllm_jax.models import registry
 from attllm_jax.models.resnet import RESNET_CONFIGS
 from attllm_jax.models.vgg import VGG16_CFG, vgg_layer_plan
+from attllm_jax.models.vpr import default_preprocess_config
 
 CONVERTER_VERSION = "1.0"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET_STAGE_INDEX = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _REQUIRED = ("backbone.0.weight", "aggregation.1.p", "aggregation.3.weight", "aggregation.3.bias")
-
-
-def cnn_preprocess_config(image_size: int = 512) -> dict:
-    """The CosPlace / EigenPlaces evaluation transform: shorter side to ``image_size``, PIL bilinear."""
-    return {
-        "resize": "shorter_side",
-        "size": int(image_size),
-        "interpolation": "bilinear",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
-
-
-def _describe_keys(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f", ... ({len(keys)} keys)" if len(keys) > limit else "")
 
 
 def _check_family(source: TensorSource, path: str, family: str) -> None:
@@ -57,7 +47,7 @@ def _check_family(source: TensorSource, path: str, family: str) -> None:
         hint = " It looks like a SALAD checkpoint: use converters/salad.py."
     raise ConversionError(
         f"{path} is not a {family} checkpoint (CosPlace/EigenPlaces GeoLocalizationNet state dict): missing "
-        f"{_describe_keys(missing)}; found {_describe_keys(keys)}.{hint}"
+        f"{describe_keys(missing)}; found {describe_keys(keys)}.{hint}"
     )
 
 
@@ -154,7 +144,7 @@ def convert_cosplace_state_dict(
         "features_dim": int(features_dim),
         "blend": "native",
         "image_size": 512,
-        "preprocess": cnn_preprocess_config(512),
+        "preprocess": default_preprocess_config(family),
         "converter_version": CONVERTER_VERSION,
     }
     net = nnx.eval_shape(lambda: registry.build_cnn_net(config))

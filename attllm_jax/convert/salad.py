@@ -23,19 +23,25 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, fill_module, read_state_dict, sha256_file
+from attllm_jax.convert.common import (
+    ConversionError,
+    TensorSource,
+    describe_keys,
+    fill_module,
+    read_state_dict,
+    sha256_file,
+)
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 from attllm_jax.models import registry
 from attllm_jax.models.dinov2 import DINOV2_PRESETS, DinoV2Config, DinoVisionTransformer, dinov2_config, preset_name
 from attllm_jax.models.salad import DEFAULT_IMAGE_SIZE, SaladConfig, SaladNet
+from attllm_jax.models.vpr import default_preprocess_config
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "salad"
 BACKBONE_PREFIX = "backbone.model."
 AGGREGATOR_PREFIX = "aggregator."
 IGNORED = ("num_batches_tracked", "mask_token")  # also matches "backbone.model.mask_token"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _HEAD_DIM = 64  # every DINOv2 release
 _MLP_INDEX = {"token_features": ("0", "2"), "cluster_features": ("0", "3"), "score": ("0", "3")}
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "gamma": "gamma"}
@@ -47,22 +53,6 @@ _REQUIRED_HEAD = (
     "score.3.weight",
     "dust_bin",
 )
-
-
-def salad_preprocess_config(image_size: Sequence[int] = DEFAULT_IMAGE_SIZE) -> dict:
-    """SALAD's evaluation transform: resize to exactly ``(height, width)`` (322x322) with PIL bilinear."""
-    return {
-        "resize": "exact",
-        "size": [int(s) for s in image_size],
-        "interpolation": "bilinear",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
-
-
-def _describe_keys(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f", ... ({len(keys)} keys)" if len(keys) > limit else "")
 
 
 def _check_salad_family(source: TensorSource, source_name: str) -> None:
@@ -78,7 +68,7 @@ def _check_salad_family(source: TensorSource, source_name: str) -> None:
         hint = " It looks like a bare DINOv2 backbone without the SALAD head."
     raise ConversionError(
         f"{source_name} is not a complete SALAD checkpoint (DINOv2 under 'backbone.model.', SALAD head under "
-        f"'aggregator.'): missing {_describe_keys(missing)}; found {_describe_keys(keys)}.{hint}"
+        f"'aggregator.'): missing {describe_keys(missing)}; found {describe_keys(keys)}.{hint}"
     )
 
 
@@ -295,7 +285,7 @@ def convert_salad_state_dict(
         "hidden_dim": salad.hidden_dim,
         "descriptor_dim": salad.descriptor_dim,
         "image_size": image_size,
-        "preprocess": salad_preprocess_config(image_size),
+        "preprocess": default_preprocess_config(FAMILY, image_size),
         "converter_version": CONVERTER_VERSION,
     }
     return net, config

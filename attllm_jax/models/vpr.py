@@ -28,16 +28,20 @@ _PIL_FILTERS = {
 }
 
 
-def default_preprocess_config(family: str) -> dict:
-    """Each family's evaluation transform, used when a config has no ``"preprocess"`` entry.
+def default_preprocess_config(family: str, size: int | Sequence[int] | None = None) -> dict:
+    """Each family's evaluation transform, written into converted configs and used when one has none.
 
     CosPlace / EigenPlaces resize the shorter side to 512; SALAD resizes to 322x322. Both use PIL bilinear
     (which antialiases when downscaling) and ImageNet normalization.
+
+    Args:
+        family: "cosplace", "eigenplaces" or "salad".
+        size: optional override: the shorter side (CNN families) or ``(height, width)`` (SALAD).
     """
     if family == "salad":
-        resize, size = "exact", [322, 322]
+        resize, size = "exact", [int(s) for s in (size or (322, 322))]
     else:
-        resize, size = "shorter_side", 512
+        resize, size = "shorter_side", int(size or 512)
     return {
         "resize": resize,
         "size": size,
