@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from attllm_jax.retrieval.index import ExactIndex, search_inner_product
-from attllm_jax.retrieval.recall import first_hit_ranks, recall_at_n, validate_recall_values
+from attllm_jax.retrieval.recall import first_hit_ranks, recall_at_n, recall_from_ranks, validate_recall_values
 
 
 def _vpr_methods_evaluation_recalls(predictions, positives_per_query, recall_values, num_queries):
@@ -79,3 +79,9 @@ def test_exact_index_with_k_beyond_the_database_and_bad_inputs():
         index.search(np.zeros((1, 4), np.float32), 1)
     with pytest.raises(ValueError, match="non-finite"):
         ExactIndex(np.full((2, 3), np.nan))
+
+
+def test_percentages_are_correctly_rounded():
+    # 11 of 20 queries: count / total * 100 gives 55.00000000000001; results.json must say 55.0.
+    ranks = np.array([0] * 11 + [-1] * 9)
+    assert recall_from_ranks(ranks, [1]).tolist() == [55.0]

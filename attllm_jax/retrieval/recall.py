@@ -72,4 +72,5 @@ def recall_from_ranks(ranks: np.ndarray, recall_values: Sequence[int]) -> np.nda
     if len(ranks) == 0:
         return np.zeros(len(recall_values))
     hit = ranks >= 0
-    return np.array([np.count_nonzero(hit & (ranks < n)) / len(ranks) * 100.0 for n in recall_values])
+    # 100 * count / total (not count / total * 100): the correctly rounded percentage, so 11 of 20 is 55.0.
+    return np.array([100.0 * np.count_nonzero(hit & (ranks < n)) / len(ranks) for n in recall_values])
