@@ -95,19 +95,9 @@ def _salad_pair(seed: int):
 
     from attllm_jax.convert.salad import convert_salad_state_dict
     from attllm_jax.models.vpr import VPRModel
-    from experiments.torch_baselines import make_torch_dino_salad
+    from experiments.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad
 
-    reference = make_torch_dino_salad(
-        torch.Generator().manual_seed(seed),
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        image_size=518,
-        num_clusters=64,
-        cluster_dim=128,
-        token_dim=256,
-        hidden_dim=512,
-    )
+    reference = make_torch_dino_salad(torch.Generator().manual_seed(seed), **RELEASED_SALAD_ARCH)
     state = {k: v.numpy() for k, v in reference.upstream_state_dict().items()}
     net, config = convert_salad_state_dict(state, backbone="dinov2_vitb14")
     return reference, VPRModel(net, config), (322, 322)

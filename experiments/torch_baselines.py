@@ -413,6 +413,19 @@ class TorchDinoSalad(nn.Module):
         return out
 
 
+# The released dino_salad.ckpt architecture: ViT-B/14 on a 37x37 stored grid, m=64, l=128, g=256.
+RELEASED_SALAD_ARCH = dict(
+    embed_dim=768,
+    depth=12,
+    num_heads=12,
+    image_size=518,
+    num_clusters=64,
+    cluster_dim=128,
+    token_dim=256,
+    hidden_dim=512,
+)
+
+
 def make_torch_dino_salad(
     generator: torch.Generator,
     embed_dim: int = 64,

@@ -24,7 +24,7 @@ from attllm_jax.convert.common import ConversionError
 torch = pytest.importorskip("torch")
 
 from attllm_jax.convert.salad import convert_salad, convert_salad_state_dict  # noqa: E402
-from experiments.torch_baselines import make_torch_dino_salad  # noqa: E402
+from experiments.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -330,17 +330,7 @@ def test_preprocess_matches_torchvision(converted, tmp_path):
 @pytest.mark.slow
 def test_full_size_vitb14_salad_matches_torch(tmp_path):
     """The released architecture (ViT-B/14, 37x37 stored grid, m=64, l=128, g=256) at 322x322, random weights."""
-    reference = make_torch_dino_salad(
-        torch.Generator().manual_seed(5),
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        image_size=518,
-        num_clusters=64,
-        cluster_dim=128,
-        token_dim=256,
-        hidden_dim=512,
-    )
+    reference = make_torch_dino_salad(torch.Generator().manual_seed(5), **RELEASED_SALAD_ARCH)
     path = tmp_path / "dino_salad.ckpt"
     torch.save(reference.upstream_state_dict(), path)
     net, config = convert_salad(path)
