@@ -144,24 +144,22 @@ def _empty(max_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+def _without_points(kind: str, max_points: int, **fields: Any) -> ParsedAttention:
+    """A ``kind`` answer whose point slots are all empty (none, invalid and grid answers)."""
+    centers, weights, valid = _empty(max_points)
+    return ParsedAttention(
+        kind, _frozen(centers), _frozen(weights), _frozen(valid), reasoning=("",) * max_points, **fields
+    )
+
+
 def none_attention(max_points: int = DEFAULT_MAX_POINTS) -> ParsedAttention:
     """The "no attention" answer (single-landmark image)."""
-    centers, weights, valid = _empty(max_points)
-    return ParsedAttention("none", _frozen(centers), _frozen(weights), _frozen(valid), reasoning=("",) * max_points)
+    return _without_points("none", max_points)
 
 
 def invalid_attention(error: str, max_points: int = DEFAULT_MAX_POINTS, num_dropped: int = 0) -> ParsedAttention:
     """An unusable answer; ``error`` says why."""
-    centers, weights, valid = _empty(max_points)
-    return ParsedAttention(
-        "invalid",
-        _frozen(centers),
-        _frozen(weights),
-        _frozen(valid),
-        num_dropped=num_dropped,
-        reasoning=("",) * max_points,
-        error=error,
-    )
+    return _without_points("invalid", max_points, num_dropped=num_dropped, error=error)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,17 +405,7 @@ def _parse_grid(value: dict, cells: dict[tuple[int, int], Any], max_points: int)
     for (r, c), number in readable.items():
         grid[r, c], was_clamped = _clamp(number, 0.0, 2.0)
         clamped += was_clamped
-    centers, weights, valid = _empty(max_points)
-    return ParsedAttention(
-        "grid",
-        _frozen(centers),
-        _frozen(weights),
-        _frozen(valid),
-        grid=_frozen(grid),
-        num_dropped=dropped,
-        num_clamped=clamped,
-        reasoning=("",) * max_points,
-    )
+    return _without_points("grid", max_points, grid=_frozen(grid), num_dropped=dropped, num_clamped=clamped)
 
 
 def _interpret(value: Any, max_points: int, depth: int = 0) -> ParsedAttention:
