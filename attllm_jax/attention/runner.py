@@ -36,8 +36,8 @@ from attllm_jax.attention.providers import (
     Provider,
     ProviderError,
 )
+from attllm_jax.files import list_image_files
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 SUMMARY_FILE = "annotate_summary.json"
 STORE_MAX_POINTS = 32  # points kept in the files; readers truncate to their own N_max
 MAX_LISTED = 200  # failures / invalid images named in the summary
@@ -99,17 +99,7 @@ def list_images(images_dir: str | os.PathLike, exclude: str | os.PathLike | None
     root = Path(images_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"images folder not found: {images_dir}")
-    excluded = Path(exclude).resolve() if exclude is not None else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (excluded is None or (here / d).resolve() != excluded)
-        )
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((here / name).relative_to(root).as_posix())
-    return sorted(found)
+    return list_image_files(root, exclude)
 
 
 def _check_collisions(images: list[str]) -> None:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from attllm_jax.attention.parse import DEFAULT_MAX_POINTS, ParsedAttention, invalid_attention, parse_answer
+from attllm_jax.files import atomic_write_json
 
 FORMAT = "attllm_jax.attention/1"
 _STATUS_OF_KIND = {"points": "valid", "grid": "valid", "none": "none", "invalid": "invalid"}
@@ -192,21 +192,6 @@ def make_record(
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Writes JSON through a temporary file in the same folder and a rename, so a reader (or a
-    resumed run after a kill) sees either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Writes JSON atomically (see :func:`attllm_jax.files.atomic_write_json`), so a reader (or a resumed
+    run after a kill) sees either the old file or the complete new one."""
+    atomic_write_json(path, data)

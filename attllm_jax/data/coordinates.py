@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import utm
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CONVENTIONS = ("auto", "sfxl", "flood")
 
 

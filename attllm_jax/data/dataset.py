@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from attllm_jax.data import coordinates as coords
+from attllm_jax.files import IMAGE_EXTENSIONS, list_image_files
 
 
 def paths_file_for(folder: str | os.PathLike) -> Path:
@@ -47,15 +48,10 @@ def list_images(folder: str | os.PathLike) -> list[str]:
         if not (folder / paths[0]).is_file():
             raise FileNotFoundError(f"{listing} names {paths[0]!r}, which is not a file in {folder}")
         return paths
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in filenames:
-            if name.lower().endswith(coords.IMAGE_EXTENSIONS):
-                paths.append(Path(dirpath, name).relative_to(folder).as_posix())
+    paths = list_image_files(folder)
     if not paths:
-        raise FileNotFoundError(f"image folder {str(folder)!r} contains no .jpg/.jpeg/.png image")
-    return sorted(paths)
+        raise FileNotFoundError(f"image folder {str(folder)!r} contains no {'/'.join(IMAGE_EXTENSIONS)} image")
+    return paths
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from attllm_jax.evaluation.config import alpha_key
+from attllm_jax.files import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -53,21 +53,8 @@ def recall_table(retrieval: Retrieval) -> str:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Writes JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+    """Writes JSON atomically (see :func:`attllm_jax.files.atomic_write_json`)."""
+    atomic_write_json(path, data)
 
 
 def write_per_query_csv(

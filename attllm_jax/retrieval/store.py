@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from attllm_jax.files import atomic_write
+
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
 _CHUNK_PREFIX = "chunk_"
@@ -38,15 +40,6 @@ class StoreError(RuntimeError):
 def key_digest(key: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a store key."""
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -128,7 +121,7 @@ class DescriptorStore:
                     "choose another --store_dir or empty it"
                 )
         manifest = {"format": STORE_FORMAT, "key_sha256": digest, "key": full_key}
-        _atomic_write_bytes(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1, default=str).encode()))
+        atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1, default=str).encode()))
         return cls(directory, num_items, chunk_size, status)
 
     @property
@@ -172,7 +165,7 @@ class DescriptorStore:
         def write(f):
             np.savez(f, descriptors=descriptors, valid=valid, failures=text)
 
-        _atomic_write_bytes(self._chunk_path(chunk), write)
+        atomic_write(self._chunk_path(chunk), write)
 
     def read_chunk(self, chunk: int) -> StoreContents:
         """Reads one written chunk."""
