@@ -189,3 +189,12 @@ def test_bad_inputs_are_named():
         jax_exact_search(bad, _unit(rng, 2, 4), 2)
     with pytest.raises(ValueError, match="valid must have shape"):
         jax_exact_search(database, _unit(rng, 2, 4), 2, valid=np.ones(3, bool))
+
+
+def test_public_name():
+    import attllm_jax as aj
+
+    rng = np.random.default_rng(3)
+    database, queries = _unit(rng, 30, 4), _unit(rng, 3, 4)
+    scores, indices = aj.retrieval.jax_exact_search(database, queries, 4)
+    np.testing.assert_array_equal(indices, brute_force(database, queries, 4)[1])
