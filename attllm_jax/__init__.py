@@ -22,6 +22,11 @@ def __getattr__(name: str):
         from attllm_jax.models import spec
 
         return getattr(spec, name)
+    # subpackages that load heavy dependencies (faiss, tensorstore) are imported on first use: aj.retrieval
+    if name == "retrieval":
+        import importlib
+
+        return importlib.import_module("attllm_jax.retrieval")
     raise AttributeError(f"module 'attllm_jax' has no attribute {name!r}")
 
 
