@@ -110,7 +110,7 @@ def test_end_to_end_contract_parity_and_sweep(tmp_path, converted_checkpoint):
     res = json.loads((out / "results.json").read_text())
 
     # the contract's structure and spellings
-    assert res["model"]["family"] == "cosplace" and res["model"]["descriptor_dim"] == 64
+    assert res["model"]["family"] == "cosplace" and res["model"]["architecture"]["descriptor_dim"] == 64
     assert res["num_database"] == 14 and res["num_queries"] == 5
     assert res["positive_dist_threshold"] == 25.0
     assert list(res["recalls"]) == ["0.0", "0.5", "1.0"]
