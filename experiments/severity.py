@@ -95,6 +95,8 @@ def main(argv):
         "style": FloodStyle(rain=FLAGS.rain, droplets=FLAGS.droplets),
         "bootstrap": FLAGS.bootstrap,
     }
+    if FLAGS.attention == "dir" and not FLAGS.attention_dir:
+        raise app.UsageError("--attention dir needs --attention_dir (a folder of level_<l>/ attention folders)")
     synthetic = FLAGS.database_folder is None and FLAGS.queries_folder is None
     try:
         if synthetic:
