@@ -234,3 +234,36 @@ def test_eval_runs_on_a_flooded_folder(tmp_path):
     assert result["num_queries"] == len(list(dry.glob("*.jpg")))
     assert result["queries_without_positives"]["count"] == 0  # the coordinates in the names carried over
     assert result["num_skipped"] == {"database": 0, "queries": 0}
+
+
+def test_method_failures_totals_and_fatal_abort(tmp_path):
+    """A failing pair is counted and the rest go on; a fatal failure stops the run; info numbers are summed."""
+    from attllm_jax.data.flood import FloodOutput
+
+    dry = _jpeg_folder(tmp_path)
+    calls = []
+
+    class Fatal(Exception):
+        fatal = True
+
+    def flaky(image, rel, level):
+        calls.append(rel)
+        if "street1" in rel:
+            raise RuntimeError("server said no")
+        return FloodOutput(np.asarray(image), None, {"requests": 2, "note": "text is not summed"})
+
+    summary = flood_folder(dry, tmp_path / "a", [0.3], flaky, method_name="fake", seed=0, writes_masks=False)
+    assert summary["counts"]["level_0.3"] == {"written": 3, "existing": 0, "failed": 2}  # street1 + broken.jpg
+    assert summary["method_totals"] == {"requests": 6} and summary["masks"] is None and summary["aborted"] is None
+    assert not (tmp_path / "a" / "masks").exists()
+    again = flood_folder(dry, tmp_path / "a", [0.3], flaky, method_name="fake", seed=0, writes_masks=False)
+    assert again["counts"]["level_0.3"]["existing"] == 3  # done without masks when the method has none
+
+    def rejected(image, rel, level):
+        raise Fatal("HTTP 403: API key not valid")
+
+    stopped = flood_folder(dry, tmp_path / "b", [0.3, 0.6], rejected, method_name="fake", seed=0)
+    assert "403" in stopped["aborted"] and stopped["num_failed"] == 1  # no further image was started
+    no_mask = flood_folder(dry, tmp_path / "c", [0.3], flaky, method_name="fake", seed=0)  # masks expected
+    assert no_mask["counts"]["level_0.3"]["written"] == 0
+    assert sum("returned no mask" in f["error"] for f in no_mask["failures"]) == 3

@@ -309,7 +309,9 @@ class _Tally:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     water_fraction: dict[str, list[float]] = field(default_factory=dict)
-    infos: dict[str, int] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
+    aborted: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
         for level in self.levels:
@@ -335,13 +337,16 @@ def flood_folder(
     workers: int = 1,
     jpeg_quality: int = 95,
     max_listed_failures: int = 100,
+    writes_masks: bool = True,
 ) -> dict[str, Any]:
     """Floods every image of a folder at every level, skipping what a previous run already wrote.
 
-    An (image, level) pair is done when its image (and its mask, for a method with masks) exists; both are
-    written atomically, the mask first, so an interrupted run never leaves a flooded image without its mask.
-    An image that cannot be read, or a method failure, marks the pair failed (listed, counted, retried by the
-    next run); the other pairs go on.
+    An (image, level) pair is done when its image and (with ``writes_masks``) its mask exist; both are written
+    atomically, the mask first, so an interrupted run never leaves a flooded image without its mask. An image
+    that cannot be read, or a method failure, marks the pair failed (listed, counted, retried by the next run);
+    the other pairs go on, unless the failure is fatal (an exception with a true ``fatal`` attribute, e.g. a
+    rejected API key): then no further image is started and ``aborted`` says why.
+    Numeric values of the methods' ``info`` are summed into ``method_totals`` (e.g. requests made).
 
     Args:
         images_dir: The dry images (searched recursively; the output folder is excluded if inside it).
@@ -354,6 +359,7 @@ def flood_folder(
         workers: Threads (for methods that wait on a server; the procedural method is CPU-bound).
         jpeg_quality: Quality of flooded JPEGs (other formats are written losslessly).
         max_listed_failures: Failures listed in the summary (all are counted).
+        writes_masks: Whether the method gives masks (else none are written or expected).
 
     Returns:
         The summary, also written to ``OUT/flood_summary.json``.
@@ -377,10 +383,12 @@ def flood_folder(
         return out / level_name(level) / rel, out / MASKS_DIR / level_name(level) / Path(rel).with_suffix(".png")
 
     def process(rel: str) -> None:
+        if tally.stop.is_set():
+            return
         todo = []
         for level in levels:
             image_path, mask_path = targets(rel, level)
-            if image_path.is_file() and mask_path.is_file():
+            if image_path.is_file() and (mask_path.is_file() or not writes_masks):
                 tally.add(level, "existing")
             else:
                 todo.append(level)
@@ -400,17 +408,25 @@ def flood_folder(
                 result = method(image, rel, level)
                 if result.image.shape[:2] != (image.height, image.width) or result.image.dtype != np.uint8:
                     raise ValueError(f"flooded image has shape {result.image.shape} {result.image.dtype}")
-                mask = result.mask if result.mask is not None else np.zeros(result.image.shape[:2], bool)
+                if writes_masks and result.mask is None:
+                    raise ValueError("the flood method returned no mask")
                 encoded = _encode(result.image, image_path.suffix, jpeg_quality)
-                atomic_write(mask_path, lambda f, m=mask: f.write(encode_mask(m)))
+                if writes_masks:
+                    atomic_write(mask_path, lambda f, m=result.mask: f.write(encode_mask(m)))
                 atomic_write(image_path, lambda f, b=encoded: f.write(b))
             except Exception as e:  # noqa: BLE001 - one bad pair must not stop the others; counted and listed
                 _fail(tally, rel, level, f"{type(e).__name__}: {e}", max_listed_failures)
+                if getattr(e, "fatal", False):  # e.g. a rejected API key: no later request can succeed
+                    with tally.lock:
+                        tally.aborted = tally.aborted or f"fatal error on {rel}: {e}"
+                    tally.stop.set()
+                    return
                 continue
-            tally.add(level, "written", float(mask.mean()) if result.mask is not None else None)
-            for key in result.info:
-                with tally.lock:
-                    tally.infos[key] = tally.infos.get(key, 0) + 1
+            tally.add(level, "written", float(result.mask.mean()) if result.mask is not None else None)
+            with tally.lock:
+                for key, value in result.info.items():
+                    if isinstance(value, int | float):
+                        tally.totals[key] = tally.totals.get(key, 0) + value
 
     if workers <= 1:
         for rel in images:
@@ -424,12 +440,15 @@ def flood_folder(
         "level_folders": [level_name(v) for v in levels],
         "seed": int(seed),
         "settings": dict(settings or {}),
+        "masks": MASKS_DIR if writes_masks else None,
         "images_dir": str(root),
         "num_images": len(images),
         "counts": tally.counts,
         "num_failed": sum(c["failed"] for c in tally.counts.values()),
         "num_unreadable_images": len(unreadable),
         "failures": tally.failures,
+        "aborted": tally.aborted,
+        "method_totals": tally.totals,
         "mean_water_fraction_written": {
             k: (round(float(np.mean(v)), 4) if v else None) for k, v in tally.water_fraction.items()
         },

@@ -72,6 +72,10 @@ class SeverityConfig:
             ValueError / FileNotFoundError: naming the bad setting.
         """
         levels = tuple(sorted(set(validate_levels(self.levels, allow_zero=True)) | {0.0}))
+        if len(levels) < 2:
+            raise ValueError(
+                f"--levels needs at least one level above 0 (0 = dry is always included), got {self.levels}"
+            )
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"--attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.attention == "dir":
