@@ -4,6 +4,7 @@ fall with depth, whose reported best alphas, gains and breaking points must foll
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,19 @@ def test_bad_settings_are_rejected_before_work(tmp_path):
         flag = bad.split("=")[0]
         assert proc.returncode != 0 and flag in proc.stderr, (bad, proc.stderr[-500:])
     assert not list(tmp_path.glob("synthetic_flood_*"))  # rejected before the benchmark was generated
+
+
+def test_attention_dir_needs_a_folder_per_flooded_level(tmp_path):
+    from attllm_jax.evaluation.config import EvalConfig
+    from attllm_jax.evaluation.severity import SeverityConfig
+
+    (tmp_path / "att" / "level_0.2").mkdir(parents=True)
+    ev = EvalConfig(database_folder=str(tmp_path), queries_folder=str(tmp_path), output_dir=str(tmp_path / "o"))
+    with pytest.raises(FileNotFoundError, match="level_0.5"):
+        SeverityConfig(ev, levels=(0.2, 0.5), attention="dir", attention_dir=str(tmp_path / "att")).validated()
+    with pytest.raises(ValueError, match="above 0"):
+        SeverityConfig(ev, levels=(0.0,)).validated()
+    ok = SeverityConfig(
+        replace(ev, alphas=(1.0, 0.5)), levels=(0.2,), attention="dir", attention_dir=str(tmp_path / "att")
+    )
+    assert ok.validated().eval.alphas == (0.0, 0.5, 1.0) and ok.validated().levels == (0.0, 0.2)

@@ -66,7 +66,7 @@ class SeverityConfig:
     confidence: float = 0.95
 
     def validated(self) -> SeverityConfig:
-        """Checks the settings before any work; returns a normalized copy (levels sorted, 0 and alpha 0 added).
+        """Checks the settings before any work; returns a normalized copy (levels and alphas sorted, 0 added to both).
 
         Raises:
             ValueError / FileNotFoundError: naming the bad setting.
@@ -83,13 +83,17 @@ class SeverityConfig:
                 raise FileNotFoundError(
                     f"--attention dir needs --attention_dir with level_<l>/ folders, got {self.attention_dir!r}"
                 )
+            missing = [
+                level_name(v) for v in levels if v > 0 and not (Path(self.attention_dir) / level_name(v)).is_dir()
+            ]
+            if missing:
+                raise FileNotFoundError(f"--attention_dir {self.attention_dir} has no folder {', '.join(missing)}")
         if self.bootstrap < 1:
             raise ValueError(f"--bootstrap must be >= 1, got {self.bootstrap}")
         if not (0.0 < self.confidence < 1.0):
             raise ValueError(f"--confidence must be in (0, 1), got {self.confidence}")
         ev = replace(self.eval, attention_dir=None).validated()
-        if 0.0 not in ev.alphas:
-            ev = replace(ev, alphas=(0.0, *ev.alphas))
+        ev = replace(ev, alphas=tuple(sorted(set(ev.alphas) | {0.0})))  # heatmap columns in order, alpha 0 the base
         if 1 not in ev.recall_values:
             ev = replace(ev, recall_values=(1, *ev.recall_values))
         return replace(self, eval=ev, levels=levels)
