@@ -177,7 +177,7 @@ def test_files_provider_matches_published_maps(tmp_path):
         (published / f"q{i}.json").write_text(json.dumps(record))
     images = make_images(tmp_path / "images", range(len(PUBLISHED_FILES) + 1))  # the last has no file
     out = tmp_path / "ours"
-    summary = runner.annotate_folder(images, out, providers.FilesProvider(published), config(workers=1))
+    summary = runner.annotate_folder(images, out, providers.ExistingAnswers(published), config(workers=1))
     expected = [e["kind"] for _, _, e in PUBLISHED_FILES]
     assert summary.valid == sum(k in ("points", "grid") for k in expected)
     assert summary.none == expected.count("none") and summary.invalid == expected.count("invalid")
@@ -210,7 +210,7 @@ def test_list_images_and_naming(tmp_path):
     ]
     (root / "q0.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="q0.jpg and q0.png"):
-        runner.annotate_folder(root, tmp_path / "o", providers.FilesProvider(tmp_path), config())
+        runner.annotate_folder(root, tmp_path / "o", providers.ExistingAnswers(tmp_path), config())
     with pytest.raises(FileNotFoundError):
         runner.list_images(tmp_path / "missing")
     assert store.attention_file_name("a/b/x.jpeg") == Path("a/b/x.json")

@@ -11,9 +11,10 @@ import numpy as np
 from PIL import Image
 
 from attllm_jax.attention.parse import grid_label, parse_answer
-from attllm_jax.attention.store import make_record, write_json_atomic
+from attllm_jax.attention.store import make_record
 from attllm_jax.data.synthetic import SyntheticBenchmark, SyntheticConfig, generate_benchmark, water_fraction_grid
 from attllm_jax.evaluation.config import EvalConfig
+from attllm_jax.files import atomic_write_json
 
 ORACLE_GRID = 8
 ORACLE_WATER_WEIGHT = 0.1
@@ -63,7 +64,7 @@ def write_oracle_attention(benchmark: SyntheticBenchmark, directory: str | os.Pa
             prompt_version="1",
             city="synthetic",
         )
-        write_json_atomic(target, record)
+        atomic_write_json(target, record)
     return directory
 
 
