@@ -119,7 +119,7 @@ def load_record(path: str | os.PathLike) -> dict[str, Any] | list[Any]:
     if len(data) > MAX_FILE_BYTES:
         raise AttentionFileError(f"attention file {path} is larger than {MAX_FILE_BYTES} bytes")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
     except UnicodeDecodeError:
         raise AttentionFileError(f"attention file {path} is not UTF-8 text") from None
     try:

@@ -212,7 +212,16 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     timings["search"] = time.perf_counter() - t0
 
     kinds = [_applied_kind(a, applied) for a, applied in zip(attention.parsed, q.with_attention, strict=True)]
-    write_per_query_csv(out / "per_query.csv", retrieval, queries.paths, database.paths, positives, q.valid, kinds)
+    write_per_query_csv(
+        out / "per_query.csv",
+        retrieval,
+        queries.paths,
+        database.paths,
+        positives,
+        q.valid,
+        kinds,
+        attention.point_counts(),
+    )
     for k, alpha in enumerate(config.alphas):
         write_published_csvs(
             out / "csv_results" / f"alpha_{alpha_key(alpha)}",
@@ -263,6 +272,10 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
             "queries_without_attention": int(len(queries) - q.with_attention.sum()),
             "missing_files": attention.missing,
             "unusable_files": attention.invalid,
+            "unused_files": attention.unused,
+            "dropped_entries": sum(d for _, d, _ in attention.point_counts()),
+            "clamped_values": sum(c for _, _, c in attention.point_counts()),
+            "adjusted_answers": attention.adjusted(list(queries.paths)),
             "sigma": config.sigma,
             "grid_interpolate": config.grid_interpolate,
         },

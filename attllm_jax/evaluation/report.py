@@ -65,14 +65,20 @@ def write_per_query_csv(
     positives: Sequence[np.ndarray],
     query_valid: np.ndarray,
     attention_kinds: Sequence[str],
+    attention_points: Sequence[tuple[int, int, int]] | None = None,
 ) -> None:
     """One row per (alpha, query): the top-M database paths and scores, the positives and the first-hit rank.
 
     ``first_positive_rank`` is 1-based and empty for a miss; ``attention`` is the answer kind actually applied
     ("points", "grid") or why none was ("none", "invalid", "missing"); ``readable`` is 0 for skipped images.
+    ``attention_points``, ``attention_dropped``, ``attention_clamped`` are the points of the query's answer that
+    were used, the entries dropped (beyond N_max, malformed, non-finite) and the values clamped into range,
+    given per query as ``attention_points`` (zeros when not given).
     """
     m = retrieval.predictions.shape[-1]
-    header = ["alpha", "query", "readable", "attention", "num_positives", "first_positive_rank"]
+    points = list(attention_points) if attention_points is not None else [(0, 0, 0)] * len(query_paths)
+    header = ["alpha", "query", "readable", "attention", "attention_points", "attention_dropped", "attention_clamped"]
+    header += ["num_positives", "first_positive_rank"]
     header += [f"pred_{r + 1}" for r in range(m)] + [f"score_{r + 1}" for r in range(m)] + ["positives"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -81,7 +87,7 @@ def write_per_query_csv(
             for q, query in enumerate(query_paths):
                 preds = retrieval.predictions[k, q]
                 rank = retrieval.first_hit[k, q]
-                row = [alpha_key(alpha), query, int(query_valid[q]), attention_kinds[q], len(positives[q])]
+                row = [alpha_key(alpha), query, int(query_valid[q]), attention_kinds[q], *points[q], len(positives[q])]
                 row.append("" if rank < 0 else int(rank) + 1)
                 row += [database_paths[i] if i >= 0 else "" for i in preds]
                 row += [f"{s:.6f}" if i >= 0 else "" for s, i in zip(retrieval.scores[k, q], preds, strict=True)]

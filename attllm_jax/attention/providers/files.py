@@ -47,7 +47,8 @@ class ExistingAnswers:
         stop: threading.Event | None = None,
         on_attempt: Callable[[int], None] | None = None,
     ) -> AnnotationResponse:
-        """The stored answer of ``request.image_path``.
+        """The stored answer of ``request.image_path``, already parsed (``text`` holds the raw answer only when
+        it is unusable: that is all an annotation file keeps of it).
 
         Raises:
             ProviderError: if the image has no attention file in ``source_dir``, or it cannot be read.
@@ -63,7 +64,8 @@ class ExistingAnswers:
         record = read.record if isinstance(read.record, dict) else {}
         tokens = {k: int(v) for k, v in (record.get("tokens") or {}).items() if isinstance(v, int | float)}
         return AnnotationResponse(
-            text=read.raw_text() if read.record is not None else "",
+            # Only an unusable answer is recorded as raw text; a usable one is recorded from ``parsed``.
+            text=read.raw_text() if read.record is not None and read.parsed.kind == "invalid" else "",
             model=read.field("model") or "unknown",
             latency_s=0.0,
             attempts=0,
