@@ -3,6 +3,7 @@ and the dropped / clamped counts survive the round trip through our files."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,20 @@ def test_list_attention_files(tmp_path):
         _write(tmp_path / name, "{}")
     _write(tmp_path / "sub" / store.SUMMARY_FILE, "{}")  # only the top-level summary is the run's
     assert store.list_attention_files(tmp_path) == ["a.json", f"sub/{store.SUMMARY_FILE}", "sub/b.json"]
+
+
+def test_readme_example_file_reads_as_documented(tmp_path):
+    """The example attention file of the README is a valid file of our format, with the answer it shows."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Attention files", 1)[1]
+    example = section.split("```json\n", 1)[1].split("```", 1)[0]
+    path = _write(tmp_path / "example.json", example)
+    read = store.read_attention(path)
+    assert read.record["format"] == store.FORMAT and read.record["status"] == "valid"
+    assert read.parsed.kind == "points" and read.parsed.num_points == 2
+    np.testing.assert_allclose(read.parsed.centers[:2], [[0.25, 0.4], [0.5, 0.9]])
+    np.testing.assert_allclose(read.parsed.weights[:2], [1.8, 0.1])
+    grid = section.split('`"result": ', 1)[1].split("}`", 1)[0] + "}"
+    parsed = store.parse_record({"result": json.loads(grid)})
+    np.testing.assert_allclose(parsed.grid, [[0.1, 1.8], [1.0, 0.2]])
+    assert store.parse_record({"no_weighting": True, "result": None}).kind == "none"
