@@ -198,11 +198,9 @@ class _Run:
             latency_s=response.latency_s,
             attempts=response.attempts,
             tokens=response.tokens,
+            finish_reason=response.finish_reason,
+            block_reason=response.block_reason,
         )
-        if response.finish_reason:
-            record["finish_reason"] = response.finish_reason
-        if response.block_reason:
-            record["block_reason"] = response.block_reason
         atomic_write_json(self.output_dir / store.attention_file_name(image), record)
         status = record["status"]
         with self.lock:

@@ -13,7 +13,8 @@ File format (one JSON object per image). The published code's per-image fields c
 and ours after them: ``format`` ("attllm_jax.attention/1"), ``status`` ("valid" / "none" /
 "invalid"), ``provider``, ``prompt_id``, ``prompt_version``, ``city``, ``latency_s``, ``attempts``,
 ``tokens`` ({"prompt", "output", "thinking", "total"}), ``num_dropped``, ``num_clamped``,
-``created`` (UTC ISO time), and ``raw_text`` and ``error`` when the answer was invalid.
+``created`` (UTC ISO time), ``raw_text`` and ``error`` when the answer was invalid, and ``finish_reason``
+and ``block_reason`` when the server gave them (a refused prompt: Gemini ``promptFeedback.blockReason``).
 
 Every file is untrusted input. A file larger than ``MAX_FILE_BYTES``, not UTF-8, not JSON, nested deeper
 than ``MAX_DEPTH`` or holding more than ``MAX_VALUES`` values, whose top level is not an object or a list, or
@@ -299,6 +300,8 @@ def make_record(
     latency_s: float | None = None,
     attempts: int | None = None,
     tokens: dict[str, int] | None = None,
+    finish_reason: str | None = None,
+    block_reason: str | None = None,
 ) -> dict[str, Any]:
     """Builds the JSON record of one answer (see the module docstring for the fields)."""
     status = status_of(parsed)
@@ -325,4 +328,8 @@ def make_record(
     if status == "invalid":
         record["raw_text"] = raw_text
         record["error"] = parsed.error
+    if finish_reason:
+        record["finish_reason"] = finish_reason
+    if block_reason:
+        record["block_reason"] = block_reason
     return record
