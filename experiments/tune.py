@@ -62,6 +62,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from attllm_jax.data.coordinates import CoordinateError
+    from attllm_jax.retrieval.search import SearchMemoryError
     from attllm_jax.retrieval.store import StoreError
     from attllm_jax.tuning import TuneSettings, run_tuning
     from attllm_jax.tuning.cache import CacheError
@@ -91,7 +92,7 @@ def main(argv):
         raise app.UsageError(str(error)) from None
     try:
         result = run_tuning(config, settings)
-    except (CoordinateError, StoreError, CacheError, FileNotFoundError, ValueError) as error:
+    except (CoordinateError, StoreError, SearchMemoryError, CacheError, FileNotFoundError, ValueError) as error:
         print(f"tune: error: {error}", file=sys.stderr)
         sys.exit(1)
     print()

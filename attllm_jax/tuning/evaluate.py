@@ -97,6 +97,7 @@ class CachedRetrieval:
         positives: Q arrays of positive database indices (readable images only, as the evaluation uses).
         recall_values: The N of recall@N.
         grid_interpolate: Bilinear upsampling of grid answers.
+        search: The evaluation's search settings (default exact faiss Flat), so both search alike.
 
     Attributes:
         evaluations: How many (alpha, sigma, blend) points were aggregated and searched.
@@ -112,6 +113,7 @@ class CachedRetrieval:
         positives: Sequence[np.ndarray],
         recall_values: Sequence[int],
         grid_interpolate: bool = False,
+        search=None,
     ):
         if len(attention) != len(features.valid) or len(positives) != len(features.valid):
             raise ValueError(
@@ -126,6 +128,7 @@ class CachedRetrieval:
         self.positives = [np.asarray(p, np.int64) for p in positives]
         self.recall_values = tuple(int(n) for n in recall_values)
         self.grid_interpolate = bool(grid_interpolate)
+        self.search = search
         self.num_queries = len(features.valid)
         self.has_attention = attention_mask(self.attention)
         self.evaluations = 0
@@ -186,6 +189,7 @@ class CachedRetrieval:
                 tuple(part),
                 self.recall_values,
                 top_m,
+                spec=self.search,
             )
             for k, a in enumerate(part):
                 self._memo[(a, float(sigma), blend)] = found.first_hit[k]

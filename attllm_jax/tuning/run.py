@@ -149,6 +149,7 @@ def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[s
         positives,
         config.recall_values,
         config.grid_interpolate,
+        config.search,
     )
 
     t0 = time.perf_counter()
