@@ -43,8 +43,8 @@ def main(argv):
     import shutil
 
     from attllm_jax.evaluation.demo import demo_config
-    from attllm_jax.evaluation.extract import extract_queries
-    from attllm_jax.evaluation.pipeline import extraction_key, prepare_inputs, retrieve
+    from attllm_jax.evaluation.extract import database_store_key, extract_queries
+    from attllm_jax.evaluation.pipeline import prepare_inputs, retrieve
     from attllm_jax.retrieval.recall import recall_from_ranks
     from attllm_jax.tuning.cache import cached_query_features
     from attllm_jax.tuning.evaluate import CachedRetrieval
@@ -53,7 +53,9 @@ def main(argv):
     config = demo_config(FLAGS.cache_dir, out, alphas=ALPHAS).validated()
     inputs = prepare_inputs(config)  # database store: filled once, shared by both sides
     model, queries, parsed = inputs.model, inputs.queries, inputs.attention.parsed
-    positives = [p[inputs.contents.valid[p]] for p in inputs.positives_all]
+    contents = inputs.store.load()
+    descriptors = np.asarray(contents.descriptors, np.float32)
+    positives = [p[contents.valid[p]] for p in inputs.positives_all]
     top_m = max(config.recall_values)
 
     picked = np.unique(np.round(np.linspace(0, len(ALPHAS) - 1, min(FLAGS.reference_alphas, len(ALPHAS)))).astype(int))
@@ -63,8 +65,8 @@ def main(argv):
         t0 = time.perf_counter()
         q = extract_queries(model, queries, parsed, [alpha], batch_size=config.batch_size, image_size=config.image_size)
         found = retrieve(
-            inputs.contents.descriptors,
-            inputs.contents.valid,
+            descriptors,
+            contents.valid,
             q.descriptors,
             q.valid,
             positives,
@@ -79,16 +81,14 @@ def main(argv):
 
     cache_dir = out / "query_features"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    key = extraction_key(model, inputs.digest, config.image_size, queries)
+    key = database_store_key(model, queries, config.image_size, inputs.digest)
 
     def cached_sweep(sigma: float):
         t0 = time.perf_counter()
         features = cached_query_features(
             model, queries, cache_dir, key, batch_size=config.batch_size, image_size=config.image_size
         )
-        source = CachedRetrieval(
-            model, features, parsed, inputs.contents.descriptors, inputs.contents.valid, positives, config.recall_values
-        )
+        source = CachedRetrieval(model, features, parsed, descriptors, contents.valid, positives, config.recall_values)
         ranks = source.first_hits(ALPHAS, sigma, "native")
         return time.perf_counter() - t0, features.status, source, ranks
 

@@ -12,7 +12,8 @@ from attllm_jax import ops
 from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
 from attllm_jax.evaluation.demo import write_oracle_attention
-from attllm_jax.evaluation.pipeline import extraction_key, prepare_inputs
+from attllm_jax.evaluation.extract import database_store_key
+from attllm_jax.evaluation.pipeline import prepare_inputs
 from attllm_jax.tuning import CachedRetrieval, TuneSettings, run_tuning, with_blend
 from attllm_jax.tuning.cache import CacheError, cached_query_features
 
@@ -106,13 +107,15 @@ def test_cached_tuning_gives_exactly_the_recalls_of_a_fresh_eval_run(dataset, mo
 
     # the cached path's descriptors are the evaluation's, at both sigmas (which do change them)
     inputs = prepare_inputs(_config(dataset, tmp_path / "eval_0.1").validated(), model)
-    key = extraction_key(model, inputs.digest, IMAGE_SIZE, inputs.queries)
+    key = database_store_key(model, inputs.queries, IMAGE_SIZE, inputs.digest)
     features = cached_query_features(model, inputs.queries, tmp_path / "tune" / "query_features", key, batch_size=4,
                                      image_size=IMAGE_SIZE)  # fmt: skip
     assert features.status == "reused"
-    positives = [p[inputs.contents.valid[p]] for p in inputs.positives_all]
-    source = CachedRetrieval(model, features, inputs.attention.parsed, inputs.contents.descriptors,
-                             inputs.contents.valid, positives, (1, 5, 10))  # fmt: skip
+    contents = inputs.store.load()
+    positives = [p[contents.valid[p]] for p in inputs.positives_all]
+    source = CachedRetrieval(model, features, inputs.attention.parsed, np.asarray(contents.descriptors, np.float32),
+                             contents.valid, positives, (1, 5, 10))  # fmt: skip
+    inputs.store.close()
     for sigma, run in fresh.items():
         np.testing.assert_allclose(source.descriptors(PARITY_ALPHAS, sigma, "native"), run.query_descriptors,
                                    rtol=0, atol=1e-6)  # fmt: skip
@@ -178,7 +181,7 @@ def test_feature_cache_key_and_foreign_directory(dataset, model, tmp_path):
     from attllm_jax.evaluation.extract import weights_digest
 
     queries = load_image_set(bench.queries)
-    key = extraction_key(model, weights_digest(model), IMAGE_SIZE, queries)
+    key = database_store_key(model, queries, IMAGE_SIZE, weights_digest(model))
     first = cached_query_features(model, queries, tmp_path / "c", key, batch_size=4, image_size=IMAGE_SIZE)
     assert first.status == "created" and first.valid.all()
     assert sorted(int(i) for b in first.batches for i in b.indices if i >= 0) == list(range(len(queries)))

@@ -21,7 +21,7 @@ from attllm_jax.attention.maps import attention_maps
 from attllm_jax.data.dataset import GeoPair, ImageSet, geo_pair, load_image_set
 from attllm_jax.evaluation.attention_source import QueryAttention, load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
-from attllm_jax.evaluation.extract import DatabaseExtraction, extract_database, extract_queries, weights_digest
+from attllm_jax.evaluation.extract import DatabaseExtraction, build_database_store, extract_queries, weights_digest
 from attllm_jax.evaluation.figures import plot_recall_vs_alpha, save_prediction_strip
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
@@ -34,7 +34,7 @@ from attllm_jax.evaluation.report import (
 from attllm_jax.retrieval.positives import find_positives
 from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
 from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
-from attllm_jax.retrieval.store import DescriptorStore, StoreContents
+from attllm_jax.retrieval.store import DescriptorStore
 
 log = logging.getLogger("attllm_jax.evaluation")
 
@@ -144,7 +144,48 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     inputs = prepare_inputs(config, model)
     database, queries, geo, attention = inputs.database, inputs.queries, inputs.geo, inputs.attention
     positives_all, model, digest, timings = inputs.positives_all, inputs.model, inputs.digest, inputs.timings
-    store, db_run, contents, top_m, plan = inputs.store, inputs.db_run, inputs.contents, inputs.top_m, inputs.plan
+    store, db_run, top_m, plan = inputs.store, inputs.db_run, inputs.top_m, inputs.plan
+    try:
+        return _evaluate_with_store(
+            config,
+            model,
+            digest,
+            store,
+            db_run,
+            database,
+            queries,
+            geo,
+            positives_all,
+            attention,
+            timings,
+            plan,
+            top_m,
+            out,
+            t_start,
+        )
+    finally:
+        store.close()
+
+
+def _evaluate_with_store(
+    config,
+    model,
+    digest,
+    store,
+    db_run,
+    database,
+    queries,
+    geo,
+    positives_all,
+    attention,
+    timings,
+    plan,
+    top_m,
+    out,
+    t_start,
+) -> EvalResult:
+    contents = store.load()
+    timings["database"] = db_run.seconds
 
     q = extract_queries(
         model,
@@ -233,6 +274,8 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
         },
         "store": {
             "directory": str(store.directory),
+            "dtype": store.dtype,
+            "chunk_size": store.chunk_size,
             "status": db_run.status,
             "chunks_total": db_run.chunks_total,
             "chunks_computed": db_run.chunks_computed,
@@ -266,10 +309,9 @@ class EvalInputs:
         attention: The parsed attention answer of every query.
         model: The model.
         digest: sha256 of its weights.
-        store: The (complete) database descriptor store.
+        store: The complete database descriptor store, open (the caller closes it).
         db_run: What filling the store did.
-        contents: The store's descriptors, valid mask and failures.
-        timings: Seconds spent loading the model and extracting the database.
+        timings: Seconds spent loading the model.
         top_m: Predictions kept per query.
         plan: The search's memory plan (decided before the database is extracted).
     """
@@ -283,29 +325,20 @@ class EvalInputs:
     digest: str
     store: DescriptorStore
     db_run: DatabaseExtraction
-    contents: StoreContents
     timings: dict[str, float]
     top_m: int
     plan: MemoryPlan
 
 
-def extraction_key(model, digest: str, image_size, images: ImageSet) -> dict[str, Any]:
-    """What extracted features depend on: model config, weights digest, resize override and the image list.
-
-    Keys the database descriptor store and the tuning query-feature cache alike.
-    """
-    return {"model": model.config, "weights_sha256": digest, "image_size": image_size, "images": images.fingerprint()}
-
-
 def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
-    """Loads the datasets, positives, attention answers and model, and fills (or reuses) the database store.
+    """Loads the datasets, positives, attention answers and model, plans the search and fills the database store.
 
     Args:
         config: Validated settings.
         model: Optional already loaded model.
 
     Returns:
-        The inputs of an evaluation.
+        The inputs of an evaluation; close ``inputs.store`` when done.
     """
     database = load_image_set(config.database_folder, config.convention, config.database_csv)
     queries = load_image_set(config.queries_folder, config.convention, config.queries_csv)
@@ -328,27 +361,19 @@ def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
     plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
     log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
 
-    store_key = extraction_key(model, digest, config.image_size, database)
-    store = DescriptorStore.open(config.resolved_store_dir, store_key, len(database), config.chunk_size)
-    log.info(
-        "descriptor store %s: %s (%d chunks pending of %d)",
-        store.directory,
-        store.status,
-        len(store.pending_chunks()),
-        store.num_chunks,
-    )
-    db_run = extract_database(
+    store, db_run = build_database_store(
         model,
         database,
-        store,
+        config.resolved_store_dir,
+        chunk_size=config.resolved_chunk_size,
+        store_dtype=config.store_dtype,
         batch_size=config.batch_size,
         image_size=config.image_size,
         num_workers=config.num_workers,
+        weights_sha256=digest,
     )
-    contents = store.load()
-    timings["database"] = db_run.seconds
     return EvalInputs(
-        database, queries, geo, positives_all, attention, model, digest, store, db_run, contents, timings, top_m, plan
+        database, queries, geo, positives_all, attention, model, digest, store, db_run, timings, top_m, plan
     )
 
 

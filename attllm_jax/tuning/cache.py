@@ -8,7 +8,7 @@ Layout of a cache directory::
 
 Batches are the evaluation's own fixed-size, single-shape batches (padding rows have index -1), so aggregating
 them compiles exactly the shapes an evaluation compiles. The key is the descriptor store's key (model config,
-weights digest, resize override, image list; see :func:`attllm_jax.evaluation.pipeline.extraction_key`) plus
+weights digest, resize override, image list; see :func:`attllm_jax.evaluation.extract.database_store_key`) plus
 the batch size. The manifest is written last and atomically: a cache without a matching manifest is rebuilt,
 never half-trusted; a stale cache is wiped (only its own files), and a directory with foreign files is refused.
 """

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from attllm_jax.evaluation.config import EvalConfig
-from attllm_jax.evaluation.pipeline import extraction_key, prepare_inputs
+from attllm_jax.evaluation.extract import database_store_key
+from attllm_jax.evaluation.pipeline import prepare_inputs
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
 from attllm_jax.ops.gem import ALPHA_OFF, BLENDS
@@ -124,12 +125,21 @@ def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[s
     setup_logging(out / LOG_FILE)
     log.info("tuning settings: %s", json.dumps(asdict(settings), default=str))
     inputs = prepare_inputs(config, model)
+    try:
+        return _run(config, settings, inputs, out, t_start)
+    finally:
+        inputs.store.close()
+
+
+def _run(config: EvalConfig, settings: TuneSettings, inputs, out: Path, t_start: float) -> dict[str, Any]:
     model = inputs.model
+    contents = inputs.store.load()
+    database = np.asarray(contents.descriptors, np.float32)  # the tuning reuses it for every point
     for blend in settings.blends:  # fail before any query work when a blend is not available
         with_blend(model, blend)
-    positives = [p[inputs.contents.valid[p]] for p in inputs.positives_all]
+    positives = [p[contents.valid[p]] for p in inputs.positives_all]
     cache_dir = settings.feature_cache_dir or out / "query_features"
-    key = extraction_key(model, inputs.digest, config.image_size, inputs.queries)
+    key = database_store_key(model, inputs.queries, config.image_size, inputs.digest)
     features = cached_query_features(
         model,
         inputs.queries,
@@ -144,8 +154,8 @@ def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[s
         model,
         features,
         inputs.attention.parsed,
-        inputs.contents.descriptors,
-        inputs.contents.valid,
+        database,
+        contents.valid,
         positives,
         config.recall_values,
         config.grid_interpolate,
@@ -211,7 +221,7 @@ def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[s
         "settings": {k: v for k, v in asdict(settings).items() if k != "notes"},
         "attention": {"source": inputs.attention.source, "counts": inputs.attention.counts},
         "query_feature_cache": {"directory": str(cache_dir), "status": features.status},
-        "num_skipped": {"database": len(inputs.contents.failures), "queries": len(features.failures)},
+        "num_skipped": {"database": len(contents.failures), "queries": len(features.failures)},
         "evaluations": source.evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "notes": list(config.notes) + list(settings.notes),
