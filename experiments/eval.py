@@ -25,7 +25,11 @@ flags.DEFINE_string("checkpoint", None, "Converted model directory; default: ran
 flags.DEFINE_string("database_folder", None, "Database images (names @utm_east@utm_north@...@.jpg or a CSV).")
 flags.DEFINE_string("queries_folder", None, "Query images (names lat_lon@....jpg, @east@north@...@.jpg or a CSV).")
 flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
-flags.DEFINE_list("alphas", None, "Blend factors in [0, 1], e.g. 0,0.25,0.5,1 (default 0,0.25,0.5,0.75,1).")
+flags.DEFINE_list(
+    "alphas",
+    None,
+    "Blend factors in [0, 1], e.g. 0,0.25,0.5,1 or 0:1:11 (start:stop:count); default 0,0.25,0.5,0.75,1.",
+)
 flags.DEFINE_float("positive_dist_threshold", 25.0, "Positive radius in metres (boundary included).")
 flags.DEFINE_list("recall_values", ["1", "5", "10", "20"], "The N of recall@N.")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/demo for the demo; required otherwise).")
@@ -70,15 +74,30 @@ flags.DEFINE_enum(
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
-def _floats(values):
-    return [float(v) for v in values]
+def parse_values(values) -> list[float]:
+    """Numbers of a list flag: each entry a number or ``start:stop:count`` (``count`` evenly spaced, both ends).
+
+    Raises:
+        ValueError: for an entry that is neither.
+    """
+    out = []
+    for value in values:
+        parts = str(value).split(":")
+        if len(parts) == 1:
+            out.append(float(parts[0]))
+        elif len(parts) == 3 and parts[2].strip().isdigit() and int(parts[2]) >= 1:
+            start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+            out.extend([start] if count == 1 else [start + (stop - start) * i / (count - 1) for i in range(count)])
+        else:
+            raise ValueError(f"{value!r} is neither a number nor start:stop:count")
+    return out
 
 
 def _valid_alphas(values) -> bool:
     if values is None:
         return True
     try:
-        alphas = _floats(values)
+        alphas = parse_values(values)
     except ValueError:
         return False
     return (
@@ -104,7 +123,7 @@ def _valid_image_size(values) -> bool:
     return len(ints) in (1, 2) and all(v >= 1 for v in ints)
 
 
-flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1]")
+flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1] (or start:stop:count)")
 flags.register_validator("recall_values", _valid_recall_values, "--recall_values must be distinct integers >= 1")
 flags.register_validator("image_size", _valid_image_size, "--image_size must be one or two integers >= 1")
 flags.register_validator(
@@ -145,7 +164,7 @@ def _overrides() -> dict:
         "search": _search_spec(),
     }
     if FLAGS.alphas is not None:
-        overrides["alphas"] = tuple(_floats(FLAGS.alphas))
+        overrides["alphas"] = tuple(parse_values(FLAGS.alphas))
     if image_size is not None:
         overrides["image_size"] = image_size
     return overrides
@@ -167,23 +186,26 @@ def _search_spec():
     )
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from attllm_jax.data.coordinates import CoordinateError
-    from attllm_jax.evaluation import EvalConfig, run_evaluation
-    from attllm_jax.evaluation.report import recall_table
-    from attllm_jax.retrieval.search import SearchMemoryError
-    from attllm_jax.retrieval.store import StoreError
+def config_from_flags(demo_output_dir: str = "outputs/demo", **extra):
+    """The validated :class:`EvalConfig` of the dataset / model / attention flags (the demo without dataset flags).
 
-    overrides = _overrides()
+    Args:
+        demo_output_dir: The demo's output folder when --output_dir is not given.
+        **extra: Overrides of EvalConfig fields (e.g. another command's alpha grid).
+
+    Raises:
+        app.UsageError: for inconsistent or invalid flags.
+    """
+    from attllm_jax.evaluation import EvalConfig
+
+    overrides = {**_overrides(), **extra}
     demo = FLAGS.database_folder is None and FLAGS.queries_folder is None
     if demo:
         from attllm_jax.evaluation.demo import demo_config
 
         if FLAGS.attention_dir or FLAGS.database_csv or FLAGS.queries_csv:
             raise app.UsageError("--attention_dir / --*_csv need --database_folder and --queries_folder")
-        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or "outputs/demo", **overrides)
+        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, **overrides)
     else:
         if FLAGS.database_folder is None or FLAGS.queries_folder is None:
             raise app.UsageError("give both --database_folder and --queries_folder (or neither, for the demo)")
@@ -199,9 +221,21 @@ def main(argv):
             **overrides,
         )
     try:
-        config = config.validated()
+        return config.validated()
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from attllm_jax.data.coordinates import CoordinateError
+    from attllm_jax.evaluation import run_evaluation
+    from attllm_jax.evaluation.report import recall_table
+    from attllm_jax.retrieval.search import SearchMemoryError
+    from attllm_jax.retrieval.store import StoreError
+
+    config = config_from_flags()
     try:
         result = run_evaluation(config)
     except (CoordinateError, StoreError, SearchMemoryError, FileNotFoundError) as error:

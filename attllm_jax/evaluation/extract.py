@@ -326,26 +326,14 @@ def extract_queries(
 
     def compute(batch: Batch):
         feats = model.features(jax.device_put(batch.images, sharding))
-        height, width = model.feature_grid(feats)
         rows = [attention[i] if i >= 0 else None for i in batch.indices]
-        mask = attention_mask(rows)
-        plain = None if mask[batch.indices >= 0].all() else model.aggregate(feats)
-        if not mask.any():
-            return mask, None, plain
-        maps = attention_maps(rows, height, width, sigma=sigma, grid_interpolate=grid_interpolate)
-        return mask, model.aggregate_sweep(feats, maps, alphas), plain
+        return aggregate_query_batch(model, feats, rows, batch.indices >= 0, alphas, sigma, grid_interpolate)
 
     stream = decode_stream(
         ((i, str(images.absolute(i))) for i in range(len(images))), _preprocess_fn(model, image_size), num_workers
     )
     for batch, (mask, sweep, plain) in _pipelined(shape_batches(stream, batch_size, on_failure), compute):
-        if plain is None:
-            result = np.asarray(sweep)  # every real row has attention (padding rows are dropped below)
-        else:
-            plain = np.asarray(plain)
-            result = np.broadcast_to(plain, (len(alphas), *plain.shape))
-            if sweep is not None:
-                result = np.where(mask[None, :, None], np.asarray(sweep), result)
+        result = combine_query_batch(mask, sweep, plain, len(alphas))
         if out is None:
             out = np.zeros((len(alphas), len(images), result.shape[-1]), dtype=np.float32)
         keep = batch.indices >= 0
@@ -357,3 +345,47 @@ def extract_queries(
         out = np.zeros((len(alphas), len(images), int(model.config.get("descriptor_dim", 1))), dtype=np.float32)
     seconds = progress.finish()
     return QueryDescriptors(out, valid, applied, failures, seconds)
+
+
+def aggregate_query_batch(
+    model,
+    feats,
+    rows: Sequence[ParsedAttention | None],
+    real: np.ndarray,
+    alphas: np.ndarray,
+    sigma: float,
+    grid_interpolate: bool,
+):
+    """Dispatches (asynchronously) one feature batch's descriptors for every alpha.
+
+    Args:
+        model: A :class:`~attllm_jax.models.vpr.VPRModel`.
+        feats: :meth:`features` output of a ``[B, H, W, 3]`` batch.
+        rows: ``[B]`` parsed answers (None for padding rows or queries without one).
+        real: ``[B]`` bool, False for padding rows.
+        alphas: ``[K]`` float32.
+        sigma: RBF width of point answers.
+        grid_interpolate: Bilinear grid maps.
+
+    Returns:
+        ``(mask [B] bool, sweep [K, B, D] or None, plain [B, D] or None)``: rows with attention take ``sweep``,
+        the others ``plain`` (see :func:`combine_query_batch`).
+    """
+    mask = attention_mask(rows)
+    plain = None if mask[real].all() else model.aggregate(feats)
+    if not mask.any():
+        return mask, None, plain
+    height, width = model.feature_grid(feats)
+    maps = attention_maps(rows, height, width, sigma=sigma, grid_interpolate=grid_interpolate)
+    return mask, model.aggregate_sweep(feats, maps, alphas), plain
+
+
+def combine_query_batch(mask: np.ndarray, sweep, plain, num_alphas: int) -> np.ndarray:
+    """``[K, B, D]`` host descriptors of :func:`aggregate_query_batch` output: sweep rows where ``mask``, else plain."""
+    if plain is None:
+        return np.asarray(sweep)  # every real row has attention (padding rows are the caller's to drop)
+    plain = np.asarray(plain)
+    result = np.broadcast_to(plain, (num_alphas, *plain.shape))
+    if sweep is not None:
+        result = np.where(mask[None, :, None], np.asarray(sweep), result)
+    return result
