@@ -35,6 +35,12 @@ flags.DEFINE_string("queries_csv", None, "Optional coordinates CSV for the queri
 flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name coordinate convention.")
 flags.DEFINE_list("image_size", None, "Resize override: shorter side (one int) or height,width.")
 flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
+flags.DEFINE_integer(
+    "max_batch_pixels",
+    None,
+    "Pixel budget of one batch (default: batch_size megapixels); larger shapes get fewer rows, and an image whose "
+    "preprocessed size alone exceeds it is skipped and counted.",
+)
 flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
 flags.DEFINE_string("store_dir", None, "Database descriptor store (default OUTPUT_DIR/database_store).")
 flags.DEFINE_integer("chunk_size", 1024, "Database images per store chunk (the resume granularity).")
@@ -89,6 +95,7 @@ flags.register_validator(
 for _name in ("batch_size", "chunk_size", "max_points"):
     flags.register_validator(_name, lambda v: v >= 1, f"--{_name} must be >= 1")
 flags.register_validator("num_workers", lambda v: v is None or v >= 1, "--num_workers must be >= 1")
+flags.register_validator("max_batch_pixels", lambda v: v is None or v >= 1, "--max_batch_pixels must be >= 1")
 flags.register_validator("num_preds_to_save", lambda v: v >= 0, "--num_preds_to_save must be >= 0")
 flags.register_validator("sigma", lambda v: math.isfinite(v) and v > 0, "--sigma must be > 0")
 
@@ -106,6 +113,7 @@ def _overrides() -> dict:
         "convention": FLAGS.convention,
         "batch_size": FLAGS.batch_size,
         "num_workers": FLAGS.num_workers,
+        "max_batch_pixels": FLAGS.max_batch_pixels,
         "store_dir": FLAGS.store_dir,
         "chunk_size": FLAGS.chunk_size,
         "sigma": FLAGS.sigma,

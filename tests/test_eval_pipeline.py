@@ -233,3 +233,27 @@ def test_bad_settings_are_rejected_before_any_work(tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run_evaluation(config, model=object())
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_too_large_for_a_batch_is_skipped_and_counted(tmp_path, random_model):
+    database, queries, _, stems = make_dataset(tmp_path)
+    wide = sorted(database.glob("*.jpg"))[2]
+    Image.new("RGB", (20000, 200), (90, 90, 90)).save(wide)  # shorter side 64 -> 6400 x 64 = 409,600 pixels
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(tmp_path / "out"),
+        alphas=(0.0,),
+        recall_values=(1, 5),
+        image_size=64,
+        batch_size=4,
+        max_batch_pixels=100_000,  # 64 x 85 images: 4 rows of 5,440 pixels fit; the wide one alone does not
+    )
+    result = run_evaluation(config, model=random_model)
+    res = result.results
+    assert res["num_skipped"] == {"database": 1, "queries": 0}
+    [skipped] = res["skipped_images"]["database"]
+    assert skipped["path"] == str(wide) and "ImageTooLargeError" in skipped["error"] and "6400x64" in skipped["error"]
+    assert not np.isin(
+        result.retrieval.predictions, [sorted(p.name for p in database.glob("*.jpg")).index(wide.name)]
+    ).any()

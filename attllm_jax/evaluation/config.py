@@ -33,6 +33,8 @@ class EvalConfig:
         image_size: Override of the model's resize: shorter side (int) or ``(height, width)``.
         batch_size: Images per device batch (rounded up to a multiple of the local device count).
         num_workers: Decode threads (None = cores, at most 8).
+        max_batch_pixels: Pixel budget of one batch (None = batch_size megapixels): large shapes get fewer rows,
+            and an image whose preprocessed size alone exceeds the budget is skipped and counted.
         store_dir: Database descriptor store (None = ``output_dir/database_store``).
         chunk_size: Images per store chunk (the resume granularity).
         sigma: RBF width of point attention maps.
@@ -58,6 +60,7 @@ class EvalConfig:
     image_size: int | tuple[int, int] | None = None
     batch_size: int = 8
     num_workers: int | None = None
+    max_batch_pixels: int | None = None
     store_dir: str | None = None
     chunk_size: int = 1024
     sigma: float = 0.2
@@ -99,6 +102,8 @@ class EvalConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers is not None and int(self.num_workers) < 1:
             raise ValueError(f"--num_workers must be >= 1, got {self.num_workers}")
+        if self.max_batch_pixels is not None and int(self.max_batch_pixels) < 1:
+            raise ValueError(f"--max_batch_pixels must be >= 1, got {self.max_batch_pixels}")
         if int(self.num_preds_to_save) < 0:
             raise ValueError(f"--num_preds_to_save must be >= 0, got {self.num_preds_to_save}")
         if not (math.isfinite(float(self.sigma)) and float(self.sigma) > 0):
@@ -128,6 +133,7 @@ class EvalConfig:
             chunk_size=int(self.chunk_size),
             num_workers=None if self.num_workers is None else int(self.num_workers),
             num_preds_to_save=int(self.num_preds_to_save),
+            max_batch_pixels=None if self.max_batch_pixels is None else int(self.max_batch_pixels),
         )
 
 

@@ -179,6 +179,7 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
         batch_size=config.batch_size,
         image_size=config.image_size,
         num_workers=config.num_workers,
+        max_batch_pixels=config.max_batch_pixels,
     )
     contents = store.load()
     timings["database"] = db_run.seconds
@@ -193,6 +194,7 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
         num_workers=config.num_workers,
         sigma=config.sigma,
         grid_interpolate=config.grid_interpolate,
+        max_batch_pixels=config.max_batch_pixels,
     )
     timings["queries"] = q.seconds
 
