@@ -15,7 +15,9 @@ OUT/recall_vs_alpha.png and OUT/eval.log (see attllm_jax.evaluation.run_evaluati
 from __future__ import annotations
 
 import math
+import os
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -129,45 +131,92 @@ def _overrides() -> dict:
     return overrides
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from attllm_jax.data.coordinates import CoordinateError
-    from attllm_jax.evaluation import EvalConfig, run_evaluation
-    from attllm_jax.evaluation.report import recall_table
-    from attllm_jax.retrieval.store import StoreError
+def _fail(message: str, usage: bool = False) -> None:
+    """Ends the run with one ``eval: error: ...`` line on stderr (and a pointer to --help for usage errors)."""
+    print(f"eval: error: {message}" + (" (see --help for the flags)" if usage else ""), file=sys.stderr)
+    sys.exit(2 if usage else 1)
+
+
+def _os_error_line(error: OSError, config) -> str:
+    """One line for an OSError: which file, which flag it comes from, and what to do."""
+    filename = getattr(error, "filename", None)
+    reason = error.strerror or str(error)
+    if filename is None:
+        return f"{reason}"
+    path = os.path.abspath(str(filename))
+    flag, what = "--output_dir", "a writable output folder"
+    for name, directory in (("--store_dir", config.resolved_store_dir), ("--output_dir", config.output_dir)):
+        root = os.path.abspath(str(directory))
+        if path == root or path.startswith(root + os.sep):
+            flag, what = name, f"a writable folder for {name}"
+            break
+    else:
+        if isinstance(error, FileNotFoundError):
+            return f"{filename}: {reason}"
+    return f"cannot write {filename} ({reason}): give {what} ({flag})"
+
+
+def _check_writable(directory: str) -> None:
+    """Creates ``directory`` and a temporary file in it, so a read-only output folder fails before any work."""
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
+def _config():
+    """The run's EvalConfig from the flags (the demo's without dataset flags); usage errors end the run."""
+    from attllm_jax.evaluation import EvalConfig
 
     overrides = _overrides()
-    demo = FLAGS.database_folder is None and FLAGS.queries_folder is None
-    if demo:
+    if FLAGS.database_folder is None and FLAGS.queries_folder is None:
         from attllm_jax.evaluation.demo import demo_config
 
         if FLAGS.attention_dir or FLAGS.database_csv or FLAGS.queries_csv:
-            raise app.UsageError("--attention_dir / --*_csv need --database_folder and --queries_folder")
-        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or "outputs/demo", **overrides)
-    else:
-        if FLAGS.database_folder is None or FLAGS.queries_folder is None:
-            raise app.UsageError("give both --database_folder and --queries_folder (or neither, for the demo)")
-        if FLAGS.output_dir is None:
-            raise app.UsageError("--output_dir is required with --database_folder/--queries_folder")
-        config = EvalConfig(
-            database_folder=FLAGS.database_folder,
-            queries_folder=FLAGS.queries_folder,
-            output_dir=FLAGS.output_dir,
-            attention_dir=FLAGS.attention_dir,
-            database_csv=FLAGS.database_csv,
-            queries_csv=FLAGS.queries_csv,
-            **overrides,
-        )
+            _fail("--attention_dir / --*_csv need --database_folder and --queries_folder", usage=True)
+        return demo_config(FLAGS.cache_dir, FLAGS.output_dir or "outputs/demo", **overrides)
+    if FLAGS.database_folder is None or FLAGS.queries_folder is None:
+        _fail("give both --database_folder and --queries_folder (or neither, for the demo)", usage=True)
+    if FLAGS.output_dir is None:
+        _fail("--output_dir is required with --database_folder/--queries_folder", usage=True)
+    return EvalConfig(
+        database_folder=FLAGS.database_folder,
+        queries_folder=FLAGS.queries_folder,
+        output_dir=FLAGS.output_dir,
+        attention_dir=FLAGS.attention_dir,
+        database_csv=FLAGS.database_csv,
+        queries_csv=FLAGS.queries_csv,
+        **overrides,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {argv[1:]}", usage=True)
+    from attllm_jax.logs import quiet_library_logs
+
+    quiet_library_logs(FLAGS.verbosity)
+    from attllm_jax.data.coordinates import CoordinateError
+    from attllm_jax.data.dataset import PathListError
+    from attllm_jax.evaluation import run_evaluation
+    from attllm_jax.evaluation.pipeline import ModelLoadError
+    from attllm_jax.evaluation.report import recall_table
+    from attllm_jax.retrieval.store import StoreError
+
+    config = _config()
     try:
         config = config.validated()
     except (ValueError, FileNotFoundError) as error:
-        raise app.UsageError(str(error)) from None
+        _fail(str(error), usage=True)
+    try:
+        _check_writable(config.output_dir)
+    except OSError as error:
+        _fail(_os_error_line(error, config))
     try:
         result = run_evaluation(config)
-    except (CoordinateError, StoreError, FileNotFoundError) as error:
-        print(f"eval: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except (CoordinateError, PathListError, ModelLoadError, StoreError) as error:
+        _fail(str(error))
+    except OSError as error:  # read-only or full output / store folder, a file vanished during the run
+        _fail(_os_error_line(error, config))
     res = result.results
     print()
     for note in config.notes:
@@ -185,5 +234,19 @@ def main(argv):
     sys.stdout.flush()
 
 
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-eval``): absl's ``app.run(main)``, with ``--help`` exiting 0."""
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        app.run(main, argv=argv)
+    except SystemExit as done:
+        if done.code == 1 and any(arg in HELP_FLAGS for arg in argv[1:]):
+            raise SystemExit(0) from None
+        raise
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -227,3 +227,17 @@ def test_one_file_in_another_zone_without_latlon_is_named(tmp_path):
         geo_pair(load_image_set(tmp_path / "db"), load_image_set(tmp_path / "q"))
     with pytest.raises(coords.CoordinateError, match=r"'/a/b.jpg' has UTM coordinates without a zone"):
         coords.to_latlon([coords.Location(utm=(551294.0, 4177187.0))], ["/a/b.jpg"])
+
+
+def test_a_bad_name_in_an_sfxl_folder_suggests_the_sfxl_convention(tmp_path):
+    _touch_jpeg(tmp_path / "db" / SFXL_DB)
+    _touch_jpeg(tmp_path / "db" / SFXL)
+    _touch_jpeg(tmp_path / "db" / "IMG_1234.jpg")
+    with pytest.raises(coords.CoordinateError, match=r"IMG_1234.jpg.*other files of .* use the SF-XL convention"):
+        load_image_set(tmp_path / "db")
+    _touch_jpeg(tmp_path / "q" / "37.76022_-122.50806@x.jpg")
+    with pytest.raises(coords.CoordinateError, match=r"follows the lat/lon convention .* --convention flood"):
+        load_image_set(tmp_path / "q", convention="sfxl")
+    (tmp_path / "db" / "IMG_1234.jpg").unlink()
+    with pytest.raises(coords.CoordinateError, match=r"follows the SF-XL convention .* --convention sfxl"):
+        load_image_set(tmp_path / "db", convention="flood")

@@ -159,8 +159,49 @@ def load_image_set(
             )
         locations = [table[p] for p in paths]
     else:
-        locations = [coords.parse_location(str(folder / p), convention) for p in paths]
+        locations = _parse_names(folder, paths, convention)
     return ImageSet(root=folder, paths=tuple(paths), locations=tuple(locations))
+
+
+_CONVENTION_NAMES = {
+    "sfxl": "the SF-XL convention @utm_east@utm_north@zone@letter@lat@lon@...@.jpg",
+    "flood": "the lat/lon convention [name%]lat_lon@....jpg",
+}
+
+
+def _parse_names(folder: Path, paths: list[str], convention: str) -> list[coords.Location]:
+    locations = []
+    for index, path in enumerate(paths):
+        try:
+            locations.append(coords.parse_location(str(folder / path), convention))
+        except coords.CoordinateError as error:
+            raise coords.CoordinateError(f"{error}{_convention_hint(folder, paths, index, convention)}") from None
+    return locations
+
+
+def _convention_hint(folder: Path, paths: list[str], bad: int, convention: str) -> str:
+    """What the other names of the folder suggest about a name that does not parse (the error's second half)."""
+    for other in ("sfxl", "flood"):
+        if other != convention and _parses(paths[bad], other):
+            return f"; it follows {_CONVENTION_NAMES[other]}: use --convention {other} (or auto)"
+    sample = [p for i, p in enumerate(paths[:200]) if i != bad]
+    votes = {name: sum(_parses(p, name) for p in sample) for name in ("sfxl", "flood")}
+    best = max(votes, key=votes.get)
+    if not votes[best]:
+        return "; give the images such names, or their coordinates in a CSV (--database_csv / --queries_csv)"
+    example = next(p for p in sample if _parses(p, best))
+    return (
+        f"; the other files of {folder} use {_CONVENTION_NAMES[best]} (e.g. {example!r}): rename this file that "
+        "way, move it out of the folder, or give coordinates in a CSV (--database_csv / --queries_csv)"
+    )
+
+
+def _parses(path: str, convention: str) -> bool:
+    try:
+        coords.parse_location(path, convention)
+    except coords.CoordinateError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

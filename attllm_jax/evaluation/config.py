@@ -112,6 +112,7 @@ class EvalConfig:
         for name in ("database_folder", "queries_folder"):
             if not Path(getattr(self, name)).is_dir():
                 raise FileNotFoundError(f"--{name} {getattr(self, name)!r} is not a directory")
+        _check_not_a_torch_file(self.checkpoint)
         for name in ("checkpoint", "attention_dir"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
@@ -135,6 +136,22 @@ class EvalConfig:
             num_preds_to_save=int(self.num_preds_to_save),
             max_batch_pixels=None if self.max_batch_pixels is None else int(self.max_batch_pixels),
         )
+
+
+TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+
+
+def _check_not_a_torch_file(checkpoint: str | None) -> None:
+    """A PyTorch checkpoint file given as --checkpoint: say how to convert it (a converted model is a directory)."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return
+    if Path(checkpoint).suffix.lower() in TORCH_CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"--checkpoint {checkpoint!r} is a PyTorch checkpoint file; convert it first "
+            f"(pip install -e \".[convert]\"; attllm-convert <family> --checkpoint {checkpoint} --output DIR) "
+            "and pass the output DIR as --checkpoint"
+        )
+    raise ValueError(f"--checkpoint {checkpoint!r} is a file; it must be a converted model directory (attllm-convert)")
 
 
 def _validate_image_size(value) -> int | tuple[int, int] | None:

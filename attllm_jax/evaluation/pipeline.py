@@ -86,13 +86,28 @@ def _random_leaf(path, leaf, rng: np.random.Generator) -> jax.Array:
     raise ValueError(f"no random initializer for parameter {jax.tree_util.keystr(path)}")
 
 
+class ModelLoadError(ValueError):
+    """The --checkpoint directory does not hold a loadable converted model (bad config.json, state, fields)."""
+
+
 def load_eval_model(config: EvalConfig):
-    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512."""
+    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512.
+
+    Raises:
+        ModelLoadError: naming the checkpoint directory, when its config or state cannot be loaded.
+    """
     if config.checkpoint is None:
         return random_cosplace_model(config.model_seed)
     from attllm_jax.checkpoint import load_model
 
-    return load_model(config.checkpoint)
+    try:
+        return load_model(config.checkpoint)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:  # malformed config.json or state
+        detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        raise ModelLoadError(
+            f"--checkpoint {config.checkpoint}: cannot load the model ({type(error).__name__}: {detail}); "
+            "convert the PyTorch checkpoint again with attllm-convert"
+        ) from error
 
 
 @dataclass
