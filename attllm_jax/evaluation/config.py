@@ -148,7 +148,7 @@ def _check_not_a_torch_file(checkpoint: str | None) -> None:
     if Path(checkpoint).suffix.lower() in TORCH_CHECKPOINT_SUFFIXES:
         raise ValueError(
             f"--checkpoint {checkpoint!r} is a PyTorch checkpoint file; convert it first "
-            f"(pip install -e \".[convert]\"; attllm-convert <family> --checkpoint {checkpoint} --output DIR) "
+            f'(pip install -e ".[convert]"; attllm-convert <family> --checkpoint {checkpoint} --output DIR) '
             "and pass the output DIR as --checkpoint"
         )
     raise ValueError(f"--checkpoint {checkpoint!r} is a file; it must be a converted model directory (attllm-convert)")
