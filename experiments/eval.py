@@ -219,7 +219,7 @@ def main(argv):
         _fail(_os_error_line(error, config))
     res = result.results
     print()
-    for note in config.notes:
+    for note in res["notes"]:
         print(note)
     print(
         f"{res['model'].get('family')} {res['model'].get('backbone')}/{res['model'].get('descriptor_dim')}, "

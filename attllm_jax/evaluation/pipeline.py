@@ -26,6 +26,8 @@ from attllm_jax.evaluation.figures import plot_recall_vs_alpha, save_prediction_
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
     Retrieval,
+    preprocessing_used,
+    recall_beyond_database_note,
     recall_table,
     write_json,
     write_per_query_csv,
@@ -236,7 +238,7 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
             k,
             retrieval,
             queries.paths,
-            [str(database.absolute(i)) for i in range(len(database))],
+            database.paths,
             positives,
             config.positive_dist_threshold,
             num_evaluated=int(q.valid.sum()),
@@ -254,12 +256,20 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
         _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives)
 
     no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
+    notes = list(config.notes)
+    beyond = recall_beyond_database_note(config.recall_values, int(db_valid.sum()))
+    if beyond:
+        log.warning("%s", beyond)
+        notes.append(f"WARNING: {beyond}")
     timings["total"] = time.perf_counter() - t_start
     results = {
         "model": model.config,
         "weights": {"source": weights_note, "sha256": digest},
         "num_database": len(database),
         "num_queries": len(queries),
+        "database_folder": str(database.root),
+        "queries_folder": str(queries.root),
+        "preprocessing": preprocessing_used(model.config.get("preprocess", {}), config.image_size),
         "positive_dist_threshold": config.positive_dist_threshold,
         "recalls": retrieval.recalls_dict(),
         "alphas": list(config.alphas),
@@ -291,7 +301,7 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
             "images_computed": db_run.images_computed,
         },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "notes": list(config.notes),
+        "notes": notes,
     }
     write_json(out / RESULTS_FILE, results)
     log.info(
