@@ -1,4 +1,4 @@
-r"""Evaluate flood-query geo-localization for every alpha: ``python -m experiments.eval``.
+r"""Evaluate flood-query geo-localization for every alpha: ``attllm-eval`` (or ``python -m experiments.eval``).
 
 With no dataset flags it runs the self-contained demo (a synthetic flooded-street benchmark generated and cached
 under --cache_dir, oracle attention from the flood masks, a random-weight CosPlace ResNet-18/512) in a few minutes
@@ -234,16 +234,26 @@ def main(argv):
     sys.stdout.flush()
 
 
-HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
+
+
+def help_text() -> str:
+    """This module's docstring and its flags (absl keys them by module name, or by the script path under -m)."""
+    module = sys.argv[0] if __name__ == "__main__" else __name__
+    more = "--verbosity 1 also shows the libraries' INFO lines; all flags: --helpfull"
+    return f"{__doc__.strip()}\n\nflags:\n{FLAGS.module_help(module)}\n\n{more}"
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Console-script entry point (``attllm-eval``): absl's ``app.run(main)``, with ``--help`` exiting 0."""
+    """Console-script entry point (``attllm-eval``, also ``python -m experiments.eval``); ``--help`` exits 0."""
     argv = list(sys.argv if argv is None else argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(help_text())
+        sys.exit(0)
     try:
         app.run(main, argv=argv)
     except SystemExit as done:
-        if done.code == 1 and any(arg in HELP_FLAGS for arg in argv[1:]):
+        if done.code == 1 and "--helpfull" in argv[1:]:
             raise SystemExit(0) from None
         raise
 
