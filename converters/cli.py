@@ -1,4 +1,4 @@
-"""``attllm-convert FAMILY [flags]``: runs ``converters/FAMILY.py`` (the same script as ``python converters/FAMILY.py``).
+"""``attllm-convert FAMILY [flags]``: runs ``converters/FAMILY.py``, as ``python converters/FAMILY.py`` does.
 
     attllm-convert cosplace --checkpoint ResNet50_2048_cosplace.pth --output models/cosplace_r50
     attllm-convert --help          # lists the families
