@@ -22,7 +22,7 @@ from attllm_jax.data.dataset import geo_pair, load_image_set
 from attllm_jax.evaluation.attention_source import load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.extract import extract_database, extract_queries, weights_digest
-from attllm_jax.evaluation.figures import plot_recall_vs_alpha, save_prediction_strip
+from attllm_jax.evaluation.figures import Prediction, plot_recall_vs_alpha, save_prediction_strip, shorten_path
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
     Retrieval,
@@ -34,7 +34,7 @@ from attllm_jax.evaluation.report import (
     write_published_csvs,
 )
 from attllm_jax.retrieval.index import ExactIndex
-from attllm_jax.retrieval.positives import find_positives
+from attllm_jax.retrieval.positives import find_positives, haversine_m
 from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
 from attllm_jax.retrieval.store import DescriptorStore
 
@@ -244,16 +244,21 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
             num_evaluated=int(q.valid.sum()),
         )
     weights_note = model.config.get("weights") or f"checkpoint {config.checkpoint}"
+    weights_label = model.config.get("weights") or f"checkpoint {shorten_path(config.checkpoint)}"
     plot_recall_vs_alpha(
         out / "recall_vs_alpha.png",
         config.alphas,
         retrieval.recalls,
         config.recall_values,
-        f"{model.config.get('family')} {model.config.get('backbone')}/{model.config.get('descriptor_dim')} "
-        f"({weights_note}), {len(queries)} queries, {config.positive_dist_threshold:g} m",
+        [
+            f"{model.config.get('family')} {model.config.get('backbone')}/{model.config.get('descriptor_dim')}, "
+            f"weights: {weights_label}",
+            f"{len(queries)} queries, {len(database)} database images, positives within "
+            f"{config.positive_dist_threshold:g} m",
+        ],
     )
     if config.num_preds_to_save:
-        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives)
+        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives, geo)
 
     no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
     notes = list(config.notes)
@@ -361,7 +366,17 @@ def _applied_kind(parsed, applied: bool) -> str:
     return parsed.kind if applied or not parsed.has_attention else "unreadable"
 
 
-def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives) -> None:
+def _distances_m(geo, query: int, database_indices: list[int]) -> np.ndarray:
+    """Metres from one query to some database images, in the frame positives were found in."""
+    if not database_indices:
+        return np.zeros(0)
+    db, qp = geo.database[database_indices], geo.queries[query]
+    if geo.metric == "haversine":
+        return haversine_m(db[:, 0], db[:, 1], qp[0], qp[1])
+    return np.hypot(db[:, 0] - qp[0], db[:, 1] - qp[1])
+
+
+def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives, geo) -> None:
     k_preds = config.num_preds_to_save
     for qi in range(len(queries)):
         if not q.valid[qi]:
@@ -373,15 +388,23 @@ def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed,
                 attention_maps([answer], 24, 32, sigma=config.sigma, grid_interpolate=config.grid_interpolate)
             )[0]
         pos = set(positives[qi].tolist())
+        kind = _applied_kind(answer, bool(q.with_attention[qi]))
         for k, alpha in enumerate(retrieval.alphas):
             preds = [int(i) for i in retrieval.predictions[k, qi, :k_preds] if i >= 0]
+            scores = retrieval.scores[k, qi, : len(preds)]
+            distances = _distances_m(geo, qi, preds)
             rank = retrieval.first_hit[k, qi]
-            caption = f"alpha {alpha:g} | {queries.paths[qi]} | first positive: {'none' if rank < 0 else int(rank) + 1}"
+            first = "no positive in the top results" if rank < 0 else f"first positive at rank {int(rank) + 1}"
+            radius = f"positives within {config.positive_dist_threshold:g} m"
+            title = f"alpha {alpha:g} | {queries.paths[qi]} | {first} | {radius}"
             save_prediction_strip(
                 directory / f"alpha_{alpha_key(alpha)}" / (Path(queries.paths[qi]).stem + ".jpg"),
                 queries.absolute(qi),
-                [database.absolute(i) for i in preds],
-                [i in pos for i in preds],
+                [
+                    Prediction(database.absolute(i), i in pos, float(score), float(dist))
+                    for i, score, dist in zip(preds, scores, distances, strict=True)
+                ],
                 overlay if alpha > 0 else None,
-                caption,
+                title,
+                query_label=f"query, attention: {kind}",
             )
