@@ -27,7 +27,11 @@ flags.DEFINE_string("checkpoint", None, "Converted model directory; default: ran
 flags.DEFINE_string("database_folder", None, "Database images (names @utm_east@utm_north@...@.jpg or a CSV).")
 flags.DEFINE_string("queries_folder", None, "Query images (names lat_lon@....jpg, @east@north@...@.jpg or a CSV).")
 flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
-flags.DEFINE_list("alphas", None, "Blend factors in [0, 1], e.g. 0,0.25,0.5,1 (default 0,0.25,0.5,0.75,1).")
+flags.DEFINE_list(
+    "alphas",
+    None,
+    "Blend factors in [0, 1], e.g. 0,0.25,0.5,1 or 0:1:11 (start:stop:count); default 0,0.25,0.5,0.75,1.",
+)
 flags.DEFINE_float("positive_dist_threshold", 25.0, "Positive radius in metres (boundary included).")
 flags.DEFINE_list("recall_values", ["1", "5", "10", "20"], "The N of recall@N.")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/demo for the demo; required otherwise).")
@@ -44,8 +48,15 @@ flags.DEFINE_integer(
     "preprocessed size alone exceeds it is skipped and counted.",
 )
 flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
-flags.DEFINE_string("store_dir", None, "Database descriptor store (default OUTPUT_DIR/database_store).")
-flags.DEFINE_integer("chunk_size", 1024, "Database images per store chunk (the resume granularity).")
+flags.DEFINE_string(
+    "store_dir", None, "Database descriptor store: a directory or a kvstore URL (default OUTPUT_DIR/database_store)."
+)
+flags.DEFINE_integer(
+    "chunk_size", None, "Database images per store chunk, the resume granularity (default 256 on CPU, 4096 else)."
+)
+flags.DEFINE_enum(
+    "store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype (float16: half the bytes)."
+)
 flags.DEFINE_float("sigma", 0.2, "RBF width of point attention maps.")
 flags.DEFINE_bool("grid_interpolate", False, "Bilinear upsampling of grid answers instead of sharp cells.")
 flags.DEFINE_integer("max_points", 8, "Point slots per attention answer.")
@@ -71,15 +82,30 @@ flags.DEFINE_enum(
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
-def _floats(values):
-    return [float(v) for v in values]
+def parse_values(values) -> list[float]:
+    """Numbers of a list flag: each entry a number or ``start:stop:count`` (``count`` evenly spaced, both ends).
+
+    Raises:
+        ValueError: for an entry that is neither.
+    """
+    out = []
+    for value in values:
+        parts = str(value).split(":")
+        if len(parts) == 1:
+            out.append(float(parts[0]))
+        elif len(parts) == 3 and parts[2].strip().isdigit() and int(parts[2]) >= 1:
+            start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+            out.extend([start] if count == 1 else [start + (stop - start) * i / (count - 1) for i in range(count)])
+        else:
+            raise ValueError(f"{value!r} is neither a number nor start:stop:count")
+    return out
 
 
 def _valid_alphas(values) -> bool:
     if values is None:
         return True
     try:
-        alphas = _floats(values)
+        alphas = parse_values(values)
     except ValueError:
         return False
     return (
@@ -105,14 +131,14 @@ def _valid_image_size(values) -> bool:
     return len(ints) in (1, 2) and all(v >= 1 for v in ints)
 
 
-flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1]")
+flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1] (or start:stop:count)")
 flags.register_validator("recall_values", _valid_recall_values, "--recall_values must be distinct integers >= 1")
 flags.register_validator("image_size", _valid_image_size, "--image_size must be one or two integers >= 1")
 flags.register_validator(
     "positive_dist_threshold", lambda v: math.isfinite(v) and v > 0, "--positive_dist_threshold must be > 0 metres"
 )
 for _name in ("batch_size", "chunk_size", "max_points", "nprobe", "hnsw_m", "ef_search"):
-    flags.register_validator(_name, lambda v: v >= 1, f"--{_name} must be >= 1")
+    flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
 flags.register_validator("num_workers", lambda v: v is None or v >= 1, "--num_workers must be >= 1")
 flags.register_validator("max_batch_pixels", lambda v: v is None or v >= 1, "--max_batch_pixels must be >= 1")
 for _name in ("nlist", "pq_m"):
@@ -139,6 +165,7 @@ def _overrides() -> dict:
         "max_batch_pixels": FLAGS.max_batch_pixels,
         "store_dir": FLAGS.store_dir,
         "chunk_size": FLAGS.chunk_size,
+        "store_dtype": FLAGS.store_dtype,
         "sigma": FLAGS.sigma,
         "grid_interpolate": FLAGS.grid_interpolate,
         "max_points": FLAGS.max_points,
@@ -147,7 +174,7 @@ def _overrides() -> dict:
         "search": _search_spec(),
     }
     if FLAGS.alphas is not None:
-        overrides["alphas"] = tuple(_floats(FLAGS.alphas))
+        overrides["alphas"] = tuple(parse_values(FLAGS.alphas))
     if image_size is not None:
         overrides["image_size"] = image_size
     return overrides
@@ -201,30 +228,43 @@ def _check_writable(directory: str) -> None:
         pass
 
 
-def _config():
-    """The run's EvalConfig from the flags (the demo's without dataset flags); usage errors end the run."""
+def config_from_flags(demo_output_dir: str = "outputs/demo", **extra):
+    """The validated :class:`EvalConfig` of the dataset / model / attention flags (the demo without dataset flags).
+
+    Args:
+        demo_output_dir: The demo's output folder when --output_dir is not given.
+        **extra: Overrides of EvalConfig fields (e.g. another command's alpha grid).
+
+    Inconsistent or invalid flags end the run with one ``eval: error:`` line and a pointer to --help.
+    """
     from attllm_jax.evaluation import EvalConfig
 
-    overrides = _overrides()
-    if FLAGS.database_folder is None and FLAGS.queries_folder is None:
+    overrides = {**_overrides(), **extra}
+    demo = FLAGS.database_folder is None and FLAGS.queries_folder is None
+    if demo:
         from attllm_jax.evaluation.demo import demo_config
 
         if FLAGS.attention_dir or FLAGS.database_csv or FLAGS.queries_csv:
             _fail("--attention_dir / --*_csv need --database_folder and --queries_folder", usage=True)
-        return demo_config(FLAGS.cache_dir, FLAGS.output_dir or "outputs/demo", **overrides)
-    if FLAGS.database_folder is None or FLAGS.queries_folder is None:
-        _fail("give both --database_folder and --queries_folder (or neither, for the demo)", usage=True)
-    if FLAGS.output_dir is None:
-        _fail("--output_dir is required with --database_folder/--queries_folder", usage=True)
-    return EvalConfig(
-        database_folder=FLAGS.database_folder,
-        queries_folder=FLAGS.queries_folder,
-        output_dir=FLAGS.output_dir,
-        attention_dir=FLAGS.attention_dir,
-        database_csv=FLAGS.database_csv,
-        queries_csv=FLAGS.queries_csv,
-        **overrides,
-    )
+        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, **overrides)
+    else:
+        if FLAGS.database_folder is None or FLAGS.queries_folder is None:
+            _fail("give both --database_folder and --queries_folder (or neither, for the demo)", usage=True)
+        if FLAGS.output_dir is None:
+            _fail("--output_dir is required with --database_folder/--queries_folder", usage=True)
+        config = EvalConfig(
+            database_folder=FLAGS.database_folder,
+            queries_folder=FLAGS.queries_folder,
+            output_dir=FLAGS.output_dir,
+            attention_dir=FLAGS.attention_dir,
+            database_csv=FLAGS.database_csv,
+            queries_csv=FLAGS.queries_csv,
+            **overrides,
+        )
+    try:
+        return config.validated()
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error), usage=True)
 
 
 def main(argv):
@@ -241,11 +281,7 @@ def main(argv):
     from attllm_jax.retrieval.search import SearchMemoryError
     from attllm_jax.retrieval.store import StoreError
 
-    config = _config()
-    try:
-        config = config.validated()
-    except (ValueError, FileNotFoundError) as error:
-        _fail(str(error), usage=True)
+    config = config_from_flags()
     try:
         _check_writable(config.output_dir)
     except OSError as error:

@@ -176,6 +176,75 @@ def extract_database(
     return summary
 
 
+def database_store_key(model, database: ImageSet, image_size=None, weights_sha256: str | None = None) -> dict:
+    """What database descriptors depend on: the model, its weights, the resize override and the image list."""
+    return {
+        "model": model.config,
+        "weights_sha256": weights_sha256 or weights_digest(model),
+        "image_size": image_size,
+        "images": database.fingerprint(),
+    }
+
+
+def build_database_store(
+    model,
+    database: ImageSet,
+    location,
+    *,
+    chunk_size: int,
+    store_dtype: str = "float32",
+    batch_size: int,
+    image_size=None,
+    num_workers: int | None = None,
+    weights_sha256: str | None = None,
+    max_batch_pixels: int | None = None,
+) -> tuple[DescriptorStore, DatabaseExtraction]:
+    """Opens (creating, resuming or rebuilding) the database store and fills its missing chunks.
+
+    Args:
+        model: A :class:`~attllm_jax.models.vpr.VPRModel`.
+        database: The database image set.
+        location: Store directory or kvstore URL.
+        chunk_size: Images per chunk.
+        store_dtype: "float32" or "float16".
+        batch_size: Images per device batch.
+        image_size: Optional resize override.
+        num_workers: Decode threads.
+        weights_sha256: The model's weights digest when already computed.
+        max_batch_pixels: Pixel budget of a batch (None = batch_size megapixels); larger images are skipped.
+
+    Returns:
+        The open store (the caller closes it) and what the extraction did.
+    """
+    key = database_store_key(model, database, image_size, weights_sha256)
+    dim = int(model.config.get("descriptor_dim") or 0)
+    store = DescriptorStore.open(location, key, len(database), chunk_size, dim=dim, dtype=store_dtype)
+    try:
+        log.info(
+            "descriptor store %s: %s (%d chunks pending of %d, %d images each, %s)",
+            store.directory,
+            store.status,
+            len(store.pending_chunks()),
+            store.num_chunks,
+            store.chunk_size,
+            store.dtype,
+        )
+        summary = extract_database(
+            model,
+            database,
+            store,
+            batch_size=batch_size,
+            image_size=image_size,
+            num_workers=num_workers,
+            max_batch_pixels=max_batch_pixels,
+        )
+        store.write_paths(list(database.paths))
+    except BaseException:
+        store.close()
+        raise
+    return store, summary
+
+
 @dataclass
 class _ChunkBuffer:
     start: int
@@ -277,14 +346,8 @@ def extract_queries(
 
     def compute(batch: Batch):
         feats = model.features(jax.device_put(batch.images, sharding))
-        height, width = model.feature_grid(feats)
         rows = [attention[i] if i >= 0 else None for i in batch.indices]
-        mask = attention_mask(rows)
-        plain = None if mask[batch.indices >= 0].all() else model.aggregate(feats)
-        if not mask.any():
-            return mask, None, plain
-        maps = attention_maps(rows, height, width, sigma=sigma, grid_interpolate=grid_interpolate)
-        return mask, model.aggregate_sweep(feats, maps, alphas), plain
+        return aggregate_query_batch(model, feats, rows, batch.indices >= 0, alphas, sigma, grid_interpolate)
 
     batches = load_batches(
         ((i, str(images.absolute(i))) for i in range(len(images))),
@@ -296,13 +359,7 @@ def extract_queries(
         row_multiple=jax.local_device_count(),
     )
     for batch, (mask, sweep, plain) in _pipelined(batches, compute):
-        if plain is None:
-            result = np.asarray(sweep)  # every real row has attention (padding rows are dropped below)
-        else:
-            plain = np.asarray(plain)
-            result = np.broadcast_to(plain, (len(alphas), *plain.shape))
-            if sweep is not None:
-                result = np.where(mask[None, :, None], np.asarray(sweep), result)
+        result = combine_query_batch(mask, sweep, plain, len(alphas))
         if out is None:
             out = np.zeros((len(alphas), len(images), result.shape[-1]), dtype=np.float32)
         keep = batch.indices >= 0
@@ -314,3 +371,47 @@ def extract_queries(
         out = np.zeros((len(alphas), len(images), int(model.config.get("descriptor_dim", 1))), dtype=np.float32)
     seconds = progress.finish()
     return QueryDescriptors(out, valid, applied, failures, seconds)
+
+
+def aggregate_query_batch(
+    model,
+    feats,
+    rows: Sequence[ParsedAttention | None],
+    real: np.ndarray,
+    alphas: np.ndarray,
+    sigma: float,
+    grid_interpolate: bool,
+):
+    """Dispatches (asynchronously) one feature batch's descriptors for every alpha.
+
+    Args:
+        model: A :class:`~attllm_jax.models.vpr.VPRModel`.
+        feats: :meth:`features` output of a ``[B, H, W, 3]`` batch.
+        rows: ``[B]`` parsed answers (None for padding rows or queries without one).
+        real: ``[B]`` bool, False for padding rows.
+        alphas: ``[K]`` float32.
+        sigma: RBF width of point answers.
+        grid_interpolate: Bilinear grid maps.
+
+    Returns:
+        ``(mask [B] bool, sweep [K, B, D] or None, plain [B, D] or None)``: rows with attention take ``sweep``,
+        the others ``plain`` (see :func:`combine_query_batch`).
+    """
+    mask = attention_mask(rows)
+    plain = None if mask[real].all() else model.aggregate(feats)
+    if not mask.any():
+        return mask, None, plain
+    height, width = model.feature_grid(feats)
+    maps = attention_maps(rows, height, width, sigma=sigma, grid_interpolate=grid_interpolate)
+    return mask, model.aggregate_sweep(feats, maps, alphas), plain
+
+
+def combine_query_batch(mask: np.ndarray, sweep, plain, num_alphas: int) -> np.ndarray:
+    """``[K, B, D]`` host descriptors of :func:`aggregate_query_batch` output: sweep rows where ``mask``, else plain."""
+    if plain is None:
+        return np.asarray(sweep)  # every real row has attention (padding rows are the caller's to drop)
+    plain = np.asarray(plain)
+    result = np.broadcast_to(plain, (num_alphas, *plain.shape))
+    if sweep is not None:
+        result = np.where(mask[None, :, None], np.asarray(sweep), result)
+    return result

@@ -18,10 +18,10 @@ import jax
 import numpy as np
 
 from attllm_jax.attention.maps import attention_maps
-from attllm_jax.data.dataset import geo_pair, load_image_set
-from attllm_jax.evaluation.attention_source import load_query_attention
+from attllm_jax.data.dataset import GeoPair, ImageSet, geo_pair, load_image_set
+from attllm_jax.evaluation.attention_source import QueryAttention, load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
-from attllm_jax.evaluation.extract import extract_database, extract_queries, weights_digest
+from attllm_jax.evaluation.extract import DatabaseExtraction, build_database_store, extract_queries, weights_digest
 from attllm_jax.evaluation.figures import Prediction, plot_recall_vs_alpha, save_prediction_strip, shorten_path
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
@@ -158,50 +158,49 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out / LOG_FILE)
     log.info("evaluation settings: %s", json.dumps(asdict(config), default=str))
-    database = load_image_set(config.database_folder, config.convention, config.database_csv)
-    queries = load_image_set(config.queries_folder, config.convention, config.queries_csv)
-    log.info(
-        "database: %d images in %s; queries: %d images in %s", len(database), database.root, len(queries), queries.root
-    )
-    geo = geo_pair(database, queries, config.distance)
-    positives_all = find_positives(geo.database, geo.queries, config.positive_dist_threshold, config.distance)
-    attention = load_query_attention(queries, config.attention_dir, config.max_points)
-    log.info("attention answers per kind: %s", attention.counts)
+    inputs = prepare_inputs(config, model)
+    database, queries, geo, attention = inputs.database, inputs.queries, inputs.geo, inputs.attention
+    positives_all, model, digest, timings = inputs.positives_all, inputs.model, inputs.digest, inputs.timings
+    store, db_run, top_m, plan = inputs.store, inputs.db_run, inputs.top_m, inputs.plan
+    try:
+        return _evaluate_with_store(
+            config,
+            model,
+            digest,
+            store,
+            db_run,
+            database,
+            queries,
+            geo,
+            positives_all,
+            attention,
+            timings,
+            plan,
+            top_m,
+            out,
+            t_start,
+        )
+    finally:
+        store.close()
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model = model if model is not None else load_eval_model(config)
-    digest = weights_digest(model)
-    timings["load_model"] = time.perf_counter() - t0
-    log.info("model: %s, weights sha256 %s...", model, digest[:12])
-    top_m = max(max(config.recall_values), config.num_preds_to_save)
-    dim = int(model.config.get("descriptor_dim") or 1)
-    plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
-    log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
 
-    store_key = {
-        "model": model.config,
-        "weights_sha256": digest,
-        "image_size": config.image_size,
-        "images": database.fingerprint(),
-    }
-    store = DescriptorStore.open(config.resolved_store_dir, store_key, len(database), config.chunk_size)
-    log.info(
-        "descriptor store %s: %s (%d chunks pending of %d)",
-        store.directory,
-        store.status,
-        len(store.pending_chunks()),
-        store.num_chunks,
-    )
-    db_run = extract_database(
-        model,
-        database,
-        store,
-        batch_size=config.batch_size,
-        image_size=config.image_size,
-        num_workers=config.num_workers,
-        max_batch_pixels=config.max_batch_pixels,
-    )
+def _evaluate_with_store(
+    config,
+    model,
+    digest,
+    store,
+    db_run,
+    database,
+    queries,
+    geo,
+    positives_all,
+    attention,
+    timings,
+    plan,
+    top_m,
+    out,
+    t_start,
+) -> EvalResult:
     contents = store.load()
     timings["database"] = db_run.seconds
 
@@ -306,6 +305,8 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
         },
         "store": {
             "directory": str(store.directory),
+            "dtype": store.dtype,
+            "chunk_size": store.chunk_size,
             "status": db_run.status,
             "chunks_total": db_run.chunks_total,
             "chunks_computed": db_run.chunks_computed,
@@ -325,6 +326,87 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     )
     log.info("results written to %s", out / RESULTS_FILE)
     return EvalResult(results, retrieval, contents.descriptors, q.descriptors, positives, out, model)
+
+
+@dataclass
+class EvalInputs:
+    """What every evaluation of a dataset needs before any query is aggregated (see :func:`prepare_inputs`).
+
+    Attributes:
+        database: The database image set.
+        queries: The query image set.
+        geo: Database and query positions in one frame.
+        positives_all: Per-query positive database indices (all database images, readable or not).
+        attention: The parsed attention answer of every query.
+        model: The model.
+        digest: sha256 of its weights.
+        store: The complete database descriptor store, open (the caller closes it).
+        db_run: What filling the store did.
+        timings: Seconds spent loading the model.
+        top_m: Predictions kept per query.
+        plan: The search's memory plan (decided before the database is extracted).
+    """
+
+    database: ImageSet
+    queries: ImageSet
+    geo: GeoPair
+    positives_all: list[np.ndarray]
+    attention: QueryAttention
+    model: Any
+    digest: str
+    store: DescriptorStore
+    db_run: DatabaseExtraction
+    timings: dict[str, float]
+    top_m: int
+    plan: MemoryPlan
+
+
+def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
+    """Loads the datasets, positives, attention answers and model, plans the search and fills the database store.
+
+    Args:
+        config: Validated settings.
+        model: Optional already loaded model.
+
+    Returns:
+        The inputs of an evaluation; close ``inputs.store`` when done.
+    """
+    database = load_image_set(config.database_folder, config.convention, config.database_csv)
+    queries = load_image_set(config.queries_folder, config.convention, config.queries_csv)
+    log.info(
+        "database: %d images in %s; queries: %d images in %s", len(database), database.root, len(queries), queries.root
+    )
+    geo = geo_pair(database, queries, config.distance)
+    positives_all = find_positives(geo.database, geo.queries, config.positive_dist_threshold, config.distance)
+    attention = load_query_attention(queries, config.attention_dir, config.max_points)
+    log.info("attention answers per kind: %s", attention.counts)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = model if model is not None else load_eval_model(config)
+    digest = weights_digest(model)
+    timings["load_model"] = time.perf_counter() - t0
+    log.info("model: %s, weights sha256 %s...", model, digest[:12])
+    top_m = max(max(config.recall_values), config.num_preds_to_save)
+    dim = int(model.config.get("descriptor_dim") or 1)
+    plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
+    log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
+
+    store, db_run = build_database_store(
+        model,
+        database,
+        config.resolved_store_dir,
+        chunk_size=config.resolved_chunk_size,
+        store_dtype=config.store_dtype,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+        weights_sha256=digest,
+        max_batch_pixels=config.max_batch_pixels,
+    )
+    return EvalInputs(
+        database, queries, geo, positives_all, attention, model, digest, store, db_run, timings, top_m, plan
+    )
 
 
 def retrieve(
