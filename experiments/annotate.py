@@ -177,5 +177,10 @@ def main(argv):
     return 3 if summary.failed else 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (``attllm-annotate``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

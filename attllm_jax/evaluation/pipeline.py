@@ -22,16 +22,18 @@ from attllm_jax.data.dataset import GeoPair, ImageSet, geo_pair, load_image_set
 from attllm_jax.evaluation.attention_source import QueryAttention, load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.extract import DatabaseExtraction, build_database_store, extract_queries, weights_digest
-from attllm_jax.evaluation.figures import plot_recall_vs_alpha, save_prediction_strip
+from attllm_jax.evaluation.figures import Prediction, plot_recall_vs_alpha, save_prediction_strip, shorten_path
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
     Retrieval,
+    preprocessing_used,
+    recall_beyond_database_note,
     recall_table,
     write_json,
     write_per_query_csv,
     write_published_csvs,
 )
-from attllm_jax.retrieval.positives import find_positives
+from attllm_jax.retrieval.positives import find_positives, haversine_m
 from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
 from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
 from attllm_jax.retrieval.store import DescriptorStore
@@ -86,13 +88,28 @@ def _random_leaf(path, leaf, rng: np.random.Generator) -> jax.Array:
     raise ValueError(f"no random initializer for parameter {jax.tree_util.keystr(path)}")
 
 
+class ModelLoadError(ValueError):
+    """The --checkpoint directory does not hold a loadable converted model (bad config.json, state, fields)."""
+
+
 def load_eval_model(config: EvalConfig):
-    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512."""
+    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512.
+
+    Raises:
+        ModelLoadError: naming the checkpoint directory, when its config or state cannot be loaded.
+    """
     if config.checkpoint is None:
         return random_cosplace_model(config.model_seed)
     from attllm_jax.checkpoint import load_model
 
-    return load_model(config.checkpoint)
+    try:
+        return load_model(config.checkpoint)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:  # malformed config.json or state
+        detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        raise ModelLoadError(
+            f"--checkpoint {config.checkpoint}: cannot load the model ({type(error).__name__}: {detail}); "
+            "convert the PyTorch checkpoint again with attllm-convert"
+        ) from error
 
 
 @dataclass
@@ -197,6 +214,7 @@ def _evaluate_with_store(
         num_workers=config.num_workers,
         sigma=config.sigma,
         grid_interpolate=config.grid_interpolate,
+        max_batch_pixels=config.max_batch_pixels,
     )
     timings["queries"] = q.seconds
 
@@ -234,30 +252,43 @@ def _evaluate_with_store(
             k,
             retrieval,
             queries.paths,
-            [str(database.absolute(i)) for i in range(len(database))],
+            database.paths,
             positives,
             config.positive_dist_threshold,
             num_evaluated=int(q.valid.sum()),
         )
     weights_note = model.config.get("weights") or f"checkpoint {config.checkpoint}"
+    weights_label = model.config.get("weights") or f"checkpoint {shorten_path(config.checkpoint)}"
     plot_recall_vs_alpha(
         out / "recall_vs_alpha.png",
         config.alphas,
         retrieval.recalls,
         config.recall_values,
-        f"{model.config.get('family')} {model.config.get('backbone')}/{model.config.get('descriptor_dim')} "
-        f"({weights_note}), {len(queries)} queries, {config.positive_dist_threshold:g} m",
+        [
+            f"{model.config.get('family')} {model.config.get('backbone')}/{model.config.get('descriptor_dim')}, "
+            f"weights: {weights_label}",
+            f"{len(queries)} queries, {len(database)} database images, positives within "
+            f"{config.positive_dist_threshold:g} m",
+        ],
     )
     if config.num_preds_to_save:
-        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives)
+        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives, geo)
 
     no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
+    notes = list(config.notes)
+    beyond = recall_beyond_database_note(config.recall_values, int(db_valid.sum()))
+    if beyond:
+        log.warning("%s", beyond)
+        notes.append(f"WARNING: {beyond}")
     timings["total"] = time.perf_counter() - t_start
     results = {
         "model": model.config,
         "weights": {"source": weights_note, "sha256": digest},
         "num_database": len(database),
         "num_queries": len(queries),
+        "database_folder": str(database.root),
+        "queries_folder": str(queries.root),
+        "preprocessing": preprocessing_used(model.config.get("preprocess", {}), config.image_size),
         "positive_dist_threshold": config.positive_dist_threshold,
         "recalls": retrieval.recalls_dict(),
         "alphas": list(config.alphas),
@@ -297,7 +328,7 @@ def _evaluate_with_store(
         "search": retrieval.search_info,
         "hosts": hosts_entry(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "notes": list(config.notes),
+        "notes": notes,
     }
     write_json(out / RESULTS_FILE, results)
     log.info(
@@ -384,6 +415,7 @@ def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
         image_size=config.image_size,
         num_workers=config.num_workers,
         weights_sha256=digest,
+        max_batch_pixels=config.max_batch_pixels,
     )
     return EvalInputs(
         database, queries, geo, positives_all, attention, model, digest, store, db_run, timings, top_m, plan
@@ -456,7 +488,17 @@ def _applied_kind(parsed, applied: bool) -> str:
     return parsed.kind if applied or not parsed.has_attention else "unreadable"
 
 
-def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives) -> None:
+def _distances_m(geo, query: int, database_indices: list[int]) -> np.ndarray:
+    """Metres from one query to some database images, in the frame positives were found in."""
+    if not database_indices:
+        return np.zeros(0)
+    db, qp = geo.database[database_indices], geo.queries[query]
+    if geo.metric == "haversine":
+        return haversine_m(db[:, 0], db[:, 1], qp[0], qp[1])
+    return np.hypot(db[:, 0] - qp[0], db[:, 1] - qp[1])
+
+
+def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives, geo) -> None:
     k_preds = config.num_preds_to_save
     for qi in range(len(queries)):
         if not q.valid[qi]:
@@ -468,15 +510,23 @@ def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed,
                 attention_maps([answer], 24, 32, sigma=config.sigma, grid_interpolate=config.grid_interpolate)
             )[0]
         pos = set(positives[qi].tolist())
+        kind = _applied_kind(answer, bool(q.with_attention[qi]))
         for k, alpha in enumerate(retrieval.alphas):
             preds = [int(i) for i in retrieval.predictions[k, qi, :k_preds] if i >= 0]
+            scores = retrieval.scores[k, qi, : len(preds)]
+            distances = _distances_m(geo, qi, preds)
             rank = retrieval.first_hit[k, qi]
-            caption = f"alpha {alpha:g} | {queries.paths[qi]} | first positive: {'none' if rank < 0 else int(rank) + 1}"
+            first = "no positive in the top results" if rank < 0 else f"first positive at rank {int(rank) + 1}"
+            radius = f"positives within {config.positive_dist_threshold:g} m"
+            title = f"alpha {alpha:g} | {queries.paths[qi]} | {first} | {radius}"
             save_prediction_strip(
                 directory / f"alpha_{alpha_key(alpha)}" / (Path(queries.paths[qi]).stem + ".jpg"),
                 queries.absolute(qi),
-                [database.absolute(i) for i in preds],
-                [i in pos for i in preds],
+                [
+                    Prediction(database.absolute(i), i in pos, float(score), float(dist))
+                    for i, score, dist in zip(preds, scores, distances, strict=True)
+                ],
                 overlay if alpha > 0 else None,
-                caption,
+                title,
+                query_label=f"query, attention: {kind}",
             )
