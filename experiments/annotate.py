@@ -28,6 +28,7 @@ from pathlib import Path
 from absl import app, flags
 
 from attllm_jax.attention import masks, prompts, providers, runner
+from attllm_jax.evaluation.progress import Progress
 
 FLAGS = flags.FLAGS
 _PROVIDERS = ("gemini", "openai", "files", "masks")
@@ -67,7 +68,7 @@ flags.register_validator("temperature", lambda v: v is None or 0 <= v <= 2, "--t
 flags.register_validator("top_p", lambda v: v is None or 0 < v <= 1, "--top_p must be in (0, 1]")
 
 
-def make_provider() -> providers.Provider:
+def make_provider() -> providers.AnswerSource:
     """The provider the flags ask for. Raises ValueError with a one-line message on bad settings."""
     retry = providers.RetryPolicy(
         max_attempts=FLAGS.max_attempts, initial_delay_s=FLAGS.initial_backoff_s, max_delay_s=FLAGS.max_backoff_s
@@ -103,7 +104,24 @@ def make_provider() -> providers.Provider:
         return masks.MasksProvider(FLAGS.masks)
     if not FLAGS.source_dir:
         raise ValueError("--provider files needs --source_dir (the folder of attention files to read)")
-    return providers.FilesProvider(FLAGS.source_dir)
+    return providers.ExistingAnswers(FLAGS.source_dir)
+
+
+class ProgressLines:
+    """The run's progress as :class:`~attllm_jax.evaluation.progress.Progress` lines (done, rate, ETA, outcomes)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0):
+        self.logger, self.interval_s = logger, interval_s
+        self._progress: Progress | None = None
+
+    def __call__(self, summary: runner.Summary, elapsed_s: float, final: bool) -> None:
+        del elapsed_s  # Progress keeps its own clock, started at the first call (before the first request)
+        if self._progress is None:
+            self._progress = Progress("annotate", summary.to_ask, self.logger, self.interval_s)
+        note = f"valid {summary.valid} none {summary.none} invalid {summary.invalid} failed {summary.failed}"
+        self._progress.update(summary.done - self._progress.done, note=note)
+        if final:
+            self._progress.finish()
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -145,9 +163,7 @@ def main(argv):
         sys.exit(f"annotate: {e}")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        summary = runner.annotate_folder(
-            FLAGS.images, output_dir, provider, config, progress=runner.ProgressPrinter(sys.stderr)
-        )
+        summary = runner.annotate_folder(FLAGS.images, output_dir, provider, config, progress=ProgressLines(log))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"annotate: {e}")
     finally:
@@ -161,5 +177,10 @@ def main(argv):
     return 3 if summary.failed else 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (``attllm-annotate``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

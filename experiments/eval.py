@@ -1,4 +1,4 @@
-r"""Evaluate flood-query geo-localization for every alpha: ``python -m experiments.eval``.
+r"""Evaluate flood-query geo-localization for every alpha: ``attllm-eval`` (or ``python -m experiments.eval``).
 
 With no dataset flags it runs the self-contained demo (a synthetic flooded-street benchmark generated and cached
 under --cache_dir, oracle attention from the flood masks, a random-weight CosPlace ResNet-18/512) in a few minutes
@@ -15,7 +15,9 @@ OUT/recall_vs_alpha.png and OUT/eval.log (see attllm_jax.evaluation.run_evaluati
 from __future__ import annotations
 
 import math
+import os
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -25,7 +27,11 @@ flags.DEFINE_string("checkpoint", None, "Converted model directory; default: ran
 flags.DEFINE_string("database_folder", None, "Database images (names @utm_east@utm_north@...@.jpg or a CSV).")
 flags.DEFINE_string("queries_folder", None, "Query images (names lat_lon@....jpg, @east@north@...@.jpg or a CSV).")
 flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
-flags.DEFINE_list("alphas", None, "Blend factors in [0, 1], e.g. 0,0.25,0.5,1 (default 0,0.25,0.5,0.75,1).")
+flags.DEFINE_list(
+    "alphas",
+    None,
+    "Blend factors in [0, 1], e.g. 0,0.25,0.5,1 or 0:1:11 (start:stop:count); default 0,0.25,0.5,0.75,1.",
+)
 flags.DEFINE_float("positive_dist_threshold", 25.0, "Positive radius in metres (boundary included).")
 flags.DEFINE_list("recall_values", ["1", "5", "10", "20"], "The N of recall@N.")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/demo for the demo; required otherwise).")
@@ -35,6 +41,12 @@ flags.DEFINE_string("queries_csv", None, "Optional coordinates CSV for the queri
 flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name coordinate convention.")
 flags.DEFINE_list("image_size", None, "Resize override: shorter side (one int) or height,width.")
 flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
+flags.DEFINE_integer(
+    "max_batch_pixels",
+    None,
+    "Pixel budget of one batch (default: batch_size megapixels); larger shapes get fewer rows, and an image whose "
+    "preprocessed size alone exceeds it is skipped and counted.",
+)
 flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
 flags.DEFINE_string(
     "store_dir", None, "Database descriptor store: a directory or a kvstore URL (default OUTPUT_DIR/database_store)."
@@ -70,15 +82,30 @@ flags.DEFINE_enum(
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
-def _floats(values):
-    return [float(v) for v in values]
+def parse_values(values) -> list[float]:
+    """Numbers of a list flag: each entry a number or ``start:stop:count`` (``count`` evenly spaced, both ends).
+
+    Raises:
+        ValueError: for an entry that is neither.
+    """
+    out = []
+    for value in values:
+        parts = str(value).split(":")
+        if len(parts) == 1:
+            out.append(float(parts[0]))
+        elif len(parts) == 3 and parts[2].strip().isdigit() and int(parts[2]) >= 1:
+            start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+            out.extend([start] if count == 1 else [start + (stop - start) * i / (count - 1) for i in range(count)])
+        else:
+            raise ValueError(f"{value!r} is neither a number nor start:stop:count")
+    return out
 
 
 def _valid_alphas(values) -> bool:
     if values is None:
         return True
     try:
-        alphas = _floats(values)
+        alphas = parse_values(values)
     except ValueError:
         return False
     return (
@@ -104,7 +131,7 @@ def _valid_image_size(values) -> bool:
     return len(ints) in (1, 2) and all(v >= 1 for v in ints)
 
 
-flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1]")
+flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1] (or start:stop:count)")
 flags.register_validator("recall_values", _valid_recall_values, "--recall_values must be distinct integers >= 1")
 flags.register_validator("image_size", _valid_image_size, "--image_size must be one or two integers >= 1")
 flags.register_validator(
@@ -113,6 +140,7 @@ flags.register_validator(
 for _name in ("batch_size", "chunk_size", "max_points", "nprobe", "hnsw_m", "ef_search"):
     flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
 flags.register_validator("num_workers", lambda v: v is None or v >= 1, "--num_workers must be >= 1")
+flags.register_validator("max_batch_pixels", lambda v: v is None or v >= 1, "--max_batch_pixels must be >= 1")
 for _name in ("nlist", "pq_m"):
     flags.register_validator(_name, lambda v: v >= 0, f"--{_name} must be >= 0")
 flags.register_validator("search_block_size", lambda v: v is None or v >= 1, "--search_block_size must be >= 1")
@@ -134,6 +162,7 @@ def _overrides() -> dict:
         "convention": FLAGS.convention,
         "batch_size": FLAGS.batch_size,
         "num_workers": FLAGS.num_workers,
+        "max_batch_pixels": FLAGS.max_batch_pixels,
         "store_dir": FLAGS.store_dir,
         "chunk_size": FLAGS.chunk_size,
         "store_dtype": FLAGS.store_dtype,
@@ -145,7 +174,7 @@ def _overrides() -> dict:
         "search": _search_spec(),
     }
     if FLAGS.alphas is not None:
-        overrides["alphas"] = tuple(_floats(FLAGS.alphas))
+        overrides["alphas"] = tuple(parse_values(FLAGS.alphas))
     if image_size is not None:
         overrides["image_size"] = image_size
     return overrides
@@ -167,29 +196,62 @@ def _search_spec():
     )
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from attllm_jax.data.coordinates import CoordinateError
-    from attllm_jax.evaluation import EvalConfig, run_evaluation
-    from attllm_jax.evaluation.report import recall_table
-    from attllm_jax.models.spec import ConfigError
-    from attllm_jax.retrieval.search import SearchMemoryError
-    from attllm_jax.retrieval.store import StoreError
+def _fail(message: str, usage: bool = False) -> None:
+    """Ends the run with one ``eval: error: ...`` line on stderr (and a pointer to --help for usage errors)."""
+    print(f"eval: error: {message}" + (" (see --help for the flags)" if usage else ""), file=sys.stderr)
+    sys.exit(2 if usage else 1)
 
-    overrides = _overrides()
+
+def _os_error_line(error: OSError, config) -> str:
+    """One line for an OSError: which file, which flag it comes from, and what to do."""
+    filename = getattr(error, "filename", None)
+    reason = error.strerror or str(error)
+    if filename is None:
+        return f"{reason}"
+    path = os.path.abspath(str(filename))
+    flag, what = "--output_dir", "a writable output folder"
+    for name, directory in (("--store_dir", config.resolved_store_dir), ("--output_dir", config.output_dir)):
+        root = os.path.abspath(str(directory))
+        if path == root or path.startswith(root + os.sep):
+            flag, what = name, f"a writable folder for {name}"
+            break
+    else:
+        if isinstance(error, FileNotFoundError):
+            return f"{filename}: {reason}"
+    return f"cannot write {filename} ({reason}): give {what} ({flag})"
+
+
+def _check_writable(directory: str) -> None:
+    """Creates ``directory`` and a temporary file in it, so a read-only output folder fails before any work."""
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
+def config_from_flags(demo_output_dir: str = "outputs/demo", **extra):
+    """The validated :class:`EvalConfig` of the dataset / model / attention flags (the demo without dataset flags).
+
+    Args:
+        demo_output_dir: The demo's output folder when --output_dir is not given.
+        **extra: Overrides of EvalConfig fields (e.g. another command's alpha grid).
+
+    Inconsistent or invalid flags end the run with one ``eval: error:`` line and a pointer to --help.
+    """
+    from attllm_jax.evaluation import EvalConfig
+
+    overrides = {**_overrides(), **extra}
     demo = FLAGS.database_folder is None and FLAGS.queries_folder is None
     if demo:
         from attllm_jax.evaluation.demo import demo_config
 
         if FLAGS.attention_dir or FLAGS.database_csv or FLAGS.queries_csv:
-            raise app.UsageError("--attention_dir / --*_csv need --database_folder and --queries_folder")
-        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or "outputs/demo", **overrides)
+            _fail("--attention_dir / --*_csv need --database_folder and --queries_folder", usage=True)
+        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, **overrides)
     else:
         if FLAGS.database_folder is None or FLAGS.queries_folder is None:
-            raise app.UsageError("give both --database_folder and --queries_folder (or neither, for the demo)")
+            _fail("give both --database_folder and --queries_folder (or neither, for the demo)", usage=True)
         if FLAGS.output_dir is None:
-            raise app.UsageError("--output_dir is required with --database_folder/--queries_folder")
+            _fail("--output_dir is required with --database_folder/--queries_folder", usage=True)
         config = EvalConfig(
             database_folder=FLAGS.database_folder,
             queries_folder=FLAGS.queries_folder,
@@ -200,17 +262,39 @@ def main(argv):
             **overrides,
         )
     try:
-        config = config.validated()
+        return config.validated()
     except (ValueError, FileNotFoundError) as error:
-        raise app.UsageError(str(error)) from None
+        _fail(str(error), usage=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {argv[1:]}", usage=True)
+    from attllm_jax.logs import quiet_library_logs
+
+    quiet_library_logs(FLAGS.verbosity)
+    from attllm_jax.data.coordinates import CoordinateError
+    from attllm_jax.data.dataset import PathListError
+    from attllm_jax.evaluation import run_evaluation
+    from attllm_jax.evaluation.pipeline import ModelLoadError
+    from attllm_jax.evaluation.report import recall_table
+    from attllm_jax.retrieval.search import SearchMemoryError
+    from attllm_jax.retrieval.store import StoreError
+
+    config = config_from_flags()
+    try:
+        _check_writable(config.output_dir)
+    except OSError as error:
+        _fail(_os_error_line(error, config))
     try:
         result = run_evaluation(config)
-    except (CoordinateError, StoreError, ConfigError, SearchMemoryError, FileNotFoundError) as error:
-        print(f"eval: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except (CoordinateError, PathListError, ModelLoadError, StoreError, SearchMemoryError) as error:
+        _fail(str(error))
+    except OSError as error:  # read-only or full output / store folder, a file vanished during the run
+        _fail(_os_error_line(error, config))
     res = result.results
     print()
-    for note in config.notes:
+    for note in res["notes"]:
         print(note)
     print(
         f"{result.model.spec.describe()}, {res['num_database']} database images, {res['num_queries']} queries, "
@@ -225,5 +309,29 @@ def main(argv):
     sys.stdout.flush()
 
 
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
+
+
+def help_text() -> str:
+    """This module's docstring and its flags (absl keys them by module name, or by the script path under -m)."""
+    module = sys.argv[0] if __name__ == "__main__" else __name__
+    more = "--verbosity 1 also shows the libraries' INFO lines; all flags: --helpfull"
+    return f"{__doc__.strip()}\n\nflags:\n{FLAGS.module_help(module)}\n\n{more}"
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-eval``, also ``python -m experiments.eval``); ``--help`` exits 0."""
+    argv = list(sys.argv if argv is None else argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(help_text())
+        sys.exit(0)
+    try:
+        app.run(main, argv=argv)
+    except SystemExit as done:
+        if done.code == 1 and "--helpfull" in argv[1:]:
+            raise SystemExit(0) from None
+        raise
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -81,6 +81,7 @@ def main(argv):
             batch_size=config.batch_size,
             image_size=config.image_size,
             num_workers=config.num_workers,
+            max_batch_pixels=config.max_batch_pixels,
         )
         store.close()
     except (CoordinateError, StoreError, FileNotFoundError) as error:

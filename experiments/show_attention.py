@@ -26,12 +26,12 @@ def main(argv):
     del argv
     try:
         photo = overlay.load_photo(FLAGS.image)
-        parsed = store.read_attention_file(FLAGS.attention, max_points=FLAGS.max_points)
-        record = store.load_record(FLAGS.attention)
-    except (FileNotFoundError, ValueError) as e:
+        attention = store.read_attention(FLAGS.attention, max_points=FLAGS.max_points)
+    except (OSError, ValueError) as e:
         sys.exit(f"show_attention: {e}")
-    model = record.get("model", "?") if isinstance(record, dict) else "?"
-    prompt = record.get("prompt_id") if isinstance(record, dict) else None
+    parsed = attention.parsed
+    model = attention.field("model") or "?"
+    prompt = attention.field("prompt_id")
     title = f"{FLAGS.image.rsplit('/', 1)[-1]}  ({model}{', ' + prompt if prompt else ''})"
     visualize.render_attention(
         photo,

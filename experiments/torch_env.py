@@ -33,3 +33,29 @@ def declare_missing_torchvision_ops() -> None:
     _LIBRARY = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
     _LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+WHY = (
+    "torchvision from PyPI is built against the CUDA build of torch; next to the CPU torch 2.13.0 wheel its C "
+    "extension does not load and 'import torchvision' fails with \"operator torchvision::nms does not exist\". "
+    "Call experiments.torch_env.declare_missing_torchvision_ops() before importing torchvision (the tests do, in "
+    "tests/conftest.py), or install a pair that imports cleanly: pip install torch==2.14.1 torchvision==0.29.1 "
+    "(a CUDA build, about 5.5 GB)"
+)
+
+
+def import_torchvision():
+    """``import torchvision`` next to the CPU build of torch: declares the missing operators first.
+
+    Returns:
+        The torchvision module.
+
+    Raises:
+        ImportError: with the reason and the two ways out when torchvision still cannot be imported.
+    """
+    declare_missing_torchvision_ops()
+    try:
+        import torchvision
+    except RuntimeError as error:  # the operator registration failure
+        raise ImportError(f"cannot import torchvision ({error}): {WHY}") from error
+    return torchvision

@@ -128,6 +128,27 @@ def text_reply(seen: Seen, text: str, model: str = "fake-model", **reply: Any) -
     return Reply(200, body, **reply)
 
 
+def blocked_reply(seen: Seen, reason: str = "SAFETY", refusal: str = "I can't help with that.") -> Reply:
+    """A refusal in the API of ``seen``: Gemini's ``promptFeedback.blockReason`` without candidates, or an
+    OpenAI message whose ``content`` is null and whose ``refusal`` says why."""
+    if seen.api == "gemini":
+        body = {
+            "promptFeedback": {"blockReason": reason},
+            "usageMetadata": {"promptTokenCount": 1000, "totalTokenCount": 1000},
+            "modelVersion": "fake-model",
+        }
+    else:
+        message = {"role": "assistant", "content": None, "refusal": refusal}
+        body = {
+            "id": "chatcmpl-2",
+            "object": "chat.completion",
+            "model": "fake-model",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 900, "completion_tokens": 8, "total_tokens": 908},
+        }
+    return Reply(200, body)
+
+
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",

@@ -1,11 +1,13 @@
 """The annotation run (attllm_jax.attention.runner, experiments/annotate.py, experiments/show_attention.py)
 against the fake LLM server: outcomes and summary counts, resuming, interrupting, killing, key hygiene."""
 
+import _thread
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from PIL import Image
 
 from attllm_jax.attention import maps, prompts, providers, runner, store
 from tests.data.llm_answers import PUBLISHED_FILES
-from tests.llm_server import LLMServer, Reply, error_reply, id_photo, text_reply
+from tests.llm_server import LLMServer, Reply, blocked_reply, error_reply, id_photo, text_reply
 
 KEY = "AIzaTEST-run-secret-9876543210"
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +179,7 @@ def test_files_provider_matches_published_maps(tmp_path):
         (published / f"q{i}.json").write_text(json.dumps(record))
     images = make_images(tmp_path / "images", range(len(PUBLISHED_FILES) + 1))  # the last has no file
     out = tmp_path / "ours"
-    summary = runner.annotate_folder(images, out, providers.FilesProvider(published), config(workers=1))
+    summary = runner.annotate_folder(images, out, providers.ExistingAnswers(published), config(workers=1))
     expected = [e["kind"] for _, _, e in PUBLISHED_FILES]
     assert summary.valid == sum(k in ("points", "grid") for k in expected)
     assert summary.none == expected.count("none") and summary.invalid == expected.count("invalid")
@@ -210,7 +212,7 @@ def test_list_images_and_naming(tmp_path):
     ]
     (root / "q0.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="q0.jpg and q0.png"):
-        runner.annotate_folder(root, tmp_path / "o", providers.FilesProvider(tmp_path), config())
+        runner.annotate_folder(root, tmp_path / "o", providers.ExistingAnswers(tmp_path), config())
     with pytest.raises(FileNotFoundError):
         runner.list_images(tmp_path / "missing")
     assert store.attention_file_name("a/b/x.jpeg") == Path("a/b/x.json")
@@ -342,3 +344,105 @@ def test_show_attention_command(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     image = np.asarray(Image.open(output).convert("RGB"))
     assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile servers and interruptions (issue 13 items 7 and 8)
+
+
+def echo_key_answers(seen):
+    """Successful answers that carry the key: in a point's reasoning, in an unusable answer, in the model name."""
+    image_id = seen.image_id()
+    if image_id == 0:
+        text = json.dumps([{"center": [0.3, 0.6], "weight": 1.8, "reasoning": f"sign reads {KEY}"}])
+        return text_reply(seen, text, model=f"model-{KEY}")
+    if image_id == 1:
+        return text_reply(seen, f"I cannot do that with key {KEY}")
+    return text_reply(seen, "None")
+
+
+def test_key_echoed_in_successful_answers_is_redacted(tmp_path, caplog):
+    images = make_images(tmp_path / "images", range(3))
+    out = tmp_path / "out"
+    with caplog.at_level("DEBUG"), LLMServer(echo_key_answers) as server:
+        summary = runner.annotate_folder(images, out, gemini(server), config())
+    assert (summary.valid, summary.invalid, summary.none) == (1, 1, 1)
+    assert all(s.headers["x-goog-api-key"] == KEY for s in server.seen)
+    written = {p.name: p.read_text() for p in out.rglob("*") if p.is_file()}
+    for name, text in written.items():
+        assert KEY not in text, name
+    record = json.loads(written["q0.json"])
+    assert record["result"][0]["reasoning"] == "sign reads [REDACTED]" and record["model"] == "model-[REDACTED]"
+    assert "[REDACTED]" in json.loads(written["q1.json"])["raw_text"]
+    assert KEY not in json.dumps(summary.to_dict()) and KEY not in runner.summarize_counts(summary)
+    assert KEY not in caplog.text
+
+
+@pytest.mark.parametrize("api", ["gemini", "openai"])
+def test_key_echoed_by_the_server_never_reaches_the_command_output(tmp_path, api):
+    images = make_images(tmp_path / "images", range(3))
+    out = tmp_path / "out"
+    env = run_env()
+    with LLMServer(echo_key_answers) as server:
+        command = annotate_command(images, out, server, "--workers=1")
+        if api == "openai":
+            command = [c for c in command if not c.startswith(("--provider", "--base_url"))]
+            command += ["--provider=openai", f"--base_url={server.url}/v1", "--model=qwen-vl"]
+            env["OPENAI_API_KEY"] = KEY
+        result = subprocess.run(command, cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(KEY in (s.headers.get("x-goog-api-key", "") + s.headers.get("authorization", "")) for s in server.seen)
+    summary = json.loads(result.stdout)
+    assert (summary["valid"], summary["invalid"], summary["none"]) == (1, 1, 1)
+    assert "annotate: 3/3" in result.stderr and "valid 1 none 1 invalid 1 failed 0" in result.stderr  # progress
+    for text in (result.stdout, result.stderr, *(p.read_text() for p in out.rglob("*") if p.is_file())):
+        assert KEY not in text
+    assert "[REDACTED]" in (out / "q0.json").read_text()
+
+
+def test_requests_are_counted_as_they_are_made(tmp_path):
+    """Interrupted during a retry wait after 2 requests, the summary says 2 requests and 1 retry."""
+    images = make_images(tmp_path / "images", [0])
+    SEEN_LOG.clear()
+
+    def busy(seen):  # the first 503 is retried after the backoff (0.05 s), the second asks for 30 s
+        SEEN_LOG.append(seen)
+        return error_reply(seen, 503, "overloaded", retry_after="30" if len(SEEN_LOG) > 1 else None)
+
+    retry = providers.RetryPolicy(max_attempts=5, initial_delay_s=0.05, max_delay_s=0.05, jitter=0.0)
+    with LLMServer(busy) as server:
+        provider = gemini(server, retry=retry)
+
+        def interrupt_after_two_requests():
+            deadline = time.monotonic() + 30
+            while len(server.seen) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)  # the client has the second 503 and is waiting (30 s) to retry
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_after_two_requests, daemon=True).start()
+        start = time.monotonic()
+        summary = runner.annotate_folder(images, tmp_path / "out", provider, config(workers=1))
+        elapsed = time.monotonic() - start
+    assert summary.interrupted and elapsed < 20
+    assert len(server.seen) == 2
+    assert (summary.requests, summary.retries, summary.not_started, summary.failed) == (2, 1, 1, 0)
+    assert json.loads((tmp_path / "out" / runner.SUMMARY_FILE).read_text())["requests"] == 2
+
+
+@pytest.mark.parametrize("api", ["gemini", "openai"])
+def test_block_reason_is_recorded(tmp_path, api):
+    images = make_images(tmp_path / "images", [0])
+    out = tmp_path / "out"
+    with LLMServer(lambda seen: blocked_reply(seen, "PROHIBITED_CONTENT")) as server:
+        if api == "gemini":
+            provider = gemini(server)
+        else:
+            provider = providers.OpenAIProvider(model="qwen-vl", api_key=KEY, base_url=server.url + "/v1")
+        summary = runner.annotate_folder(images, out, provider, config(workers=1))
+    assert summary.invalid == 1 and summary.requests == 1
+    record = json.loads((out / "q0.json").read_text())
+    want = "PROHIBITED_CONTENT" if api == "gemini" else "refusal: I can't help with that."
+    assert record["status"] == "invalid" and record["block_reason"] == want
+    assert record["error"].startswith("empty answer (blocked: " + want)
+    assert summary.invalid_images[0]["error"] == record["error"]

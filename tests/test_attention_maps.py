@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from attllm_jax.attention import maps, parse, store
+from attllm_jax.files import atomic_write_json
 from tests.data.llm_answers import CASES, PUBLISHED_FILES
 
 
@@ -111,7 +112,7 @@ def test_published_file_and_ours_give_same_map(tmp_path):
         prompt_version="1",
         city="San Francisco",
     )
-    store.write_json_atomic(tmp_path / "ours.json", ours)
+    atomic_write_json(tmp_path / "ours.json", ours)
     a = maps.attention_maps([store.read_attention_file(tmp_path / "published.json")], 8, 8)
     b = maps.attention_maps([store.read_attention_file(tmp_path / "ours.json")], 8, 8)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,5 +1,6 @@
 """File-name coordinates (SF-XL and flood-query conventions), CSVs, image listing and UTM projection."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import utm
 from PIL import Image
 
 from attllm_jax.data import coordinates as coords
-from attllm_jax.data.dataset import geo_pair, list_images, load_image_set
+from attllm_jax.data.dataset import PathListError, geo_pair, list_images, load_image_set
 
 SFXL = "@0543331.40@4179325.38@10@S@037.76022@-122.50806@ZyN9pEGJ5bFf0QOXYZW9lQ@@300@@@@201311@@.jpg"
 SFXL_DB = "@0551294.51@4177187.54@10@S@037.74054@-122.41781@6ndRH0-kf_BJq0ZASDu5ZQ@@300@@@@201311@@.jpg"
@@ -127,7 +128,7 @@ def test_coordinates_csv_latlon_and_utm(tmp_path):
     csv_path.write_text("Path,Lat,Lon\none.jpg,37.7,-122.4\nsub/two.jpg,37.8,-122.5\n")
     images = load_image_set(root, coordinates_csv=csv_path)
     assert [loc.latlon for loc in images.locations] == [(37.7, -122.4), (37.8, -122.5)]
-    csv_path.write_text("path,utm_east,utm_north\none.jpg,1,2\n")
+    csv_path.write_text("path,utm_east,utm_north\none.jpg,551294.5,4177187.5\n")
     with pytest.raises(coords.CoordinateError, match="sub/two.jpg"):
         load_image_set(root, coordinates_csv=csv_path)
     csv_path.write_text("path,x,y\none.jpg,1,2\n")
@@ -155,3 +156,88 @@ def test_geo_pair_projects_flood_queries_into_the_database_zone(tmp_path):
     np.testing.assert_allclose(hav.queries, hav.database)
     with pytest.raises(ValueError, match="unknown distance metric"):
         geo_pair(load_image_set(tmp_path / "db"), load_image_set(tmp_path / "q"), "manhattan")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("../outside/@5@5@.jpg", "outside the image folder"),
+        ("x/../../outside.jpg", "outside the image folder"),
+        ("/etc/passwd", "outside the image folder"),
+        ("C:/images/a.jpg", "outside the image folder"),
+        ("./x/@5@5@.jpg", r"repeats line 1"),
+        ("x/sub/../@5@5@.jpg", r"repeats line 1"),
+    ],
+)
+def test_paths_file_refuses_entries_outside_the_folder_and_duplicates(tmp_path, entry, message):
+    root = tmp_path / "database"
+    _touch_jpeg(root / "x" / "@5@5@.jpg")
+    _touch_jpeg(tmp_path / "outside" / "@5@5@.jpg")
+    (tmp_path / "database_images_paths.txt").write_text(f"x/@5@5@.jpg\n\n{entry}\n")
+    with pytest.raises(PathListError, match=rf"database_images_paths.txt:3: .*{message}"):
+        list_images(root)
+
+
+def test_paths_file_entries_are_normalized(tmp_path):
+    root = tmp_path / "database"
+    _touch_jpeg(root / "x" / "@5@5@.jpg")
+    _touch_jpeg(root / "@6@6@.jpg")
+    (tmp_path / "database_images_paths.txt").write_text("x/./@5@5@.jpg\nx\\..\\@6@6@.jpg\n")
+    assert list_images(root) == ["x/@5@5@.jpg", "@6@6@.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("@543331.40@4179325.38@99@S@@@.jpg", "zone '99' 'S'"),
+        ("@543331.40@4179325.38@10@I@@@.jpg", "zone '10' 'I'"),
+        ("@543331.40@4179325.38@10@@@@.jpg", "zone '10' ''"),
+        ("@1e12@4179325.38@10@S@@@.jpg", "easting 1e\\+12 m is outside"),
+        ("@50000@4179325.38@@@@@.jpg", "easting 50000 m is outside"),
+        ("@543331.40@-5@10@S@@@.jpg", "northing -5 m is outside"),
+        ("@543331.40@2e7@@@.jpg", "northing 2e\\+07 m is outside"),
+    ],
+)
+def test_sfxl_names_outside_the_utm_ranges_are_errors_naming_the_file(name, message):
+    with pytest.raises(coords.CoordinateError, match=re.escape(name) + f"'?: .*{message}"):
+        coords.parse_location(f"/db/{name}")
+
+
+def test_csv_utm_outside_the_ranges_is_an_error_naming_the_row(tmp_path):
+    csv_path = tmp_path / "coords.csv"
+    csv_path.write_text("path,utm_east,utm_north\none.jpg,551294.5,4177187.5\ntwo.jpg,1e12,4177187.5\n")
+    with pytest.raises(coords.CoordinateError, match=r":3: bad coordinates for 'two.jpg': easting"):
+        coords.read_coordinates_csv(csv_path)
+
+
+def test_a_folder_of_zone_99_names_fails_naming_a_file_not_in_utm(tmp_path):
+    _touch_jpeg(tmp_path / "db" / "@551294.51@4177187.54@99@S@@@.jpg")
+    _touch_jpeg(tmp_path / "q" / "37.76022_-122.50806@x.jpg")
+    with pytest.raises(coords.CoordinateError, match=r"@551294.51@4177187.54@99@S@@@.jpg.*zone '99'"):
+        geo_pair(load_image_set(tmp_path / "db"), load_image_set(tmp_path / "q"))
+
+
+def test_one_file_in_another_zone_without_latlon_is_named(tmp_path):
+    for name in (SFXL_DB, SFXL, "@551294.51@4177187.54@10@S@@@.jpg"):
+        _touch_jpeg(tmp_path / "db" / name)
+    other = "@0551300.00@4177200.00@11@S@@@.jpg"
+    _touch_jpeg(tmp_path / "db" / other)
+    _touch_jpeg(tmp_path / "q" / "37.76022_-122.50806@x.jpg")
+    with pytest.raises(coords.CoordinateError, match=rf"db/{other}' is in UTM zone 11S .* uses zone 10S"):
+        geo_pair(load_image_set(tmp_path / "db"), load_image_set(tmp_path / "q"))
+    with pytest.raises(coords.CoordinateError, match=r"'/a/b.jpg' has UTM coordinates without a zone"):
+        coords.to_latlon([coords.Location(utm=(551294.0, 4177187.0))], ["/a/b.jpg"])
+
+
+def test_a_bad_name_in_an_sfxl_folder_suggests_the_sfxl_convention(tmp_path):
+    _touch_jpeg(tmp_path / "db" / SFXL_DB)
+    _touch_jpeg(tmp_path / "db" / SFXL)
+    _touch_jpeg(tmp_path / "db" / "IMG_1234.jpg")
+    with pytest.raises(coords.CoordinateError, match=r"IMG_1234.jpg.*other files of .* use the SF-XL convention"):
+        load_image_set(tmp_path / "db")
+    _touch_jpeg(tmp_path / "q" / "37.76022_-122.50806@x.jpg")
+    with pytest.raises(coords.CoordinateError, match=r"follows the lat/lon convention .* --convention flood"):
+        load_image_set(tmp_path / "q", convention="sfxl")
+    (tmp_path / "db" / "IMG_1234.jpg").unlink()
+    with pytest.raises(coords.CoordinateError, match=r"follows the SF-XL convention .* --convention sfxl"):
+        load_image_set(tmp_path / "db", convention="flood")

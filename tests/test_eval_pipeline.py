@@ -149,6 +149,16 @@ def test_end_to_end_contract_parity_and_sweep(tmp_path, converted_checkpoint):
     assert float(metrics["success_rate_at_1_percent"]) == pytest.approx(res["recalls"]["0.5"]["1"], abs=0.01)
     individual = list(csv.DictReader(open(out / "csv_results" / "alpha_0.5" / "individual_results.csv")))
     assert [r["query_path"] for r in individual] == [f"{s}.jpg" for s in stems]
+    # every path relative to its folder (given in results.json): no mix of full and bare paths
+    db_names = set(db_paths)
+    listed = [p for r in individual for p in (r["predicted_paths"] + ";" + r["gt_paths"]).split(";") if p]
+    assert listed and set(listed) <= db_names
+    assert res["database_folder"] == str(database) and res["queries_folder"] == str(queries)
+    # the resize the run used, not the model's default
+    assert res["preprocessing"] == {"resize": "shorter_side", "image_size": IMAGE_SIZE, "source": "--image_size"}
+    assert res["model"]["image_size"] == 512
+    # R@5 with 14 database images is meaningful: no warning
+    assert not [n for n in res["notes"] if "R@" in n]
     assert set(individual[0]) >= {"num_predicted_paths", "num_gt_paths", "predicted_paths", "gt_paths", "success_at_5"}
 
     # a one-alpha run (reusing the store) gives the same descriptors and recalls as the sweep
@@ -234,3 +244,46 @@ def test_bad_settings_are_rejected_before_any_work(tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run_evaluation(config, model=object())
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_too_large_for_a_batch_is_skipped_and_counted(tmp_path, random_model):
+    database, queries, _, stems = make_dataset(tmp_path)
+    wide = sorted(database.glob("*.jpg"))[2]
+    Image.new("RGB", (20000, 200), (90, 90, 90)).save(wide)  # shorter side 64 -> 6400 x 64 = 409,600 pixels
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(tmp_path / "out"),
+        alphas=(0.0,),
+        recall_values=(1, 5),
+        image_size=64,
+        batch_size=4,
+        max_batch_pixels=100_000,  # 64 x 85 images: 4 rows of 5,440 pixels fit; the wide one alone does not
+    )
+    result = run_evaluation(config, model=random_model)
+    res = result.results
+    assert res["num_skipped"] == {"database": 1, "queries": 0}
+    [skipped] = res["skipped_images"]["database"]
+    assert skipped["path"] == str(wide) and "ImageTooLargeError" in skipped["error"] and "6400x64" in skipped["error"]
+    assert not np.isin(
+        result.retrieval.predictions, [sorted(p.name for p in database.glob("*.jpg")).index(wide.name)]
+    ).any()
+
+
+def test_recall_at_n_beyond_the_database_size_is_flagged(tmp_path, random_model):
+    database, queries, _, _ = make_dataset(tmp_path)
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(tmp_path / "out"),
+        alphas=(0.0,),
+        recall_values=(1, 14, 20),
+        image_size=64,
+    )
+    result = run_evaluation(config, model=random_model)
+    [note] = result.results["notes"]
+    assert note.startswith("WARNING: R@14, R@20: N is not below the 14 readable database images")
+    assert "R@14, R@20" in (tmp_path / "out" / "eval.log").read_text()
+    assert result.results["preprocessing"]["image_size"] == 64
+    with_positive = 100.0 * np.mean([len(p) > 0 for p in result.positives])
+    assert result.results["recalls"]["0.0"]["20"] == pytest.approx(with_positive)

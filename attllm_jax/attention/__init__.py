@@ -2,9 +2,12 @@
 
 * :mod:`~attllm_jax.attention.parse`: LLM answers -> fixed-size padded arrays (``parse_answer``).
 * :mod:`~attllm_jax.attention.maps`: batches of answers -> dense maps (``attention_maps``).
-* :mod:`~attllm_jax.attention.store`: per-image attention files (``read_attention_file``, ``find_attention_file``).
+* :mod:`~attllm_jax.attention.store`: the per-image attention file format, the one reader and writer
+  (``read_attention_file``, ``find_attention_file``, ``make_record``), with limits for untrusted files.
 * :mod:`~attllm_jax.attention.prompts`, :mod:`~attllm_jax.attention.overlay`: what is sent to the model.
-* :mod:`~attllm_jax.attention.providers`, :mod:`~attllm_jax.attention.runner`: asking it, resumably.
+* :mod:`~attllm_jax.attention.request_policy`: how any request is sent (retries, rate limit, key redaction).
+* :mod:`~attllm_jax.attention.providers`: one module per provider (gemini, openai_compatible) and the reader
+  of existing answers (files); :mod:`~attllm_jax.attention.runner`: asking about a folder, resumably.
 """
 
 from attllm_jax.attention.maps import attention_maps, attention_mask

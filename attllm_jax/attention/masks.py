@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from attllm_jax.attention.parse import ParsedAttention, grid_label, parse_answer
 from attllm_jax.attention.prompts import Prompt
-from attllm_jax.attention.providers import AnnotationRequest, Provider, ProviderError, RetryPolicy
+from attllm_jax.attention.providers import AnnotationRequest, ModelReply, Provider, ProviderError, RetryPolicy
 from attllm_jax.data.synthetic import water_fraction_grid
 
 ORACLE_GRID = 8
@@ -101,7 +101,7 @@ class MasksProvider(Provider):
         self.grid_size = int(grid_size)
         self.water_weight = float(water_weight)
 
-    def _call_once(self, request: AnnotationRequest) -> tuple[str, str, dict[str, int], str | None]:
+    def _call_once(self, request: AnnotationRequest) -> ModelReply:
         path = find_mask_file(self.masks_dir, request.image_path)
         if path is None:
             raise ProviderError(f"no water mask for {request.image_path} in {self.masks_dir} (<stem>.png)")
@@ -109,7 +109,7 @@ class MasksProvider(Provider):
             mask = read_mask(path)
         except ValueError as e:
             raise ProviderError(str(e)) from None
-        return json.dumps(oracle_grid(mask, self.grid_size, self.water_weight)), self.model, {}, None
+        return ModelReply(json.dumps(oracle_grid(mask, self.grid_size, self.water_weight)), self.model, {})
 
 
 def parsed_from_masks(masks_dir: str | os.PathLike, image_paths: list[str]) -> tuple[list, list[str]]:

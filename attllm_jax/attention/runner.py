@@ -19,27 +19,20 @@ import dataclasses
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from attllm_jax.attention import overlay, store
 from attllm_jax.attention.parse import parse_answer
 from attllm_jax.attention.prompts import Prompt
-from attllm_jax.attention.providers import (
-    AnnotationRequest,
-    AnnotationResponse,
-    Interrupted,
-    Provider,
-    ProviderError,
-)
-from attllm_jax.files import list_image_files
+from attllm_jax.attention.providers.base import AnnotationRequest, AnnotationResponse, AnswerSource
+from attllm_jax.attention.request_policy import Interrupted, ProviderError
+from attllm_jax.files import atomic_write_bytes, atomic_write_json, list_image_files
 
-SUMMARY_FILE = "annotate_summary.json"
-STORE_MAX_POINTS = 32  # points kept in the files; readers truncate to their own N_max
+SUMMARY_FILE = store.SUMMARY_FILE
 MAX_LISTED = 200  # failures / invalid images named in the summary
 
 log = logging.getLogger(__name__)
@@ -114,7 +107,11 @@ def _check_collisions(images: list[str]) -> None:
 @dataclasses.dataclass
 class Summary:
     """What a run did. Counts of this run's images add up:
-    ``images == skipped_done + skipped_invalid + valid + none + invalid + failed + not_started``."""
+    ``images == skipped_done + skipped_invalid + valid + none + invalid + failed + not_started``.
+
+    ``requests`` counts every request as it is made (retries included), so a run interrupted while waiting
+    to retry still counts the requests it made; ``retries`` counts those beyond the first of each image.
+    ``dropped_entries`` and ``clamped_values`` add up the parser's counts over the answers recorded."""
 
     images: int = 0
     skipped_done: int = 0
@@ -128,6 +125,7 @@ class Summary:
     requests: int = 0
     retries: int = 0
     dropped_entries: int = 0
+    clamped_values: int = 0
     tokens: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"prompt": 0, "output": 0, "thinking": 0, "total": 0}
     )
@@ -148,42 +146,10 @@ class Summary:
         return data
 
 
-class ProgressPrinter:
-    """A one-line progress bar (done, rate, ETA) on a terminal; a line every ``every_s`` seconds otherwise."""
-
-    def __init__(self, stream: TextIO | None = None, every_s: float = 10.0, width: int = 24):
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every_s = every_s
-        self.width = width
-        self._last = 0.0
-
-    def __call__(self, summary: Summary, elapsed_s: float, final: bool = False) -> None:
-        now = time.monotonic()
-        if not (self.tty or final or now - self._last >= self.every_s):
-            return
-        self._last = now
-        done, total = summary.done, summary.to_ask
-        rate = done / elapsed_s if elapsed_s > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        filled = int(self.width * done / total) if total else self.width
-        bar = "#" * filled + "." * (self.width - filled)
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
-        line = (
-            f"[{bar}] {done}/{total} valid {summary.valid} none {summary.none} invalid {summary.invalid} "
-            f"failed {summary.failed} | {rate:.2f} img/s | ETA {eta_text}"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
 class _Run:
     """The state shared by the worker threads of one run."""
 
-    def __init__(self, images_dir: Path, output_dir: Path, provider: Provider, config: RunConfig, summary: Summary):
+    def __init__(self, images_dir: Path, output_dir: Path, provider: AnswerSource, config: RunConfig, summary: Summary):
         self.images_dir = images_dir
         self.output_dir = output_dir
         self.provider = provider
@@ -202,15 +168,24 @@ class _Run:
             framed = overlay.draw_axis_overlay(photo, self.config.max_side, self.config.step, self.config.grid_lines)
             jpeg = overlay.encode_jpeg(framed.image, self.config.jpeg_quality)
             if self.config.save_sent_dir:
-                sent = Path(self.config.save_sent_dir) / Path(image).with_suffix(".sent.jpg")
-                sent.parent.mkdir(parents=True, exist_ok=True)
-                sent.write_bytes(jpeg)
+                atomic_write_bytes(Path(self.config.save_sent_dir) / Path(image).with_suffix(".sent.jpg"), jpeg)
         return AnnotationRequest(image, jpeg, self.prompt_text, self.schema)
 
+    def count_attempt(self, attempt: int) -> None:
+        """Counts one request as it is made (``attempt`` 1 is the first for its image)."""
+        with self.lock:
+            self.summary.requests += 1
+            self.summary.retries += attempt > 1
+
     def record_answer(self, image: str, response: AnnotationResponse) -> None:
-        parsed = parse_answer(response.text, max_points=STORE_MAX_POINTS)
-        if not response.text.strip() and response.finish_reason:
-            parsed = dataclasses.replace(parsed, error=f"empty answer (finish reason {response.finish_reason})")
+        parsed = response.parsed
+        if parsed is None:
+            parsed = parse_answer(response.text, max_points=store.STORE_MAX_POINTS)
+        if not response.text.strip() and response.parsed is None:
+            reasons = [f"blocked: {response.block_reason}"] if response.block_reason else []
+            reasons += [f"finish reason {response.finish_reason}"] if response.finish_reason else []
+            if reasons:
+                parsed = dataclasses.replace(parsed, error=f"empty answer ({'; '.join(reasons)})")
         record = store.make_record(
             image_path=image,
             model=response.model,
@@ -223,17 +198,16 @@ class _Run:
             latency_s=response.latency_s,
             attempts=response.attempts,
             tokens=response.tokens,
+            finish_reason=response.finish_reason,
+            block_reason=response.block_reason,
         )
-        if response.finish_reason:
-            record["finish_reason"] = response.finish_reason
-        store.write_json_atomic(self.output_dir / store.attention_file_name(image), record)
+        atomic_write_json(self.output_dir / store.attention_file_name(image), record)
         status = record["status"]
         with self.lock:
             s = self.summary
             setattr(s, status, getattr(s, status) + 1)
-            s.requests += response.attempts
-            s.retries += response.attempts - 1
             s.dropped_entries += parsed.num_dropped
+            s.clamped_values += parsed.num_clamped
             for key in s.tokens:
                 s.tokens[key] += int(response.tokens.get(key, 0))
             if status == "invalid" and len(s.invalid_images) < MAX_LISTED:
@@ -245,8 +219,6 @@ class _Run:
         with self.lock:
             s = self.summary
             s.failed += 1
-            s.requests += attempts
-            s.retries += max(attempts - 1, 0)
             if len(s.failures) < MAX_LISTED:
                 s.failures.append({"image": image, "error": str(error), "attempts": attempts})
             self.consecutive_failures += 1
@@ -271,7 +243,7 @@ class _Run:
                 return
             try:
                 request = self.request(image)
-                response = self.provider.generate(request, self.stop)
+                response = self.provider.generate(request, self.stop, self.count_attempt)
             except Interrupted:
                 return  # counted as not started
             except (ProviderError, ValueError, OSError) as e:
@@ -291,8 +263,8 @@ def _plan(images: list[str], output_dir: Path, retry_invalid: bool, summary: Sum
             todo.append(image)
             continue
         try:
-            status = store.record_status(store.load_record(path))
-        except (ValueError, OSError):
+            status = store.file_status(path)
+        except OSError:
             status = "invalid"
         if status in ("valid", "none"):
             summary.skipped_done += 1
@@ -306,7 +278,7 @@ def _plan(images: list[str], output_dir: Path, retry_invalid: bool, summary: Sum
 def annotate_folder(
     images_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    provider: Provider,
+    provider: AnswerSource,
     config: RunConfig,
     progress: Callable[[Summary, float, bool], None] | None = None,
     images: list[str] | None = None,
@@ -316,9 +288,11 @@ def annotate_folder(
     Args:
         images_dir: the photos (searched recursively).
         output_dir: where the attention files and ``annotate_summary.json`` go (created).
-        provider: who answers; its rate limiter is shared by the workers.
+        provider: who answers (an LLM provider, whose rate limiter the workers share, or a reader of stored
+            answers).
         config: prompt, city, overlay and run settings.
-        progress: called as ``progress(summary, elapsed_s, final)`` after each image.
+        progress: called as ``progress(summary, elapsed_s, final)`` once before the first request, after each
+            image, and once at the end (``final=True``).
         images: the images to consider, relative to ``images_dir`` (default: all of them).
 
     Returns:
@@ -346,6 +320,8 @@ def annotate_folder(
         summary.skipped_invalid,
         len(todo_list),
     )
+    if progress is not None:
+        progress(summary, time.monotonic() - start, False)
     todo: queue.Queue = queue.Queue()
     for image in todo_list:
         todo.put(image)
@@ -392,7 +368,7 @@ def annotate_folder(
         summary.wall_time_s = time.monotonic() - start
         if progress is not None:
             progress(summary, summary.wall_time_s, True)
-        store.write_json_atomic(output_dir / SUMMARY_FILE, summary.to_dict())
+        atomic_write_json(output_dir / SUMMARY_FILE, summary.to_dict())
     return summary
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from attllm_jax.attention.maps import attention_maps
 from attllm_jax.attention.overlay import resize_longest_side
 from attllm_jax.attention.parse import ParsedAttention
+from attllm_jax.files import atomic_write
 
 
 def render_attention(
@@ -111,5 +112,5 @@ def render_attention(
         wrapped = "\n".join(textwrap.shorten(note, 140) for note in notes)
         fig.text(0.02, 0.01, wrapped, fontsize=8, va="bottom", family="monospace")
     fig.tight_layout(rect=(0, 0.02 + 0.018 * len(notes), 1, 1))
-    fig.savefig(output, format="png")
+    atomic_write(output, lambda f: fig.savefig(f, format="png"))
     return heat

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,11 @@ def parse_sfxl_name(name: str) -> Location | None:
         name: A file name or path; only the base name is read.
 
     Returns:
-        The location, with ``zone`` and ``latlon`` filled when those optional fields parse.
+        The location, with ``zone`` and ``latlon`` filled when those optional fields are present.
+
+    Raises:
+        CoordinateError: naming the file when east/north lie outside the UTM ranges (easting 100,000-999,999 m,
+            northing 0-10,000,000 m) or the zone fields are not a zone number 1-60 and a UTM latitude band letter.
     """
     fields = _stem(name).split("@")
     if len(fields) < 3 or fields[0].strip():
@@ -77,15 +82,43 @@ def parse_sfxl_name(name: str) -> Location | None:
     east, north = _float(fields[1]), _float(fields[2])
     if east is None or north is None:
         return None
+    problem = utm_range_problem(east, north)
     zone = None
-    if len(fields) > 4 and fields[3].strip().isdigit() and len(fields[4].strip()) == 1 and fields[4].strip().isalpha():
-        zone = (int(fields[3]), fields[4].strip().upper())
+    number, letter = (fields[3].strip(), fields[4].strip()) if len(fields) > 4 else ("", "")
+    if number or letter:
+        zone = _zone(number, letter)
+        if zone is None:
+            problem = problem or f"UTM zone {number!r} {letter!r} is not a zone number 1-60 and a band letter C-X"
+    if problem:
+        raise CoordinateError(f"file name {name!r}: {problem}")
     latlon = None
     if len(fields) > 6:
         lat, lon = _float(fields[5]) if fields[5].strip() else None, _float(fields[6]) if fields[6].strip() else None
         if _valid_latlon(lat, lon):
             latlon = (lat, lon)
     return Location(utm=(east, north), zone=zone, latlon=latlon)
+
+
+UTM_EASTING_RANGE = (100_000.0, 1_000_000.0)  # metres, [low, high): what the utm package accepts
+UTM_NORTHING_RANGE = (0.0, 10_000_000.0)  # metres, inclusive
+UTM_BAND_LETTERS = "CDEFGHJKLMNPQRSTUVWX"
+
+
+def utm_range_problem(east: float, north: float) -> str | None:
+    """Why ``(east, north)`` cannot be UTM metres, or None when both lie in the UTM ranges."""
+    low, high = UTM_EASTING_RANGE
+    if not low <= east < high:
+        return f"easting {east:g} m is outside the UTM range {low:,.0f}-{high - 1:,.0f} m"
+    low, high = UTM_NORTHING_RANGE
+    if not low <= north <= high:
+        return f"northing {north:g} m is outside the UTM range {low:,.0f}-{high:,.0f} m"
+    return None
+
+
+def _zone(number: str, letter: str) -> tuple[int, str] | None:
+    if not (number.isdigit() and 1 <= int(number) <= 60 and len(letter) == 1 and letter.upper() in UTM_BAND_LETTERS):
+        return None
+    return int(number), letter.upper()
 
 
 def parse_flood_name(name: str) -> Location | None:
@@ -171,6 +204,9 @@ def read_coordinates_csv(path: str | os.PathLike) -> dict[str, Location]:
                 raise CoordinateError(
                     f"{path}:{line}: bad coordinates for {row['path']!r}: {row[first]!r}, {row[second]!r}"
                 )
+            problem = utm_range_problem(a, b) if kind == "utm" else None
+            if problem:
+                raise CoordinateError(f"{path}:{line}: bad coordinates for {row['path']!r}: {problem}")
             if key in locations:
                 raise CoordinateError(f"{path}:{line}: {row['path']!r} appears twice")
             locations[key] = Location(latlon=(a, b)) if kind == "latlon" else Location(utm=(a, b))
@@ -207,7 +243,13 @@ def majority_zone(locations: list[Location]) -> tuple[int, str]:
     return computed.most_common(1)[0][0]
 
 
-def to_utm(locations: list[Location], zone: tuple[int, str] | None) -> np.ndarray:
+def _label(names: Sequence[str] | None, i: int) -> str:
+    return repr(names[i]) if names is not None else f"point {i}"
+
+
+def to_utm(
+    locations: Sequence[Location], zone: tuple[int, str] | None, names: Sequence[str] | None = None
+) -> np.ndarray:
     """Planar UTM coordinates of every location, in metres, in ONE zone.
 
     Points that carry UTM in their name keep it unless their name says another zone; the others are projected from
@@ -216,12 +258,14 @@ def to_utm(locations: list[Location], zone: tuple[int, str] | None) -> np.ndarra
     Args:
         locations: The parsed locations.
         zone: ``(number, letter)`` to project lat/lon points into; required when any point has only lat/lon.
+        names: Optional file name of each location, used in error messages.
 
     Returns:
         ``[N, 2]`` float64 (east, north).
 
     Raises:
-        CoordinateError: when a point in another zone has no lat/lon, or a zone is needed and missing.
+        CoordinateError: naming the file when a point in another zone has no lat/lon, or when a zone is needed and
+            missing or invalid.
     """
     out = np.empty((len(locations), 2), dtype=np.float64)
     to_project = []
@@ -232,10 +276,19 @@ def to_utm(locations: list[Location], zone: tuple[int, str] | None) -> np.ndarra
         elif loc.latlon is not None:
             to_project.append(i)
         else:
-            raise CoordinateError(f"point {i} is in UTM zone {loc.zone} without lat/lon; the evaluation uses {zone}")
+            raise CoordinateError(
+                f"{_label(names, i)} is in UTM zone {loc.zone[0]}{loc.zone[1]} and carries no latitude/longitude, "
+                f"but the evaluation uses zone {zone[0]}{zone[1]}: give it lat/lon in its name (or a coordinates "
+                "CSV), or use --distance haversine"
+            )
     if to_project:
         if zone is None:
-            raise CoordinateError("a UTM zone is needed to project latitude/longitude points")
+            raise CoordinateError(
+                f"a UTM zone is needed to project latitude/longitude points such as {_label(names, to_project[0])}: "
+                "give the database names a zone (@east@north@zone@letter@...) or use --distance haversine"
+            )
+        if _zone(str(zone[0]), str(zone[1])) is None:
+            raise CoordinateError(f"UTM zone {zone} is not a zone number 1-60 and a band letter C-X")
         lat = np.array([locations[i].latlon[0] for i in to_project], dtype=np.float64)
         lon = np.array([locations[i].latlon[1] for i in to_project], dtype=np.float64)
         east, north, _, _ = utm.from_latlon(lat, lon, force_zone_number=zone[0], force_zone_letter=zone[1])
@@ -243,16 +296,20 @@ def to_utm(locations: list[Location], zone: tuple[int, str] | None) -> np.ndarra
     return out
 
 
-def to_latlon(locations: list[Location]) -> np.ndarray:
+def to_latlon(locations: Sequence[Location], names: Sequence[str] | None = None) -> np.ndarray:
     """Latitude/longitude of every location in degrees (for haversine distances).
 
     Points with only UTM are converted back with the zone written in their name.
+
+    Args:
+        locations: The parsed locations.
+        names: Optional file name of each location, used in error messages.
 
     Returns:
         ``[N, 2]`` float64 (lat, lon).
 
     Raises:
-        CoordinateError: when a point has UTM without a zone (no way to recover lat/lon).
+        CoordinateError: naming the file when a point has UTM without a zone (no way to recover lat/lon).
     """
     out = np.empty((len(locations), 2), dtype=np.float64)
     for i, loc in enumerate(locations):
@@ -261,5 +318,8 @@ def to_latlon(locations: list[Location]) -> np.ndarray:
         elif loc.zone is not None:
             out[i] = utm.to_latlon(loc.utm[0], loc.utm[1], loc.zone[0], loc.zone[1])
         else:
-            raise CoordinateError(f"point {i} has UTM coordinates without a zone: cannot compute a haversine distance")
+            raise CoordinateError(
+                f"{_label(names, i)} has UTM coordinates without a zone: cannot compute a haversine distance "
+                "(use --distance utm, or names with @zone@letter@ or lat/lon)"
+            )
     return out

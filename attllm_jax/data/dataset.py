@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
@@ -35,14 +36,15 @@ def list_images(folder: str | os.PathLike) -> list[str]:
 
     Raises:
         FileNotFoundError: when the folder is missing, holds no image, or the path list names a missing first file.
+        PathListError: when the path list has an entry outside the folder (absolute, or escaping it with '..') or
+            a duplicate entry, naming the line.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
     listing = paths_file_for(folder)
     if listing.is_file():
-        lines = listing.read_text(encoding="utf-8").splitlines()
-        paths = [coords.normalize_relative_path(line) for line in lines if line.strip()]
+        paths = read_paths_file(listing)
         if not paths:
             raise FileNotFoundError(f"{listing} lists no image")
         if not (folder / paths[0]).is_file():
@@ -51,6 +53,48 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     paths = list_image_files(folder)
     if not paths:
         raise FileNotFoundError(f"image folder {str(folder)!r} contains no {'/'.join(IMAGE_EXTENSIONS)} image")
+    return paths
+
+
+class PathListError(ValueError):
+    """A ``<folder>_images_paths.txt`` entry is outside the folder or listed twice."""
+
+
+def read_paths_file(listing: str | os.PathLike) -> list[str]:
+    """Reads a path list: one image path relative to the folder per line; blank lines are ignored.
+
+    Entries are normalized (``'\\'`` -> ``'/'``, ``./`` and ``a/../`` collapsed). An absolute entry, or one that
+    leaves the folder through ``..``, is refused, so a list cannot make the evaluation read files elsewhere; the
+    same image listed twice (after normalization) is refused too, since it would be counted twice.
+
+    Args:
+        listing: The path-list file.
+
+    Returns:
+        The normalized relative paths, in the file's order.
+
+    Raises:
+        PathListError: naming the file, the line number and the entry.
+    """
+    paths: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(Path(listing).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        text = line.strip().replace("\\", "/")
+        normalized = posixpath.normpath(text)
+        if text.startswith("/") or PureWindowsPath(text).drive or normalized == ".." or normalized.startswith("../"):
+            raise PathListError(
+                f"{listing}:{number}: {line.strip()!r} is outside the image folder; the list must hold paths "
+                "relative to the folder, inside it"
+            )
+        if normalized in first_line:
+            raise PathListError(
+                f"{listing}:{number}: {line.strip()!r} repeats line {first_line[normalized]}; each image must be "
+                "listed once"
+            )
+        first_line[normalized] = number
+        paths.append(normalized)
     return paths
 
 
@@ -74,6 +118,10 @@ class ImageSet:
     def absolute(self, index: int) -> Path:
         """The full path of image ``index``."""
         return self.root / self.paths[index]
+
+    def names(self) -> list[str]:
+        """The full path of every image, as strings (for messages)."""
+        return [str(self.root / p) for p in self.paths]
 
     def fingerprint(self) -> str:
         """sha256 of the resolved folder and the ordered image list (keys descriptor stores)."""
@@ -111,8 +159,49 @@ def load_image_set(
             )
         locations = [table[p] for p in paths]
     else:
-        locations = [coords.parse_location(str(folder / p), convention) for p in paths]
+        locations = _parse_names(folder, paths, convention)
     return ImageSet(root=folder, paths=tuple(paths), locations=tuple(locations))
+
+
+_CONVENTION_NAMES = {
+    "sfxl": "the SF-XL convention @utm_east@utm_north@zone@letter@lat@lon@...@.jpg",
+    "flood": "the lat/lon convention [name%]lat_lon@....jpg",
+}
+
+
+def _parse_names(folder: Path, paths: list[str], convention: str) -> list[coords.Location]:
+    locations = []
+    for index, path in enumerate(paths):
+        try:
+            locations.append(coords.parse_location(str(folder / path), convention))
+        except coords.CoordinateError as error:
+            raise coords.CoordinateError(f"{error}{_convention_hint(folder, paths, index, convention)}") from None
+    return locations
+
+
+def _convention_hint(folder: Path, paths: list[str], bad: int, convention: str) -> str:
+    """What the other names of the folder suggest about a name that does not parse (the error's second half)."""
+    for other in ("sfxl", "flood"):
+        if other != convention and _parses(paths[bad], other):
+            return f"; it follows {_CONVENTION_NAMES[other]}: use --convention {other} (or auto)"
+    sample = [p for i, p in enumerate(paths[:200]) if i != bad]
+    votes = {name: sum(_parses(p, name) for p in sample) for name in ("sfxl", "flood")}
+    best = max(votes, key=votes.get)
+    if not votes[best]:
+        return "; give the images such names, or their coordinates in a CSV (--database_csv / --queries_csv)"
+    example = next(p for p in sample if _parses(p, best))
+    return (
+        f"; the other files of {folder} use {_CONVENTION_NAMES[best]} (e.g. {example!r}): rename this file that "
+        "way, move it out of the folder, or give coordinates in a CSV (--database_csv / --queries_csv)"
+    )
+
+
+def _parses(path: str, convention: str) -> bool:
+    try:
+        coords.parse_location(path, convention)
+    except coords.CoordinateError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -146,13 +235,16 @@ def geo_pair(database: ImageSet, queries: ImageSet, metric: str = "utm") -> GeoP
         zone = _evaluation_zone(database, queries)
         return GeoPair(
             metric,
-            coords.to_utm(list(database.locations), zone),
-            coords.to_utm(list(queries.locations), zone),
+            coords.to_utm(database.locations, zone, database.names()),
+            coords.to_utm(queries.locations, zone, queries.names()),
             zone,
         )
     if metric == "haversine":
         return GeoPair(
-            metric, coords.to_latlon(list(database.locations)), coords.to_latlon(list(queries.locations)), None
+            metric,
+            coords.to_latlon(database.locations, database.names()),
+            coords.to_latlon(queries.locations, queries.names()),
+            None,
         )
     raise ValueError(f"unknown distance metric {metric!r}; expected 'utm' or 'haversine'")
 

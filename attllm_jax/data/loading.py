@@ -5,6 +5,11 @@ several cores busy without pickling images between processes, and the device com
 next images (a sliding window of submitted futures is the prefetch buffer). Images whose preprocessed shapes differ
 (CosPlace keeps the aspect ratio) are grouped by shape into fixed-size batches; a partial batch is padded, so each
 shape compiles once.
+
+Memory is bounded by pixels, not by images: a batch of one shape holds at most ``max_batch_pixels`` pixels (fewer
+rows for larger shapes, at least one row per device), and an image whose preprocessed size alone exceeds what one
+batch may hold (a 20000 x 200 panorama resized to a 512-pixel shorter side is 51200 x 512) is skipped and counted
+as a failure, like an unreadable file, instead of being padded to a full batch.
 """
 
 from __future__ import annotations
@@ -19,6 +24,20 @@ import numpy as np
 from PIL import Image
 
 Preprocess = Callable[[Image.Image], np.ndarray]
+
+DEFAULT_PIXELS_PER_ROW = 1 << 20  # the default batch budget is batch_size megapixels
+
+
+def batch_pixel_budget(batch_size: int, max_batch_pixels: int | None = None) -> int:
+    """The pixel budget of one batch: ``max_batch_pixels``, or ``batch_size`` megapixels when it is None."""
+    budget = int(batch_size) * DEFAULT_PIXELS_PER_ROW if max_batch_pixels is None else int(max_batch_pixels)
+    if budget < 1:
+        raise ValueError(f"max_batch_pixels must be >= 1, got {max_batch_pixels}")
+    return budget
+
+
+class ImageTooLargeError(ValueError):
+    """A preprocessed image has more pixels than one batch may hold."""
 
 
 @dataclass(frozen=True)
@@ -47,22 +66,39 @@ class Batch:
         return int(np.count_nonzero(self.indices >= 0))
 
 
-def read_image(path: str | os.PathLike, preprocess: Preprocess) -> np.ndarray:
+def read_image(path: str | os.PathLike, preprocess: Preprocess, max_pixels: int | None = None) -> np.ndarray:
     """Decodes one image as RGB and applies ``preprocess``.
 
     Args:
         path: The image file.
         preprocess: PIL image -> ``[H, W, 3]`` float32 array (e.g. ``VPRModel.preprocess``).
+        max_pixels: Largest ``H * W`` accepted after preprocessing (None = no limit).
 
     Returns:
         ``[H, W, 3]`` float32.
+
+    Raises:
+        ImageTooLargeError: when the preprocessed image has more than ``max_pixels`` pixels.
     """
     with Image.open(path) as image:
         image = image.convert("RGB")
     array = np.asarray(preprocess(image), dtype=np.float32)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"preprocess returned shape {array.shape}, expected [H, W, 3]")
+    if max_pixels is not None:
+        check_pixels(array.shape, max_pixels, image.size)
     return array
+
+
+def check_pixels(shape: tuple[int, ...], max_pixels: int, source_size: tuple[int, int] | None = None) -> None:
+    """Raises :class:`ImageTooLargeError` when an ``[H, W, C]`` image has more than ``max_pixels`` pixels."""
+    pixels = int(shape[0]) * int(shape[1])
+    if pixels > max_pixels:
+        source = f" from {source_size[0]}x{source_size[1]}" if source_size else ""
+        raise ImageTooLargeError(
+            f"preprocessed to {shape[1]}x{shape[0]} pixels{source} ({pixels:,} pixels), more than one batch may "
+            f"hold ({max_pixels:,}; raise --max_batch_pixels or crop the image)"
+        )
 
 
 def default_num_workers() -> int:
@@ -75,6 +111,7 @@ def decode_stream(
     preprocess: Preprocess,
     num_workers: int | None = None,
     prefetch: int | None = None,
+    max_pixels: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray | LoadFailure]]:
     """Decodes images in a thread pool, in input order, keeping ``prefetch`` images in flight.
 
@@ -83,6 +120,7 @@ def decode_stream(
         preprocess: PIL image -> ``[H, W, 3]`` float32.
         num_workers: Decode threads (default: cores, at most 8).
         prefetch: Images submitted ahead of the consumer (default: 4 per worker).
+        max_pixels: Images with more preprocessed pixels become failures at once (their array is not kept).
 
     Yields:
         ``(index, image)`` or ``(index, LoadFailure)``; a bad image never raises.
@@ -92,7 +130,7 @@ def decode_stream(
 
     def load(index: int, path: str) -> np.ndarray | LoadFailure:
         try:
-            return read_image(path, preprocess)
+            return read_image(path, preprocess, max_pixels)
         except Exception as error:  # noqa: BLE001 -- any decoder error must skip the image, never abort a run
             return LoadFailure(index, str(path), f"{type(error).__name__}: {error}")
 
@@ -116,42 +154,99 @@ def shape_batches(
     batch_size: int,
     on_failure: Callable[[LoadFailure], None],
     group_of: Callable[[int], object] | None = None,
+    max_batch_pixels: int | None = None,
+    row_multiple: int = 1,
 ) -> Iterator[Batch]:
     """Groups decoded images by shape into fixed-size batches, padding partial ones.
 
     Args:
         stream: ``(index, image | LoadFailure)`` pairs, e.g. from :func:`decode_stream`.
-        batch_size: Rows per batch.
-        on_failure: Called with each failure (the image is skipped).
+        batch_size: Most rows per batch (a multiple of ``row_multiple``).
+        on_failure: Called with each failure (the image is skipped), including images too large for one batch.
         group_of: Optional item index -> group key; when it changes, every partial batch is flushed, so a group
             (a store chunk) completes without waiting for later images.
+        max_batch_pixels: Pixel budget of a batch (None = no bound): a shape of ``H x W`` gets
+            ``min(batch_size, max_batch_pixels // (H W))`` rows, rounded down to a multiple of ``row_multiple``;
+            an image for which that is below ``row_multiple`` is a failure.
+        row_multiple: Rows must be a multiple of this (the number of devices the batch is sharded over).
 
     Yields:
-        Batches of ``batch_size`` rows, each of a single image shape.
+        Batches of a single image shape, each with the same number of rows for the same shape.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if row_multiple < 1 or batch_size % row_multiple:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of row_multiple {row_multiple}")
     buckets: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    rows_of: dict[tuple[int, ...], int] = {}
     current_group = object()
     for index, item in stream:
         if group_of is not None:
             group = group_of(index)
             if group != current_group:
-                yield from _flush(buckets, batch_size)
+                yield from _flush(buckets, rows_of)
                 current_group = group
+        if not isinstance(item, LoadFailure) and max_batch_pixels is not None:
+            try:
+                check_pixels(item.shape, max_batch_pixels // row_multiple)
+            except ImageTooLargeError as error:
+                item = LoadFailure(index, f"<item {index}>", f"{type(error).__name__}: {error}")
         if isinstance(item, LoadFailure):
             on_failure(item)
             continue
+        if item.shape not in rows_of:
+            rows_of[item.shape] = _rows_for(item.shape, batch_size, max_batch_pixels, row_multiple)
         bucket = buckets.setdefault(item.shape, [])
         bucket.append((index, item))
-        if len(bucket) == batch_size:
-            yield _stack(buckets.pop(item.shape), batch_size)
-    yield from _flush(buckets, batch_size)
+        if len(bucket) == rows_of[item.shape]:
+            yield _stack(buckets.pop(item.shape), rows_of[item.shape])
+    yield from _flush(buckets, rows_of)
 
 
-def _flush(buckets: dict, batch_size: int) -> Iterator[Batch]:
+def load_batches(
+    items: Iterable[tuple[int, str]],
+    preprocess: Preprocess,
+    batch_size: int,
+    on_failure: Callable[[LoadFailure], None],
+    *,
+    group_of: Callable[[int], object] | None = None,
+    num_workers: int | None = None,
+    max_batch_pixels: int | None = None,
+    row_multiple: int = 1,
+) -> Iterator[Batch]:
+    """Decodes ``(index, path)`` items in threads and groups them into pixel-bounded, shape-uniform batches.
+
+    :func:`decode_stream` followed by :func:`shape_batches` with one pixel budget: images too large for a batch are
+    reported (with their path) as soon as they are decoded, and not kept in the prefetch window.
+
+    Args:
+        items: ``(index, path)`` pairs.
+        preprocess: PIL image -> ``[H, W, 3]`` float32.
+        batch_size: Most rows per batch (a multiple of ``row_multiple``).
+        on_failure: Called with each unreadable or too large image.
+        group_of: See :func:`shape_batches`.
+        num_workers: Decode threads.
+        max_batch_pixels: Pixel budget of a batch; None = ``batch_size`` megapixels (:func:`batch_pixel_budget`).
+        row_multiple: Rows must be a multiple of this (the device count).
+
+    Yields:
+        :class:`Batch` es.
+    """
+    budget = batch_pixel_budget(batch_size, max_batch_pixels)
+    stream = decode_stream(items, preprocess, num_workers, max_pixels=budget // row_multiple)
+    yield from shape_batches(stream, batch_size, on_failure, group_of, budget, row_multiple)
+
+
+def _rows_for(shape: tuple[int, ...], batch_size: int, max_batch_pixels: int | None, row_multiple: int) -> int:
+    if max_batch_pixels is None:
+        return batch_size
+    fit = max_batch_pixels // (int(shape[0]) * int(shape[1]))
+    return max(row_multiple, min(batch_size, fit // row_multiple * row_multiple))
+
+
+def _flush(buckets: dict, rows_of: dict) -> Iterator[Batch]:
     for shape in list(buckets):
-        yield _stack(buckets.pop(shape), batch_size)
+        yield _stack(buckets.pop(shape), rows_of[shape])
 
 
 def _stack(rows: list[tuple[int, np.ndarray]], batch_size: int) -> Batch:

@@ -34,6 +34,8 @@ class EvalConfig:
         image_size: Override of the model's resize: shorter side (int) or ``(height, width)``.
         batch_size: Images per device batch (rounded up to a multiple of the local device count).
         num_workers: Decode threads (None = cores, at most 8).
+        max_batch_pixels: Pixel budget of one batch (None = batch_size megapixels): large shapes get fewer rows,
+            and an image whose preprocessed size alone exceeds the budget is skipped and counted.
         store_dir: Database descriptor store: a directory or a tensorstore kvstore URL (None =
             ``output_dir/database_store``).
         chunk_size: Images per store chunk, the resume granularity (None = about a minute of work: 256 on the CPU,
@@ -64,6 +66,7 @@ class EvalConfig:
     image_size: int | tuple[int, int] | None = None
     batch_size: int = 8
     num_workers: int | None = None
+    max_batch_pixels: int | None = None
     store_dir: str | None = None
     chunk_size: int | None = None
     store_dtype: str = "float32"
@@ -119,6 +122,8 @@ class EvalConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers is not None and int(self.num_workers) < 1:
             raise ValueError(f"--num_workers must be >= 1, got {self.num_workers}")
+        if self.max_batch_pixels is not None and int(self.max_batch_pixels) < 1:
+            raise ValueError(f"--max_batch_pixels must be >= 1, got {self.max_batch_pixels}")
         if int(self.num_preds_to_save) < 0:
             raise ValueError(f"--num_preds_to_save must be >= 0, got {self.num_preds_to_save}")
         if not (math.isfinite(float(self.sigma)) and float(self.sigma) > 0):
@@ -130,6 +135,7 @@ class EvalConfig:
         for name in ("database_folder", "queries_folder"):
             if not Path(getattr(self, name)).is_dir():
                 raise FileNotFoundError(f"--{name} {getattr(self, name)!r} is not a directory")
+        _check_not_a_torch_file(self.checkpoint)
         for name in ("checkpoint", "attention_dir"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
@@ -151,7 +157,24 @@ class EvalConfig:
             chunk_size=None if self.chunk_size is None else int(self.chunk_size),
             num_workers=None if self.num_workers is None else int(self.num_workers),
             num_preds_to_save=int(self.num_preds_to_save),
+            max_batch_pixels=None if self.max_batch_pixels is None else int(self.max_batch_pixels),
         )
+
+
+TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+
+
+def _check_not_a_torch_file(checkpoint: str | None) -> None:
+    """A PyTorch checkpoint file given as --checkpoint: say how to convert it (a converted model is a directory)."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return
+    if Path(checkpoint).suffix.lower() in TORCH_CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"--checkpoint {checkpoint!r} is a PyTorch checkpoint file; convert it first "
+            f'(pip install -e ".[convert]"; attllm-convert <family> --checkpoint {checkpoint} --output DIR) '
+            "and pass the output DIR as --checkpoint"
+        )
+    raise ValueError(f"--checkpoint {checkpoint!r} is a file; it must be a converted model directory (attllm-convert)")
 
 
 def _validate_image_size(value) -> int | tuple[int, int] | None:

@@ -12,9 +12,10 @@ from PIL import Image
 
 from attllm_jax.attention.masks import oracle_grid
 from attllm_jax.attention.parse import parse_answer
-from attllm_jax.attention.store import make_record, write_json_atomic
+from attllm_jax.attention.store import make_record
 from attllm_jax.data.synthetic import SyntheticBenchmark, SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation.config import EvalConfig
+from attllm_jax.files import atomic_write_json
 
 DEMO_IMAGE_SIZE = 288  # the synthetic views' own height: evaluated without resizing, fast on a CPU
 DEMO_NOTES = (
@@ -46,7 +47,7 @@ def write_oracle_attention(benchmark: SyntheticBenchmark, directory: str | os.Pa
             prompt_version="1",
             city="synthetic",
         )
-        write_json_atomic(target, record)
+        atomic_write_json(target, record)
     return directory
 
 

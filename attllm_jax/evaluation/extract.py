@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from attllm_jax.attention.maps import attention_maps, attention_mask
 from attllm_jax.attention.parse import ParsedAttention
 from attllm_jax.data.dataset import ImageSet
-from attllm_jax.data.loading import Batch, LoadFailure, decode_stream, shape_batches
+from attllm_jax.data.loading import Batch, LoadFailure, load_batches
 from attllm_jax.evaluation.progress import Progress
 from attllm_jax.retrieval.store import DescriptorStore
 
@@ -93,6 +93,7 @@ def extract_database(
     batch_size: int,
     image_size=None,
     num_workers: int | None = None,
+    max_batch_pixels: int | None = None,
     progress_interval_s: float = 5.0,
 ) -> DatabaseExtraction:
     """Fills the store's missing chunks with database descriptors.
@@ -108,6 +109,7 @@ def extract_database(
         batch_size: Images per device batch.
         image_size: Optional resize override passed to ``model.preprocess``.
         num_workers: Decode threads.
+        max_batch_pixels: Pixel budget of a batch (None = batch_size megapixels); larger images are skipped.
         progress_interval_s: Seconds between progress lines.
 
     Returns:
@@ -143,8 +145,16 @@ def extract_database(
         progress.update()
         finish_if_complete(chunk)
 
-    stream = decode_stream(((i, str(images.absolute(i))) for i in todo), _preprocess_fn(model, image_size), num_workers)
-    batches = shape_batches(stream, batch_size, on_failure, group_of=store.chunk_of)
+    batches = load_batches(
+        ((i, str(images.absolute(i))) for i in todo),
+        _preprocess_fn(model, image_size),
+        batch_size,
+        on_failure,
+        group_of=store.chunk_of,
+        num_workers=num_workers,
+        max_batch_pixels=max_batch_pixels,
+        row_multiple=jax.local_device_count(),
+    )
     # features + aggregate (not __call__): the queries reuse the same compiled backbone for the same shape
     compute = lambda batch: model.aggregate(model.features(jax.device_put(batch.images, sharding)))  # noqa: E731
     for batch, result in _pipelined(batches, compute):
@@ -187,6 +197,7 @@ def build_database_store(
     image_size=None,
     num_workers: int | None = None,
     weights_sha256: str | None = None,
+    max_batch_pixels: int | None = None,
 ) -> tuple[DescriptorStore, DatabaseExtraction]:
     """Opens (creating, resuming or rebuilding) the database store and fills its missing chunks.
 
@@ -200,6 +211,7 @@ def build_database_store(
         image_size: Optional resize override.
         num_workers: Decode threads.
         weights_sha256: The model's weights digest when already computed.
+        max_batch_pixels: Pixel budget of a batch (None = batch_size megapixels); larger images are skipped.
 
     Returns:
         The open store (the caller closes it) and what the extraction did.
@@ -218,7 +230,13 @@ def build_database_store(
             store.dtype,
         )
         summary = extract_database(
-            model, database, store, batch_size=batch_size, image_size=image_size, num_workers=num_workers
+            model,
+            database,
+            store,
+            batch_size=batch_size,
+            image_size=image_size,
+            num_workers=num_workers,
+            max_batch_pixels=max_batch_pixels,
         )
         store.write_paths(list(database.paths))
     except BaseException:
@@ -286,6 +304,7 @@ def extract_queries(
     num_workers: int | None = None,
     sigma: float = 0.2,
     grid_interpolate: bool = False,
+    max_batch_pixels: int | None = None,
     progress_interval_s: float = 5.0,
 ) -> QueryDescriptors:
     """Backbone features once per query, attention maps once per query, every alpha in one vmapped call.
@@ -303,6 +322,7 @@ def extract_queries(
         num_workers: Decode threads.
         sigma: RBF width of point answers.
         grid_interpolate: Bilinear grid maps.
+        max_batch_pixels: Pixel budget of a batch (None = batch_size megapixels); larger images are skipped.
         progress_interval_s: Seconds between progress lines.
 
     Returns:
@@ -326,26 +346,20 @@ def extract_queries(
 
     def compute(batch: Batch):
         feats = model.features(jax.device_put(batch.images, sharding))
-        height, width = model.feature_grid(feats)
         rows = [attention[i] if i >= 0 else None for i in batch.indices]
-        mask = attention_mask(rows)
-        plain = None if mask[batch.indices >= 0].all() else model.aggregate(feats)
-        if not mask.any():
-            return mask, None, plain
-        maps = attention_maps(rows, height, width, sigma=sigma, grid_interpolate=grid_interpolate)
-        return mask, model.aggregate_sweep(feats, maps, alphas), plain
+        return aggregate_query_batch(model, feats, rows, batch.indices >= 0, alphas, sigma, grid_interpolate)
 
-    stream = decode_stream(
-        ((i, str(images.absolute(i))) for i in range(len(images))), _preprocess_fn(model, image_size), num_workers
+    batches = load_batches(
+        ((i, str(images.absolute(i))) for i in range(len(images))),
+        _preprocess_fn(model, image_size),
+        batch_size,
+        on_failure,
+        num_workers=num_workers,
+        max_batch_pixels=max_batch_pixels,
+        row_multiple=jax.local_device_count(),
     )
-    for batch, (mask, sweep, plain) in _pipelined(shape_batches(stream, batch_size, on_failure), compute):
-        if plain is None:
-            result = np.asarray(sweep)  # every real row has attention (padding rows are dropped below)
-        else:
-            plain = np.asarray(plain)
-            result = np.broadcast_to(plain, (len(alphas), *plain.shape))
-            if sweep is not None:
-                result = np.where(mask[None, :, None], np.asarray(sweep), result)
+    for batch, (mask, sweep, plain) in _pipelined(batches, compute):
+        result = combine_query_batch(mask, sweep, plain, len(alphas))
         if out is None:
             out = np.zeros((len(alphas), len(images), result.shape[-1]), dtype=np.float32)
         keep = batch.indices >= 0
@@ -357,3 +371,47 @@ def extract_queries(
         out = np.zeros((len(alphas), len(images), model.spec.descriptor_dim), dtype=np.float32)
     seconds = progress.finish()
     return QueryDescriptors(out, valid, applied, failures, seconds)
+
+
+def aggregate_query_batch(
+    model,
+    feats,
+    rows: Sequence[ParsedAttention | None],
+    real: np.ndarray,
+    alphas: np.ndarray,
+    sigma: float,
+    grid_interpolate: bool,
+):
+    """Dispatches (asynchronously) one feature batch's descriptors for every alpha.
+
+    Args:
+        model: A :class:`~attllm_jax.models.vpr.VPRModel`.
+        feats: :meth:`features` output of a ``[B, H, W, 3]`` batch.
+        rows: ``[B]`` parsed answers (None for padding rows or queries without one).
+        real: ``[B]`` bool, False for padding rows.
+        alphas: ``[K]`` float32.
+        sigma: RBF width of point answers.
+        grid_interpolate: Bilinear grid maps.
+
+    Returns:
+        ``(mask [B] bool, sweep [K, B, D] or None, plain [B, D] or None)``: rows with attention take ``sweep``,
+        the others ``plain`` (see :func:`combine_query_batch`).
+    """
+    mask = attention_mask(rows)
+    plain = None if mask[real].all() else model.aggregate(feats)
+    if not mask.any():
+        return mask, None, plain
+    height, width = model.feature_grid(feats)
+    maps = attention_maps(rows, height, width, sigma=sigma, grid_interpolate=grid_interpolate)
+    return mask, model.aggregate_sweep(feats, maps, alphas), plain
+
+
+def combine_query_batch(mask: np.ndarray, sweep, plain, num_alphas: int) -> np.ndarray:
+    """``[K, B, D]`` host descriptors of :func:`aggregate_query_batch` output: sweep rows where ``mask``, else plain."""
+    if plain is None:
+        return np.asarray(sweep)  # every real row has attention (padding rows are the caller's to drop)
+    plain = np.asarray(plain)
+    result = np.broadcast_to(plain, (num_alphas, *plain.shape))
+    if sweep is not None:
+        result = np.where(mask[None, :, None], np.asarray(sweep), result)
+    return result

@@ -1,19 +1,43 @@
-"""Figures: recall@N against alpha, and per-query prediction strips."""
+"""Figures: recall@N against alpha, and per-query prediction strips.
+
+``recall_vs_alpha.png``: one line per N, the model and data named in a two-line title (long checkpoint paths are
+shortened to their last parts), the legend outside the axes so it never hides a point.
+
+``predictions/alpha_<a>/<query stem>.jpg`` (JPEG, quality 90): the query (with its attention map blended over it
+when alpha > 0) and its top-K database images, 256 px tall; under each prediction its rank, inner-product score and
+distance to the query in metres, its frame green when it is a positive (within the threshold) and red otherwise;
+under the query a colour key of the overlay (blue 0 = noise, white 1 = neutral, red 2 = distinctive).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-GREEN, RED, GREY = (40, 170, 60), (210, 40, 40), (128, 128, 128)
+GREEN, RED, GREY, BLACK, WHITE = (40, 170, 60), (210, 40, 40), (128, 128, 128), (0, 0, 0), (255, 255, 255)
+
+
+def shorten_path(path: str, keep: int = 2, max_chars: int = 48) -> str:
+    """The last ``keep`` parts of a long path, prefixed with ``.../`` (short paths unchanged)."""
+    text = str(path)
+    if len(text) <= max_chars:
+        return text
+    parts = Path(text).parts[-keep:]
+    short = "/".join(parts)
+    return ".../" + (short if len(short) <= max_chars else "..." + short[-max_chars:])
 
 
 def plot_recall_vs_alpha(
-    path: str | os.PathLike, alphas: Sequence[float], recalls: np.ndarray, recall_values: Sequence[int], title: str
+    path: str | os.PathLike,
+    alphas: Sequence[float],
+    recalls: np.ndarray,
+    recall_values: Sequence[int],
+    title: str | Sequence[str],
 ) -> None:
     """Saves a PNG with one line per N: recall@N (percent) against alpha.
 
@@ -22,7 +46,7 @@ def plot_recall_vs_alpha(
         alphas: ``[K]``.
         recalls: ``[K, len(recall_values)]`` percentages.
         recall_values: The N.
-        title: Figure title.
+        title: Figure title: a string, or lines (each drawn on its own line).
     """
     import matplotlib
 
@@ -30,18 +54,32 @@ def plot_recall_vs_alpha(
     import matplotlib.pyplot as plt
 
     order = np.argsort(alphas)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    lines = [title] if isinstance(title, str) else list(title)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    markers = "osD^vP*X"
     for j, n in enumerate(recall_values):
-        ax.plot(np.asarray(alphas)[order], np.asarray(recalls)[order, j], marker="o", label=f"R@{n}")
+        ax.plot(
+            np.asarray(alphas)[order],
+            np.asarray(recalls)[order, j],
+            marker=markers[j % len(markers)],
+            label=f"R@{n}",
+        )
     ax.set_xlabel("alpha (attention blend)")
     ax.set_ylabel("recall@N (%)")
-    ax.set_title(title, fontsize=9)
-    ax.set_ylim(0, 100)
+    ax.set_title("\n".join(lines), fontsize=9, loc="left")
+    ax.set_ylim(-3, 103)  # points at 0 and 100 are drawn whole
+    ax.margins(x=0.04)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
 
 
 def _thumbnail(path: str | os.PathLike, height: int) -> Image.Image:
@@ -50,7 +88,7 @@ def _thumbnail(path: str | os.PathLike, height: int) -> Image.Image:
             image = image.convert("RGB")
     except Exception:  # noqa: BLE001 -- an unreadable image becomes a grey tile, the strip is still written
         return Image.new("RGB", (height * 4 // 3, height), GREY)
-    width = max(1, round(image.width * height / image.height))
+    width = max(1, min(round(image.width * height / image.height), 4 * height))
     return image.resize((width, height), Image.Resampling.BILINEAR)
 
 
@@ -71,38 +109,92 @@ def overlay_attention(image: Image.Image, attention: np.ndarray | None, opacity:
     return Image.blend(image, heat, opacity)
 
 
+def colour_key(width: int, opacity: float = 0.45, font_size: int = 13) -> Image.Image:
+    """The overlay's colour key: the heat ramp 0..2 as blended over a mid-grey photo, labelled below."""
+    bar_h = 12
+    font = _font(font_size)
+    ramp = _heat(np.linspace(0.0, 2.0, width, dtype=np.float32)[None].repeat(bar_h, 0))
+    grey = np.full_like(ramp, 128)
+    bar = Image.blend(Image.fromarray(grey), Image.fromarray(ramp), opacity)
+    key = Image.new("RGB", (width, bar_h + font_size + 6), WHITE)
+    key.paste(bar, (0, 0))
+    draw = ImageDraw.Draw(key)
+    for text, anchor_x, anchor in (
+        ("0 noise", 0, "la"),
+        ("1 neutral", width // 2, "ma"),
+        ("2 distinctive", width, "ra"),
+    ):
+        draw.text((anchor_x, bar_h + 3), text, fill=BLACK, font=font, anchor=anchor)
+    return key
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One retrieved database image as drawn in a strip.
+
+    Attributes:
+        path: The database image.
+        correct: Whether it is a positive of the query.
+        score: Its inner-product score (cosine similarity for unit descriptors).
+        distance_m: Its distance to the query in metres (None when unknown).
+    """
+
+    path: str | os.PathLike
+    correct: bool
+    score: float
+    distance_m: float | None = None
+
+
 def save_prediction_strip(
     path: str | os.PathLike,
     query_path: str | os.PathLike,
-    prediction_paths: Sequence[str | os.PathLike],
-    correct: Sequence[bool],
+    predictions: Sequence[Prediction],
     attention: np.ndarray | None,
-    caption: str,
-    height: int = 160,
+    title: str,
+    query_label: str = "query",
+    height: int = 256,
     border: int = 6,
 ) -> None:
-    """Saves one query (with its attention overlay) and its top predictions framed green (correct) / red.
+    """Saves one query (with its attention overlay) and its top predictions, labelled and framed by correctness.
 
     Args:
         path: Output image (JPEG or PNG by extension).
         query_path: The query image.
-        prediction_paths: Top-K database images, best first.
-        correct: Whether each prediction is a positive.
-        attention: The query's attention map ``[h, w]``, or None.
-        caption: Text drawn above the strip.
+        predictions: Top-K database images, best first.
+        attention: The query's attention map ``[h, w]`` drawn over it with a colour key, or None.
+        title: Text drawn above the strip.
+        query_label: Text under the query tile (e.g. the attention kind).
         height: Thumbnail height in pixels.
         border: Frame width.
     """
+    font, small = _font(15), _font(13)
+    line = 18
     tiles = [ImageOps.expand(overlay_attention(_thumbnail(query_path, height), attention), border, fill=GREY)]
-    for pred, ok in zip(prediction_paths, correct, strict=True):
-        tiles.append(ImageOps.expand(_thumbnail(pred, height), border, fill=GREEN if ok else RED))
-    gap, top = 4, 18
-    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
-    canvas = Image.new("RGB", (width, tiles[0].height + top), (255, 255, 255))
+    labels = [[query_label, "(attention overlay)" if attention is not None else "(no overlay)"]]
+    for rank, pred in enumerate(predictions, start=1):
+        tiles.append(ImageOps.expand(_thumbnail(pred.path, height), border, fill=GREEN if pred.correct else RED))
+        distance = "distance ?" if pred.distance_m is None else f"{pred.distance_m:,.0f} m away"
+        labels.append([f"#{rank}  score {pred.score:.3f}", f"{distance}, {'positive' if pred.correct else 'wrong'}"])
+    gap, top = 8, 2 * line + 8
+    key = colour_key(min(tiles[0].width, 260)) if attention is not None else None
+    below = 2 * line + 6 + (key.height + 4 if key is not None else 0)
+    width = max(sum(t.width for t in tiles) + gap * (len(tiles) - 1), 600)
+    canvas = Image.new("RGB", (width, top + tiles[0].height + below), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill=BLACK, font=font)
+    draw.text(
+        (4, 4 + line),
+        "frame: green = positive, red = not a positive; score = descriptor inner product",
+        fill=GREY,
+        font=small,
+    )
     x = 0
-    for tile in tiles:
+    for tile, texts in zip(tiles, labels, strict=True):
         canvas.paste(tile, (x, top))
+        for i, text in enumerate(texts):
+            draw.text((x + 2, top + tile.height + 3 + i * line), text, fill=BLACK, font=small)
         x += tile.width + gap
-    ImageDraw.Draw(canvas).text((4, 3), caption, fill=(0, 0, 0))
+    if key is not None:
+        canvas.paste(key, (0, top + tiles[0].height + 2 * line + 8))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, quality=90)

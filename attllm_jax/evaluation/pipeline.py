@@ -18,22 +18,25 @@ import jax
 import numpy as np
 
 from attllm_jax.attention.maps import attention_maps
-from attllm_jax.data.dataset import geo_pair, load_image_set
-from attllm_jax.evaluation.attention_source import load_query_attention
+from attllm_jax.data.dataset import GeoPair, ImageSet, geo_pair, load_image_set
+from attllm_jax.evaluation.attention_source import QueryAttention, load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
-from attllm_jax.evaluation.extract import build_database_store, extract_queries, weights_digest
-from attllm_jax.evaluation.figures import plot_recall_vs_alpha, save_prediction_strip
+from attllm_jax.evaluation.extract import DatabaseExtraction, build_database_store, extract_queries, weights_digest
+from attllm_jax.evaluation.figures import Prediction, plot_recall_vs_alpha, save_prediction_strip, shorten_path
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
     Retrieval,
+    preprocessing_used,
+    recall_beyond_database_note,
     recall_table,
     write_json,
     write_per_query_csv,
     write_published_csvs,
 )
-from attllm_jax.retrieval.positives import find_positives
+from attllm_jax.retrieval.positives import find_positives, haversine_m
 from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
 from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
+from attllm_jax.retrieval.store import DescriptorStore
 
 log = logging.getLogger("attllm_jax.evaluation")
 
@@ -77,13 +80,28 @@ def _random_leaf(path, leaf, rng: np.random.Generator) -> jax.Array:
     raise ValueError(f"no random initializer for parameter {jax.tree_util.keystr(path)}")
 
 
+class ModelLoadError(ValueError):
+    """The --checkpoint directory does not hold a loadable converted model (bad config.json, state, fields)."""
+
+
 def load_eval_model(config: EvalConfig):
-    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512."""
+    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512.
+
+    Raises:
+        ModelLoadError: naming the checkpoint directory, when its config or state cannot be loaded.
+    """
     if config.checkpoint is None:
         return random_cosplace_model(config.model_seed)
     from attllm_jax.checkpoint import load_model
 
-    return load_model(config.checkpoint)
+    try:
+        return load_model(config.checkpoint)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:  # malformed config.json or state
+        detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        raise ModelLoadError(
+            f"--checkpoint {config.checkpoint}: cannot load the model ({type(error).__name__}: {detail}); "
+            "convert the PyTorch checkpoint again with attllm-convert"
+        ) from error
 
 
 @dataclass
@@ -132,38 +150,10 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out / LOG_FILE)
     log.info("evaluation settings: %s", json.dumps(asdict(config), default=str))
-    database = load_image_set(config.database_folder, config.convention, config.database_csv)
-    queries = load_image_set(config.queries_folder, config.convention, config.queries_csv)
-    log.info(
-        "database: %d images in %s; queries: %d images in %s", len(database), database.root, len(queries), queries.root
-    )
-    geo = geo_pair(database, queries, config.distance)
-    positives_all = find_positives(geo.database, geo.queries, config.positive_dist_threshold, config.distance)
-    attention = load_query_attention(queries, config.attention_dir, config.max_points)
-    log.info("attention answers per kind: %s", attention.counts)
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model = model if model is not None else load_eval_model(config)
-    digest = weights_digest(model)
-    timings["load_model"] = time.perf_counter() - t0
-    log.info("model: %s, weights sha256 %s...", model, digest[:12])
-    top_m = max(max(config.recall_values), config.num_preds_to_save)
-    dim = model.spec.descriptor_dim
-    plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
-    log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
-
-    store, db_run = build_database_store(
-        model,
-        database,
-        config.resolved_store_dir,
-        chunk_size=config.resolved_chunk_size,
-        store_dtype=config.store_dtype,
-        batch_size=config.batch_size,
-        image_size=config.image_size,
-        num_workers=config.num_workers,
-        weights_sha256=digest,
-    )
+    inputs = prepare_inputs(config, model)
+    database, queries, geo, attention = inputs.database, inputs.queries, inputs.geo, inputs.attention
+    positives_all, model, digest, timings = inputs.positives_all, inputs.model, inputs.digest, inputs.timings
+    store, db_run, top_m, plan = inputs.store, inputs.db_run, inputs.top_m, inputs.plan
     try:
         return _evaluate_with_store(
             config,
@@ -216,6 +206,7 @@ def _evaluate_with_store(
         num_workers=config.num_workers,
         sigma=config.sigma,
         grid_interpolate=config.grid_interpolate,
+        max_batch_pixels=config.max_batch_pixels,
     )
     timings["queries"] = q.seconds
 
@@ -237,36 +228,58 @@ def _evaluate_with_store(
     timings["search"] = time.perf_counter() - t0
 
     kinds = [_applied_kind(a, applied) for a, applied in zip(attention.parsed, q.with_attention, strict=True)]
-    write_per_query_csv(out / "per_query.csv", retrieval, queries.paths, database.paths, positives, q.valid, kinds)
+    write_per_query_csv(
+        out / "per_query.csv",
+        retrieval,
+        queries.paths,
+        database.paths,
+        positives,
+        q.valid,
+        kinds,
+        attention.point_counts(),
+    )
     for k, alpha in enumerate(config.alphas):
         write_published_csvs(
             out / "csv_results" / f"alpha_{alpha_key(alpha)}",
             k,
             retrieval,
             queries.paths,
-            [str(database.absolute(i)) for i in range(len(database))],
+            database.paths,
             positives,
             config.positive_dist_threshold,
             num_evaluated=int(q.valid.sum()),
         )
     weights_note = model.spec.provenance.weights or f"checkpoint {config.checkpoint}"
+    weights_label = model.spec.provenance.weights or f"checkpoint {shorten_path(config.checkpoint)}"
     plot_recall_vs_alpha(
         out / "recall_vs_alpha.png",
         config.alphas,
         retrieval.recalls,
         config.recall_values,
-        f"{model.spec.describe()} ({weights_note}), {len(queries)} queries, {config.positive_dist_threshold:g} m",
+        [
+            f"{model.spec.describe()}, weights: {weights_label}",
+            f"{len(queries)} queries, {len(database)} database images, positives within "
+            f"{config.positive_dist_threshold:g} m",
+        ],
     )
     if config.num_preds_to_save:
-        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives)
+        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives, geo)
 
     no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
+    notes = list(config.notes)
+    beyond = recall_beyond_database_note(config.recall_values, int(db_valid.sum()))
+    if beyond:
+        log.warning("%s", beyond)
+        notes.append(f"WARNING: {beyond}")
     timings["total"] = time.perf_counter() - t_start
     results = {
         "model": model.spec.to_dict(),
         "weights": {"source": weights_note, "sha256": digest},
         "num_database": len(database),
         "num_queries": len(queries),
+        "database_folder": str(database.root),
+        "queries_folder": str(queries.root),
+        "preprocessing": preprocessing_used(model.spec.preprocess.to_dict(), config.image_size),
         "positive_dist_threshold": config.positive_dist_threshold,
         "recalls": retrieval.recalls_dict(),
         "alphas": list(config.alphas),
@@ -287,6 +300,10 @@ def _evaluate_with_store(
             "queries_without_attention": int(len(queries) - q.with_attention.sum()),
             "missing_files": attention.missing,
             "unusable_files": attention.invalid,
+            "unused_files": attention.unused,
+            "dropped_entries": sum(d for _, d, _ in attention.point_counts()),
+            "clamped_values": sum(c for _, _, c in attention.point_counts()),
+            "adjusted_answers": attention.adjusted(list(queries.paths)),
             "sigma": config.sigma,
             "grid_interpolate": config.grid_interpolate,
         },
@@ -302,7 +319,7 @@ def _evaluate_with_store(
         "search": retrieval.search_info,
         "hosts": hosts_entry(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "notes": list(config.notes),
+        "notes": notes,
     }
     write_json(out / RESULTS_FILE, results)
     log.info(
@@ -313,6 +330,87 @@ def _evaluate_with_store(
     )
     log.info("results written to %s", out / RESULTS_FILE)
     return EvalResult(results, retrieval, contents.descriptors, q.descriptors, positives, out, model)
+
+
+@dataclass
+class EvalInputs:
+    """What every evaluation of a dataset needs before any query is aggregated (see :func:`prepare_inputs`).
+
+    Attributes:
+        database: The database image set.
+        queries: The query image set.
+        geo: Database and query positions in one frame.
+        positives_all: Per-query positive database indices (all database images, readable or not).
+        attention: The parsed attention answer of every query.
+        model: The model.
+        digest: sha256 of its weights.
+        store: The complete database descriptor store, open (the caller closes it).
+        db_run: What filling the store did.
+        timings: Seconds spent loading the model.
+        top_m: Predictions kept per query.
+        plan: The search's memory plan (decided before the database is extracted).
+    """
+
+    database: ImageSet
+    queries: ImageSet
+    geo: GeoPair
+    positives_all: list[np.ndarray]
+    attention: QueryAttention
+    model: Any
+    digest: str
+    store: DescriptorStore
+    db_run: DatabaseExtraction
+    timings: dict[str, float]
+    top_m: int
+    plan: MemoryPlan
+
+
+def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
+    """Loads the datasets, positives, attention answers and model, plans the search and fills the database store.
+
+    Args:
+        config: Validated settings.
+        model: Optional already loaded model.
+
+    Returns:
+        The inputs of an evaluation; close ``inputs.store`` when done.
+    """
+    database = load_image_set(config.database_folder, config.convention, config.database_csv)
+    queries = load_image_set(config.queries_folder, config.convention, config.queries_csv)
+    log.info(
+        "database: %d images in %s; queries: %d images in %s", len(database), database.root, len(queries), queries.root
+    )
+    geo = geo_pair(database, queries, config.distance)
+    positives_all = find_positives(geo.database, geo.queries, config.positive_dist_threshold, config.distance)
+    attention = load_query_attention(queries, config.attention_dir, config.max_points)
+    log.info("attention answers per kind: %s", attention.counts)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = model if model is not None else load_eval_model(config)
+    digest = weights_digest(model)
+    timings["load_model"] = time.perf_counter() - t0
+    log.info("model: %s, weights sha256 %s...", model, digest[:12])
+    top_m = max(max(config.recall_values), config.num_preds_to_save)
+    dim = model.spec.descriptor_dim
+    plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
+    log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
+
+    store, db_run = build_database_store(
+        model,
+        database,
+        config.resolved_store_dir,
+        chunk_size=config.resolved_chunk_size,
+        store_dtype=config.store_dtype,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+        weights_sha256=digest,
+        max_batch_pixels=config.max_batch_pixels,
+    )
+    return EvalInputs(
+        database, queries, geo, positives_all, attention, model, digest, store, db_run, timings, top_m, plan
+    )
 
 
 def retrieve(
@@ -381,7 +479,17 @@ def _applied_kind(parsed, applied: bool) -> str:
     return parsed.kind if applied or not parsed.has_attention else "unreadable"
 
 
-def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives) -> None:
+def _distances_m(geo, query: int, database_indices: list[int]) -> np.ndarray:
+    """Metres from one query to some database images, in the frame positives were found in."""
+    if not database_indices:
+        return np.zeros(0)
+    db, qp = geo.database[database_indices], geo.queries[query]
+    if geo.metric == "haversine":
+        return haversine_m(db[:, 0], db[:, 1], qp[0], qp[1])
+    return np.hypot(db[:, 0] - qp[0], db[:, 1] - qp[1])
+
+
+def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives, geo) -> None:
     k_preds = config.num_preds_to_save
     for qi in range(len(queries)):
         if not q.valid[qi]:
@@ -393,15 +501,23 @@ def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed,
                 attention_maps([answer], 24, 32, sigma=config.sigma, grid_interpolate=config.grid_interpolate)
             )[0]
         pos = set(positives[qi].tolist())
+        kind = _applied_kind(answer, bool(q.with_attention[qi]))
         for k, alpha in enumerate(retrieval.alphas):
             preds = [int(i) for i in retrieval.predictions[k, qi, :k_preds] if i >= 0]
+            scores = retrieval.scores[k, qi, : len(preds)]
+            distances = _distances_m(geo, qi, preds)
             rank = retrieval.first_hit[k, qi]
-            caption = f"alpha {alpha:g} | {queries.paths[qi]} | first positive: {'none' if rank < 0 else int(rank) + 1}"
+            first = "no positive in the top results" if rank < 0 else f"first positive at rank {int(rank) + 1}"
+            radius = f"positives within {config.positive_dist_threshold:g} m"
+            title = f"alpha {alpha:g} | {queries.paths[qi]} | {first} | {radius}"
             save_prediction_strip(
                 directory / f"alpha_{alpha_key(alpha)}" / (Path(queries.paths[qi]).stem + ".jpg"),
                 queries.absolute(qi),
-                [database.absolute(i) for i in preds],
-                [i in pos for i in preds],
+                [
+                    Prediction(database.absolute(i), i in pos, float(score), float(dist))
+                    for i, score, dist in zip(preds, scores, distances, strict=True)
+                ],
                 overlay if alpha > 0 else None,
-                caption,
+                title,
+                query_label=f"query, attention: {kind}",
             )

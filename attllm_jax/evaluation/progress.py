@@ -48,6 +48,9 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Logs ``label: done/total (rate/s, ETA)`` at most every ``interval_s`` seconds, and once at the end.
 
+    Used by the evaluation (images extracted) and by the annotation front end (images answered, with the
+    outcome counts as the line's note).
+
     Args:
         label: What is counted.
         total: Items expected.
@@ -60,9 +63,13 @@ class Progress:
         self.done = 0
         self.start = self._last = time.perf_counter()
         self._logged = -1
+        self.note = ""
 
-    def update(self, count: int = 1) -> None:
+    def update(self, count: int = 1, note: str | None = None) -> None:
+        """Adds ``count`` items done; ``note`` (when given) replaces the text shown after the counts."""
         self.done += count
+        if note is not None:
+            self.note = note
         now = time.perf_counter()
         if now - self._last >= self.interval_s:
             self._last = now
@@ -74,7 +81,8 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = _clock(eta) if eta != float("inf") else "?"
-        return f"{self.label}: {self.done}/{self.total} ({rate:.1f}/s, elapsed {_clock(elapsed)}, ETA {eta_text})"
+        line = f"{self.label}: {self.done}/{self.total} ({rate:.1f}/s, elapsed {_clock(elapsed)}, ETA {eta_text})"
+        return f"{line} | {self.note}" if self.note else line
 
     def finish(self) -> float:
         """Logs the final line; returns the elapsed seconds."""

@@ -1,0 +1,51 @@
+"""Who answers an annotation request, one module each, behind :class:`~.base.AnswerSource`.
+
+* :mod:`.gemini`: :class:`GeminiProvider` (google-genai SDK).
+* :mod:`.openai_compatible`: :class:`OpenAIProvider` (the ``openai`` client; vLLM, Ollama, LM Studio, ...).
+* :mod:`.files`: :class:`ExistingAnswers`, a reader of attention files already on disk (no request made).
+
+How requests are sent (retries, rate limit, redaction) lives in :mod:`attllm_jax.attention.request_policy`,
+shared by every provider; its public names are re-exported here for the front ends.
+"""
+
+from attllm_jax.attention.providers.base import (
+    AnnotationRequest,
+    AnnotationResponse,
+    AnswerSource,
+    ModelReply,
+    Provider,
+)
+from attllm_jax.attention.providers.files import ExistingAnswers
+from attllm_jax.attention.providers.gemini import GEMINI_KEY_VARIABLES, GeminiProvider
+from attllm_jax.attention.providers.openai_compatible import OPENAI_KEY_VARIABLE, OpenAIProvider
+from attllm_jax.attention.request_policy import (
+    Interrupted,
+    ProviderError,
+    RateLimiter,
+    Redactor,
+    RetryPolicy,
+    parse_google_retry_delay,
+    parse_retry_after,
+    redact,
+)
+
+__all__ = [
+    "GEMINI_KEY_VARIABLES",
+    "OPENAI_KEY_VARIABLE",
+    "AnnotationRequest",
+    "AnnotationResponse",
+    "AnswerSource",
+    "ExistingAnswers",
+    "GeminiProvider",
+    "Interrupted",
+    "ModelReply",
+    "OpenAIProvider",
+    "Provider",
+    "ProviderError",
+    "RateLimiter",
+    "Redactor",
+    "RetryPolicy",
+    "parse_google_retry_delay",
+    "parse_retry_after",
+    "redact",
+]

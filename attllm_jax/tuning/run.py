@@ -1,0 +1,376 @@
+"""The tuning run behind ``python -m experiments.tune``: caches, grid, refinement, cross-validation, optax.
+
+One run: the evaluation's inputs (datasets, positives, attention answers, model, database store) are prepared
+exactly as ``experiments.eval`` prepares them; the query backbone features come from (or go into) an on-disk
+cache; every (alpha, sigma, blend) then costs one aggregation and one search. Writes ``tuning.json``,
+``recall_vs_alpha_folds.png`` and ``tune.log`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attllm_jax.evaluation.config import EvalConfig
+from attllm_jax.evaluation.extract import database_store_key
+from attllm_jax.evaluation.pipeline import prepare_inputs
+from attllm_jax.evaluation.progress import setup_logging
+from attllm_jax.files import atomic_write_json
+from attllm_jax.ops.gem import ALPHA_OFF, BLENDS
+from attllm_jax.retrieval.recall import recall_from_ranks
+from attllm_jax.tuning import cv, search
+from attllm_jax.tuning.cache import cached_query_features
+from attllm_jax.tuning.evaluate import CachedRetrieval, RankSource, with_blend
+from attllm_jax.tuning.figures import plot_folds
+from attllm_jax.tuning.surrogate import optimize
+
+log = logging.getLogger("attllm_jax.tuning")
+
+TUNING_FILE = "tuning.json"
+LOG_FILE = "tune.log"
+FIGURE_FILE = "recall_vs_alpha_folds.png"
+METHODS = ("grid", "optax", "both")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """What to search and how to estimate it (the dataset side is an :class:`EvalConfig`).
+
+    Attributes:
+        alphas: The alpha grid (default 101 points 0, 0.01, ..., 1).
+        sigmas: RBF widths to grid over.
+        blends: "native" and/or "uniform".
+        objective: "r@1", "r@5" or "mean" (mean of recall@N over every N).
+        folds: Cross-validation folds (>= 2).
+        group_radius: Queries closer than this (metres) share a location group; None = 2 x the positive radius.
+        method: "grid", "optax" or "both".
+        feature_cache_dir: Query-feature cache (None = ``output_dir/query_features``).
+        seed: Seed of the fold assignment and of the bootstrap.
+        bootstrap_samples: Bootstrap resamples.
+        refine_iterations: Golden-section evaluations per refined coordinate (0 = no refinement).
+        optax_steps: Adam steps per fold and blend.
+        optax_learning_rate: Adam step size.
+        temperature: Soft-rank temperature of the surrogate (standardized-score units).
+    """
+
+    alphas: tuple[float, ...] = tuple(i / 100 for i in range(101))
+    sigmas: tuple[float, ...] = (0.2,)
+    blends: tuple[str, ...] = ("native",)
+    objective: str = "r@1"
+    folds: int = 5
+    group_radius: float | None = None
+    method: str = "grid"
+    feature_cache_dir: str | None = None
+    seed: int = 0
+    bootstrap_samples: int = 2000
+    refine_iterations: int = 8
+    optax_steps: int = 100
+    optax_learning_rate: float = 0.05
+    temperature: float = 0.1
+    notes: tuple[str, ...] = field(default=())
+
+    def validated(self, recall_values) -> TuneSettings:
+        """Checks every setting; raises ValueError naming the flag."""
+        alphas = tuple(float(a) for a in self.alphas)
+        if not alphas or any(not (math.isfinite(a) and 0.0 <= a <= 1.0) for a in alphas):
+            raise ValueError(f"--alphas must be numbers in [0, 1], got {list(alphas)}")
+        if len(set(alphas)) != len(alphas):
+            raise ValueError("--alphas must be distinct")
+        sigmas = tuple(float(s) for s in self.sigmas)
+        if not sigmas or any(not (math.isfinite(s) and s > 0) for s in sigmas) or len(set(sigmas)) != len(sigmas):
+            raise ValueError(f"--sigmas must be distinct positive numbers, got {list(sigmas)}")
+        blends = tuple(self.blends)
+        if not blends or any(b not in BLENDS for b in blends) or len(set(blends)) != len(blends):
+            raise ValueError(f"--blends must be distinct values of {BLENDS}, got {list(blends)}")
+        search.check_objective(self.objective, recall_values)
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if int(self.folds) < 2:
+            raise ValueError(f"--folds must be >= 2, got {self.folds}")
+        if self.group_radius is not None and not (math.isfinite(self.group_radius) and self.group_radius > 0):
+            raise ValueError(f"--group_radius must be a positive number of metres, got {self.group_radius}")
+        for name in ("bootstrap_samples", "optax_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.refine_iterations) < 0:
+            raise ValueError(f"--refine_iterations must be >= 0, got {self.refine_iterations}")
+        if not (self.optax_learning_rate > 0 and self.temperature > 0):
+            raise ValueError("--optax_learning_rate and --temperature must be > 0")
+        return TuneSettings(**{**asdict(self), "alphas": alphas, "sigmas": sigmas, "blends": blends})
+
+
+def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[str, Any]:
+    """Tunes (alpha, sigma, blend) on a dataset and writes tuning.json, the fold figure and the log.
+
+    Args:
+        config: The dataset / model / attention settings (its alphas and sigma are not used).
+        settings: The search and the estimate.
+        model: Optional already loaded model.
+
+    Returns:
+        The content of tuning.json.
+    """
+    t_start = time.perf_counter()
+    config = config.validated()
+    settings = settings.validated(config.recall_values)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out / LOG_FILE)
+    log.info("tuning settings: %s", json.dumps(asdict(settings), default=str))
+    inputs = prepare_inputs(config, model)
+    try:
+        return _run(config, settings, inputs, out, t_start)
+    finally:
+        inputs.store.close()
+
+
+def _run(config: EvalConfig, settings: TuneSettings, inputs, out: Path, t_start: float) -> dict[str, Any]:
+    model = inputs.model
+    contents = inputs.store.load()
+    database = np.asarray(contents.descriptors, np.float32)  # the tuning reuses it for every point
+    for blend in settings.blends:  # fail before any query work when a blend is not available
+        with_blend(model, blend)
+    positives = [p[contents.valid[p]] for p in inputs.positives_all]
+    cache_dir = settings.feature_cache_dir or out / "query_features"
+    key = database_store_key(model, inputs.queries, config.image_size, inputs.digest)
+    features = cached_query_features(
+        model,
+        inputs.queries,
+        cache_dir,
+        key,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+    )
+    timings = {**inputs.timings, "query_features": features.seconds}
+    source = CachedRetrieval(
+        model,
+        features,
+        inputs.attention.parsed,
+        database,
+        contents.valid,
+        positives,
+        config.recall_values,
+        config.grid_interpolate,
+        config.search,
+    )
+
+    t0 = time.perf_counter()
+    ranks = search.grid_ranks(source, settings.alphas, settings.sigmas, settings.blends)
+    timings["grid"] = time.perf_counter() - t0
+    all_queries = np.arange(source.num_queries)
+    grid = [
+        {"alpha": a, "sigma": s, "blend": b, "recalls": search.recalls_dict(ranks[bi, si, k], config.recall_values)}
+        for bi, b in enumerate(settings.blends)
+        for si, s in enumerate(settings.sigmas)
+        for k, a in enumerate(settings.alphas)
+    ]
+
+    t0 = time.perf_counter()
+    best = _tune_on(source, all_queries, ranks, settings)
+    radius = settings.group_radius or 2.0 * config.positive_dist_threshold
+    groups = cv.location_groups(inputs.geo.queries, radius, config.distance, inputs.positives_all)
+    fold_of = cv.blocked_folds(groups, settings.folds, settings.seed)
+    folds, cv_ranks = _cross_validate(source, ranks, fold_of, groups, settings)
+    baseline = source.first_hits([0.0], settings.sigmas[0], settings.blends[0])[0]
+    timings["grid_cv"] = time.perf_counter() - t0
+    n_primary = search.primary_n(settings.objective, config.recall_values)
+    cv_summary = _summary(cv_ranks, baseline, groups, config.recall_values, n_primary, settings)
+    cv_summary["in_sample_best"] = best.recalls
+    cv_summary["alpha0_recalls"] = search.recalls_dict(baseline, config.recall_values)
+    cv_summary["num_groups"] = int(groups.max() + 1) if len(groups) else 0
+    cv_summary["group_radius_m"] = radius
+
+    optax_part: dict[str, Any] = {"skipped": f"--method {settings.method}"}
+    if settings.method in ("optax", "both"):
+        t0 = time.perf_counter()
+        optax_part = _optax(source, fold_of, groups, cv_ranks, baseline, settings, n_primary)
+        timings["optax"] = time.perf_counter() - t0
+
+    plot_folds(
+        out / FIGURE_FILE,
+        source,
+        ranks,
+        settings,
+        fold_of,
+        best.setting,
+        [f["train_best"] for f in folds],
+        n_primary,
+        f"{model.spec.describe()}, {source.num_queries} queries, {settings.folds} spatial folds",
+    )
+    timings["total"] = time.perf_counter() - t_start
+    result = {
+        "best": {**best.to_dict(), "objective_name": settings.objective},
+        "grid": grid,
+        "folds": folds,
+        "cv": cv_summary,
+        "optax": optax_part,
+        "model": model.spec.to_dict(),
+        "num_database": len(inputs.database),
+        "num_queries": source.num_queries,
+        "positive_dist_threshold": config.positive_dist_threshold,
+        "recall_values": list(config.recall_values),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "notes"},
+        "attention": {"source": inputs.attention.source, "counts": inputs.attention.counts},
+        "query_feature_cache": {"directory": str(cache_dir), "status": features.status},
+        "num_skipped": {"database": len(contents.failures), "queries": len(features.failures)},
+        "evaluations": source.evaluations,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": list(config.notes) + list(settings.notes),
+    }
+    atomic_write_json(out / TUNING_FILE, result)
+    log.info(
+        "best (all queries): alpha %.4g sigma %.3g blend %s, %s %.2f; held-out %s over %d folds: %s",
+        best.setting.alpha,
+        best.setting.sigma,
+        best.setting.blend,
+        settings.objective,
+        best.objective,
+        settings.objective,
+        settings.folds,
+        json.dumps(cv_summary["heldout"]),
+    )
+    log.info("tuning written to %s", out / TUNING_FILE)
+    return result
+
+
+def _tune_on(source: RankSource, queries: np.ndarray, ranks: np.ndarray, settings: TuneSettings) -> search.Choice:
+    objective = search.Objective(source, queries, settings.objective)
+    choice = search.choose_on_grid(objective, ranks, settings.alphas, settings.sigmas, settings.blends)
+    if settings.refine_iterations:
+        choice = search.refine(objective, choice, settings.alphas, settings.sigmas, settings.refine_iterations)
+    return choice
+
+
+def _cross_validate(source, ranks, fold_of, groups, settings) -> tuple[list[dict], np.ndarray]:
+    cv_ranks = np.full(source.num_queries, -1, np.int64)
+    folds = []
+    for f in range(settings.folds):
+        held = np.flatnonzero(fold_of == f)
+        train = np.flatnonzero(fold_of != f)
+        choice = _tune_on(source, train, ranks, settings)
+        s = choice.setting
+        held_ranks = source.first_hits([s.alpha], s.sigma, s.blend)[0][held]
+        cv_ranks[held] = held_ranks
+        folds.append(
+            {
+                "train_best": choice.to_dict(),
+                "heldout_recalls": search.recalls_dict(held_ranks, source.recall_values),
+                "query_count": int(len(held)),
+                "train_query_count": int(len(train)),
+                "group_count": int(len(np.unique(groups[held]))),
+            }
+        )
+        log.info("fold %d: train best %s -> held-out %s", f, choice.to_dict(), folds[-1]["heldout_recalls"])
+    return folds, cv_ranks
+
+
+def _hits(ranks: np.ndarray, recall_values) -> np.ndarray:
+    """``[Q, len(N)]`` 0/100 per query: hit at N (first positive ranked below N)."""
+    ranks = np.asarray(ranks)
+    return 100.0 * np.stack([(ranks >= 0) & (ranks < n) for n in recall_values], axis=1)
+
+
+def _interval(mean, lo, hi, recall_values) -> dict[str, dict[str, Any]]:
+    rows = zip(recall_values, mean, lo, hi, strict=True)
+    return {str(int(n)): {"mean": float(m), "ci95": [float(a), float(b)]} for n, m, a, b in rows}
+
+
+def _summary(cv_ranks, baseline, groups, recall_values, n_primary, settings) -> dict[str, Any]:
+    """Held-out recall with its group-bootstrap interval, the paired gain over another rank vector, McNemar."""
+    hits, base = _hits(cv_ranks, recall_values), _hits(baseline, recall_values)
+    exact = recall_from_ranks(cv_ranks, recall_values)
+    _, lo, hi = cv.bootstrap_mean_ci(hits, groups, settings.bootstrap_samples, settings.seed)
+    gain, glo, ghi = cv.bootstrap_mean_ci(hits - base, groups, settings.bootstrap_samples, settings.seed)
+    tests = {str(int(n)): cv.mcnemar_exact(hits[:, j] > 0, base[:, j] > 0) for j, n in enumerate(recall_values)}
+    return {
+        "heldout": _interval(exact, lo, hi, recall_values),
+        "gain_vs_alpha0": _interval(gain, glo, ghi, recall_values),
+        "mcnemar_p": tests[str(n_primary)]["p"],
+        "mcnemar_n": n_primary,
+        "mcnemar": tests,
+    }
+
+
+def _optax(source, fold_of, groups, grid_cv_ranks, baseline, settings, n_primary) -> dict[str, Any]:
+    """Per fold and blend: Adam on the surrogate (training queries); the blend whose end point has the higher
+    exact training objective is kept; then the held-out recall, compared with the grid search's on the same folds.
+    """
+    alpha0 = 0.5
+    sigma0 = float(np.median(settings.sigmas))
+    problems = {b: source.surrogate(b) for b in settings.blends}
+    recall_values = source.recall_values
+
+    def fit(train: np.ndarray) -> tuple[dict[str, Any], search.Setting]:
+        objective = search.Objective(source, train, settings.objective)
+        best, best_value = None, -np.inf
+        for blend, problem in problems.items():
+            mask = np.zeros(source.num_queries, bool)
+            mask[train] = True
+            result = optimize(
+                problem,
+                blend,
+                mask,
+                recall_values,
+                settings.objective,
+                alpha0=alpha0,
+                sigma0=sigma0,
+                steps=settings.optax_steps,
+                learning_rate=settings.optax_learning_rate,
+                temperature=settings.temperature,
+            )
+            setting = search.Setting(result.alpha, result.sigma, blend)
+            value = objective(setting)
+            if value > best_value:
+                best, best_value = (result, setting), value
+        result, setting = best
+        ranks = source.first_hits([setting.alpha], setting.sigma, setting.blend)[0]
+        entry = {
+            **asdict(setting),
+            "objective": best_value,
+            "recalls": search.recalls_dict(ranks[train], recall_values),
+            "surrogate_start": result.surrogate[0],
+            "surrogate_end": result.surrogate[-1],
+        }
+        return entry, setting
+
+    all_entry, all_setting = fit(np.arange(source.num_queries))
+    folds, cv_ranks = [], np.full(source.num_queries, -1, np.int64)
+    for f in range(settings.folds):
+        held, train = np.flatnonzero(fold_of == f), np.flatnonzero(fold_of != f)
+        entry, s = fit(train)
+        cv_ranks[held] = source.first_hits([s.alpha], s.sigma, s.blend)[0][held]
+        folds.append(
+            {
+                "train_best": entry,
+                "heldout_recalls": search.recalls_dict(cv_ranks[held], recall_values),
+                "query_count": int(len(held)),
+            }
+        )
+    summary = _summary(cv_ranks, baseline, groups, recall_values, n_primary, settings)
+    vs_grid = _summary(cv_ranks, grid_cv_ranks, groups, recall_values, n_primary, settings)
+    return {
+        "best": all_entry,
+        "folds": folds,
+        "heldout": summary["heldout"],
+        "gain_vs_alpha0": summary["gain_vs_alpha0"],
+        "mcnemar_p": summary["mcnemar_p"],
+        "vs_grid": {
+            "gain": vs_grid["gain_vs_alpha0"],
+            "mcnemar_p": vs_grid["mcnemar_p"],
+            "mcnemar": vs_grid["mcnemar"],
+            "note": "optax held-out hits minus grid held-out hits, same folds, paired group bootstrap",
+        },
+        "start": {"alpha": alpha0, "sigma": sigma0},
+        "steps": settings.optax_steps,
+        "learning_rate": settings.optax_learning_rate,
+        "temperature": settings.temperature,
+        "alpha_off": ALPHA_OFF,
+    }

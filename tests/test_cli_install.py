@@ -1,0 +1,84 @@
+"""After ``pip install``, the console scripts work from any directory (here: a throwaway venv, run from /tmp)."""
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("attllm-eval", "attllm-annotate", "attllm-convert", "attllm-extract", "attllm-tune")
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [p for p in out.stdout.splitlines() if (REPO / p).is_file()]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A venv that inherits this interpreter's packages, with the project installed (not editable) from a copy."""
+    root = tmp_path_factory.mktemp("install")
+    source = root / "src"
+    for rel in _tracked_files():
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, source / rel)
+    venv = root / "venv"
+    # A venv of its own whose site-packages point at this interpreter's (jax, absl, setuptools...): a plain
+    # --system-site-packages venv would see the base interpreter's packages instead when this one is a venv.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    [site_packages] = (venv / "lib").glob("python*/site-packages")
+    (site_packages / "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pip.returncode == 0, pip.stderr
+    return venv / "bin"
+
+
+def _run(bin_dir: Path, *args: str, cwd: str = "/tmp") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_console_scripts_are_installed(installed):
+    for name in SCRIPTS:
+        assert (installed / name).is_file(), name
+
+
+def test_attllm_eval_help_from_another_directory(installed):
+    proc = _run(installed, "attllm-eval", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--queries_folder" in proc.stdout and "--database_folder" in proc.stdout
+    # the installed copy, not this checkout, was imported
+    where = _run(installed, str(installed / "python"), "-c", "import experiments.eval as e; print(e.__file__)")
+    assert where.returncode == 0 and str(REPO) not in where.stdout, where.stdout + where.stderr
+
+
+def test_attllm_convert_lists_the_families(installed):
+    proc = _run(installed, "attllm-convert", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "cosplace" in proc.stdout and "salad" in proc.stdout
+    bad = _run(installed, "attllm-convert", "nosuchfamily")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("convert: error: unknown family 'nosuchfamily'")
