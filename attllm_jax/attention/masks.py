@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from attllm_jax.attention.parse import ParsedAttention, grid_label, parse_answer
 from attllm_jax.attention.prompts import Prompt
-from attllm_jax.attention.providers import AnnotationRequest, ModelReply, Provider, ProviderError, RetryPolicy
+from attllm_jax.attention.providers.base import AnnotationRequest, AnnotationResponse
+from attllm_jax.attention.request_policy import ProviderError
 from attllm_jax.data.synthetic import water_fraction_grid
 
 ORACLE_GRID = 8
@@ -77,8 +80,11 @@ def mask_attention(mask: np.ndarray, n: int = ORACLE_GRID, water_weight: float =
     return parse_answer(oracle_grid(mask, n, water_weight))
 
 
-class MasksProvider(Provider):
-    """Answers each image with the oracle grid of its water mask (no network, no rate limit, one attempt).
+class MasksProvider:
+    """Answers each image with the oracle grid of its water mask: an answer source that makes no request.
+
+    Like the reader of existing answers, it stands in for a provider in the annotation run: no network, no rate
+    limit, no retry, nothing counted as a request.
 
     Raises:
         ValueError: if ``masks_dir`` is not a folder, or a bad grid size or water weight.
@@ -94,14 +100,25 @@ class MasksProvider(Provider):
             raise ValueError(f"the mask grid size must be in [2, 26], got {grid_size}")
         if not (0.0 <= float(water_weight) <= 2.0):
             raise ValueError(f"the water weight must be in [0, 2], got {water_weight}")
-        super().__init__(f"water-mask-oracle-grid{int(grid_size)}-w{float(water_weight):g}", RetryPolicy(1))
         self.masks_dir = Path(masks_dir)
         if not self.masks_dir.is_dir():
             raise ValueError(f"--masks must be an existing folder of water masks, got {masks_dir}")
         self.grid_size = int(grid_size)
         self.water_weight = float(water_weight)
+        self.model = f"water-mask-oracle-grid{self.grid_size}-w{self.water_weight:g}"
 
-    def _call_once(self, request: AnnotationRequest) -> ModelReply:
+    def generate(
+        self,
+        request: AnnotationRequest,
+        stop: threading.Event | None = None,
+        on_attempt: Callable[[int], None] | None = None,
+    ) -> AnnotationResponse:
+        """The oracle grid of ``request.image_path``'s mask.
+
+        Raises:
+            ProviderError: if the image has no mask in ``masks_dir``, or it cannot be read.
+        """
+        del stop, on_attempt  # nothing to wait for, no request made
         path = find_mask_file(self.masks_dir, request.image_path)
         if path is None:
             raise ProviderError(f"no water mask for {request.image_path} in {self.masks_dir} (<stem>.png)")
@@ -109,7 +126,11 @@ class MasksProvider(Provider):
             mask = read_mask(path)
         except ValueError as e:
             raise ProviderError(str(e)) from None
-        return ModelReply(json.dumps(oracle_grid(mask, self.grid_size, self.water_weight)), self.model, {})
+        text = json.dumps(oracle_grid(mask, self.grid_size, self.water_weight))
+        return AnnotationResponse(text=text, model=self.model, latency_s=0.0, attempts=0, tokens={})
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def parsed_from_masks(masks_dir: str | os.PathLike, image_paths: list[str]) -> tuple[list, list[str]]:

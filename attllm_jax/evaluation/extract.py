@@ -31,6 +31,24 @@ def data_sharding() -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
+def replicate_on_mesh(model, sharding: NamedSharding) -> None:
+    """Places the model's parameters and statistics replicated on every device of ``sharding``'s mesh, once.
+
+    Without it the parameters stay on device 0 and every sharded call copies them to the other devices.
+    """
+    from flax import nnx
+
+    mesh = sharding.mesh
+    if mesh.devices.size == 1 or getattr(model, "_replicated_on", None) == mesh:
+        return
+    state = nnx.state(model.net)
+    nnx.update(model.net, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+    try:
+        model._replicated_on = mesh
+    except AttributeError:  # a read-only wrapper: the placement is still done
+        pass
+
+
 def device_batch_size(batch_size: int) -> int:
     """``batch_size`` rounded up to a multiple of the local device count."""
     n = jax.local_device_count()
@@ -123,6 +141,7 @@ def extract_database(
         return summary
     batch_size = device_batch_size(batch_size)
     sharding = data_sharding()
+    replicate_on_mesh(model, sharding)
     dim = model.spec.descriptor_dim
     chunks: dict[int, _ChunkBuffer] = {}
     for c in pending:
@@ -333,6 +352,7 @@ def extract_queries(
     alphas = np.asarray(alphas, dtype=np.float32)
     batch_size = device_batch_size(batch_size)
     sharding = data_sharding()
+    replicate_on_mesh(model, sharding)
     failures: list[LoadFailure] = []
     out: np.ndarray | None = None
     valid = np.zeros(len(images), dtype=bool)
