@@ -14,6 +14,7 @@ from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluat
 from attllm_jax.evaluation.demo import write_oracle_attention
 from attllm_jax.evaluation.extract import database_store_key
 from attllm_jax.evaluation.pipeline import prepare_inputs
+from attllm_jax.models.features import CnnFeatures
 from attllm_jax.tuning import CachedRetrieval, TuneSettings, run_tuning, with_blend
 from attllm_jax.tuning.cache import CacheError, cached_query_features
 
@@ -169,10 +170,11 @@ def test_uniform_blend_switch_matches_the_formula(model):
     pooled = ops.modulated_gem(x, att, 0.4, p=head.p[...][0], eps=1e-6, blend="uniform")
     y = head.fc(pooled)
     expected = y / jnp.linalg.norm(y, axis=-1, keepdims=True)
-    np.testing.assert_allclose(uniform.aggregate(feats, att, 0.4), expected, rtol=0, atol=2e-6)
-    native = model.aggregate(feats, att, 0.4)
+    maps = CnnFeatures(feats)
+    np.testing.assert_allclose(uniform.aggregate(maps, att, 0.4), expected, rtol=0, atol=2e-6)
+    native = model.aggregate(maps, att, 0.4)
     assert float(jnp.max(jnp.abs(native - expected))) > 10 * 2e-6  # the switch changed something
-    np.testing.assert_array_equal(uniform.aggregate(feats, att, 0.0), model.aggregate(feats, att, 0.0))
+    np.testing.assert_array_equal(uniform.aggregate(maps, att, 0.0), model.aggregate(maps, att, 0.0))
 
 
 def test_feature_cache_key_and_foreign_directory(dataset, model, tmp_path):
