@@ -41,8 +41,8 @@ from attllm_jax import ops
 from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config, multi_head_attention
 from attllm_jax.models.heads import l2_normalize
 from attllm_jax.models.resnet import ResNet, ResNetConfig
-from attllm_jax.ops.gem import ALPHA_OFF
 from attllm_jax.ops.attention_maps import MAX_WEIGHT
+from attllm_jax.ops.gem import ALPHA_OFF
 
 BACKBONES = ("dinov2", "resnet50")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm / TransformerEncoderLayer default
