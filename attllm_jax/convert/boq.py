@@ -99,6 +99,11 @@ def infer_boq_config(
         stages = [_indices(source, rf"backbone\.net\.{RESNET_STAGES[f'layer{i}']}\.(\d+)\.") for i in (1, 2, 3)]
         if "backbone.net.4.0.conv3.weight" not in source:
             raise ConversionError(f"{source_name}: only Bottleneck ResNets (ResNet-50) are BoQ backbones")
+        empty = [
+            f"{RESNET_PREFIX}{RESNET_STAGES[f'layer{i + 1}']} (layer{i + 1})" for i, s in enumerate(stages) if not s
+        ]
+        if empty:
+            raise ConversionError(f"{source_name}: no ResNet blocks under {', '.join(empty)}")
         width = int(source.shape(f"{RESNET_PREFIX}0.weight")[0])
         resnet = resnet50_layer3_config(tuple(len(s) for s in stages), width)
         return BoQConfig("resnet50", None, resnet, **common)
