@@ -16,4 +16,13 @@ def load_model(path):
     return _load_model(path)
 
 
+def __getattr__(name: str):
+    # subpackages that load heavy dependencies (faiss, tensorstore) are imported on first use: aj.retrieval
+    if name == "retrieval":
+        import importlib
+
+        return importlib.import_module("attllm_jax.retrieval")
+    raise AttributeError(f"module 'attllm_jax' has no attribute {name!r}")
+
+
 __all__ = ["ops", "load_model", "__version__"]

@@ -44,6 +44,23 @@ flags.DEFINE_integer("max_points", 8, "Point slots per attention answer.")
 flags.DEFINE_integer("num_preds_to_save", 0, "Save, per query and alpha, a strip with the top-K predictions.")
 flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
+flags.DEFINE_enum(
+    "search",
+    "auto",
+    ["auto", "exact_jax", "faiss_flat", "faiss_ivf", "faiss_hnsw"],
+    "Database search: auto = exact_jax on an accelerator, faiss_flat on CPU; faiss_ivf / faiss_hnsw are approximate "
+    "(their recall vs exact is measured and written to results.json).",
+)
+flags.DEFINE_integer("nlist", 0, "faiss_ivf cells (0 = 4 sqrt(N), at most N/39).")
+flags.DEFINE_integer("nprobe", 16, "faiss_ivf cells visited per query.")
+flags.DEFINE_integer("pq_m", 0, "faiss_ivf product-quantizer sub-vectors (0 = IVF-Flat); must divide the dimension.")
+flags.DEFINE_integer("hnsw_m", 32, "faiss_hnsw neighbours per node.")
+flags.DEFINE_integer("ef_search", 128, "faiss_hnsw search breadth.")
+flags.DEFINE_integer("search_block_size", None, "exact_jax queries per block (default: 256 MiB of scores per device).")
+flags.DEFINE_enum(
+    "search_shortlist_dtype", None, ["bfloat16"], "exact_jax: low-precision first pass + exact re-rank (approximate)."
+)
+flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
 def _floats(values):
@@ -86,9 +103,13 @@ flags.register_validator("image_size", _valid_image_size, "--image_size must be 
 flags.register_validator(
     "positive_dist_threshold", lambda v: math.isfinite(v) and v > 0, "--positive_dist_threshold must be > 0 metres"
 )
-for _name in ("batch_size", "chunk_size", "max_points"):
+for _name in ("batch_size", "chunk_size", "max_points", "nprobe", "hnsw_m", "ef_search"):
     flags.register_validator(_name, lambda v: v >= 1, f"--{_name} must be >= 1")
 flags.register_validator("num_workers", lambda v: v is None or v >= 1, "--num_workers must be >= 1")
+for _name in ("nlist", "pq_m"):
+    flags.register_validator(_name, lambda v: v >= 0, f"--{_name} must be >= 0")
+flags.register_validator("search_block_size", lambda v: v is None or v >= 1, "--search_block_size must be >= 1")
+flags.register_validator("search_memory_gb", lambda v: v is None or v > 0, "--search_memory_gb must be > 0")
 flags.register_validator("num_preds_to_save", lambda v: v >= 0, "--num_preds_to_save must be >= 0")
 flags.register_validator("sigma", lambda v: math.isfinite(v) and v > 0, "--sigma must be > 0")
 
@@ -113,6 +134,7 @@ def _overrides() -> dict:
         "max_points": FLAGS.max_points,
         "num_preds_to_save": FLAGS.num_preds_to_save,
         "model_seed": FLAGS.model_seed,
+        "search": _search_spec(),
     }
     if FLAGS.alphas is not None:
         overrides["alphas"] = tuple(_floats(FLAGS.alphas))
@@ -121,12 +143,29 @@ def _overrides() -> dict:
     return overrides
 
 
+def _search_spec():
+    from attllm_jax.retrieval.index import FaissParams
+    from attllm_jax.retrieval.search import SearchSpec
+
+    faiss_params = FaissParams(
+        nlist=FLAGS.nlist, nprobe=FLAGS.nprobe, pq_m=FLAGS.pq_m, hnsw_m=FLAGS.hnsw_m, ef_search=FLAGS.ef_search
+    )
+    return SearchSpec(
+        method=FLAGS.search,
+        faiss=faiss_params,
+        block_size=FLAGS.search_block_size,
+        shortlist_dtype=FLAGS.search_shortlist_dtype,
+        memory_gb=FLAGS.search_memory_gb,
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.evaluation import EvalConfig, run_evaluation
     from attllm_jax.evaluation.report import recall_table
+    from attllm_jax.retrieval.search import SearchMemoryError
     from attllm_jax.retrieval.store import StoreError
 
     overrides = _overrides()
@@ -157,7 +196,7 @@ def main(argv):
         raise app.UsageError(str(error)) from None
     try:
         result = run_evaluation(config)
-    except (CoordinateError, StoreError, FileNotFoundError) as error:
+    except (CoordinateError, StoreError, SearchMemoryError, FileNotFoundError) as error:
         print(f"eval: error: {error}", file=sys.stderr)
         sys.exit(1)
     res = result.results

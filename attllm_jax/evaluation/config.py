@@ -9,6 +9,7 @@ from pathlib import Path
 
 from attllm_jax.data.coordinates import CONVENTIONS
 from attllm_jax.retrieval.recall import validate_recall_values
+from attllm_jax.retrieval.search import SearchSpec
 
 DISTANCES = ("utm", "haversine")
 
@@ -41,6 +42,7 @@ class EvalConfig:
         num_preds_to_save: Top-K prediction strips saved per query and alpha (0 = none).
         model_seed: Seed of the random-weight model (ignored with a checkpoint).
         notes: Extra lines printed with the results (e.g. the demo's disclaimers).
+        search: How the database is searched (method, faiss parameters, memory budget).
     """
 
     database_folder: str
@@ -66,6 +68,7 @@ class EvalConfig:
     num_preds_to_save: int = 0
     model_seed: int = 0
     notes: tuple[str, ...] = field(default=())
+    search: SearchSpec = field(default_factory=SearchSpec)
 
     @property
     def resolved_store_dir(self) -> Path:
@@ -104,6 +107,7 @@ class EvalConfig:
         if not (math.isfinite(float(self.sigma)) and float(self.sigma) > 0):
             raise ValueError(f"--sigma must be positive, got {self.sigma}")
         image_size = _validate_image_size(self.image_size)
+        self.search.validated()
         for name in ("database_folder", "queries_folder"):
             if not Path(getattr(self, name)).is_dir():
                 raise FileNotFoundError(f"--{name} {getattr(self, name)!r} is not a directory")

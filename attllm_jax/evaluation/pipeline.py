@@ -31,9 +31,9 @@ from attllm_jax.evaluation.report import (
     write_per_query_csv,
     write_published_csvs,
 )
-from attllm_jax.retrieval.index import ExactIndex
 from attllm_jax.retrieval.positives import find_positives
 from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
+from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
 from attllm_jax.retrieval.store import DescriptorStore
 
 log = logging.getLogger("attllm_jax.evaluation")
@@ -157,6 +157,10 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     digest = weights_digest(model)
     timings["load_model"] = time.perf_counter() - t0
     log.info("model: %s, weights sha256 %s...", model, digest[:12])
+    top_m = max(max(config.recall_values), config.num_preds_to_save)
+    dim = int(model.config.get("descriptor_dim") or 1)
+    plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
+    log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
 
     store_key = {
         "model": model.config,
@@ -207,7 +211,9 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
         positives,
         config.alphas,
         config.recall_values,
-        max(max(config.recall_values), config.num_preds_to_save),
+        top_m,
+        spec=config.search,
+        plan=plan,
     )
     timings["search"] = time.perf_counter() - t0
 
@@ -273,6 +279,8 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
             "chunks_computed": db_run.chunks_computed,
             "images_computed": db_run.images_computed,
         },
+        "search": retrieval.search_info,
+        "hosts": hosts_entry(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "notes": list(config.notes),
     }
@@ -296,8 +304,11 @@ def retrieve(
     alphas: tuple[float, ...],
     recall_values: tuple[int, ...],
     top_m: int,
+    *,
+    spec: SearchSpec | None = None,
+    plan: MemoryPlan | None = None,
 ) -> Retrieval:
-    """Exact top-M search of every alpha's query descriptors in one faiss call, then recall@N.
+    """Top-M search of every alpha's query descriptors in one call, then recall@N.
 
     Args:
         database: ``[N, D]``; only rows with ``database_valid`` are indexed.
@@ -308,24 +319,40 @@ def retrieve(
         alphas: ``[K]``.
         recall_values: The N.
         top_m: Predictions kept per query.
+        spec: The search method (default exact faiss Flat).
+        plan: The memory plan (default: :func:`~attllm_jax.retrieval.search.plan_memory` of ``spec``).
 
     Returns:
-        The retrieval of every alpha.
+        The retrieval of every alpha; its ``search_info`` is the results.json ``search`` entry.
     """
     k_alphas, n_queries, dim = queries.shape
-    valid_rows = np.flatnonzero(database_valid)
+    spec = SearchSpec(method="faiss_flat") if spec is None else spec
+    database_valid = np.asarray(database_valid, dtype=bool)
     predictions = np.full((k_alphas, n_queries, top_m), -1, dtype=np.int64)
     scores = np.full((k_alphas, n_queries, top_m), -np.inf, dtype=np.float32)
-    if len(valid_rows) and queries_valid.any():
-        index = ExactIndex(database[valid_rows])
+    info = {"method": spec.resolved_method(), "requested": spec.method, "exact": spec.is_exact(), "searched": 0}
+    if database_valid.any() and queries_valid.any():
         flat = queries[:, queries_valid].reshape(-1, dim)
-        s, i = index.search(flat, top_m)
-        mapped = np.where(i >= 0, valid_rows[np.clip(i, 0, None)], -1)
-        predictions[:, queries_valid] = mapped.reshape(k_alphas, -1, top_m)
-        scores[:, queries_valid] = s.reshape(k_alphas, -1, top_m)
+        plan = plan_memory(spec, len(database_valid), dim, len(flat), top_m) if plan is None else plan
+        found = search_database(database, database_valid, flat, top_m, spec, plan, recall_values)
+        predictions[:, queries_valid] = found.indices.reshape(k_alphas, -1, top_m)
+        scores[:, queries_valid] = found.scores.reshape(k_alphas, -1, top_m)
+        info = {**found.info, "searched": len(flat)}
     first_hit = np.stack([first_hit_ranks(predictions[k], positives) for k in range(k_alphas)])
     recalls = np.stack([recall_from_ranks(first_hit[k], recall_values) for k in range(k_alphas)])
-    return Retrieval(tuple(alphas), predictions, scores, first_hit, recalls, tuple(recall_values))
+    return Retrieval(tuple(alphas), predictions, scores, first_hit, recalls, tuple(recall_values), info)
+
+
+def hosts_entry() -> dict[str, Any]:
+    """The results.json ``hosts`` entry: processes and devices the run used."""
+    devices = jax.devices()
+    return {
+        "process_count": jax.process_count(),
+        "device_count": len(devices),
+        "local_device_count": jax.local_device_count(),
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+    }
 
 
 def _applied_kind(parsed, applied: bool) -> str:

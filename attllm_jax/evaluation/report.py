@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ class Retrieval:
         first_hit: ``[K, Q]`` 0-based rank of the first positive, -1 for a miss.
         recalls: ``[K, len(recall_values)]`` percentages.
         recall_values: The N of recall@N.
+        search_info: How the neighbours were found (results.json ``search``: method, exact, recall vs exact).
     """
 
     alphas: tuple[float, ...]
@@ -34,6 +35,7 @@ class Retrieval:
     first_hit: np.ndarray
     recalls: np.ndarray
     recall_values: tuple[int, ...]
+    search_info: dict[str, Any] = field(default_factory=dict)
 
     def recalls_dict(self) -> dict[str, dict[str, float]]:
         """``{"<alpha>": {"<N>": percent}}`` with the contract's key spelling."""
