@@ -1,7 +1,8 @@
 """attllm_jax: LLM-guided visual place recognition for flood imagery in JAX/Flax.
 
-Public entry points: :mod:`attllm_jax.ops` (pure, jittable array functions) and
-:func:`load_model` (restore a converted CosPlace / EigenPlaces / SALAD model).
+Public entry points: :mod:`attllm_jax.ops` (pure, jittable array functions), :func:`load_model` (restore a converted
+CosPlace / EigenPlaces / SALAD model) and :class:`ModelSpec` (the typed description every model carries as
+``model.spec``).
 """
 
 from attllm_jax import ops
@@ -9,14 +10,18 @@ from attllm_jax import ops
 __version__ = "0.1.0"
 
 
-def load_model(path):
+def load_model(path, verbose: bool = False):
     """Restores a model written by a converter; see :func:`attllm_jax.checkpoint.load_model`."""
     from attllm_jax.checkpoint import load_model as _load_model
 
-    return _load_model(path)
+    return _load_model(path, verbose=verbose)
 
 
 def __getattr__(name: str):
+    if name in ("ModelSpec", "ConfigError"):
+        from attllm_jax.models import spec
+
+        return getattr(spec, name)
     # subpackages that load heavy dependencies (faiss, tensorstore) are imported on first use: aj.retrieval
     if name == "retrieval":
         import importlib
@@ -25,4 +30,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'attllm_jax' has no attribute {name!r}")
 
 
-__all__ = ["ops", "load_model", "__version__"]
+__all__ = ["ConfigError", "ModelSpec", "ops", "load_model", "__version__"]

@@ -2,16 +2,18 @@
 
 Layout of a model directory::
 
-    DIR/config.json   family, backbone, dims, preprocessing, source sha256, converter version
+    DIR/config.json   the ModelSpec (format 2: family, architecture, preprocess, provenance); see models/spec.py
     DIR/state/        orbax checkpoint of the network's nnx state (Params and BatchStats)
 
-Restoring builds the abstract network from the config with ``nnx.eval_shape`` and lets orbax fill it, so no
-torch (and no random initialization) is needed.
+Restoring builds the abstract network from the spec with ``nnx.eval_shape`` and lets orbax fill it, so no
+torch (and no random initialization) is needed. Directories written by release 0.1.0 (a flat config.json) load too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,49 +21,77 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from attllm_jax.models import registry
+from attllm_jax.files import atomic_write_json
+from attllm_jax.models.spec import ConfigError, ModelSpec
 from attllm_jax.models.vpr import VPRModel
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
+# orbax and absl log every save/restore step at INFO ("Finished saving checkpoint ..."); a model load is one step
+# of our commands, so those lines are raised to WARNING while we call orbax (verbose=True keeps them).
+_ORBAX_LOGGERS = ("absl", "orbax", "orbax.checkpoint")
 
 
-def save_model(directory: str | os.PathLike, net: nnx.Module, config: dict) -> Path:
-    """Writes ``net``'s state and ``config`` to ``directory`` (created; an existing model there is replaced).
+@contextlib.contextmanager
+def _quiet_orbax(verbose: bool = False):
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _ORBAX_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    absl_verbosity = None
+    try:
+        from absl import logging as absl_logging
+
+        absl_verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:  # absl is a dependency of orbax; be safe anyway
+        pass
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if absl_verbosity is not None:
+            absl_logging.set_verbosity(absl_verbosity)
+
+
+def save_model(directory: str | os.PathLike, net: nnx.Module, spec: ModelSpec, verbose: bool = False) -> Path:
+    """Writes ``net``'s state and ``spec`` to ``directory`` (created; an existing model there is replaced).
 
     Args:
         directory: output directory.
         net: the network (e.g. from a converter).
-        config: JSON-serializable dict; must name the ``family`` so :func:`load_model` can rebuild the net.
+        spec: its :class:`ModelSpec`; written to ``config.json``.
+        verbose: keep orbax's INFO log lines.
 
     Returns:
         The absolute directory path.
 
     Raises:
-        ValueError: ``config`` lacks ``family`` or is not JSON-serializable.
+        TypeError: ``spec`` is not a ModelSpec.
     """
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
     directory = Path(directory).absolute()
-    if "family" not in config:
-        raise ValueError("config must name the model 'family' (cosplace, eigenplaces or salad)")
-    try:
-        config_text = json.dumps(config, indent=2, sort_keys=True)
-    except TypeError as e:
-        raise ValueError(f"config is not JSON-serializable: {e}") from e
     directory.mkdir(parents=True, exist_ok=True)
     _, state = nnx.split(net)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet_orbax(verbose), ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / STATE_DIR, state, force=True)
         checkpointer.wait_until_finished()
-    (directory / CONFIG_FILE).write_text(config_text + "\n")
+    atomic_write_json(directory / CONFIG_FILE, spec.to_dict())
     return directory
 
 
-def read_config(directory: str | os.PathLike) -> dict:
+def read_spec(directory: str | os.PathLike) -> ModelSpec:
     """Reads and checks ``DIR/config.json``.
 
     Raises:
         FileNotFoundError: the directory or its config is missing.
-        ValueError: the config is not valid JSON or not an object naming a known family.
+        ConfigError: the config is not valid JSON, or a field is unknown, missing or invalid (the message names
+            the file and the field).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -70,39 +100,38 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a converted model directory")
     try:
-        config = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict) or str(config.get("family", "")).lower() not in registry.FAMILIES:
-        family = config.get("family") if isinstance(config, dict) else None
-        raise ValueError(f"{path}: 'family' must be one of {registry.FAMILIES}, got {family!r}")
-    return config
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    return ModelSpec.from_dict(data, source=str(path))
 
 
-def load_model(directory: str | os.PathLike) -> VPRModel:
+def load_model(directory: str | os.PathLike, verbose: bool = False) -> VPRModel:
     """Restores a model written by :func:`save_model` (a converter's output directory).
 
     Args:
         directory: the model directory.
+        verbose: keep orbax's INFO log lines.
 
     Returns:
         A :class:`VPRModel` on the default device.
 
     Raises:
         FileNotFoundError: missing directory, config or state.
-        ValueError: malformed config, or a state that does not match the network the config describes.
+        ConfigError: malformed config.json.
+        ValueError: a state that does not match the network the config describes, or corrupt state data.
     """
     directory = Path(directory).absolute()
-    config = read_config(directory)
+    spec = read_spec(directory)
     state_path = directory / STATE_DIR
     if not state_path.is_dir():
         raise FileNotFoundError(f"{state_path} not found: the checkpoint state of {directory} is missing")
-    abstract = nnx.eval_shape(lambda: registry.build_net(config))
+    abstract = nnx.eval_shape(lambda: spec.build())
     graphdef, abstract_state = nnx.split(abstract)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
-    where = f"cannot restore {state_path} into the {config.get('family')} / {config.get('backbone')} network"
-    with ocp.StandardCheckpointer() as checkpointer:
+    where = f"cannot restore {state_path} into the {spec.family} / {spec.backbone} network"
+    with _quiet_orbax(verbose), ocp.StandardCheckpointer() as checkpointer:
         try:
             saved = _saved_shapes(checkpointer, state_path)
         except Exception as e:  # orbax raises several types for unreadable metadata
@@ -114,7 +143,7 @@ def load_model(directory: str | os.PathLike) -> VPRModel:
             state = checkpointer.restore(state_path, abstract_state)
         except Exception as e:  # corrupt or truncated array data
             raise ValueError(f"{where}: corrupt checkpoint data ({_first_line(e)})") from e
-    return VPRModel(nnx.merge(graphdef, state), config)
+    return VPRModel(nnx.merge(graphdef, state), spec)
 
 
 def _first_line(e: Exception) -> str:

@@ -4,7 +4,7 @@ import sys
 
 from absl import app, flags, logging
 
-from attllm_jax.convert.cosplace import convert_cnn_to_directory
+from attllm_jax.convert import convert_to_directory
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 
 flags.DEFINE_string("checkpoint", None, "Source .pth/.pt/.ckpt/.safetensors; omit to download the published file.")
@@ -16,7 +16,10 @@ FLAGS = flags.FLAGS
 
 
 def run(family: str) -> None:
-    """Runs the converter for ``family`` ("cosplace" or "eigenplaces") with the flags above."""
+    """Runs the converter for ``family`` ("cosplace" or "eigenplaces") with the flags above.
+
+    The scripts adopt these flags as their key flags (``flags.adopt_module_key_flags``), so ``--help`` lists them.
+    """
     app.run(lambda argv: _main(family))
 
 
@@ -25,10 +28,15 @@ def _main(family: str) -> None:
         "flags: %s", {k: FLAGS[k].value for k in ("checkpoint", "output", "backbone", "fc_output_dim", "cache_dir")}
     )
     try:
-        config = convert_cnn_to_directory(
-            family, FLAGS.output, FLAGS.checkpoint, FLAGS.backbone, FLAGS.fc_output_dim, FLAGS.cache_dir
+        spec = convert_to_directory(
+            family,
+            FLAGS.output,
+            FLAGS.checkpoint,
+            FLAGS.cache_dir,
+            backbone=FLAGS.backbone,
+            fc_output_dim=FLAGS.fc_output_dim,
         )
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
-    logging.info("wrote %s: %s", FLAGS.output, config)
-    print(f"wrote {FLAGS.output}: {config['family']} {config['backbone']} dim {config['descriptor_dim']}")
+    logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
+    print(f"wrote {FLAGS.output}: {spec.describe()}")

@@ -7,7 +7,10 @@ The backbone and descriptor dimension are inferred from the tensor shapes; --bac
 given, are checked against them. Load the result with ``attllm_jax.load_model(DIR)``.
 """
 
-from _cnn import run
+import _cnn
+from absl import flags
+
+flags.adopt_module_key_flags(_cnn)  # --help lists the flags _cnn defines
 
 if __name__ == "__main__":
-    run("eigenplaces")
+    _cnn.run("eigenplaces")

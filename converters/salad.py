@@ -11,8 +11,8 @@ import sys
 
 from absl import app, flags, logging
 
+from attllm_jax.convert import convert_to_directory
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
-from attllm_jax.convert.salad import convert_salad_to_directory
 
 flags.DEFINE_string("checkpoint", None, "Source .ckpt/.pth/.pt/.safetensors; omit to download dino_salad.ckpt.")
 flags.DEFINE_string("output", None, "Output model directory.", required=True)
@@ -35,18 +35,19 @@ def main(argv: list[str]) -> None:
     names = ("checkpoint", "output", "backbone", "num_heads", "image_size", "cache_dir")
     logging.info("flags: %s", {k: FLAGS[k].value for k in names})
     try:
-        config = convert_salad_to_directory(
+        spec = convert_to_directory(
+            "salad",
             FLAGS.output,
-            checkpoint=FLAGS.checkpoint,
+            FLAGS.checkpoint,
+            FLAGS.cache_dir,
             backbone=FLAGS.backbone,
             num_heads=FLAGS.num_heads,
             image_size=[int(v) for v in FLAGS.image_size],
-            cache_dir=FLAGS.cache_dir,
         )
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
-    logging.info("wrote %s: %s", FLAGS.output, config)
-    print(f"wrote {FLAGS.output}: {config['family']} {config['backbone']} dim {config['descriptor_dim']}")
+    logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
+    print(f"wrote {FLAGS.output}: {spec.describe()}")
 
 
 if __name__ == "__main__":

@@ -101,13 +101,11 @@ def _reference_run(pth: Path, database, queries, attention_dir: Path, alphas, po
 
 
 def _recalls(predictions, positives) -> dict[str, float]:
-    out = np.zeros(len(RECALL_VALUES))
-    for q, preds in enumerate(predictions):
-        for i, n in enumerate(RECALL_VALUES):
-            if np.any(np.isin(preds[:n], positives[q])):
-                out[i:] += 1
-                break
-    return {str(n): float(v) for n, v in zip(RECALL_VALUES, out / len(predictions) * 100, strict=True)}
+    """recall@N of the reference's predictions, with the library's recall (VPR-methods-evaluation's procedure)."""
+    from attllm_jax.retrieval.recall import recall_at_n
+
+    values = recall_at_n(predictions, positives, RECALL_VALUES)
+    return {str(n): float(v) for n, v in zip(RECALL_VALUES, values, strict=True)}
 
 
 def main(argv):
@@ -120,7 +118,7 @@ def main(argv):
     if FLAGS.torch_threads:
         torch.set_num_threads(FLAGS.torch_threads)
     from attllm_jax.checkpoint import save_model
-    from attllm_jax.convert.cosplace import convert_cosplace
+    from attllm_jax.convert import convert_file
     from attllm_jax.data.dataset import geo_pair, load_image_set
     from attllm_jax.data.synthetic import SyntheticConfig
     from attllm_jax.evaluation import EvalConfig, run_evaluation
@@ -134,8 +132,8 @@ def main(argv):
     work = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     pth = work / "resnet18_512_random.pth"
     _torch_model(pth)
-    net, config = convert_cosplace(pth)
-    checkpoint = save_model(work / "converted", net, config)
+    net, spec = convert_file("cosplace", pth)
+    checkpoint = save_model(work / "converted", net, spec)
     print(
         f"dataset: {len(database)} database, {len(queries)} queries, {FLAGS.image_size}px; torch threads "
         f"{torch.get_num_threads()}; work dir {work}"

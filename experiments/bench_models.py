@@ -4,7 +4,7 @@
     python -m experiments.bench_models --models=salad --repeats=3 --output=bench_models.json
 
 Models, with seeded random weights (the published checkpoints are not needed; the CosPlace weights go through the
-production converter, the SALAD weights through ``convert_salad``):
+production converter, the SALAD weights through ``convert("salad", ...)``):
 
 - ``cosplace``: CosPlace ResNet-50 (torchvision trunk + GeM head, 2048-D) at 512x683;
 - ``salad``: DINOv2 ViT-B/14 + SALAD (transformers' DINOv2 with upstream's interpolation as the PyTorch model) at
@@ -77,7 +77,7 @@ def _cosplace_pair(seed: int):
     """(torch model, our VPRModel, image size) for CosPlace ResNet-50 / 2048."""
     import torch
 
-    from attllm_jax.convert.cosplace import convert_cosplace_state_dict
+    from attllm_jax.convert import convert
     from attllm_jax.models.vpr import VPRModel
     from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
 
@@ -85,22 +85,22 @@ def _cosplace_pair(seed: int):
     torch.manual_seed(seed)
     reference = randomize_batchnorm_stats_(TorchCosPlace("ResNet50", 2048, gem_p=3.0), generator).eval()
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
-    net, config = convert_cosplace_state_dict(state, "cosplace", "ResNet50", 2048)
-    return reference, VPRModel(net, config), (512, 683)
+    net, spec = convert("cosplace", state, backbone="ResNet50", fc_output_dim=2048)
+    return reference, VPRModel(net, spec), (512, 683)
 
 
 def _salad_pair(seed: int):
     """(torch model, our VPRModel, image size) for DINOv2 ViT-B/14 + SALAD."""
     import torch
 
-    from attllm_jax.convert.salad import convert_salad_state_dict
+    from attllm_jax.convert import convert
     from attllm_jax.models.vpr import VPRModel
     from experiments.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad
 
     reference = make_torch_dino_salad(torch.Generator().manual_seed(seed), **RELEASED_SALAD_ARCH)
     state = {k: v.numpy() for k, v in reference.upstream_state_dict().items()}
-    net, config = convert_salad_state_dict(state, backbone="dinov2_vitb14")
-    return reference, VPRModel(net, config), (322, 322)
+    net, spec = convert("salad", state, backbone="dinov2_vitb14")
+    return reference, VPRModel(net, spec), (322, 322)
 
 
 def bench_model(name: str, batch_size: int, warmup: int, repeats: int, seed: int) -> dict:

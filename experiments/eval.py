@@ -165,6 +165,7 @@ def main(argv):
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.evaluation import EvalConfig, run_evaluation
     from attllm_jax.evaluation.report import recall_table
+    from attllm_jax.models.spec import ConfigError
     from attllm_jax.retrieval.search import SearchMemoryError
     from attllm_jax.retrieval.store import StoreError
 
@@ -196,7 +197,7 @@ def main(argv):
         raise app.UsageError(str(error)) from None
     try:
         result = run_evaluation(config)
-    except (CoordinateError, StoreError, SearchMemoryError, FileNotFoundError) as error:
+    except (CoordinateError, StoreError, ConfigError, SearchMemoryError, FileNotFoundError) as error:
         print(f"eval: error: {error}", file=sys.stderr)
         sys.exit(1)
     res = result.results
@@ -204,9 +205,9 @@ def main(argv):
     for note in config.notes:
         print(note)
     print(
-        f"{res['model'].get('family')} {res['model'].get('backbone')}/{res['model'].get('descriptor_dim')}, "
-        f"{res['num_database']} database images, {res['num_queries']} queries, positives within "
-        f"{res['positive_dist_threshold']:g} m, attention on {res['attention']['queries_with_attention']} queries"
+        f"{result.model.spec.describe()}, {res['num_database']} database images, {res['num_queries']} queries, "
+        f"positives within {res['positive_dist_threshold']:g} m, "
+        f"attention on {res['attention']['queries_with_attention']} queries"
     )
     print(f"recall@N (%) per alpha:\n{recall_table(result.retrieval)}")
     skipped = res["num_skipped"]

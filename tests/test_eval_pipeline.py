@@ -61,7 +61,7 @@ def converted_checkpoint(tmp_path_factory):
     """A random-weight torchvision ResNet-18 CosPlace, torch.save'd and run through the production converter."""
     torch = pytest.importorskip("torch")
     from attllm_jax.checkpoint import save_model
-    from attllm_jax.convert.cosplace import convert_cosplace
+    from attllm_jax.convert import convert_file
     from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
 
     generator = torch.Generator().manual_seed(0)
@@ -69,8 +69,8 @@ def converted_checkpoint(tmp_path_factory):
     net = randomize_batchnorm_stats_(TorchCosPlace("ResNet18", fc_output_dim=64, gem_p=2.5), generator).eval()
     root = tmp_path_factory.mktemp("ckpt")
     torch.save(net.state_dict(), root / "resnet18_64.pth")
-    jax_net, config = convert_cosplace(root / "resnet18_64.pth")
-    return save_model(root / "converted", jax_net, config)
+    jax_net, spec = convert_file("cosplace", root / "resnet18_64.pth")
+    return save_model(root / "converted", jax_net, spec)
 
 
 def _direct_descriptors(model, folder: Path, paths, parsed, alphas):
@@ -110,7 +110,7 @@ def test_end_to_end_contract_parity_and_sweep(tmp_path, converted_checkpoint):
     res = json.loads((out / "results.json").read_text())
 
     # the contract's structure and spellings
-    assert res["model"]["family"] == "cosplace" and res["model"]["descriptor_dim"] == 64
+    assert res["model"]["family"] == "cosplace" and res["model"]["architecture"]["descriptor_dim"] == 64
     assert res["num_database"] == 14 and res["num_queries"] == 5
     assert res["positive_dist_threshold"] == 25.0
     assert list(res["recalls"]) == ["0.0", "0.5", "1.0"]
@@ -127,7 +127,8 @@ def test_end_to_end_contract_parity_and_sweep(tmp_path, converted_checkpoint):
 
     # descriptors and recalls equal those of the model called directly
     model = result.model
-    assert model.config["source_sha256"] == res["model"]["source_sha256"]
+    assert res["model"] == model.spec.to_dict()
+    assert model.spec.provenance.source_sha256 == res["model"]["provenance"]["source_sha256"]
     parsed = [read_attention_file(att / f"{s}.json") if (att / f"{s}.json").exists() else None for s in stems]
     want_q = _direct_descriptors(model, queries, [f"{s}.jpg" for s in stems], parsed, alphas)
     np.testing.assert_allclose(result.query_descriptors, want_q, atol=2e-5)

@@ -18,7 +18,10 @@ from attllm_jax.models import registry
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from attllm_jax.convert.cosplace import convert_cosplace  # noqa: E402
+from attllm_jax.convert import convert_file  # noqa: E402
+from attllm_jax.convert.common import TensorSource  # noqa: E402
+from attllm_jax.models.features import CnnFeatures  # noqa: E402
+from attllm_jax.models.spec import ModelSpec  # noqa: E402
 from attllm_jax.models.vpr import VPRModel  # noqa: E402
 from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_  # noqa: E402
 
@@ -42,15 +45,19 @@ def torch_reference(backbone: str, dim: int = 64) -> TorchCosPlace:
 
 
 def converted(backbone: str, tmp_path_factory, family: str = "cosplace"):
-    """(torch model, checkpoint path, our net, config), built once per backbone."""
+    """(torch model, checkpoint path, our net, spec), built once per backbone."""
     if backbone not in _CACHE:
         model = torch_reference(backbone)
         path = tmp_path_factory.mktemp("ckpt") / f"{backbone}_64_{family}.pth"
         torch.save(model.state_dict(), path)
         _CACHE[backbone] = (model, path)
     model, path = _CACHE[backbone]
-    net, config = convert_cosplace(path, family=family)
-    return model, path, net, config
+    net, spec = convert_cosplace(path, family=family)
+    return model, path, net, spec
+
+
+def convert_cosplace(path, family: str = "cosplace", **options):
+    return convert_file(family, path, **options)
 
 
 def images(seed: int = 0, batch: int = 2, height: int = 64, width: int = 96) -> torch.Tensor:
@@ -121,9 +128,9 @@ def torch_descriptors_with_attention(model: TorchCosPlace, x, attention, alpha, 
 
 @pytest.mark.parametrize("backbone", ["ResNet18", "ResNet50", "VGG16"])
 def test_parity_stages_and_descriptors(backbone, tmp_path_factory):
-    model, _, net, config = converted(backbone, tmp_path_factory)
-    assert config["backbone"] == backbone.lower() and config["descriptor_dim"] == 64
-    assert config["gem_p"] == pytest.approx(GEM_P[backbone])
+    model, _, net, spec = converted(backbone, tmp_path_factory)
+    assert spec.backbone == backbone.lower() and spec.descriptor_dim == 64
+    assert float(net.aggregation.p[...][0]) == pytest.approx(GEM_P[backbone])
     x = images(1)
     stages = VGG_STAGES if backbone == "VGG16" else RESNET_STAGES
     ref_stages = torch_stages(model, x, stages)
@@ -143,22 +150,22 @@ def test_parity_deep_resnets(backbone, tmp_path):
     model = torch_reference(backbone, dim=128)
     path = tmp_path / "deep.pth"
     torch.save(model.state_dict(), path)
-    net, config = convert_cosplace(path, family="eigenplaces", backbone=backbone, fc_output_dim=128)
-    assert (config["family"], config["backbone"], config["descriptor_dim"]) == ("eigenplaces", backbone.lower(), 128)
+    net, spec = convert_cosplace(path, family="eigenplaces", backbone=backbone, fc_output_dim=128)
+    assert (spec.family, spec.backbone, spec.descriptor_dim) == ("eigenplaces", backbone.lower(), 128)
     x = images(4, batch=1)
     with torch.inference_mode():
         ref = model(x).numpy()
-    assert_descriptors_close(VPRModel(net, config)(nhwc(x)), ref)
+    assert_descriptors_close(VPRModel(net, spec)(nhwc(x)), ref)
 
 
 # ------------------------------------------------------------------------------------------------ converter
 
 
 def test_eigenplaces_family_and_flags(tmp_path_factory):
-    _, path, net, config = converted("ResNet18", tmp_path_factory, family="eigenplaces")
-    assert config["family"] == "eigenplaces" and config["features_dim"] == 512
-    assert config["published_file"] is None  # no EigenPlaces ResNet18 with dim 64 was released
-    assert len(config["source_sha256"]) == 64 and config["source_file"] == path.name
+    _, path, net, spec = converted("ResNet18", tmp_path_factory, family="eigenplaces")
+    assert spec.family == "eigenplaces" and spec.architecture.features_dim == 512
+    assert spec.provenance.published_file is None  # no EigenPlaces ResNet18 with dim 64 was released
+    assert len(spec.provenance.source_sha256) == 64 and spec.provenance.source_file == path.name
     same, _ = convert_cosplace(path, backbone="resnet18", fc_output_dim=64)
     assert_same_state(net, same)
 
@@ -206,8 +213,17 @@ def test_wrong_shape_is_named(tmp_path_factory):
 
 
 def test_num_batches_tracked_is_ignored_but_nothing_else(tmp_path_factory):
+    """The converter's ignore list covers exactly BatchNorm's counters: they are in the checkpoint and left unused
+    without error, while another unused BatchNorm-like tensor is reported."""
     model, _, _, _ = converted("ResNet18", tmp_path_factory)
-    assert any(k.endswith("num_batches_tracked") for k in model.state_dict())  # present and not an error
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    counters = [k for k in sd if k.endswith("num_batches_tracked")]
+    source = TensorSource(sd)
+    assert len(counters) == 20 and all(source.is_ignored(k) for k in counters)
+    assert not source.is_ignored("backbone.1.running_count") and not source.is_ignored("num_batches")
+    path = _edited_checkpoint(tmp_path_factory, lambda sd: sd.__setitem__("backbone.1.running_count", torch.ones(1)))
+    with pytest.raises(ConversionError, match=r"(?s)1 problem\(s\).*unused source tensor 'backbone.1.running_count'"):
+        convert_cosplace(path)
 
 
 def test_wrong_family_salad_checkpoint(tmp_path):
@@ -250,9 +266,9 @@ def test_safetensors_source(tmp_path_factory, tmp_path):
     model, _, net, _ = converted("ResNet18", tmp_path_factory)
     path = tmp_path / "r18.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    net2, config = convert_cosplace(path)
+    net2, spec = convert_cosplace(path)
     assert_same_state(net, net2)
-    assert config["source_file"] == "r18.safetensors"
+    assert spec.provenance.source_file == "r18.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -271,17 +287,16 @@ def test_registry_lookup_and_errors():
     assert len({(e.family, e.backbone, e.descriptor_dim) for e in registry.PUBLISHED}) == len(registry.PUBLISHED)
 
 
-def test_build_net_shapes_and_errors():
-    from flax import nnx
-
+def test_spec_build_shapes_and_errors():
     for backbone, channels in [("resnet18", 512), ("ResNet50", 2048), ("VGG16", 512)]:
-        config = {"family": "cosplace", "backbone": backbone, "descriptor_dim": 32}
-        net = nnx.eval_shape(lambda config=config: registry.build_net(config))
+        spec = ModelSpec.cosplace(backbone, 32)
+        net = nnx.eval_shape(lambda spec=spec: spec.build())
         assert net.aggregation.fc.kernel.shape == (channels, 32)
+        assert spec.architecture.features_dim == channels
     with pytest.raises(ValueError, match="unknown model family 'netvlad'"):
-        registry.build_net({"family": "netvlad"})
+        registry.family_entry("netvlad")
     with pytest.raises(ValueError, match="unknown CNN backbone 'resnet34'"):
-        registry.build_net({"family": "cosplace", "backbone": "resnet34", "descriptor_dim": 8})
+        ModelSpec.cosplace("resnet34", 8)
 
 
 # ------------------------------------------------------------------------------------------------ VPRModel
@@ -289,8 +304,8 @@ def test_build_net_shapes_and_errors():
 
 @pytest.fixture(scope="module")
 def vpr(tmp_path_factory):
-    model, _, net, config = converted("ResNet18", tmp_path_factory)
-    return model, VPRModel(net, config)
+    model, _, net, spec = converted("ResNet18", tmp_path_factory)
+    return model, VPRModel(net, spec)
 
 
 def test_vpr_model_matches_torch_and_compiles_once_per_shape(vpr):
@@ -338,7 +353,7 @@ def test_uniform_blend_head(vpr):
     nnx.update(head, nnx.state(model.net.aggregation))
     feats = model.features(nhwc(x))
     ref = torch_descriptors_with_attention(torch_model, x, torch.from_numpy(attention), 0.6, blend="uniform")
-    assert_descriptors_close(head(feats, attention, 0.6), ref.numpy())
+    assert_descriptors_close(head(feats.maps, attention, 0.6), ref.numpy())
     native = torch_descriptors_with_attention(torch_model, x, torch.from_numpy(attention), 0.6)
     assert np.abs(ref.numpy() - native.numpy()).max() > 1e-4  # the two blends differ
     with pytest.raises(ValueError, match="unknown blend 'max'"):
@@ -366,7 +381,11 @@ def test_vpr_model_validates_inputs(vpr):
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
         model(x, attention=att, alpha=1.5)
     with pytest.raises(ValueError, match="alphas must lie in"):
-        model.aggregate_sweep(np.zeros((2, 2, 3, 512), np.float32), att, [0.0, -0.1])
+        model.aggregate_sweep(CnnFeatures(np.zeros((2, 2, 3, 512), np.float32)), att, [0.0, -0.1])
+    with pytest.raises(
+        ValueError, match="feats must be the Features pytree that model.features.. returns, got ndarray"
+    ):
+        model.aggregate(np.zeros((2, 2, 3, 512), np.float32))
     with pytest.raises(ValueError, match=r"images must have shape \[B, H, W, 3\]"):
         model(x[..., :2])
     with pytest.raises(ValueError, match=r"attention must have shape \[B, h, w\]"):

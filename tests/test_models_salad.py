@@ -23,10 +23,20 @@ from attllm_jax.convert.common import ConversionError
 
 torch = pytest.importorskip("torch")
 
-from attllm_jax.convert.salad import convert_salad, convert_salad_state_dict  # noqa: E402
+from attllm_jax.convert import convert, convert_file  # noqa: E402
+from attllm_jax.models.features import TokenFeatures  # noqa: E402
 from experiments.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad  # noqa: E402
 
 pytestmark = pytest.mark.torch
+
+
+def convert_salad(path, **options):
+    return convert_file("salad", path, **options)
+
+
+def convert_salad_state_dict(state_dict, **options):
+    return convert("salad", state_dict, **options)
+
 
 DESC_ATOL, MIN_COSINE = 1e-4, 0.99999
 TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
@@ -74,17 +84,17 @@ def inputs():
 def test_config_is_inferred_from_the_shapes(converted, checkpoint):
     import hashlib
 
-    _, config = converted
-    assert config["family"] == "salad"
-    assert config["backbone"] == "dinov2_custom"
-    assert config["dinov2"]["embed_dim"] == 64 and config["dinov2"]["depth"] == 2
-    assert config["dinov2"]["pos_embed_grid"] == 4 and config["dinov2"]["num_register_tokens"] == 0
-    assert (config["num_clusters"], config["cluster_dim"], config["token_dim"], config["hidden_dim"]) == (8, 16, 32, 48)
-    assert config["descriptor_dim"] == 32 + 16 * 8
-    assert config["image_size"] == [70, 98]
-    assert config["preprocess"]["resize"] == "exact" and config["preprocess"]["size"] == [70, 98]
-    assert config["source_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert config["converter_version"]
+    _, spec = converted
+    arch = spec.architecture
+    assert spec.family == "salad"
+    assert spec.backbone == "dinov2_custom"
+    assert arch.dinov2.embed_dim == 64 and arch.dinov2.depth == 2
+    assert arch.dinov2.pos_embed_grid == 4 and arch.dinov2.num_register_tokens == 0
+    assert (arch.num_clusters, arch.cluster_dim, arch.token_dim, arch.hidden_dim) == (8, 16, 32, 48)
+    assert spec.descriptor_dim == 32 + 16 * 8
+    assert spec.preprocess.resize == "exact" and spec.preprocess.size == (70, 98)
+    assert spec.provenance.source_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert spec.provenance.converter_version
 
 
 def test_features_match_torch(reference, converted, inputs):
@@ -93,8 +103,9 @@ def test_features_match_torch(reference, converted, inputs):
     with torch.no_grad():
         cls, patches = reference.features(images)
     feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(_nhwc(images)))
-    np.testing.assert_allclose(feats["cls"], cls.numpy(), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
-    np.testing.assert_allclose(feats["patches"], _nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
+    assert isinstance(feats, TokenFeatures) and feats.grid == (5, 7)
+    np.testing.assert_allclose(feats.cls, cls.numpy(), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
+    np.testing.assert_allclose(feats.patches, _nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
 
 
 @pytest.mark.parametrize("alpha", [0.5, (0.0, 0.3, 1.0)])
@@ -105,7 +116,7 @@ def test_head_matches_torch_on_identical_tokens(reference, converted, inputs, al
     with torch.no_grad():
         cls, patches = reference.features(images)
         expected = reference.aggregator(patches, cls, attention=attention, alpha=torch.tensor(alpha))
-    feats = {"cls": jnp.asarray(cls.numpy()), "patches": jnp.asarray(_nhwc(patches))}
+    feats = TokenFeatures(patches=jnp.asarray(_nhwc(patches)), cls=jnp.asarray(cls.numpy()))
     aggregate = nnx.jit(lambda n, f, a, al: n.aggregate(f, a, al))
     ours = aggregate(net, feats, jnp.asarray(attention.numpy()), jnp.asarray(alpha))
     _assert_descriptors_close(ours, expected.numpy())
@@ -154,9 +165,9 @@ def test_variants_match_torch(variant, tmp_path):
     reference = make_torch_dino_salad(torch.Generator().manual_seed(2), **kwargs)
     path = tmp_path / "model.pth"
     torch.save({"state_dict": reference.upstream_state_dict(), "epoch": 3}, path)  # Lightning-style wrapper
-    net, config = convert_salad(path, num_heads=4)
-    assert config["dinov2"]["num_register_tokens"] == kwargs.get("num_register_tokens", 0)
-    assert config["dinov2"]["ffn_layer"] == ("swiglu" if variant == "swiglu" else "mlp")
+    net, spec = convert_salad(path, num_heads=4)
+    assert spec.architecture.dinov2.num_register_tokens == kwargs.get("num_register_tokens", 0)
+    assert spec.architecture.dinov2.ffn_layer == ("swiglu" if variant == "swiglu" else "mlp")
     g = torch.Generator().manual_seed(3)
     images = torch.randn(2, 3, 42, 84, generator=g)
     attention = 2.0 * torch.rand(2, 3, 6, generator=g)
@@ -267,7 +278,8 @@ def test_converter_script_and_load_without_torch(reference, inputs, tmp_path):
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["family"] == "salad" and config["descriptor_dim"] == 160 and config["source_file"] == source.name
+    assert config["format"] == 2 and config["family"] == "salad" and config["provenance"]["source_file"] == source.name
+    assert config["architecture"]["num_clusters"] * config["architecture"]["cluster_dim"] == 128
     ours = np.load(tmp_path / "d.npy")
     with torch.no_grad():
         expected = reference(images).numpy()
@@ -279,8 +291,8 @@ def test_converter_script_and_load_without_torch(reference, inputs, tmp_path):
 def test_vpr_model_does_not_recompile_and_sweeps(converted, inputs):
     from attllm_jax.models.vpr import VPRModel
 
-    net, config = converted
-    model = VPRModel(net, config)
+    net, spec = converted
+    model = VPRModel(net, spec)
     images, attention = inputs
     x, att = _nhwc(images), attention.numpy()
     first = model(x)
@@ -291,7 +303,7 @@ def test_vpr_model_does_not_recompile_and_sweeps(converted, inputs):
     assert model.feature_grid(feats) == (5, 7)
     alphas = [0.0, 0.25, 1.0]
     sweep = model.aggregate_sweep(feats, att, alphas)
-    assert sweep.shape == (3, 3, config["descriptor_dim"])
+    assert sweep.shape == (3, 3, spec.descriptor_dim)
     for k, a in enumerate(alphas):
         np.testing.assert_allclose(sweep[k], model.aggregate(feats, att, a), atol=1e-6)
     assert model.trace_counts["aggregate"] == 1
@@ -306,9 +318,8 @@ def test_preprocess_matches_torchvision(converted, tmp_path):
 
     from attllm_jax.models.vpr import VPRModel
 
-    net, config = converted
-    config = {**config, "preprocess": {**config["preprocess"], "size": [322, 322]}}
-    model = VPRModel(net, config)
+    net, spec = converted
+    model = VPRModel(net, spec.replace(preprocess=spec.preprocess.with_size((322, 322))))
     reference = T.Compose(
         [
             T.Resize((322, 322), interpolation=T.InterpolationMode.BILINEAR),
@@ -333,9 +344,9 @@ def test_full_size_vitb14_salad_matches_torch(tmp_path):
     reference = make_torch_dino_salad(torch.Generator().manual_seed(5), **RELEASED_SALAD_ARCH)
     path = tmp_path / "dino_salad.ckpt"
     torch.save(reference.upstream_state_dict(), path)
-    net, config = convert_salad(path)
-    assert config["backbone"] == "dinov2_vitb14" and config["descriptor_dim"] == 8448
-    assert config["published_file"] == "dino_salad.ckpt"
+    net, spec = convert_salad(path)
+    assert spec.backbone == "dinov2_vitb14" and spec.descriptor_dim == 8448
+    assert spec.provenance.published_file == "dino_salad.ckpt"
     g = torch.Generator().manual_seed(6)
     images = torch.randn(2, 3, 322, 322, generator=g)
     attention = 2.0 * torch.rand(2, 16, 16, generator=g)

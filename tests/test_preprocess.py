@@ -1,4 +1,5 @@
-"""``VPRModel.preprocess`` against torchvision's evaluation transforms on real JPEG files.
+"""``VPRModel.preprocess`` (:mod:`attllm_jax.data.preprocess`) against torchvision's evaluation transforms on real
+JPEG files.
 
 CosPlace / EigenPlaces: ``Resize(512)`` (shorter side, PIL bilinear with antialias) -> ``ToTensor`` ->
 ``Normalize(ImageNet)``; SALAD: ``Resize((322, 322))``. Both apply the same PIL resampling to the same decoded
@@ -10,7 +11,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from attllm_jax.models.vpr import VPRModel, default_preprocess_config, preprocess_image, shorter_side_size
+from attllm_jax.data.preprocess import PreprocessSpec, preprocess_image, shorter_side_size
+from attllm_jax.models.spec import ModelSpec
+from attllm_jax.models.vpr import VPRModel
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -51,7 +54,7 @@ def torchvision_transform(size):
 
 
 def cnn_model() -> VPRModel:
-    return VPRModel(Identity(), {"family": "cosplace", "preprocess": default_preprocess_config("cosplace")})
+    return VPRModel(Identity(), ModelSpec.cosplace("resnet18", 512))
 
 
 @pytest.mark.torch
@@ -69,7 +72,7 @@ def test_cnn_preprocess_matches_torchvision(tmp_path, size):
 @pytest.mark.parametrize("size", SIZES[:3])
 def test_salad_preprocess_matches_torchvision(tmp_path, size):
     image = make_jpeg(tmp_path / "img.jpg", *size, seed=1)
-    model = VPRModel(Identity(), {"family": "salad"})  # no "preprocess" entry: the family default
+    model = VPRModel(Identity(), ModelSpec.salad())  # the family preset: 322 x 322
     ours = model.preprocess(image)
     ref = torchvision_transform((322, 322))(image).numpy().transpose(1, 2, 0)
     assert ours.shape == (322, 322, 3)
@@ -117,5 +120,16 @@ def test_bad_inputs_are_named():
         model.preprocess(image, image_size=0)
     with pytest.raises(ValueError, match=r"image_size must be an int or a positive \(height, width\) pair"):
         model.preprocess(image, image_size=(1, 2, 3))
-    with pytest.raises(ValueError, match="bad preprocess config resize='crop'"):
-        preprocess_image(image, {"resize": "crop", "size": 8})
+    with pytest.raises(ValueError, match="resize must be one of"):
+        preprocess_image(image, PreprocessSpec("crop", 8))
+    with pytest.raises(ValueError, match="antialias must be true"):
+        PreprocessSpec("exact", (8, 8), antialias=False)
+    with pytest.raises(ValueError, match="std must be 3 numbers > 0"):
+        PreprocessSpec("exact", (8, 8), std=(1.0, 0.0, 1.0))
+
+
+def test_spec_round_trips_and_overrides():
+    spec = PreprocessSpec.exact((322, 322))
+    assert PreprocessSpec(**{**spec.to_dict(), "size": tuple(spec.to_dict()["size"])}) == spec
+    assert spec.with_size(256) == PreprocessSpec.shorter_side(256)
+    assert spec.with_size(None) is spec

@@ -1,5 +1,118 @@
 """PyTorch checkpoint -> Flax NNX conversion (strict both ways), used by the scripts in ``converters/``.
 
-Nothing here imports torch at module level: :func:`attllm_jax.convert.common.read_state_dict` imports it only to
-read ``.pth``/``.ckpt`` files.
+One path for every family::
+
+    net, spec = convert(family, state_dict, **options)        # in memory; the family's key table
+    net, spec = convert_file(family, path, **options)         # + reading the file and its provenance
+    spec = convert_to_directory(family, output, checkpoint)   # + the published file when none is given, + saving
+
+Each family's module (:mod:`~attllm_jax.convert.cosplace`, :mod:`~attllm_jax.convert.salad`) holds its key table
+and ``convert_state_dict``; the family registry (:mod:`attllm_jax.models.registry`) says which module. Nothing here
+imports torch at module level: :func:`attllm_jax.convert.common.read_state_dict` imports it only to read
+``.pth``/``.ckpt`` files.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from flax import nnx
+
+from attllm_jax.models import registry
+from attllm_jax.models.spec import ModelSpec
+
+__all__ = ["convert", "convert_file", "convert_to_directory", "resolve_checkpoint"]
+
+
+def convert(
+    family: str, state_dict: dict, source_name: str = "<state dict>", **options
+) -> tuple[nnx.Module, ModelSpec]:
+    """Converts an in-memory state dict of ``family`` with that family's key table.
+
+    Args:
+        family: ``"cosplace"``, ``"eigenplaces"``, ``"salad"`` (see ``registry.FAMILIES``).
+        state_dict: ``{key: array}``.
+        source_name: the file name for messages.
+        **options: the family's expectations and settings, e.g. ``backbone``, ``fc_output_dim`` (CNN);
+            ``backbone``, ``num_heads``, ``image_size`` (SALAD).
+
+    Returns:
+        ``(net, spec)``.
+
+    Raises:
+        ConversionError: the checkpoint does not fit the family (every problem listed).
+        ValueError: unknown family or option values.
+    """
+    entry = registry.family_entry(family)
+    return entry.conversion_module().convert_state_dict(state_dict, entry.name, source_name, **options)
+
+
+def convert_file(family: str, path: str | os.PathLike, **options) -> tuple[nnx.Module, ModelSpec]:
+    """Reads a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.bin``/``.safetensors``) and converts it.
+
+    The spec's provenance records the file name, its SHA-256 and the published release it matches, if any.
+    """
+    from attllm_jax.convert.common import read_state_dict, sha256_file
+
+    path = Path(path)
+    net, spec = convert(family, read_state_dict(path), source_name=str(path), **options)
+    provenance = dataclasses.replace(
+        spec.provenance,
+        source_file=path.name,
+        source_sha256=sha256_file(path),
+        published_file=registry.published_file(spec.family, spec.backbone, spec.descriptor_dim),
+    )
+    return net, spec.replace(provenance=provenance)
+
+
+def resolve_checkpoint(
+    family: str,
+    checkpoint: str | os.PathLike | None,
+    backbone: str | None = None,
+    dim: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The checkpoint to convert: ``checkpoint`` when given, else the one published file of ``family`` matching
+    ``backbone`` and ``dim`` (each optional), downloaded into ``cache_dir`` if needed.
+
+    Raises:
+        ValueError: no checkpoint and no single published file matches (the message lists them).
+        DownloadError: the download failed (e.g. offline).
+    """
+    if checkpoint is not None:
+        return Path(checkpoint)
+    from attllm_jax.convert.download import DEFAULT_CACHE_DIR, fetch_published
+
+    entry = registry.find_published(family, backbone, dim)
+    return fetch_published(entry, DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
+
+
+def convert_to_directory(
+    family: str,
+    output: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **options,
+) -> ModelSpec:
+    """What every script in ``converters/`` does: resolve (download if needed), convert, save.
+
+    Args:
+        family: the model family.
+        output: model directory to write (orbax state + ``config.json``).
+        checkpoint: source file; None downloads the published one that ``options`` (``backbone`` and
+            ``fc_output_dim`` for the CNN families) name.
+        cache_dir: download cache (default ``$ATTLLM_JAX_CACHE`` or ``~/.cache/attllm_jax``).
+        **options: passed to the family's converter (and used to find the published file).
+
+    Returns:
+        The spec written to ``output/config.json``.
+    """
+    from attllm_jax.checkpoint import save_model
+
+    dim = options.get("fc_output_dim", options.get("descriptor_dim"))
+    path = resolve_checkpoint(family, checkpoint, options.get("backbone"), dim, cache_dir)
+    net, spec = convert_file(family, path, **options)
+    save_model(output, net, spec)
+    return spec

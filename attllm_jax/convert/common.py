@@ -88,7 +88,13 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(
+            f'reading {path.name} needs PyTorch, which is not installed: pip install -e ".[convert]" '
+            "(or convert a .safetensors copy of the checkpoint)"
+        ) from e
 
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)

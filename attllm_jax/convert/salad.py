@@ -7,35 +7,25 @@ The released checkpoint is the state dict of upstream's ``VPRModel``: the torch.
 ``score.{0,3}`` with 1x1-convolution weights, ``dust_bin``). A Lightning ``{"state_dict": ...}`` wrapper is
 accepted too. Every dimension (width, depth, feed-forward kind and width, patch size, position grid, registers,
 cluster sizes) is inferred from the shapes; only the head count is not in the weights (DINOv2 uses 64-dimensional
-heads, the default). The key map is driven by the target module and checked strictly both ways by
-:func:`~attllm_jax.convert.common.fill_module`; ``mask_token`` (used only for masked pre-training) is the one
-tensor deliberately dropped.
+heads, the default). :data:`DINOV2_KEYS` and :data:`KEYS` map every target parameter to its source key, checked
+strictly both ways by :func:`~attllm_jax.convert.common.fill_module`; ``mask_token`` (used only for masked
+pre-training) is the one tensor deliberately dropped.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 from flax import nnx
 
-from attllm_jax.convert.common import (
-    ConversionError,
-    TensorSource,
-    describe_keys,
-    fill_module,
-    read_state_dict,
-    sha256_file,
-)
-from attllm_jax.convert.download import DEFAULT_CACHE_DIR
-from attllm_jax.models import registry
-from attllm_jax.models.dinov2 import DINOV2_PRESETS, DinoV2Config, DinoVisionTransformer, dinov2_config, preset_name
-from attllm_jax.models.salad import DEFAULT_IMAGE_SIZE, SaladConfig, SaladNet
-from attllm_jax.models.vpr import default_preprocess_config
+from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
+from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_conv_to_hwio, torch_linear_to_io
+from attllm_jax.data.preprocess import PreprocessSpec
+from attllm_jax.models.dinov2 import DINOV2_PRESETS, DinoV2Config, DinoVisionTransformer, dinov2_config
+from attllm_jax.models.salad import DEFAULT_IMAGE_SIZE, SaladSpec
+from attllm_jax.models.spec import ModelSpec, Provenance
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "salad"
@@ -43,8 +33,6 @@ BACKBONE_PREFIX = "backbone.model."
 AGGREGATOR_PREFIX = "aggregator."
 IGNORED = ("num_batches_tracked", "mask_token")  # also matches "backbone.model.mask_token"
 _HEAD_DIM = 64  # every DINOv2 release
-_MLP_INDEX = {"token_features": ("0", "2"), "cluster_features": ("0", "3"), "score": ("0", "3")}
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "gamma": "gamma"}
 _REQUIRED_BACKBONE = ("cls_token", "pos_embed", "patch_embed.proj.weight")
 _REQUIRED_HEAD = (
     "token_features.0.weight",
@@ -52,6 +40,28 @@ _REQUIRED_HEAD = (
     "cluster_features.3.weight",
     "score.3.weight",
     "dust_bin",
+)
+
+# Target path in our DinoVisionTransformer -> torch.hub key: the same names, kernels transposed.
+DINOV2_KEYS = KeyTable(
+    rules=(
+        Rule("patch_embed/proj/kernel", "patch_embed.proj.weight", torch_conv_to_hwio),
+        Rule("(.+)", r"\1"),
+    ),
+    leaves={"kernel": "weight", "scale": "weight"},
+    transforms={"kernel": torch_linear_to_io},
+)
+# Our SaladNet -> dino_salad.ckpt: DINOv2 under backbone.model., the head's MLPs (upstream Sequential indices:
+# token_features 0 and 2, cluster_features / score 0 and 3; 1x1 convolutions become Linear layers).
+KEYS = DINOV2_KEYS.prefixed("backbone/", BACKBONE_PREFIX) + KeyTable(
+    rules=(
+        Rule("aggregator/dust_bin", "aggregator.dust_bin"),
+        Rule("aggregator/(token_features|cluster_features|score)/fc1/(.+)", r"aggregator.\1.0.\2"),
+        Rule("aggregator/(token_features)/fc2/(.+)", r"aggregator.\1.2.\2"),
+        Rule("aggregator/(cluster_features|score)/fc2/(.+)", r"aggregator.\1.3.\2"),
+    ),
+    leaves={"kernel": "weight"},
+    transforms={"kernel": torch_linear_to_io},
 )
 
 
@@ -147,7 +157,7 @@ def infer_dinov2_config(
     )
 
 
-def infer_salad_config(source: TensorSource, backbone: DinoV2Config) -> SaladConfig:
+def infer_salad_config(source: TensorSource, backbone: DinoV2Config) -> SaladSpec:
     """Infers the SALAD head sizes from the ``aggregator.*`` shapes (1x1-conv weights ``[out, in, 1, 1]``).
 
     Raises:
@@ -161,64 +171,13 @@ def infer_salad_config(source: TensorSource, backbone: DinoV2Config) -> SaladCon
         dims[key] = shape[0]
     hidden, token_dim = dims["token_features.0.weight"], dims["token_features.2.weight"]
     cluster_dim, num_clusters = dims["cluster_features.3.weight"], dims["score.3.weight"]
-    return SaladConfig(
-        backbone=backbone, num_clusters=num_clusters, cluster_dim=cluster_dim, token_dim=token_dim, hidden_dim=hidden
+    return SaladSpec(
+        dinov2=backbone, num_clusters=num_clusters, cluster_dim=cluster_dim, token_dim=token_dim, hidden_dim=hidden
     )
 
 
-def _conv_to_hwio(w: np.ndarray) -> np.ndarray:
-    return np.transpose(w, (2, 3, 1, 0)) if w.ndim == 4 else w  # a wrong rank is reported as a shape mismatch
-
-
-def _dense_to_io(w: np.ndarray) -> np.ndarray:
-    # Linear [out, in] and 1x1 conv [out, in, 1, 1] -> [in, out]; a larger kernel yields a reported shape mismatch.
-    return np.reshape(w, (w.shape[0], -1)).T if w.ndim >= 2 else w
-
-
-def _backbone_source(rel: list[str]) -> tuple[str, object]:
-    """Target path inside the DINOv2 module -> (hub key, transform)."""
-    leaf = rel[-1]
-    if rel[0] in ("cls_token", "pos_embed", "register_tokens"):
-        return rel[0], None
-    if rel[:2] == ["patch_embed", "proj"]:
-        return f"patch_embed.proj.{_LEAF[leaf]}", _conv_to_hwio if leaf == "kernel" else None
-    return ".".join(rel[:-1] + [_LEAF[leaf]]), _dense_to_io if leaf == "kernel" else None
-
-
-def _aggregator_source(rel: list[str]) -> tuple[str, object]:
-    """Target path inside the SALAD aggregator -> (checkpoint key without prefix, transform)."""
-    if rel == ["dust_bin"]:
-        return "dust_bin", None
-    mlp, layer, leaf = rel
-    index = _MLP_INDEX[mlp][0 if layer == "fc1" else 1]
-    return f"{mlp}.{index}.{_LEAF[leaf]}", _dense_to_io if leaf == "kernel" else None
-
-
-def _target_paths(module: nnx.Module) -> list[list[str]]:
-    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-    return [[str(p) for p in path] for path, _ in flat]
-
-
-def map_dinov2(module: DinoVisionTransformer, source: TensorSource, prefix: str = "") -> dict[str, np.ndarray | None]:
-    """Takes the value of every Param of a DINOv2 module from torch.hub-named tensors under ``prefix``."""
-    values = {}
-    for rel in _target_paths(module):
-        key, transform = _backbone_source(rel)
-        values["/".join(rel)] = source.take(prefix + key, transform)
-    return values
-
-
-def map_salad(net: SaladNet, source: TensorSource) -> dict[str, np.ndarray | None]:
-    """Takes the value of every Param of a :class:`SaladNet` from a SALAD checkpoint's tensors."""
-    values = {f"backbone/{k}": v for k, v in map_dinov2(net.backbone, source, BACKBONE_PREFIX).items()}
-    for rel in _target_paths(net.aggregator):
-        key, transform = _aggregator_source(rel)
-        values["aggregator/" + "/".join(rel)] = source.take(AGGREGATOR_PREFIX + key, transform)
-    return values
-
-
 def convert_dinov2_state_dict(
-    state_dict: dict[str, np.ndarray],
+    state_dict: dict,
     num_heads: int | None = None,
     interpolate_offset: float | None = None,
     interpolate_antialias: bool | None = None,
@@ -240,70 +199,26 @@ def convert_dinov2_state_dict(
     source = TensorSource(state_dict, ignore=IGNORED)
     config = infer_dinov2_config(source, "", num_heads, interpolate_offset, interpolate_antialias)
     module = nnx.eval_shape(lambda: DinoVisionTransformer(config, rngs=nnx.Rngs(0)))
-    fill_module(module, map_dinov2(module, source), source)
+    fill_module(module, take_all(module, DINOV2_KEYS, source), source)
     return module
 
 
-def _backbone_name(config: DinoV2Config) -> str:
-    return preset_name(config) or "dinov2_custom"
-
-
-def convert_salad_state_dict(
-    state_dict: dict[str, np.ndarray],
-    backbone: str | None = None,
-    num_heads: int | None = None,
-    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
-    interpolate_offset: float | None = None,
-    interpolate_antialias: bool | None = None,
+def convert_state_dict(
+    state_dict: dict,
+    family: str = FAMILY,
     source_name: str = "<state dict>",
-) -> tuple[SaladNet, dict]:
-    """Converts an in-memory SALAD state dict; see :func:`convert_salad`."""
-    source = TensorSource(state_dict, ignore=IGNORED)
-    _check_salad_family(source, source_name)
-    if num_heads is None and backbone in DINOV2_PRESETS:
-        num_heads = dinov2_config(backbone).num_heads
-    dinov2 = infer_dinov2_config(source, BACKBONE_PREFIX, num_heads, interpolate_offset, interpolate_antialias)
-    salad = infer_salad_config(source, dinov2)
-    name = _backbone_name(dinov2)
-    if backbone is not None and backbone != name:
-        raise ConversionError(
-            f"{source_name}: --backbone={backbone} but the checkpoint holds a {name} (width {dinov2.embed_dim}, "
-            f"depth {dinov2.depth}, {dinov2.ffn_layer} feed-forward, {dinov2.num_register_tokens} registers)"
-        )
-    image_size = [int(s) for s in image_size]
-    if len(image_size) != 2 or any(s <= 0 or s % dinov2.patch_size for s in image_size):
-        raise ValueError(f"image_size must be (height, width) multiples of {dinov2.patch_size}, got {image_size}")
-    net = nnx.eval_shape(lambda: SaladNet(salad, rngs=nnx.Rngs(0)))
-    fill_module(net, map_salad(net, source), source)
-    config = {
-        "family": FAMILY,
-        "backbone": name,
-        "dinov2": dinov2.to_dict(),
-        "num_clusters": salad.num_clusters,
-        "cluster_dim": salad.cluster_dim,
-        "token_dim": salad.token_dim,
-        "hidden_dim": salad.hidden_dim,
-        "descriptor_dim": salad.descriptor_dim,
-        "image_size": image_size,
-        "preprocess": default_preprocess_config(FAMILY, image_size),
-        "converter_version": CONVERTER_VERSION,
-    }
-    return net, config
-
-
-def convert_salad(
-    path: str | os.PathLike,
     backbone: str | None = None,
     num_heads: int | None = None,
     image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
     interpolate_offset: float | None = None,
     interpolate_antialias: bool | None = None,
-) -> tuple[SaladNet, dict]:
-    """Reads a DINOv2 + SALAD checkpoint file and converts it.
+) -> tuple[nnx.Module, ModelSpec]:
+    """Converts an in-memory DINOv2 + SALAD state dict (upstream's ``VPRModel``, plain or Lightning-wrapped).
 
     Args:
-        path: ``.ckpt``/``.pth``/``.pt``/``.bin``/``.safetensors`` holding upstream's ``VPRModel`` state dict
-            (plain or Lightning-wrapped).
+        state_dict: ``{key: array}``.
+        family: ``"salad"``.
+        source_name: the file name for messages.
         backbone: optional expected torch.hub name (``"dinov2_vitb14"``), checked against the shapes.
         num_heads: attention heads, when the width is not a multiple of 64 (custom models).
         image_size: evaluation ``(height, width)``, multiples of the patch size (322x322 upstream).
@@ -311,70 +226,30 @@ def convert_salad(
         interpolate_antialias: antialiased position-embedding interpolation (default: as the torch.hub model).
 
     Returns:
-        ``(net, config)``: the filled :class:`SaladNet` and the dict for ``config.json`` (family, backbone, dinov2
-        architecture, head sizes, descriptor_dim, image_size, preprocess, source_file, source_sha256,
-        published_file, converter_version).
+        ``(net, spec)``: the filled :class:`SaladNet` and its spec.
 
     Raises:
-        ConversionError: unreadable file, not a SALAD checkpoint, a contradicting ``backbone``, or any missing /
-            extra / misshapen tensor (all listed in one message).
+        ConversionError: not a SALAD checkpoint, a contradicting ``backbone``, or any missing / extra / misshapen
+            tensor (all listed in one message).
     """
-    path = Path(path)
-    state_dict = read_state_dict(path)
-    net, config = convert_salad_state_dict(
-        state_dict, backbone, num_heads, image_size, interpolate_offset, interpolate_antialias, source_name=str(path)
-    )
-    config["source_file"] = path.name
-    config["source_sha256"] = sha256_file(path)
-    published = [
-        e.file_name
-        for e in registry.PUBLISHED
-        if (e.family, e.backbone, e.descriptor_dim) == (FAMILY, config["backbone"], config["descriptor_dim"])
-    ]
-    config["published_file"] = published[0] if published else None
-    return net, config
-
-
-def resolve_salad_checkpoint(
-    checkpoint: str | os.PathLike | None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR
-) -> Path:
-    """``checkpoint`` when given, else the published ``dino_salad.ckpt`` (downloaded into ``cache_dir`` if needed).
-
-    Raises:
-        DownloadError: the download failed (e.g. offline).
-    """
-    if checkpoint is not None:
-        return Path(checkpoint)
-    from attllm_jax.convert.download import fetch_published
-
-    (entry,) = [e for e in registry.PUBLISHED if e.family == FAMILY]
-    return fetch_published(entry, cache_dir)
-
-
-def convert_salad_to_directory(
-    output: str | os.PathLike,
-    checkpoint: str | os.PathLike | None = None,
-    backbone: str | None = None,
-    num_heads: int | None = None,
-    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
-    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-) -> dict:
-    """What ``converters/salad.py`` does: resolve (download if needed), convert, save.
-
-    Args:
-        output: model directory to write (orbax state + ``config.json``).
-        checkpoint: source file; None downloads the published ``dino_salad.ckpt``.
-        backbone: expected torch.hub backbone name (checked against the shapes).
-        num_heads: attention heads for custom widths.
-        image_size: evaluation ``(height, width)``.
-        cache_dir: download cache.
-
-    Returns:
-        The config written to ``output/config.json``.
-    """
-    from attllm_jax.checkpoint import save_model
-
-    path = resolve_salad_checkpoint(checkpoint, cache_dir)
-    net, config = convert_salad(path, backbone=backbone, num_heads=num_heads, image_size=image_size)
-    save_model(output, net, config)
-    return config
+    if family != FAMILY:
+        raise ValueError(f"family must be {FAMILY!r}, got {family!r}")
+    source = TensorSource(state_dict, ignore=IGNORED)
+    _check_salad_family(source, source_name)
+    if num_heads is None and backbone in DINOV2_PRESETS:
+        num_heads = dinov2_config(backbone).num_heads
+    dinov2 = infer_dinov2_config(source, BACKBONE_PREFIX, num_heads, interpolate_offset, interpolate_antialias)
+    arch = infer_salad_config(source, dinov2)
+    if backbone is not None and backbone != arch.backbone:
+        raise ConversionError(
+            f"{source_name}: --backbone={backbone} but the checkpoint holds a {arch.backbone} (width "
+            f"{dinov2.embed_dim}, depth {dinov2.depth}, {dinov2.ffn_layer} feed-forward, "
+            f"{dinov2.num_register_tokens} registers)"
+        )
+    image_size = [int(s) for s in image_size]
+    if len(image_size) != 2 or any(s <= 0 or s % dinov2.patch_size for s in image_size):
+        raise ValueError(f"image_size must be (height, width) multiples of {dinov2.patch_size}, got {image_size}")
+    net = nnx.eval_shape(lambda: arch.build())
+    fill_module(net, take_all(net, KEYS, source), source)
+    spec = ModelSpec(FAMILY, arch, PreprocessSpec.exact(image_size), Provenance(converter_version=CONVERTER_VERSION))
+    return net, spec

@@ -121,7 +121,7 @@ def extract_database(
         return summary
     batch_size = device_batch_size(batch_size)
     sharding = data_sharding()
-    dim = model.config.get("descriptor_dim")
+    dim = model.spec.descriptor_dim
     chunks: dict[int, _ChunkBuffer] = {}
     for c in pending:
         start, stop = store.chunk_range(c)
@@ -293,6 +293,6 @@ def extract_queries(
         applied[batch.indices[keep]] = mask[keep]
         progress.update(batch.num_valid)
     if out is None:
-        out = np.zeros((len(alphas), len(images), int(model.config.get("descriptor_dim", 1))), dtype=np.float32)
+        out = np.zeros((len(alphas), len(images), model.spec.descriptor_dim), dtype=np.float32)
     seconds = progress.finish()
     return QueryDescriptors(out, valid, applied, failures, seconds)

@@ -54,23 +54,15 @@ def random_cosplace_model(seed: int = 0, backbone: str = "resnet18", descriptor_
     """
     from flax import nnx
 
-    from attllm_jax.models import registry
-    from attllm_jax.models.vpr import VPRModel, default_preprocess_config
+    from attllm_jax.models.spec import ModelSpec
+    from attllm_jax.models.vpr import VPRModel
 
-    config = {
-        "family": "cosplace",
-        "backbone": backbone,
-        "descriptor_dim": int(descriptor_dim),
-        "blend": "native",
-        "image_size": 512,
-        "preprocess": default_preprocess_config("cosplace"),
-        "weights": f"random (seed {seed})",
-    }
-    abstract = nnx.eval_shape(lambda: registry.build_net(config, nnx.Rngs(seed)))
+    spec = ModelSpec.cosplace(backbone, descriptor_dim, weights=f"random (seed {seed})")
+    abstract = nnx.eval_shape(lambda: spec.build(nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
     state = jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(path, leaf, rng), state)
-    return VPRModel(nnx.merge(graphdef, state), config)
+    return VPRModel(nnx.merge(graphdef, state), spec)
 
 
 _CONSTANT_LEAVES = {"bias": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0, "p": 3.0}
@@ -158,12 +150,12 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     timings["load_model"] = time.perf_counter() - t0
     log.info("model: %s, weights sha256 %s...", model, digest[:12])
     top_m = max(max(config.recall_values), config.num_preds_to_save)
-    dim = int(model.config.get("descriptor_dim") or 1)
+    dim = model.spec.descriptor_dim
     plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
     log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
 
     store_key = {
-        "model": model.config,
+        "model": model.spec.to_dict(),
         "weights_sha256": digest,
         "image_size": config.image_size,
         "images": database.fingerprint(),
@@ -230,14 +222,13 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
             config.positive_dist_threshold,
             num_evaluated=int(q.valid.sum()),
         )
-    weights_note = model.config.get("weights") or f"checkpoint {config.checkpoint}"
+    weights_note = model.spec.provenance.weights or f"checkpoint {config.checkpoint}"
     plot_recall_vs_alpha(
         out / "recall_vs_alpha.png",
         config.alphas,
         retrieval.recalls,
         config.recall_values,
-        f"{model.config.get('family')} {model.config.get('backbone')}/{model.config.get('descriptor_dim')} "
-        f"({weights_note}), {len(queries)} queries, {config.positive_dist_threshold:g} m",
+        f"{model.spec.describe()} ({weights_note}), {len(queries)} queries, {config.positive_dist_threshold:g} m",
     )
     if config.num_preds_to_save:
         _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives)
@@ -245,7 +236,7 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
     timings["total"] = time.perf_counter() - t_start
     results = {
-        "model": model.config,
+        "model": model.spec.to_dict(),
         "weights": {"source": weights_note, "sha256": digest},
         "num_database": len(database),
         "num_queries": len(queries),

@@ -1,18 +1,62 @@
-"""The published checkpoints of every supported family, and building a network from a config dict.
+"""The model families (one entry each) and the published checkpoints of every family.
 
-A config (``config.json`` written by a converter) names the family and backbone; :func:`build_net` turns it into
-an NNX module with the right shapes (weights random until restored or filled by a converter).
+A family entry names the family's architecture spec class (which parses its part of ``config.json`` and builds the
+network) and the module holding its conversion key table. Adding a family means: a model module with its
+architecture spec class, a conversion module with its key table, and one entry in :data:`FAMILY_ENTRIES` (plus its
+published files in :data:`PUBLISHED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from types import ModuleType
 
-from flax import nnx
+from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
+from attllm_jax.models.salad import SaladSpec
 
-CNN_FAMILIES = ("cosplace", "eigenplaces")
-FAMILIES = CNN_FAMILIES + ("salad",)
-CNN_BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "vgg16")
+
+@dataclasses.dataclass(frozen=True)
+class FamilyEntry:
+    """One model family.
+
+    Attributes:
+        name: the ``family`` field of ``config.json``.
+        architecture: the architecture spec class (``from_dict``, ``from_format_1``, ``default_preprocess``,
+            ``build``, ``to_dict``; ``FORMAT_1_FIELDS``).
+        conversion: the module with ``convert_state_dict(state_dict, family, source_name, **options)`` and its
+            key table (imported only when converting).
+    """
+
+    name: str
+    architecture: type
+    conversion: str
+
+    def conversion_module(self) -> ModuleType:
+        return importlib.import_module(self.conversion)
+
+
+FAMILY_ENTRIES: dict[str, FamilyEntry] = {
+    "cosplace": FamilyEntry("cosplace", CnnSpec, "attllm_jax.convert.cosplace"),
+    "eigenplaces": FamilyEntry("eigenplaces", CnnSpec, "attllm_jax.convert.cosplace"),
+    "salad": FamilyEntry("salad", SaladSpec, "attllm_jax.convert.salad"),
+}
+FAMILIES = tuple(FAMILY_ENTRIES)
+CNN_FAMILIES = tuple(name for name, e in FAMILY_ENTRIES.items() if e.architecture is CnnSpec)
+__all__ = ["CNN_BACKBONES", "CNN_FAMILIES", "FAMILIES", "FAMILY_ENTRIES", "PUBLISHED", "family_entry", "lookup"]
+
+
+def family_entry(family: str) -> FamilyEntry:
+    """The entry of ``family`` (case-insensitive).
+
+    Raises:
+        ValueError: unknown family; the message lists the known ones.
+    """
+    key = str(family).strip().lower()
+    if key not in FAMILY_ENTRIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILY_ENTRIES)}")
+    return FAMILY_ENTRIES[key]
+
 
 # Upstream spells backbones "ResNet50", "VGG16" in file names and flags.
 UPSTREAM_BACKBONE_NAMES = {
@@ -87,11 +131,6 @@ PUBLISHED: tuple[PublishedCheckpoint, ...] = tuple(
 )
 
 
-def normalize_backbone(name: str) -> str:
-    """Maps upstream spellings (``"ResNet50"``, ``"VGG16"``, ``"ResNet-50"``) to ours (``"resnet50"``, ``"vgg16"``)."""
-    return name.strip().lower().replace("-", "")
-
-
 def valid_combinations(family: str | None = None) -> list[str]:
     """``"family/backbone/dim"`` for every published checkpoint (of one family when given)."""
     return [f"{e.family}/{e.backbone}/{e.descriptor_dim}" for e in PUBLISHED if family in (None, e.family)]
@@ -119,43 +158,32 @@ def lookup(family: str, backbone: str, dim: int) -> PublishedCheckpoint:
     )
 
 
-def build_net(config: dict, rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """Builds the network a config describes (random weights).
+def published_file(family: str, backbone: str, dim: int) -> str | None:
+    """The release asset name of (family, backbone, dim), or None when nothing was published with those."""
+    entries = [e for e in PUBLISHED if (e.family, e.backbone, e.descriptor_dim) == (family, backbone, int(dim))]
+    return entries[0].file_name if entries else None
 
-    Args:
-        config: a converter's config; ``config["family"]`` selects the builder. CNN families need
-            ``backbone`` and ``descriptor_dim`` (optional ``blend``); SALAD's keys are read by
-            :func:`attllm_jax.models.salad.build_salad_net`.
-        rngs: initializers' randomness; defaults to ``nnx.Rngs(0)``.
+
+def find_published(family: str, backbone: str | None = None, dim: int | None = None) -> PublishedCheckpoint:
+    """The one published checkpoint of ``family`` matching the given ``backbone`` and ``dim`` (each optional).
 
     Raises:
-        ValueError: unknown family or backbone, or a missing key.
+        ValueError: none or several match (e.g. a CNN family without backbone and dimension); the message lists
+            the valid combinations.
     """
-    family = str(config.get("family", "")).lower()
-    if family in CNN_FAMILIES:
-        return build_cnn_net(config, rngs)
-    if family == "salad":
-        from attllm_jax.models.salad import build_salad_net
-
-        return build_salad_net(config, rngs=rngs)
-    raise ValueError(f"unknown model family {config.get('family')!r} in config; valid: {', '.join(FAMILIES)}")
-
-
-def build_cnn_net(config: dict, rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """A CosPlace / EigenPlaces :class:`~attllm_jax.models.heads.GeoLocalizationNet` from a config."""
-    from attllm_jax.models.heads import GeMHead, GeoLocalizationNet
-    from attllm_jax.models.resnet import ResNet, resnet_config
-    from attllm_jax.models.vgg import VGG, VGGConfig
-
-    missing = [k for k in ("backbone", "descriptor_dim") if k not in config]
-    if missing:
-        raise ValueError(f"{config.get('family')} config lacks {missing}")
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    backbone_name = normalize_backbone(str(config["backbone"]))
-    if backbone_name not in CNN_BACKBONES:
-        raise ValueError(f"unknown CNN backbone {config['backbone']!r}; valid: {', '.join(CNN_BACKBONES)}")
-    backbone = (
-        VGG(VGGConfig(), rngs=rngs) if backbone_name == "vgg16" else ResNet(resnet_config(backbone_name), rngs=rngs)
+    fam = family.strip().lower()
+    matches = [
+        e
+        for e in PUBLISHED
+        if e.family == fam
+        and (backbone is None or e.backbone == normalize_backbone(backbone))
+        and (dim is None or e.descriptor_dim == int(dim))
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if backbone is not None and dim is not None:
+        return lookup(family, backbone, dim)  # raises with the valid combinations
+    raise ValueError(
+        f"give --checkpoint, or the backbone and descriptor dimension of a published {family} model; valid "
+        f"(family/backbone/dim): {', '.join(valid_combinations(fam if fam in FAMILIES else None))}"
     )
-    head = GeMHead(backbone.out_channels, int(config["descriptor_dim"]), blend=config.get("blend", "native"), rngs=rngs)
-    return GeoLocalizationNet(backbone, head)

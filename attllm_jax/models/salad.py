@@ -14,39 +14,111 @@ with ``token_features.{0,2}``, ``cluster_features.{0,3}`` and ``score.{0,3}`` na
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attllm_jax import ops
-from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config
+from attllm_jax.data.preprocess import PreprocessSpec
+from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config, preset_name
+from attllm_jax.models.features import TokenFeatures
+from attllm_jax.models.spec import ConfigError, scalar_dataclass, strict_fields
 
 DEFAULT_IMAGE_SIZE = (322, 322)
 
 
 @dataclasses.dataclass(frozen=True)
-class SaladConfig:
+class SaladSpec:
     """Architecture of a DINOv2 + SALAD network.
 
     Attributes:
-        backbone: the DINOv2 architecture.
+        dinov2: the DINOv2 backbone's architecture.
         num_clusters: ``m`` (64 upstream).
         cluster_dim: ``l``, channels per cluster (128).
         token_dim: ``g``, global-token width (256).
         hidden_dim: hidden width of the three MLPs (512).
     """
 
-    backbone: DinoV2Config = dataclasses.field(default_factory=lambda: dinov2_config("dinov2_vitb14"))
+    dinov2: DinoV2Config = dataclasses.field(default_factory=lambda: dinov2_config("dinov2_vitb14"))
     num_clusters: int = 64
     cluster_dim: int = 128
     token_dim: int = 256
     hidden_dim: int = 512
 
+    FORMAT_1_FIELDS: ClassVar[tuple[str, ...]] = (
+        "backbone",
+        "dinov2",
+        "num_clusters",
+        "cluster_dim",
+        "token_dim",
+        "hidden_dim",
+        "descriptor_dim",
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.dinov2, DinoV2Config):
+            raise ValueError(f"dinov2 must be a DinoV2Config, got {type(self.dinov2).__name__}")
+        for name in ("num_clusters", "cluster_dim", "token_dim", "hidden_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @classmethod
+    def released(cls) -> SaladSpec:
+        """serizba/salad's ``dino_salad.ckpt``: DINOv2 ViT-B/14, m=64, l=128, g=256 (D = 8448)."""
+        return cls()
+
+    @property
+    def backbone(self) -> str:
+        """The DINOv2 preset name (``"dinov2_vitb14"``), or ``"dinov2_custom"``."""
+        return preset_name(self.dinov2) or "dinov2_custom"
+
     @property
     def descriptor_dim(self) -> int:
         """``g + l * m`` (8448 for the released model)."""
         return self.token_dim + self.cluster_dim * self.num_clusters
+
+    @staticmethod
+    def default_preprocess() -> PreprocessSpec:
+        """322 x 322, bilinear, ImageNet normalization (upstream's evaluation transform)."""
+        return PreprocessSpec.exact(DEFAULT_IMAGE_SIZE)
+
+    def build(self, rngs: nnx.Rngs | None = None) -> SaladNet:
+        """The network with random weights (``nnx.Rngs(0)`` unless given)."""
+        return SaladNet(self, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "dinov2": self.dinov2.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, require_all: bool = True) -> SaladSpec:
+        """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
+        kwargs = strict_fields(cls, data, where, require_all)
+        dinov2 = kwargs.pop("dinov2", None)
+        if dinov2 is not None:
+            dinov2 = scalar_dataclass(DinoV2Config, dinov2, f"{where}.dinov2", require_all)
+        return scalar_dataclass(cls, kwargs, where, require_all=False, dinov2=dinov2 or dinov2_config("dinov2_vitb14"))
+
+    @classmethod
+    def from_format_1(cls, data: dict, where: str) -> SaladSpec:
+        """From release 0.1.0's flat fields: ``dinov2`` (or the preset named by ``backbone``), head sizes
+        (upstream's defaults when absent, as 0.1.0 read them); ``descriptor_dim`` is checked and dropped."""
+        data = dict(data)
+        backbone, dim = data.pop("backbone", "dinov2_vitb14"), data.pop("descriptor_dim", None)
+        if "dinov2" not in data:
+            try:
+                data["dinov2"] = dinov2_config(str(backbone)).to_dict()
+            except ValueError as e:
+                raise ConfigError(f"{where}: field 'backbone': {e}") from e
+        spec = cls.from_dict(data, where, require_all=False)
+        if dim is not None and dim != spec.descriptor_dim:
+            raise ConfigError(
+                f"{where}: field 'descriptor_dim' is {dim!r}, but token_dim + cluster_dim * num_clusters is "
+                f"{spec.descriptor_dim}"
+            )
+        return spec
 
 
 class TokenMLP(nnx.Module):
@@ -122,11 +194,11 @@ class SaladNet(nnx.Module):
         aggregator: :class:`SaladAggregator`.
     """
 
-    def __init__(self, config: SaladConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: SaladSpec, *, rngs: nnx.Rngs):
         self.config = config
-        self.backbone = DinoVisionTransformer(config.backbone, rngs=rngs)
+        self.backbone = DinoVisionTransformer(config.dinov2, rngs=rngs)
         self.aggregator = SaladAggregator(
-            config.backbone.embed_dim,
+            config.dinov2.embed_dim,
             config.num_clusters,
             config.cluster_dim,
             config.token_dim,
@@ -134,84 +206,34 @@ class SaladNet(nnx.Module):
             rngs=rngs,
         )
 
-    def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """DINOv2 tokens after its final norm.
+    def features(self, images: jax.Array) -> TokenFeatures:
+        """DINOv2 tokens after its final norm (register tokens dropped).
 
         Args:
-            images: [B, H, W, 3] normalized images, H and W multiples of 14.
+            images: [B, H, W, 3] normalized images, H and W multiples of the patch size (14).
 
         Returns:
-            ``{"cls": [B, C], "patches": [B, H/14, W/14, C]}``.
+            :class:`TokenFeatures` with ``patches`` [B, H/14, W/14, C] and ``cls`` [B, C].
         """
         out = self.backbone(images)
-        return {"cls": out["cls"], "patches": out["patches"]}
+        return TokenFeatures(patches=out["patches"], cls=out["cls"])
 
     def aggregate(
-        self, feats: dict[str, jax.Array], attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
+        self, feats: TokenFeatures, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
     ) -> jax.Array:
         """SALAD descriptors [B, D] from :meth:`features` output, optionally attention-modulated.
 
         Args:
-            feats: ``{"cls": [B, C], "patches": [B, h, w, C]}``.
+            feats: :class:`TokenFeatures`.
             attention: optional [B, h', w'] map (resized to ``h x w``).
             alpha: blend factor in [0, 1], scalar or [B]; ``<= 1e-6`` is plain SALAD.
         """
-        if not isinstance(feats, dict) or not {"cls", "patches"} <= set(feats):
-            raise ValueError("SALAD features must be a dict with 'cls' [B, C] and 'patches' [B, h, w, C]")
-        return self.aggregator(feats["patches"], feats["cls"], attention=attention, alpha=alpha)
-
-    def feature_grid(self, feats: dict[str, jax.Array]) -> tuple[int, int]:
-        """The (h, w) patch grid of :meth:`features` output."""
-        return int(feats["patches"].shape[1]), int(feats["patches"].shape[2])
+        if not isinstance(feats, TokenFeatures):
+            raise ValueError(f"SALAD features must be TokenFeatures, got {type(feats).__name__}")
+        return self.aggregator(feats.patches, feats.cls, attention=attention, alpha=alpha)
 
     def __call__(
         self, images: jax.Array, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
     ) -> jax.Array:
         """``aggregate(features(images), attention, alpha)``: [B, H, W, 3] -> [B, D]."""
         return self.aggregate(self.features(images), attention=attention, alpha=alpha)
-
-
-def salad_config_from_dict(config: dict) -> SaladConfig:
-    """The :class:`SaladConfig` a model config dict describes.
-
-    The backbone architecture is ``config["dinov2"]`` (a :meth:`DinoV2Config.to_dict`) when present, else the
-    preset named by ``config["backbone"]``; head sizes default to upstream's.
-
-    Raises:
-        ValueError: unknown backbone name or malformed entries.
-    """
-    if "dinov2" in config:
-        backbone = DinoV2Config.from_dict(dict(config["dinov2"]))
-    else:
-        backbone = dinov2_config(str(config.get("backbone", "dinov2_vitb14")))
-    try:
-        salad = SaladConfig(
-            backbone=backbone,
-            num_clusters=int(config.get("num_clusters", 64)),
-            cluster_dim=int(config.get("cluster_dim", 128)),
-            token_dim=int(config.get("token_dim", 256)),
-            hidden_dim=int(config.get("hidden_dim", 512)),
-        )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"malformed SALAD config: {e}") from e
-    dim = config.get("descriptor_dim")
-    if dim is not None and int(dim) != salad.descriptor_dim:
-        raise ValueError(
-            f"SALAD config descriptor_dim {dim} does not match token_dim + cluster_dim * num_clusters "
-            f"= {salad.descriptor_dim}"
-        )
-    return salad
-
-
-def build_salad_net(config: dict, rngs: nnx.Rngs | None = None) -> SaladNet:
-    """Builds a (randomly initialized) :class:`SaladNet` from a model config dict.
-
-    Config keys: ``backbone`` (torch.hub name, e.g. ``"dinov2_vitb14"``), ``dinov2`` (optional full architecture,
-    written by the converter), ``num_clusters``, ``cluster_dim``, ``token_dim``, ``hidden_dim``, ``descriptor_dim``
-    (checked), ``image_size`` (used by preprocessing, not here).
-
-    Args:
-        config: the config dict.
-        rngs: initializers' randomness; defaults to ``nnx.Rngs(0)``.
-    """
-    return SaladNet(salad_config_from_dict(config), rngs=rngs if rngs is not None else nnx.Rngs(0))

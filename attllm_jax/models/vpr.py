@@ -1,8 +1,10 @@
-"""``VPRModel``: a converted network plus its evaluation transform, with one jitted function per input shape.
+"""``VPRModel``: a converted network and its :class:`~attllm_jax.models.spec.ModelSpec`, with one jitted function
+per input shape.
 
-The network (any family: CosPlace / EigenPlaces :class:`GeoLocalizationNet`, SALAD) is split once into a static
-graph definition and its state; every public method is a ``jax.jit`` of a pure function of (state, inputs), so a
-repeated input shape never recompiles.
+The network (any family) is split once into a static graph definition and its state; every public method is a
+``jax.jit`` of a pure function of (state, inputs), so a repeated input shape never recompiles. Every family's
+network has the same interface (``features(images) -> Features``, ``aggregate(features, attention, alpha)``, see
+:mod:`attllm_jax.models.features`), so nothing here depends on the family.
 """
 
 from __future__ import annotations
@@ -17,102 +19,25 @@ from flax import nnx
 from PIL import Image
 
 from attllm_jax import ops
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("shorter_side", "exact")
-_PIL_FILTERS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
-
-
-def default_preprocess_config(family: str, size: int | Sequence[int] | None = None) -> dict:
-    """Each family's evaluation transform, written into converted configs and used when one has none.
-
-    CosPlace / EigenPlaces resize the shorter side to 512; SALAD resizes to 322x322. Both use PIL bilinear
-    (which antialiases when downscaling) and ImageNet normalization.
-
-    Args:
-        family: "cosplace", "eigenplaces" or "salad".
-        size: optional override: the shorter side (CNN families) or ``(height, width)`` (SALAD).
-    """
-    if family == "salad":
-        resize, size = "exact", [int(s) for s in (size or (322, 322))]
-    else:
-        resize, size = "shorter_side", int(size or 512)
-    return {
-        "resize": resize,
-        "size": size,
-        "interpolation": "bilinear",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
-
-
-def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision ``Resize(size)`` output ``(width, height)``: shorter side ``size``, longer side floored."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def preprocess_image(image: Image.Image, config: dict, image_size: int | Sequence[int] | None = None) -> np.ndarray:
-    """Applies an evaluation transform to one PIL image.
-
-    Args:
-        image: any PIL image (converted to RGB).
-        config: a preprocess dict (``resize`` "shorter_side" or "exact", ``size``, ``interpolation``, ``mean``,
-            ``std``), see :func:`default_preprocess_config`.
-        image_size: override: an int resizes the shorter side to it, ``(height, width)`` resizes exactly.
-
-    Returns:
-        ``[H, W, 3]`` float32, scaled to [0, 1] then normalized with ``mean``/``std``.
-
-    Raises:
-        ValueError: a malformed config or ``image_size``.
-    """
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"preprocess expects a PIL image, got {type(image).__name__}")
-    resize, size = config.get("resize"), config.get("size")
-    if image_size is not None:
-        resize, size = ("shorter_side", image_size) if np.ndim(image_size) == 0 else ("exact", image_size)
-    interpolation = config.get("interpolation", "bilinear")
-    if resize not in RESIZE_MODES or interpolation not in _PIL_FILTERS:
-        raise ValueError(
-            f"bad preprocess config resize={resize!r} interpolation={interpolation!r}; "
-            f"valid resize: {RESIZE_MODES}, interpolation: {tuple(_PIL_FILTERS)}"
-        )
-    image = image.convert("RGB")
-    if resize == "shorter_side":
-        if int(size) <= 0:
-            raise ValueError(f"image_size must be positive, got {size!r}")
-        out_size = shorter_side_size(image.width, image.height, int(size))
-    else:
-        if len(size) != 2 or min(int(s) for s in size) <= 0:
-            raise ValueError(f"image_size must be an int or a positive (height, width) pair, got {size!r}")
-        out_size = (int(size[1]), int(size[0]))
-    if out_size != image.size:
-        image = image.resize(out_size, _PIL_FILTERS[interpolation])
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    mean = np.asarray(config.get("mean", IMAGENET_MEAN), np.float32)
-    std = np.asarray(config.get("std", IMAGENET_STD), np.float32)
-    return (x - mean) / std
+from attllm_jax.data.preprocess import preprocess_image
+from attllm_jax.models.features import Features
+from attllm_jax.models.spec import ModelSpec
 
 
 class VPRModel:
-    """A network and its config, with jitted inference.
+    """A network and its spec, with jitted inference.
 
     Attributes:
-        config: the converter's config dict (family, backbone, descriptor_dim, image_size, preprocess, ...).
+        spec: the :class:`~attllm_jax.models.spec.ModelSpec` (family, architecture, preprocessing, provenance).
         net: the NNX network (kept for inspection; inference uses the split state).
         trace_counts: how many times each method's pure function was traced (a retrace means a compile).
     """
 
-    def __init__(self, net: nnx.Module, config: dict):
-        """Wraps ``net`` (with ``features``/``aggregate``/``__call__``) described by ``config``."""
-        self.config = dict(config)
+    def __init__(self, net: nnx.Module, spec: ModelSpec):
+        """Wraps ``net`` (with ``features``/``aggregate``/``__call__``) described by ``spec``."""
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+        self.spec = spec
         self.net = net
         self._graphdef, self._state = nnx.split(net)
         self.trace_counts: collections.Counter = collections.Counter()
@@ -122,8 +47,8 @@ class VPRModel:
         self._jit_sweep = jax.jit(self._pure_sweep)
 
     def __repr__(self) -> str:
-        keys = ("family", "backbone", "descriptor_dim")
-        return f"VPRModel({', '.join(f'{k}={self.config.get(k)!r}' for k in keys)})"
+        spec = self.spec
+        return f"VPRModel(family={spec.family!r}, backbone={spec.backbone!r}, descriptor_dim={spec.descriptor_dim})"
 
     # Pure functions of (state, inputs); the Python body runs only when tracing.
     def _merge(self, state):
@@ -147,14 +72,13 @@ class VPRModel:
         return jax.vmap(lambda a: net.aggregate(feats, attention, a))(alphas)
 
     def preprocess(self, pil_image: Image.Image, image_size: int | Sequence[int] | None = None) -> np.ndarray:
-        """The family's evaluation transform: ``PIL image -> [H, W, 3]`` float32 (see :func:`preprocess_image`).
+        """The model's evaluation transform: ``PIL image -> [H, W, 3]`` float32 (see :func:`preprocess_image`).
 
         Args:
             pil_image: the image.
-            image_size: optional override of the config's size (int: shorter side; ``(H, W)``: exact).
+            image_size: optional override of the spec's size (int: shorter side; ``(H, W)``: exact).
         """
-        config = self.config.get("preprocess") or default_preprocess_config(self.config.get("family", ""))
-        return preprocess_image(pil_image, config, image_size)
+        return preprocess_image(pil_image, self.spec.preprocess, image_size)
 
     def __call__(
         self, images: jax.Array | np.ndarray, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
@@ -169,17 +93,17 @@ class VPRModel:
         images = _check_images(images)
         return self._jit_call(self._state, images, *_attention_args(attention, alpha))
 
-    def features(self, images: jax.Array | np.ndarray) -> jax.Array | dict:
-        """The backbone output of ``[B, H, W, 3]`` images (CNN: ``[B, h, w, C]``; SALAD: a dict)."""
+    def features(self, images: jax.Array | np.ndarray) -> Features:
+        """The backbone output of ``[B, H, W, 3]`` images: the family's :class:`Features` pytree."""
         return self._jit_features(self._state, _check_images(images))
 
     def aggregate(
-        self, feats: jax.Array | dict, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
+        self, feats: Features, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
     ) -> jax.Array:
         """Descriptors ``[B, D]`` from :meth:`features` output, optionally attention-modulated."""
-        return self._jit_aggregate(self._state, feats, *_attention_args(attention, alpha))
+        return self._jit_aggregate(self._state, _check_features(feats), *_attention_args(attention, alpha))
 
-    def aggregate_sweep(self, feats: jax.Array | dict, attention: jax.Array, alphas: Sequence[float]) -> jax.Array:
+    def aggregate_sweep(self, feats: Features, attention: jax.Array, alphas: Sequence[float]) -> jax.Array:
         """Descriptors for a whole alpha grid in one jitted, vmapped call.
 
         Args:
@@ -193,14 +117,17 @@ class VPRModel:
         alphas = ops.validate_alpha(alphas, "alphas")
         if alphas.ndim != 1:
             raise ValueError(f"alphas must be a 1-D grid [K], got shape {alphas.shape}")
-        return self._jit_sweep(self._state, feats, jnp.asarray(attention, jnp.float32), alphas)
+        return self._jit_sweep(self._state, _check_features(feats), jnp.asarray(attention, jnp.float32), alphas)
 
-    def feature_grid(self, feats: jax.Array | dict) -> tuple[int, int]:
+    def feature_grid(self, feats: Features) -> tuple[int, int]:
         """The ``(h, w)`` grid of :meth:`features` output, the resolution attention maps are resized to."""
-        if hasattr(self.net, "feature_grid"):
-            return self.net.feature_grid(feats)
-        patches = feats["patches"] if isinstance(feats, dict) else feats
-        return int(patches.shape[1]), int(patches.shape[2])
+        return feats.grid
+
+
+def _check_features(feats) -> Features:
+    if not isinstance(feats, Features):
+        raise ValueError(f"feats must be the Features pytree that model.features() returns, got {type(feats).__name__}")
+    return feats
 
 
 def _check_images(images) -> jax.Array:

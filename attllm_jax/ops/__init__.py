@@ -6,14 +6,18 @@ wider (bfloat16 inputs are upcast) and results are returned in that dtype; shape
 """
 
 from attllm_jax.ops.attention_maps import grid_attention_map, rbf_attention_map, resize_attention
-from attllm_jax.ops.gem import gem, modulated_gem, validate_alpha
+from attllm_jax.ops.checks import validate_alpha
+from attllm_jax.ops.gem import BLENDS, gem, modulated_gem
+from attllm_jax.ops.normalize import l2_normalize
 from attllm_jax.ops.resize import bicubic_resize_scale_factor
 from attllm_jax.ops.sinkhorn import log_sinkhorn_assignment, salad_pool
 
 __all__ = [
+    "BLENDS",
     "bicubic_resize_scale_factor",
     "gem",
     "grid_attention_map",
+    "l2_normalize",
     "log_sinkhorn_assignment",
     "modulated_gem",
     "rbf_attention_map",

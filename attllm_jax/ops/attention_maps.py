@@ -11,14 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from attllm_jax.ops.resize import _check_size, bilinear_resize
+from attllm_jax.ops.checks import as_float, check_size
+from attllm_jax.ops.resize import bilinear_resize
 
 MAX_WEIGHT = 2.0
-
-
-def _float(x: ArrayLike) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def resize_attention(attention: ArrayLike, height: int, width: int) -> jax.Array:
@@ -38,10 +34,10 @@ def resize_attention(attention: ArrayLike, height: int, width: int) -> jax.Array
     Raises:
         ValueError: ``attention`` is not 3-D, or ``height``/``width`` is not a positive integer.
     """
-    attention = _float(attention)
+    attention = as_float(attention)
     if attention.ndim != 3:
         raise ValueError(f"attention must have shape [B, h, w], got shape {attention.shape}")
-    height, width = _check_size(height, "height"), _check_size(width, "width")
+    height, width = check_size(height, "height"), check_size(width, "width")
     _, h, w = attention.shape
     if (h, w) == (height, width):
         return attention
@@ -82,7 +78,7 @@ def rbf_attention_map(
         ValueError: a shape does not match, ``height``/``width`` is not a positive integer, or a concrete
             ``sigma`` is not positive.
     """
-    centers, weights = _float(centers), _float(weights)
+    centers, weights = as_float(centers), as_float(weights)
     if centers.ndim != 3 or centers.shape[-1] != 2:
         raise ValueError(f"centers must have shape [B, N, 2], got shape {centers.shape}")
     batch, num = centers.shape[:2]
@@ -95,8 +91,8 @@ def rbf_attention_map(
         if valid.shape != (batch, num):
             raise ValueError(f"valid must have shape {(batch, num)} to match centers, got shape {valid.shape}")
         valid = valid.astype(bool)
-    height, width = _check_size(height, "height"), _check_size(width, "width")
-    sigma = _float(sigma)
+    height, width = check_size(height, "height"), check_size(width, "width")
+    sigma = as_float(sigma)
     if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != batch):
         raise ValueError(f"sigma must be a scalar or have shape [{batch}], got shape {sigma.shape}")
     if not isinstance(sigma, jax.core.Tracer) and not bool(np.all(np.asarray(sigma) > 0)):
@@ -155,10 +151,10 @@ def grid_attention_map(grid: ArrayLike, height: int, width: int, interpolate: bo
     Raises:
         ValueError: ``grid`` is not 3-D or ``height``/``width`` is not a positive integer.
     """
-    grid = _float(grid)
+    grid = as_float(grid)
     if grid.ndim != 3:
         raise ValueError(f"grid must have shape [B, n, n], got shape {grid.shape}")
-    height, width = _check_size(height, "height"), _check_size(width, "width")
+    height, width = check_size(height, "height"), check_size(width, "width")
     return _grid(grid, height=height, width=width, interpolate=bool(interpolate))
 
 

@@ -12,40 +12,11 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from attllm_jax.ops.attention_maps import MAX_WEIGHT, resize_attention
+from attllm_jax.ops.checks import check_batch_alpha
 
 ALPHA_OFF = 1e-6  # alpha at or below this means "no attention": plain pooling
 BLENDS = ("native", "uniform")
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def validate_alpha(alpha: ArrayLike, name: str = "alpha") -> jax.Array:
-    """Checks a blend factor on the host: a scalar or a vector with every value in ``[0, 1]``.
-
-    Tracers (inside ``jit``/``vmap``/``grad``) pass through unchecked, so call this at the API boundary.
-
-    Args:
-        alpha: scalar ``()`` or per-image ``[B]`` blend factor.
-        name: argument name used in the error message.
-
-    Returns:
-        ``alpha`` as an array of float32 (or wider) dtype.
-
-    Raises:
-        ValueError: a concrete ``alpha`` is not numeric, has more than one dimension, or has a value outside
-            ``[0, 1]`` (NaN included).
-    """
-    if isinstance(alpha, jax.core.Tracer):
-        return alpha.astype(jnp.promote_types(alpha.dtype, jnp.float32))
-    try:
-        values = np.asarray(alpha)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a number or a 1-D array of numbers in [0, 1], got {alpha!r}") from err
-    if values.dtype == bool or not jnp.issubdtype(values.dtype, jnp.number) or values.ndim > 1:
-        raise ValueError(f"{name} must be a number or a 1-D array of numbers in [0, 1], got {alpha!r}")
-    if not np.all((values >= 0) & (values <= 1)):
-        raise ValueError(f"{name} must lie in [0, 1], got {values}")
-    alpha = jnp.asarray(alpha)
-    return alpha.astype(jnp.promote_types(alpha.dtype, jnp.float32))
 
 
 def _check_features(x: ArrayLike, name: str = "x") -> jax.Array:
@@ -53,13 +24,6 @@ def _check_features(x: ArrayLike, name: str = "x") -> jax.Array:
     if x.ndim != 4:
         raise ValueError(f"{name} must have shape [B, h, w, C], got shape {x.shape}")
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _check_batch_alpha(alpha: ArrayLike, batch: int, name: str = "alpha") -> jax.Array:
-    alpha = validate_alpha(alpha, name)
-    if alpha.ndim > 1 or (alpha.ndim == 1 and alpha.shape[0] != batch):
-        raise ValueError(f"{name} must be a scalar or have shape [{batch}] (the batch), got shape {alpha.shape}")
-    return jnp.broadcast_to(alpha, (batch,))
 
 
 def _per_image(fn, *arrays):
@@ -184,7 +148,7 @@ def modulated_gem(
     attention = jnp.asarray(attention)
     if attention.ndim != 3 or attention.shape[0] != batch:
         raise ValueError(f"attention must have shape [{batch}, h, w] to match x, got shape {attention.shape}")
-    alpha = _check_batch_alpha(alpha, batch)
+    alpha = check_batch_alpha(alpha, batch)
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     return _modulated_gem(x, attention, alpha, eps, *_split_p(p), blend=blend)

@@ -18,12 +18,6 @@ from jax.typing import ArrayLike
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient (Keys uses -0.5)
 
 
-def _check_size(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """Weights of PyTorch's bilinear resize along one axis (``align_corners=False``, no antialias).
 

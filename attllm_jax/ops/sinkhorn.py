@@ -12,24 +12,13 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from attllm_jax.ops.attention_maps import MAX_WEIGHT
-from attllm_jax.ops.gem import ALPHA_OFF, _check_batch_alpha
-
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
-
-
-def _float(x: ArrayLike) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _l2_normalize(x: jax.Array, axis: int) -> jax.Array:
-    """``x / max(||x||_2, 1e-12)`` along ``axis``, as ``torch.nn.functional.normalize``."""
-    # sqrt(max(s, eps^2)) == max(sqrt(s), eps), without sqrt's infinite slope at 0 (a zero vector).
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), _NORM_EPS**2))
+from attllm_jax.ops.checks import as_float, check_batch_alpha
+from attllm_jax.ops.gem import ALPHA_OFF
+from attllm_jax.ops.normalize import l2_normalize
 
 
 def _dustbin_scalar(dustbin: ArrayLike) -> jax.Array:
-    dustbin = _float(dustbin)
+    dustbin = as_float(dustbin)
     if dustbin.size != 1:
         raise ValueError(f"dustbin must be a scalar, got shape {dustbin.shape}")
     return dustbin.reshape(())
@@ -62,7 +51,7 @@ def log_sinkhorn_assignment(
         ValueError: ``scores`` is not 3-D or has ``N <= m``, ``dustbin`` is not a scalar, or ``num_iters`` is
             not a non-negative integer.
     """
-    scores = _float(scores)
+    scores = as_float(scores)
     if scores.ndim != 3:
         raise ValueError(f"scores must have shape [B, m, N], got shape {scores.shape}")
     _, m, n = scores.shape
@@ -133,22 +122,22 @@ def salad_pool(
     Raises:
         ValueError: mismatched shapes (named in the message) or a concrete ``alpha`` outside ``[0, 1]``.
     """
-    f = _float(local_features)
+    f = as_float(local_features)
     if f.ndim != 3:
         raise ValueError(f"local_features must have shape [B, N, l], got shape {f.shape}")
     batch, n, l_dim = f.shape
-    scores = _float(scores)
+    scores = as_float(scores)
     if scores.ndim != 3 or scores.shape[0] != batch or scores.shape[2] != n:
         raise ValueError(f"scores must have shape [{batch}, m, {n}] to match local_features, got {scores.shape}")
-    g = _float(global_token)
+    g = as_float(global_token)
     if g.ndim != 2 or g.shape[0] != batch:
         raise ValueError(f"global_token must have shape [{batch}, g], got shape {g.shape}")
-    alpha = _check_batch_alpha(alpha, batch)
+    alpha = check_batch_alpha(alpha, batch)
     if scores.shape[2] <= scores.shape[1]:
         raise ValueError(f"scores must have more tokens than clusters (N > m), got shape {scores.shape}")
     dustbin = _dustbin_scalar(dustbin)
     if attention is not None:
-        attention = _float(attention)
+        attention = as_float(attention)
         if attention.shape != (batch, n):
             raise ValueError(f"attention must have shape [{batch}, {n}] (one value per token), got {attention.shape}")
     return _salad_pool(f, scores, dustbin, g, attention, alpha)
@@ -173,5 +162,5 @@ def _salad_pool(f, scores, dustbin, g, attention, alpha) -> jax.Array:
         weighted = sums[:, 1] + a * (sums[:, 2] - sums[:, 1])
         clusters = jnp.where((alpha <= ALPHA_OFF)[:, None, None], sums[:, 0], weighted)
 
-    local = _l2_normalize(clusters, axis=1).reshape(batch, l_dim * m)
-    return _l2_normalize(jnp.concatenate([_l2_normalize(g, axis=-1), local], axis=-1), axis=-1)
+    local = l2_normalize(clusters, axis=1).reshape(batch, l_dim * m)
+    return l2_normalize(jnp.concatenate([l2_normalize(g, axis=-1), local], axis=-1), axis=-1)
