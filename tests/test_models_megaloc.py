@@ -8,6 +8,12 @@ Tolerances (float32, highest matmul precision; measured errors are ~2e-7): descr
 error <= 1e-5; tokens ``atol 1e-4 + rtol 1e-5`` (values of order 10); resizes 1e-6 (measured 5e-7).
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -18,7 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from attllm_jax.convert.common import ConversionError, read_state_dict  # noqa: E402
-from attllm_jax.convert.megaloc import convert_megaloc_state_dict  # noqa: E402
+from attllm_jax.convert.megaloc import convert_state_dict  # noqa: E402
+from attllm_jax.data.preprocess import PreprocessSpec  # noqa: E402
 from attllm_jax.models.megaloc import patch_multiple_size  # noqa: E402
 from attllm_jax.ops.resize import antialiased_bilinear_matrix, antialiased_bilinear_resize  # noqa: E402
 from experiments.torch_zoo import RELEASED_MEGALOC_ARCH, make_torch_megaloc, megaloc_resize  # noqa: E402
@@ -29,6 +36,7 @@ DESC_ATOL = 1e-5
 TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
 RESIZE_ATOL = 1e-6
 GRAD_RTOL = 1e-3
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _nhwc(x):
@@ -48,9 +56,7 @@ def converted(reference, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("megaloc") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in reference.upstream_state_dict().items()}, str(path))
-    net, config, release = convert_megaloc_state_dict(read_state_dict(path), num_heads=4, source_name=str(path))
-    assert release == "model.safetensors"
-    return net, config
+    return convert_state_dict(read_state_dict(path), "megaloc", str(path), num_heads=4)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +115,12 @@ def test_model_resizes_like_upstream_forward(converted, inputs):
 
 
 def test_config_is_inferred_from_the_shapes(converted):
-    _, config = converted
-    assert (config.backbone.embed_dim, config.backbone.depth, config.backbone.num_heads) == (64, 2, 4)
-    assert config.backbone.pos_embed_grid == 4 and config.backbone.interpolate_offset == 0.1
+    _, spec = converted
+    config = spec.architecture
+    assert spec.family == "megaloc" and spec.backbone == "dinov2_custom" and spec.descriptor_dim == 40
+    assert spec.preprocess == PreprocessSpec("none", None, stage="tensor")  # the image's own size
+    assert (config.dinov2.embed_dim, config.dinov2.depth, config.dinov2.num_heads) == (64, 2, 4)
+    assert config.dinov2.pos_embed_grid == 4 and config.dinov2.interpolate_offset == 0.1
     assert (config.num_clusters, config.cluster_dim, config.token_dim, config.hidden_dim) == (8, 16, 32, 48)
     assert (config.salad_dim, config.descriptor_dim) == (32 + 16 * 8, 40)
 
@@ -122,9 +131,9 @@ def test_tokens_match_torch_on_a_non_square_image(reference, converted, inputs):
     with torch.no_grad():
         cls, patches = reference.features(images)
     feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(_nhwc(images)))
-    assert feats["patches"].shape == (2, 5, 7, 64)
-    np.testing.assert_allclose(feats["cls"], cls.numpy(), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
-    np.testing.assert_allclose(feats["patches"], _nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
+    assert feats.patches.shape == (2, 5, 7, 64) and feats.grid == (5, 7)
+    np.testing.assert_allclose(feats.cls, cls.numpy(), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
+    np.testing.assert_allclose(feats.patches, _nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
 
 
 @pytest.mark.parametrize("alpha", [None, (0.5, 0.0)])
@@ -153,10 +162,10 @@ def test_legacy_release_converts_to_the_same_network(reference, converted, input
     """megaloc.torch (torch.hub DINOv2 under backbone.model., with mask_token) gives the same descriptors."""
     path = tmp_path / "megaloc.torch"
     torch.save(reference.upstream_state_dict(legacy=True), path)
-    state = read_state_dict(path.rename(tmp_path / "megaloc.pth"))
+    state = read_state_dict(path)
     assert "backbone.model.mask_token" in state
-    legacy, config, release = convert_megaloc_state_dict(state, num_heads=4)
-    assert release == "megaloc.torch" and config == converted[1]
+    legacy, spec = convert_state_dict(state, "megaloc", num_heads=4)
+    assert spec == converted[1]
     x = jnp.asarray(_nhwc(inputs[0]))
     np.testing.assert_array_equal(_describe(legacy, x), _describe(converted[0], x))
 
@@ -207,6 +216,82 @@ def test_gradient_in_alpha_matches_float64_central_differences(reference, conver
         np.testing.assert_allclose(float(grad(net, jnp.asarray(alpha))), expected, rtol=GRAD_RTOL, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------ model directory and script
+
+
+def test_converter_script_and_load_without_torch(reference, inputs, tmp_path):
+    """converters/megaloc.py on a .safetensors file, then aj.load_model, in one process where torch is blocked."""
+    from safetensors.torch import save_file
+
+    source = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.upstream_state_dict().items()}, str(source))
+    out = tmp_path / "model"
+    images, attention = inputs
+    np.save(tmp_path / "images.npy", _nhwc(images))
+    np.save(tmp_path / "attention.npy", attention.numpy())
+    argv = ["converters/megaloc.py", f"--checkpoint={source}", f"--output={out}", "--num_heads=4"]
+    script = (
+        "import runpy, sys\n"
+        "sys.modules['torch'] = None  # neither the conversion of a .safetensors file nor loading needs torch\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        "    runpy.run_path('converters/megaloc.py', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "import numpy as np, jax\n"
+        "jax.config.update('jax_default_matmul_precision', 'highest')\n"
+        "import attllm_jax as aj\n"
+        f"m = aj.load_model({str(out)!r})\n"
+        f"x = np.load({str(tmp_path / 'images.npy')!r}); a = np.load({str(tmp_path / 'attention.npy')!r})\n"
+        f"np.save({str(tmp_path / 'd.npy')!r}, np.stack([m(x), m(x, a, 0.5)]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["family"] == "megaloc" and config["architecture"]["descriptor_dim"] == 40
+    assert config["preprocess"]["resize"] == "none" and config["provenance"]["source_file"] == source.name
+    ours = np.load(tmp_path / "d.npy")
+    with torch.no_grad():
+        expected = reference(images).numpy()
+        expected_att = reference(images, attention, 0.5).numpy()
+    np.testing.assert_allclose(ours[0], expected, atol=DESC_ATOL, rtol=0)
+    np.testing.assert_allclose(ours[1], expected_att, atol=DESC_ATOL, rtol=0)
+
+
+def test_vpr_model_preprocess_sweep_and_compiles(converted, tmp_path):
+    """The evaluation transform is ToTensor + Normalize at the photo's own size (no resize before the model)."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from attllm_jax.models.vpr import VPRModel
+
+    net, spec = converted
+    model = VPRModel(net, spec)
+    reference = T.Compose([T.ToTensor(), T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(path, quality=90)
+    with Image.open(path) as image:
+        x = model.preprocess(image)
+        expected = reference(image).permute(1, 2, 0).numpy()
+    assert x.shape == (75, 100, 3)
+    np.testing.assert_allclose(x, expected, atol=1e-6, rtol=0)
+    batch = np.stack([x, x[:, ::-1]])
+    feats = model.features(batch)
+    assert model.feature_grid(feats) == (5, 7)
+    att = np.random.default_rng(1).uniform(0.0, 2.0, (2, 4, 6)).astype(np.float32)
+    alphas = [0.0, 0.25, 1.0]
+    sweep = model.aggregate_sweep(feats, att, alphas)
+    assert sweep.shape == (3, 2, 40)
+    for k, a in enumerate(alphas):
+        np.testing.assert_allclose(sweep[k], model.aggregate(feats, att, a), atol=1e-6, rtol=0)
+    model(batch)
+    model(batch + 0.0)
+    assert model.trace_counts["__call__"] == 1 and model.trace_counts["aggregate"] == 1
+    with pytest.raises(ValueError, match="alpha"):
+        model(batch, att, 1.5)
+
+
 # --------------------------------------------------------------------------------------------------- strictness
 
 
@@ -220,7 +305,7 @@ def test_missing_extra_and_misshapen_tensors_are_all_named(reference):
     state["aggregator.agg.extra"] = np.zeros((3, 2), np.float32)
     state["backbone.blocks.1.ls2.gamma"] = np.zeros((65,), np.float32)
     with pytest.raises(ConversionError) as info:
-        convert_megaloc_state_dict(state, num_heads=4)
+        convert_state_dict(state, "megaloc", num_heads=4)
     message = str(info.value)
     assert "'aggregator.linear.bias'" in message
     assert "'aggregator.agg.extra' [3, 2]" in message
@@ -232,13 +317,13 @@ def test_mask_token_is_an_error_in_the_safetensors_layout(reference):
     state = _state(reference)
     state["backbone.mask_token"] = np.zeros((1, 64), np.float32)
     with pytest.raises(ConversionError, match=r"unused source tensor 'backbone\.mask_token'"):
-        convert_megaloc_state_dict(state, num_heads=4)
+        convert_state_dict(state, "megaloc", num_heads=4)
 
 
 def test_other_families_are_rejected_with_a_hint(reference):
     salad_like = {k.replace("aggregator.agg.", "aggregator."): v for k, v in _state(reference, legacy=True).items()}
     with pytest.raises(ConversionError, match="not a MegaLoc checkpoint.*SALAD"):
-        convert_megaloc_state_dict(salad_like, num_heads=4)
+        convert_state_dict(salad_like, "megaloc", num_heads=4)
 
 
 def test_truncated_file_is_rejected(reference, tmp_path):
@@ -256,8 +341,10 @@ def test_truncated_file_is_rejected(reference, tmp_path):
 def test_full_size_megaloc_matches_torch():
     """The released architecture (ViT-B/14, m=64, l=256, g=256, 16640 -> 8448) on a 480x640 photo, random weights."""
     reference = make_torch_megaloc(torch.Generator().manual_seed(5), **RELEASED_MEGALOC_ARCH)
-    net, config, _ = convert_megaloc_state_dict({k: v.numpy() for k, v in reference.upstream_state_dict().items()})
-    assert (config.salad_dim, config.descriptor_dim, config.backbone.num_heads) == (16640, 8448, 12)
+    net, spec = convert_state_dict({k: v.numpy() for k, v in reference.upstream_state_dict().items()}, "megaloc")
+    config = spec.architecture
+    assert (config.salad_dim, config.descriptor_dim, config.dinov2.num_heads) == (16640, 8448, 12)
+    assert spec.backbone == "dinov2_vitb14"
     g = torch.Generator().manual_seed(6)
     images = torch.randn(1, 3, 480, 640, generator=g)
     attention = 2.0 * torch.rand(1, 16, 16, generator=g)

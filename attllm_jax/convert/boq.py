@@ -17,15 +17,18 @@ Backbone, widths, query count, block count and ``row_dim`` are inferred from the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from flax import nnx
 
 from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
-from attllm_jax.convert.salad import infer_dinov2_config
-from attllm_jax.convert.tables import take_values
-from attllm_jax.models.boq import BoQConfig, BoQNet, resnet50_layer3_config
+from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_kernel_to_flax, torch_linear_to_io
+from attllm_jax.convert.salad import DINOV2_KEYS, infer_dinov2_config
+from attllm_jax.models.boq import BoQSpec
+from attllm_jax.models.spec import ModelSpec, Provenance
 
+CONVERTER_VERSION = "1.0"
 FAMILY = "boq"
 DINO_PREFIX = "backbone.dino."
 RESNET_PREFIX = "backbone.net."
@@ -34,12 +37,24 @@ RESNET_STAGES = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6}
 _HEAD_DIM = 64
 
 _ATTENTION = r"aggregator/boqs/(\d+)/(encoder/self_attn|self_attn|cross_attn)/in_proj"
-KEY_TABLE = (
-    (r"backbone/(cls_token|pos_embed|register_tokens|patch_embed/.+|blocks/.+|norm/.+)", r"backbone/dino/\1"),
-    *((rf"backbone/{name}/(.+)", rf"backbone/net/{index}/\1") for name, index in RESNET_STAGES.items()),
-    (_ATTENTION + "/kernel", r"aggregator/boqs/\1/\2/in_proj_weight="),
-    (_ATTENTION + "/bias", r"aggregator/boqs/\1/\2/in_proj_bias="),
-    (r"aggregator/(.+)", r"aggregator/\1"),
+_RESNET_RULES = tuple(
+    Rule(f"backbone/{name}/(.+)", rf"backbone.net.{index}.\1") for name, index in RESNET_STAGES.items()
+)
+# Our BoQNet -> checkpoint. ResNet (first: DINOv2's table ends with a catch-all): our torchvision names at upstream's
+# nn.Sequential indices under backbone.net.; DINOv2: the torch.hub names under backbone.dino.; the head: the same
+# names, torch's MultiheadAttention in_proj_weight / in_proj_bias being our fused in_proj Linear. Kernels by rank.
+_LEAVES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+KEYS = (
+    KeyTable(_RESNET_RULES, _LEAVES, {"kernel": torch_kernel_to_flax})
+    + DINOV2_KEYS.prefixed("backbone/", DINO_PREFIX)
+    + KeyTable(
+        rules=(
+            Rule(_ATTENTION + "/kernel", r"aggregator.boqs.\1.\2.in_proj_weight", torch_linear_to_io),
+            Rule(_ATTENTION + "/bias", r"aggregator.boqs.\1.\2.in_proj_bias", None),
+            Rule("aggregator/(.+)", r"aggregator.\1"),
+        ),
+        leaves=_LEAVES,
+    )
 )
 
 
@@ -47,9 +62,9 @@ def _indices(source: TensorSource, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in source.keys() if (m := re.match(pattern, k))})
 
 
-def infer_boq_config(
+def infer_boq_spec(
     source: TensorSource, source_name: str, num_heads: int | None = None, backbone_num_heads: int | None = None
-) -> BoQConfig:
+) -> BoQSpec:
     """The architecture the tensor shapes describe.
 
     Raises:
@@ -95,7 +110,7 @@ def infer_boq_config(
     )
     try:
         if has_dino:
-            return BoQConfig("dinov2", infer_dinov2_config(source, DINO_PREFIX, backbone_num_heads), None, **common)
+            return BoQSpec(dinov2=infer_dinov2_config(source, DINO_PREFIX, backbone_num_heads), **common)
         stages = [_indices(source, rf"backbone\.net\.{RESNET_STAGES[f'layer{i}']}\.(\d+)\.") for i in (1, 2, 3)]
         if "backbone.net.4.0.conv3.weight" not in source:
             raise ConversionError(f"{source_name}: only Bottleneck ResNets (ResNet-50) are BoQ backbones")
@@ -105,36 +120,55 @@ def infer_boq_config(
         if empty:
             raise ConversionError(f"{source_name}: no ResNet blocks under {', '.join(empty)}")
         width = int(source.shape(f"{RESNET_PREFIX}0.weight")[0])
-        resnet = resnet50_layer3_config(tuple(len(s) for s in stages), width)
-        return BoQConfig("resnet50", None, resnet, **common)
+        return BoQSpec(dinov2=None, resnet_layers=tuple(len(s) for s in stages), resnet_width=width, **common)
     except ValueError as e:
         if isinstance(e, ConversionError):
             raise
         raise ConversionError(f"{source_name}: {e}") from e
 
 
-def convert_boq_state_dict(
+def convert_state_dict(
     state_dict: dict,
+    family: str = FAMILY,
+    source_name: str = "<state dict>",
+    backbone: str | None = None,
     num_heads: int | None = None,
     backbone_num_heads: int | None = None,
-    source_name: str = "<state dict>",
-) -> tuple[BoQNet, BoQConfig]:
+    image_size: tuple[int, int] | None = None,
+) -> tuple[nnx.Module, ModelSpec]:
     """Converts an in-memory BoQ state dict strictly.
 
     Args:
         state_dict: ``{key: array}``.
+        family: ``"boq"``.
+        source_name: the file name used in messages.
+        backbone: optional expected backbone (``"dinov2_vitb14"`` or ``"resnet50"``), checked against the shapes.
         num_heads: attention heads of the BoQ blocks (default ``proj_channels // 64``, as upstream).
         backbone_num_heads: DINOv2 attention heads, only for widths that are not a multiple of 64.
-        source_name: the file name used in messages.
+        image_size: evaluation ``(height, width)``; default 322x322 (DINOv2) or 384x384 (ResNet-50), as
+            VPR-methods-evaluation.
 
     Returns:
-        ``(net, config)``.
+        ``(net, spec)``: the filled :class:`~attllm_jax.models.boq.BoQNet` and its spec (preprocessing: normalize,
+        then an antialiased bilinear resize of the float image).
 
     Raises:
-        ConversionError: not a BoQ checkpoint, or any missing / extra / misshapen tensor (all listed).
+        ConversionError: not a BoQ checkpoint, a contradicting ``backbone``, or any missing / extra / misshapen
+            tensor (all listed).
     """
+    if family != FAMILY:
+        raise ValueError(f"family must be {FAMILY!r}, got {family!r}")
     source = TensorSource(state_dict, ignore=IGNORED)
-    config = infer_boq_config(source, source_name, num_heads, backbone_num_heads)
-    net = nnx.eval_shape(lambda: BoQNet(config, rngs=nnx.Rngs(0)))
-    fill_module(net, take_values(net, source, KEY_TABLE), source)
-    return net, config
+    arch = infer_boq_spec(source, source_name, num_heads, backbone_num_heads)
+    if backbone is not None and backbone != arch.backbone:
+        raise ConversionError(f"{source_name}: --backbone={backbone} but the checkpoint holds a {arch.backbone}")
+    preprocess = arch.default_preprocess()
+    if image_size is not None:
+        size = tuple(int(s) for s in image_size)
+        patch = arch.dinov2.patch_size if arch.dinov2 is not None else 1
+        if len(size) != 2 or any(s <= 0 or s % patch for s in size):
+            raise ValueError(f"image_size must be (height, width) multiples of {patch}, got {list(image_size)}")
+        preprocess = dataclasses.replace(preprocess, size=size)
+    net = nnx.eval_shape(lambda: arch.build())
+    fill_module(net, take_all(net, KEYS, source), source)
+    return net, ModelSpec(FAMILY, arch, preprocess, Provenance(converter_version=CONVERTER_VERSION))

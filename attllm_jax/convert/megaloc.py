@@ -18,27 +18,32 @@ from __future__ import annotations
 from flax import nnx
 
 from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
-from attllm_jax.convert.salad import infer_dinov2_config
-from attllm_jax.convert.tables import take_values
-from attllm_jax.models.megaloc import MegaLocConfig, MegaLocNet
+from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_linear_to_io
+from attllm_jax.convert.salad import DINOV2_KEYS, infer_dinov2_config
+from attllm_jax.data.preprocess import PreprocessSpec
+from attllm_jax.models.megaloc import MegaLocSpec
+from attllm_jax.models.spec import ModelSpec, Provenance
 
+CONVERTER_VERSION = "1.0"
 FAMILY = "megaloc"
 PREFIXES = {"backbone.": "model.safetensors", "backbone.model.": "megaloc.torch"}
 IGNORED = ("num_batches_tracked", "backbone.model.mask_token")
 
-
-def key_table(backbone_prefix: str) -> tuple[tuple[str, str], ...]:
-    """Target path -> checkpoint key rules (see :mod:`attllm_jax.convert.tables`) for one backbone prefix."""
-    bb = backbone_prefix.rstrip(".").replace(".", "/")
-    return (
-        (r"backbone/(.+)", bb + r"/\1"),
-        (r"aggregator/agg/token_features/fc1/(\w+)", r"aggregator/agg/token_features/0/\1"),
-        (r"aggregator/agg/token_features/fc2/(\w+)", r"aggregator/agg/token_features/2/\1"),
-        (r"aggregator/agg/(cluster_features|score)/fc1/(\w+)", r"aggregator/agg/\1/0/\2"),
-        (r"aggregator/agg/(cluster_features|score)/fc2/(\w+)", r"aggregator/agg/\1/3/\2"),
-        (r"aggregator/agg/dust_bin", "aggregator/agg/dust_bin="),
-        (r"aggregator/linear/(\w+)", r"aggregator/linear/\1"),
-    )
+# Our MegaLocNet -> checkpoint: the SALAD head's MLPs at upstream's Sequential indices (token_features 0 and 2,
+# cluster_features / score 0 and 3; 1x1 convolutions become Linear layers), then the projection.
+HEAD_KEYS = KeyTable(
+    rules=(
+        Rule("aggregator/agg/dust_bin", "aggregator.agg.dust_bin"),
+        Rule("aggregator/agg/(token_features|cluster_features|score)/fc1/(.+)", r"aggregator.agg.\1.0.\2"),
+        Rule("aggregator/agg/(token_features)/fc2/(.+)", r"aggregator.agg.\1.2.\2"),
+        Rule("aggregator/agg/(cluster_features|score)/fc2/(.+)", r"aggregator.agg.\1.3.\2"),
+        Rule("aggregator/linear/(.+)", r"aggregator.linear.\1"),
+    ),
+    leaves={"kernel": "weight"},
+    transforms={"kernel": torch_linear_to_io},
+)
+KEYS = DINOV2_KEYS.prefixed("backbone/", "backbone.") + HEAD_KEYS  # model.safetensors
+LEGACY_KEYS = DINOV2_KEYS.prefixed("backbone/", "backbone.model.") + HEAD_KEYS  # megaloc.torch
 
 
 def backbone_prefix(source: TensorSource, source_name: str) -> str:
@@ -70,7 +75,7 @@ def _dim(source: TensorSource, key: str, axis: int = 0) -> int:
     return int(shape[axis])
 
 
-def infer_megaloc_config(source: TensorSource, prefix: str, num_heads: int | None = None) -> MegaLocConfig:
+def infer_megaloc_spec(source: TensorSource, prefix: str, num_heads: int | None = None) -> MegaLocSpec:
     """The architecture the tensor shapes describe.
 
     Raises:
@@ -78,35 +83,53 @@ def infer_megaloc_config(source: TensorSource, prefix: str, num_heads: int | Non
     """
     dinov2 = infer_dinov2_config(source, prefix, num_heads)
     agg = "aggregator.agg."
-    return MegaLocConfig(
-        backbone=dinov2,
-        num_clusters=_dim(source, agg + "score.3.weight"),
-        cluster_dim=_dim(source, agg + "cluster_features.3.weight"),
-        token_dim=_dim(source, agg + "token_features.2.weight"),
-        hidden_dim=_dim(source, agg + "token_features.0.weight"),
-        descriptor_dim=_dim(source, "aggregator.linear.weight"),
-    )
+    try:
+        return MegaLocSpec(
+            dinov2=dinov2,
+            num_clusters=_dim(source, agg + "score.3.weight"),
+            cluster_dim=_dim(source, agg + "cluster_features.3.weight"),
+            token_dim=_dim(source, agg + "token_features.2.weight"),
+            hidden_dim=_dim(source, agg + "token_features.0.weight"),
+            descriptor_dim=_dim(source, "aggregator.linear.weight"),
+        )
+    except ValueError as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"cannot infer the MegaLoc architecture: {e}") from e
 
 
-def convert_megaloc_state_dict(
-    state_dict: dict, num_heads: int | None = None, source_name: str = "<state dict>"
-) -> tuple[MegaLocNet, MegaLocConfig, str]:
-    """Converts an in-memory MegaLoc state dict strictly.
+def convert_state_dict(
+    state_dict: dict,
+    family: str = FAMILY,
+    source_name: str = "<state dict>",
+    backbone: str | None = None,
+    num_heads: int | None = None,
+) -> tuple[nnx.Module, ModelSpec]:
+    """Converts an in-memory MegaLoc state dict (either release) strictly.
 
     Args:
-        state_dict: ``{key: array}`` of either release.
-        num_heads: attention heads, only for widths that are not a multiple of 64.
+        state_dict: ``{key: array}``.
+        family: ``"megaloc"``.
         source_name: the file name used in messages.
+        backbone: optional expected DINOv2 preset (``"dinov2_vitb14"``), checked against the shapes.
+        num_heads: attention heads, only for widths that are not a multiple of 64.
 
     Returns:
-        ``(net, config, release)`` with ``release`` ``"model.safetensors"`` or ``"megaloc.torch"`` (the key layout).
+        ``(net, spec)``: the filled :class:`~attllm_jax.models.megaloc.MegaLocNet` and its spec (evaluation at the
+        image's own size, as upstream; the net rounds the sides to multiples of 14).
 
     Raises:
-        ConversionError: not a MegaLoc checkpoint, or any missing / extra / misshapen tensor (all listed).
+        ConversionError: not a MegaLoc checkpoint, a contradicting ``backbone``, or any missing / extra /
+            misshapen tensor (all listed).
     """
+    if family != FAMILY:
+        raise ValueError(f"family must be {FAMILY!r}, got {family!r}")
     source = TensorSource(state_dict, ignore=IGNORED)
     prefix = backbone_prefix(source, source_name)
-    config = infer_megaloc_config(source, prefix, num_heads)
-    net = nnx.eval_shape(lambda: MegaLocNet(config, rngs=nnx.Rngs(0)))
-    fill_module(net, take_values(net, source, key_table(prefix)), source)
-    return net, config, PREFIXES[prefix]
+    arch = infer_megaloc_spec(source, prefix, num_heads)
+    if backbone is not None and backbone != arch.backbone:
+        raise ConversionError(f"{source_name}: --backbone={backbone} but the checkpoint holds a {arch.backbone}")
+    net = nnx.eval_shape(lambda: arch.build())
+    fill_module(net, take_all(net, KEYS if prefix == "backbone." else LEGACY_KEYS, source), source)
+    spec = ModelSpec(FAMILY, arch, PreprocessSpec.tensor(None), Provenance(converter_version=CONVERTER_VERSION))
+    return net, spec

@@ -32,17 +32,27 @@ boqs.N.*, fc}``), torch's ``MultiheadAttention`` ``in_proj_weight`` being ``in_p
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attllm_jax import ops
-from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config, multi_head_attention
-from attllm_jax.models.heads import l2_normalize
+from attllm_jax.data.preprocess import PreprocessSpec
+from attllm_jax.models.dinov2 import (
+    DinoV2Config,
+    DinoVisionTransformer,
+    dinov2_config,
+    multi_head_attention,
+    preset_name,
+)
+from attllm_jax.models.features import CnnFeatures
 from attllm_jax.models.resnet import ResNet, ResNetConfig
+from attllm_jax.models.spec import ConfigError, scalar_dataclass, strict_fields
 from attllm_jax.ops.attention_maps import MAX_WEIGHT
 from attllm_jax.ops.gem import ALPHA_OFF
+from attllm_jax.ops.normalize import l2_normalize
 
 BACKBONES = ("dinov2", "resnet50")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm / TransformerEncoderLayer default
@@ -55,64 +65,122 @@ def resnet50_layer3_config(layers: tuple[int, int, int] = (3, 4, 6), width: int 
     return ResNetConfig("resnet50_layer3", "bottleneck", (*layers, 0), width)
 
 
+RELEASED_IMAGE_SIZE = {"dinov2": (322, 322), "resnet50": (384, 384)}
+
+
 @dataclasses.dataclass(frozen=True)
-class BoQConfig:
-    """Architecture of a BoQ network.
+class BoQSpec:
+    """Architecture of a BoQ network (exactly one of ``dinov2`` and ``resnet_layers`` is set).
 
     Attributes:
-        backbone: ``"dinov2"`` or ``"resnet50"``.
-        dinov2: the DINOv2 architecture (``backbone == "dinov2"``), else None.
-        resnet: the truncated ResNet (``backbone == "resnet50"``, see :func:`resnet50_layer3_config`), else None.
+        dinov2: the DINOv2 backbone's architecture, or None for a ResNet-50 backbone.
+        resnet_layers: Bottleneck blocks of ``layer1``..``layer3`` (``(3, 4, 6)`` for ResNet-50), or None.
+        resnet_width: stem channels of the ResNet (64).
         proj_channels: ``d``, width of the projected tokens (384 for DINOv2, 512 for ResNet-50).
         num_queries: learned queries per block (64).
         num_layers: BoQ blocks ``L`` (2).
         row_dim: output of ``fc`` per channel (32).
-        num_heads: attention heads of every block (``d / 64``).
+        num_heads: attention heads of every block (upstream: ``d / 64``).
     """
 
-    backbone: str = "dinov2"
     dinov2: DinoV2Config | None = dataclasses.field(default_factory=lambda: dinov2_config("dinov2_vitb14"))
-    resnet: ResNetConfig | None = None
+    resnet_layers: tuple[int, int, int] | None = None
+    resnet_width: int = 64
     proj_channels: int = 384
     num_queries: int = 64
     num_layers: int = 2
     row_dim: int = 32
     num_heads: int = 6
 
+    FORMAT_1_FIELDS: ClassVar[tuple[str, ...]] = ()  # BoQ is newer than release 0.1.0
+
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"BoQ backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if (self.backbone == "dinov2") != (self.dinov2 is not None) or (self.backbone == "resnet50") != (
-            self.resnet is not None
-        ):
-            raise ValueError(f"BoQ backbone {self.backbone!r} needs exactly its own architecture (dinov2 or resnet)")
-        for name in ("proj_channels", "num_queries", "num_layers", "row_dim", "num_heads"):
+        if (self.dinov2 is None) == (self.resnet_layers is None):
+            raise ValueError("a BoQ spec needs exactly one backbone: dinov2 or resnet_layers")
+        if self.dinov2 is not None and not isinstance(self.dinov2, DinoV2Config):
+            raise ValueError(f"dinov2 must be a DinoV2Config, got {type(self.dinov2).__name__}")
+        if self.resnet_layers is not None:
+            layers = tuple(self.resnet_layers)
+            if len(layers) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
+                raise ValueError(f"resnet_layers must be 3 positive ints, got {self.resnet_layers!r}")
+            object.__setattr__(self, "resnet_layers", layers)
+        for name in ("resnet_width", "proj_channels", "num_queries", "num_layers", "row_dim", "num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BoQ {name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.proj_channels % self.num_heads:
-            raise ValueError(f"BoQ proj_channels {self.proj_channels} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"proj_channels {self.proj_channels} is not divisible by num_heads {self.num_heads}")
+
+    @classmethod
+    def released(cls, backbone: str = "dinov2") -> BoQSpec:
+        """A released architecture: ``"dinov2"`` (``dinov2_12288.pth``) or ``"resnet50"`` (``resnet50_16384.pth``)."""
+        if backbone == "dinov2":
+            return cls()
+        if backbone == "resnet50":
+            return cls(dinov2=None, resnet_layers=(3, 4, 6), proj_channels=512, num_heads=8)
+        raise ValueError(f"BoQ backbone must be one of {BACKBONES}, got {backbone!r}")
+
+    @property
+    def kind(self) -> str:
+        """``"dinov2"`` or ``"resnet50"``."""
+        return "dinov2" if self.dinov2 is not None else "resnet50"
+
+    @property
+    def backbone(self) -> str:
+        """``"dinov2_vitb14"`` (another DINOv2 preset, ``"dinov2_custom"``), ``"resnet50"`` or ``"resnet_custom"``."""
+        if self.dinov2 is not None:
+            return preset_name(self.dinov2) or "dinov2_custom"
+        return "resnet50" if (self.resnet_layers, self.resnet_width) == ((3, 4, 6), 64) else "resnet_custom"
+
+    @property
+    def resnet(self) -> ResNetConfig | None:
+        """The truncated ResNet's config (:func:`resnet50_layer3_config`), or None."""
+        return None if self.resnet_layers is None else resnet50_layer3_config(self.resnet_layers, self.resnet_width)
 
     @property
     def in_channels(self) -> int:
         """Channels of the backbone map (768 for ViT-B/14, 1024 for ResNet-50's ``layer3``)."""
         if self.dinov2 is not None:
             return self.dinov2.embed_dim
-        return self.resnet.width * 4 * 4  # layer3: planes 4 * width, bottleneck expansion 4
+        return self.resnet_width * 4 * 4  # layer3: planes 4 * width, bottleneck expansion 4
 
     @property
     def descriptor_dim(self) -> int:
         """``proj_channels * row_dim`` (12288 / 16384 for the released models)."""
         return self.proj_channels * self.row_dim
 
+    def default_preprocess(self) -> PreprocessSpec:
+        """VPR-methods-evaluation's transform: normalize, then resize the float image to 322x322 (DINOv2) or
+        384x384 (ResNet-50), antialiased bilinear."""
+        return PreprocessSpec.tensor(RELEASED_IMAGE_SIZE[self.kind])
+
+    def build(self, rngs: nnx.Rngs | None = None) -> BoQNet:
+        """The network with random weights (``nnx.Rngs(0)`` unless given)."""
+        return BoQNet(self, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["dinov2"] = None if self.dinov2 is None else self.dinov2.to_dict()
+        out["resnet_layers"] = None if self.resnet_layers is None else list(self.resnet_layers)
+        return out
+
     @classmethod
-    def released(cls, backbone: str) -> BoQConfig:
-        """The architecture of a released checkpoint: ``"dinov2"`` (``dinov2_12288.pth``) or ``"resnet50"``."""
-        if backbone == "dinov2":
-            return cls()
-        if backbone == "resnet50":
-            return cls("resnet50", None, resnet50_layer3_config(), 512, num_heads=8)
-        raise ValueError(f"BoQ backbone must be one of {BACKBONES}, got {backbone!r}")
+    def from_dict(cls, data: Any, where: str, require_all: bool = True) -> BoQSpec:
+        """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
+        kwargs = strict_fields(cls, data, where, require_all)
+        dinov2 = kwargs.pop("dinov2", None)
+        if dinov2 is not None:
+            dinov2 = scalar_dataclass(DinoV2Config, dinov2, f"{where}.dinov2", require_all)
+        layers = kwargs.pop("resnet_layers", None)
+        if layers is not None and (not isinstance(layers, list) or not all(type(n) is int for n in layers)):
+            raise ConfigError(f"{where}.resnet_layers must be a list of 3 ints or null, got {layers!r}")
+        layers = None if layers is None else tuple(layers)
+        return scalar_dataclass(cls, kwargs, where, require_all=False, dinov2=dinov2, resnet_layers=layers)
+
+    @classmethod
+    def from_format_1(cls, data: dict, where: str) -> BoQSpec:
+        """Release 0.1.0 had no BoQ: a format-1 BoQ config is an error."""
+        raise ConfigError(f"{where}: a 'boq' model needs config.json format 2 (release 0.1.0 had no BoQ)")
 
 
 def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -256,7 +324,7 @@ class BoQAggregator(nnx.Module):
         fc: ``L * Q -> row_dim`` over the concatenated block outputs.
     """
 
-    def __init__(self, config: BoQConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: BoQSpec, *, rngs: nnx.Rngs):
         d = config.proj_channels
         self.proj_c = nnx.Conv(config.in_channels, d, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
         self.norm_input = _layer_norm(d, rngs)
@@ -306,16 +374,16 @@ class BoQNet(nnx.Module):
         aggregator: :class:`BoQAggregator`.
     """
 
-    def __init__(self, config: BoQConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: BoQSpec, *, rngs: nnx.Rngs):
         self.config = config
-        if config.backbone == "dinov2":
+        if config.dinov2 is not None:
             self.backbone = DinoVisionTransformer(config.dinov2, rngs=rngs)
         else:
             self.backbone = ResNet(config.resnet, rngs=rngs)
         self.aggregator = BoQAggregator(config, rngs=rngs)
 
-    def features(self, images: jax.Array) -> dict[str, jax.Array]:
-        """The backbone map ``{"patches": [B, h, w, C]}``.
+    def features(self, images: jax.Array) -> CnnFeatures:
+        """The backbone map as :class:`~attllm_jax.models.features.CnnFeatures` (``maps`` [B, h, w, C]).
 
         DINOv2: tokens after the last block, without the final norm, class and register tokens dropped
         (``h = H / 14``). ResNet-50: the ``layer3`` output (``h = ceil(H / 16)``).
@@ -325,8 +393,8 @@ class BoQNet(nnx.Module):
         """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must have shape [B, H, W, 3], got {images.shape}")
-        if self.config.backbone == "resnet50":
-            return {"patches": self.backbone.stages(images)["layer3"]}
+        if self.config.dinov2 is None:
+            return CnnFeatures(maps=self.backbone.stages(images)["layer3"])
         vit = self.backbone
         x = vit.prepare_tokens(images)
         for block in vit.blocks:
@@ -334,25 +402,21 @@ class BoQNet(nnx.Module):
         b, height, width, _ = images.shape
         p = vit.config.patch_size
         patches = x[:, 1 + vit.config.num_register_tokens :]
-        return {"patches": patches.reshape(b, height // p, width // p, -1)}
+        return CnnFeatures(maps=patches.reshape(b, height // p, width // p, -1))
 
     def aggregate(
-        self, feats: dict[str, jax.Array], attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
+        self, feats: CnnFeatures, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
     ) -> jax.Array:
         """BoQ descriptors [B, d * row_dim] from :meth:`features` output.
 
         Args:
-            feats: ``{"patches": [B, h, w, C]}``.
+            feats: :class:`CnnFeatures` (``maps`` [B, h, w, C]).
             attention: optional [B, h', w'] map, resized bilinearly to ``h x w``.
             alpha: blend factor in [0, 1], scalar or [B]; ``<= 1e-6`` is plain BoQ.
         """
-        if not isinstance(feats, dict) or "patches" not in feats:
-            raise ValueError("BoQ features must be a dict with 'patches' [B, h, w, C]")
-        return self.aggregator(feats["patches"], attention, alpha)
-
-    def feature_grid(self, feats: dict[str, jax.Array]) -> tuple[int, int]:
-        """The (h, w) token grid of :meth:`features` output."""
-        return int(feats["patches"].shape[1]), int(feats["patches"].shape[2])
+        if not isinstance(feats, CnnFeatures):
+            raise ValueError(f"BoQ features must be CnnFeatures (the backbone map), got {type(feats).__name__}")
+        return self.aggregator(feats.maps, attention, alpha)
 
     def __call__(
         self, images: jax.Array, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0

@@ -23,22 +23,26 @@ Attribute names mirror the checkpoint: ``backbone`` (``backbone.*``), ``aggregat
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import jax
 from flax import nnx
 
-from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config
-from attllm_jax.models.heads import l2_normalize
+from attllm_jax.data.preprocess import PreprocessSpec
+from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config, preset_name
+from attllm_jax.models.features import TokenFeatures
 from attllm_jax.models.salad import SaladAggregator
+from attllm_jax.models.spec import ConfigError, scalar_dataclass, strict_fields
+from attllm_jax.ops.normalize import l2_normalize
 from attllm_jax.ops.resize import antialiased_bilinear_resize
 
 
 @dataclasses.dataclass(frozen=True)
-class MegaLocConfig:
+class MegaLocSpec:
     """Architecture of MegaLoc.
 
     Attributes:
-        backbone: the DINOv2 architecture (ViT-B/14 upstream).
+        dinov2: the DINOv2 architecture (ViT-B/14 upstream).
         num_clusters: ``m`` (64).
         cluster_dim: ``l`` (256).
         token_dim: ``g`` (256).
@@ -46,23 +50,63 @@ class MegaLocConfig:
         descriptor_dim: output of ``aggregator.linear`` (8448).
     """
 
-    backbone: DinoV2Config = dataclasses.field(default_factory=lambda: dinov2_config("dinov2_vitb14"))
+    dinov2: DinoV2Config = dataclasses.field(default_factory=lambda: dinov2_config("dinov2_vitb14"))
     num_clusters: int = 64
     cluster_dim: int = 256
     token_dim: int = 256
     hidden_dim: int = 512
     descriptor_dim: int = 8448
 
+    FORMAT_1_FIELDS: ClassVar[tuple[str, ...]] = ()  # MegaLoc is newer than release 0.1.0
+
     def __post_init__(self):
+        if not isinstance(self.dinov2, DinoV2Config):
+            raise ValueError(f"dinov2 must be a DinoV2Config, got {type(self.dinov2).__name__}")
         for name in ("num_clusters", "cluster_dim", "token_dim", "hidden_dim", "descriptor_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MegaLoc {name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @classmethod
+    def released(cls) -> MegaLocSpec:
+        """gmberton/MegaLoc's ``model.safetensors``: ViT-B/14, m=64, l=256, g=256, linear 16640 -> 8448."""
+        return cls()
+
+    @property
+    def backbone(self) -> str:
+        """The DINOv2 preset name (``"dinov2_vitb14"``), or ``"dinov2_custom"``."""
+        return preset_name(self.dinov2) or "dinov2_custom"
 
     @property
     def salad_dim(self) -> int:
         """``g + l * m``: width of the SALAD part (16640 upstream)."""
         return self.token_dim + self.cluster_dim * self.num_clusters
+
+    @staticmethod
+    def default_preprocess() -> PreprocessSpec:
+        """ToTensor and Normalize at the image's own size (the network rounds it to multiples of 14)."""
+        return PreprocessSpec.tensor(None)
+
+    def build(self, rngs: nnx.Rngs | None = None) -> MegaLocNet:
+        """The network with random weights (``nnx.Rngs(0)`` unless given)."""
+        return MegaLocNet(self, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "dinov2": self.dinov2.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, require_all: bool = True) -> MegaLocSpec:
+        """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
+        kwargs = strict_fields(cls, data, where, require_all)
+        dinov2 = kwargs.pop("dinov2", None)
+        if dinov2 is not None:
+            dinov2 = scalar_dataclass(DinoV2Config, dinov2, f"{where}.dinov2", require_all)
+        return scalar_dataclass(cls, kwargs, where, require_all=False, dinov2=dinov2 or dinov2_config("dinov2_vitb14"))
+
+    @classmethod
+    def from_format_1(cls, data: dict, where: str) -> MegaLocSpec:
+        """Release 0.1.0 had no MegaLoc: a format-1 MegaLoc config is an error."""
+        raise ConfigError(f"{where}: a 'megaloc' model needs config.json format 2 (release 0.1.0 had no MegaLoc)")
 
 
 def patch_multiple_size(height: int, width: int, patch_size: int = 14) -> tuple[int, int]:
@@ -89,9 +133,9 @@ class MegaLocAggregator(nnx.Module):
         linear: ``salad_dim -> descriptor_dim`` (upstream ``aggregator.linear``).
     """
 
-    def __init__(self, config: MegaLocConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MegaLocSpec, *, rngs: nnx.Rngs):
         self.agg = SaladAggregator(
-            config.backbone.embed_dim,
+            config.dinov2.embed_dim,
             config.num_clusters,
             config.cluster_dim,
             config.token_dim,
@@ -130,9 +174,9 @@ class MegaLocNet(nnx.Module):
         aggregator: :class:`MegaLocAggregator`.
     """
 
-    def __init__(self, config: MegaLocConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: MegaLocSpec, *, rngs: nnx.Rngs):
         self.config = config
-        self.backbone = DinoVisionTransformer(config.backbone, rngs=rngs)
+        self.backbone = DinoVisionTransformer(config.dinov2, rngs=rngs)
         self.aggregator = MegaLocAggregator(config, rngs=rngs)
 
     def resize_input(self, images: jax.Array) -> jax.Array:
@@ -143,47 +187,48 @@ class MegaLocNet(nnx.Module):
         """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must have shape [B, H, W, 3], got {images.shape}")
-        height, width = patch_multiple_size(images.shape[1], images.shape[2], self.config.backbone.patch_size)
+        height, width = patch_multiple_size(images.shape[1], images.shape[2], self.config.dinov2.patch_size)
         return antialiased_bilinear_resize(images, height, width)
 
-    def features(self, images: jax.Array) -> dict[str, jax.Array]:
+    def features(self, images: jax.Array) -> TokenFeatures:
         """DINOv2 tokens (after its final norm) of the resized images.
 
         Args:
             images: [B, H, W, 3] normalized images of any size (at least 7 pixels a side).
 
         Returns:
-            ``{"cls": [B, C], "patches": [B, H'/14, W'/14, C]}`` with ``H', W'`` from :func:`patch_multiple_size`.
+            :class:`TokenFeatures`: ``patches`` [B, H'/14, W'/14, C] (``H', W'`` from :func:`patch_multiple_size`)
+            and ``cls`` [B, C].
         """
         out = self.backbone(self.resize_input(images))
-        return {"cls": out["cls"], "patches": out["patches"]}
+        return TokenFeatures(patches=out["patches"], cls=out["cls"])
 
     def salad_descriptor(
-        self, feats: dict[str, jax.Array], attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
+        self, feats: TokenFeatures, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
     ) -> jax.Array:
         """The 16640-d SALAD part (L2-normalized) of :meth:`features` output, the input of ``aggregator.linear``."""
-        return self.aggregator.salad(feats["patches"], feats["cls"], attention, alpha)
+        return self.aggregator.salad(_check(feats).patches, feats.cls, attention, alpha)
 
     def aggregate(
-        self, feats: dict[str, jax.Array], attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
+        self, feats: TokenFeatures, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
     ) -> jax.Array:
         """MegaLoc descriptors [B, descriptor_dim] (L2-normalized) from :meth:`features` output.
 
         Args:
-            feats: ``{"cls": [B, C], "patches": [B, h, w, C]}``.
+            feats: :class:`TokenFeatures` (``patches`` [B, h, w, C], ``cls`` [B, C]).
             attention: optional [B, h', w'] map, resized bilinearly to ``h x w``.
             alpha: blend factor in [0, 1], scalar or [B]; ``<= 1e-6`` is plain MegaLoc.
         """
-        if not isinstance(feats, dict) or not {"cls", "patches"} <= set(feats):
-            raise ValueError("MegaLoc features must be a dict with 'cls' [B, C] and 'patches' [B, h, w, C]")
-        return l2_normalize(self.aggregator(feats["patches"], feats["cls"], attention, alpha), axis=-1)
-
-    def feature_grid(self, feats: dict[str, jax.Array]) -> tuple[int, int]:
-        """The (h, w) patch grid of :meth:`features` output."""
-        return int(feats["patches"].shape[1]), int(feats["patches"].shape[2])
+        return l2_normalize(self.aggregator(_check(feats).patches, feats.cls, attention, alpha), axis=-1)
 
     def __call__(
         self, images: jax.Array, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
     ) -> jax.Array:
         """``aggregate(features(images), attention, alpha)``: [B, H, W, 3] -> [B, descriptor_dim]."""
         return self.aggregate(self.features(images), attention=attention, alpha=alpha)
+
+
+def _check(feats) -> TokenFeatures:
+    if not isinstance(feats, TokenFeatures):
+        raise ValueError(f"MegaLoc features must be TokenFeatures, got {type(feats).__name__}")
+    return feats

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from attllm_jax.ops.checks import check_size
+
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient (Keys uses -0.5)
 
 
@@ -177,7 +179,7 @@ def antialiased_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     Returns:
         A float64 matrix ``[out_size, in_size]`` (float32 values) whose rows sum to 1 up to float32 round-off.
     """
-    in_size, out_size = _check_size(in_size, "in_size"), _check_size(out_size, "out_size")
+    in_size, out_size = check_size(in_size, "in_size"), check_size(out_size, "out_size")
     f32 = np.float32
     scale = f32(in_size / out_size)
     support = max(scale, f32(1.0))
@@ -212,7 +214,7 @@ def antialiased_bilinear_resize(x: ArrayLike, height: int, width: int) -> jax.Ar
     x = jnp.asarray(x)
     if x.ndim not in (3, 4):
         raise ValueError(f"x must have shape [B, H, W] or [B, H, W, C], got shape {x.shape}")
-    height, width = _check_size(height, "height"), _check_size(width, "width")
+    height, width = check_size(height, "height"), check_size(width, "width")
     if x.shape[1:3] == (height, width):
         return x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return _antialiased_bilinear(x, height, width)
