@@ -171,5 +171,5 @@ def _resize_float(x: np.ndarray, height: int, width: int) -> np.ndarray:
 
     rows = antialiased_bilinear_matrix(x.shape[0], height).astype(np.float32)
     cols = antialiased_bilinear_matrix(x.shape[1], width).astype(np.float32)
-    x = np.tensordot(rows, x, axes=(1, 0))  # [height, W, 3]
-    return np.ascontiguousarray(np.einsum("qw,pwc->pqc", cols, x, optimize=True), dtype=np.float32)
+    x = np.einsum("qw,hwc->hqc", cols, x, optimize=True)  # [H, width, 3]: columns first, as torch does
+    return np.ascontiguousarray(np.tensordot(rows, x, axes=(1, 0)), dtype=np.float32)
