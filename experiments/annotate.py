@@ -11,7 +11,8 @@ time) is printed and written to OUTPUT_DIR/annotate_summary.json, the log to OUT
 
 Providers: gemini (key from GEMINI_API_KEY or GOOGLE_API_KEY), openai (an OpenAI-compatible server
 such as vLLM or Ollama at --base_url; optional key from OPENAI_API_KEY), files (re-reads the attention
-files of --source_dir, ours or the published code's per-image format, into our format). Keys are
+files of --source_dir, ours or the published code's per-image format, into our format), masks (oracle
+attention from the water masks in --masks: the upper bound of a perfect flood detector). Keys are
 never printed, logged or written.
 
 Exit status: 0 all images annotated; 3 some requests failed (rerun to retry them); 1 the run was
@@ -26,10 +27,10 @@ from pathlib import Path
 
 from absl import app, flags
 
-from attllm_jax.attention import prompts, providers, runner
+from attllm_jax.attention import masks, prompts, providers, runner
 
 FLAGS = flags.FLAGS
-_PROVIDERS = ("gemini", "openai", "files")
+_PROVIDERS = ("gemini", "openai", "files", "masks")
 
 flags.DEFINE_string("images", None, "Folder of query photos (searched recursively).", required=True)
 flags.DEFINE_string("output_dir", None, "Folder for the attention files, summary and log.", required=True)
@@ -39,6 +40,7 @@ flags.DEFINE_string("model", None, "Model name (default gemini-2.5-flash for gem
 flags.DEFINE_string("base_url", None, "Endpoint to use instead of the provider's default (proxy, local server).")
 flags.DEFINE_string("api_version", "v1beta", "Gemini REST API version.")
 flags.DEFINE_string("source_dir", None, "Attention files to read with --provider files.")
+flags.DEFINE_string("masks", None, "Water masks (<stem>.png, 255 = water) for --provider masks: oracle attention.")
 flags.DEFINE_enum("prompt", "axis_focus", sorted(prompts.PROMPTS), "Prompt id (recorded in every output file).")
 flags.DEFINE_integer("grid_size", 4, "n of the n x n grid prompt.", lower_bound=2, upper_bound=26)
 flags.DEFINE_integer("workers", 4, "Worker threads.", lower_bound=1)
@@ -95,6 +97,10 @@ def make_provider() -> providers.Provider:
             limiter=limiter,
             **sampling,
         )
+    if FLAGS.provider == "masks":
+        if not FLAGS.masks:
+            raise ValueError("--provider masks needs --masks (the folder of water masks, e.g. O/masks/level_0.4)")
+        return masks.MasksProvider(FLAGS.masks)
     if not FLAGS.source_dir:
         raise ValueError("--provider files needs --source_dir (the folder of attention files to read)")
     return providers.FilesProvider(FLAGS.source_dir)
@@ -118,13 +124,13 @@ def main(argv):
     log.info("flags: %s", json.dumps({f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}))
 
     city = FLAGS.city
-    if not city and FLAGS.provider != "files":
+    if not city and FLAGS.provider not in ("files", "masks"):
         raise app.UsageError("--city is required (the city named in the prompt)")
     try:
         provider = make_provider()
         config = runner.RunConfig(
             city=city or "unknown",
-            prompt=prompts.get_prompt(FLAGS.prompt),
+            prompt=masks.MASKS_PROMPT if FLAGS.provider == "masks" else prompts.get_prompt(FLAGS.prompt),
             grid_size=FLAGS.grid_size,
             max_side=FLAGS.max_side,
             ruler_step=FLAGS.ruler_step,

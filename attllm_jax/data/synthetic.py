@@ -4,7 +4,8 @@ The world is a few straight streets in UTM zone 10S, each lined by a procedurall
 random widths, heights and colours with windows, doors, shop signs and awnings). A camera looks at the facade
 from the street: the database holds dry views every ``db_spacing_m`` metres; each query is a view from a nearby
 position (random shift, zoom and lighting) with floodwater drawn over a variable lower part of the view (a murky
-surface with a rippled, darkened reflection of the facade above the waterline and specular streaks). The
+surface with a rippled, darkened reflection of the facade above the waterline and specular streaks; the water of
+:func:`attllm_jax.data.flood.draw_water`, which floods any photo the same way). The
 ground-truth flood mask of every query is saved as a PNG.
 
 Names follow the evaluation conventions: database ``@east@north@10@S@lat@lon@<street>_<pos>@.jpg`` (SF-XL style)
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import utm
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
+
+from attllm_jax.data.flood import draw_water
 
 GENERATOR_VERSION = 1
 _ZONE = (10, "S")
@@ -195,36 +198,6 @@ def _render_view(strip: np.ndarray, position_m: float, zoom: float, height: int,
     return np.asarray(crop, dtype=np.float32) / 255.0
 
 
-def _flood(view: np.ndarray, rng: np.random.Generator, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Draws floodwater over the lower ``level`` of a view; returns the flooded view and the water mask."""
-    h, w, _ = view.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    phase, wavelength = rng.uniform(0, 2 * np.pi), rng.uniform(25, 60)
-    waterline = h * (1.0 - level) + 1.5 * np.sin(2 * np.pi * xs[0] / wavelength + phase)
-    mask = ys > waterline[None, :]
-    depth = np.clip((ys - waterline[None, :]) / max(1.0, h * level), 0.0, 1.0)
-    ripple = rng.uniform(1.5, 4.0) * np.sin(ys * rng.uniform(0.4, 0.9) + rng.uniform(0, 2 * np.pi)) * (0.3 + depth)
-    src_y = np.clip(2 * waterline[None, :] - ys, 0, h - 1).astype(np.int64)
-    src_x = np.clip(xs + ripple, 0, w - 1).astype(np.int64)
-    reflection = (
-        np.asarray(
-            Image.fromarray((view[src_y, src_x] * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2)),
-            dtype=np.float32,
-        )
-        / 255.0
-    )
-    water_color = np.array(rng.choice([[0.42, 0.36, 0.25], [0.35, 0.38, 0.36], [0.30, 0.33, 0.38]]), np.float32)
-    mix = 0.45 + 0.25 * depth[..., None]
-    water = (1 - mix) * 0.75 * reflection + mix * water_color
-    # specular streaks: short horizontal glints, denser near the surface
-    glints = rng.random((h, max(1, w // 8))) < 0.04 * (1.0 - depth[:, ::8][:, : max(1, w // 8)])
-    streaks = np.repeat(glints, 8, axis=1)[:, :w] & mask
-    water = np.where(streaks[..., None], np.minimum(water + 0.3, 1.0), water)
-    water += rng.normal(0.0, 0.025, water.shape).astype(np.float32)
-    out = np.where(mask[..., None], water, view)
-    return np.clip(out, 0.0, 1.0), mask
-
-
 def _lighting(view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     gain = rng.uniform(0.8, 1.1) * rng.uniform(0.93, 1.07, size=3)
     return np.clip(view * gain.astype(np.float32) + rng.uniform(-0.04, 0.04), 0.0, 1.0)
@@ -255,7 +228,7 @@ def _generate(config: SyntheticConfig, root: Path) -> None:
         zoom = float(rng.uniform(0.85, 1.15))
         level = float(rng.uniform(config.flood_min, config.flood_max))
         view = _render_view(strips[street], pos, zoom, config.image_height, config.image_width)
-        view, mask = _flood(_lighting(view, rng), rng, level)
+        view, mask = draw_water(_lighting(view, rng), level, rng)  # the water of attllm_jax.data.flood
         lat, lon = _latlon(*_street_utm(street, pos))
         stem = f"{lat:.9f}_{lon:.9f}@st{street}_q{k:03d}@flood{level:.2f}"
         _save_jpeg(view, queries / f"{stem}.jpg")

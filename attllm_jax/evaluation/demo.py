@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from attllm_jax.attention.parse import grid_label, parse_answer
+from attllm_jax.attention.masks import oracle_grid
+from attllm_jax.attention.parse import parse_answer
 from attllm_jax.attention.store import make_record, write_json_atomic
-from attllm_jax.data.synthetic import SyntheticBenchmark, SyntheticConfig, generate_benchmark, water_fraction_grid
+from attllm_jax.data.synthetic import SyntheticBenchmark, SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation.config import EvalConfig
 
-ORACLE_GRID = 8
-ORACLE_WATER_WEIGHT = 0.1
 DEMO_IMAGE_SIZE = 288  # the synthetic views' own height: evaluated without resizing, fast on a CPU
 DEMO_NOTES = (
     "DEMO: synthetic flooded streets (procedural facades, synthetic water); not real photographs.",
@@ -24,22 +23,6 @@ DEMO_NOTES = (
     "DEMO: attention is an ORACLE built from the ground-truth flood masks (water cells weight 0.1, "
     "others 1.0), not an LLM.",
 )
-
-
-def oracle_grid(mask: np.ndarray, n: int = ORACLE_GRID, water_weight: float = ORACLE_WATER_WEIGHT) -> dict[str, float]:
-    """A grid answer from a flood mask: weight 1 on dry cells, down to ``water_weight`` on water (linear).
-
-    Args:
-        mask: ``[H, W]`` bool, True = water.
-        n: Grid size (labels A1 .. <n-th letter><n>).
-        water_weight: Weight of an all-water cell.
-
-    Returns:
-        ``{"A1": w, ...}`` as an LLM grid answer.
-    """
-    fraction = water_fraction_grid(mask, n)
-    weights = 1.0 - (1.0 - water_weight) * fraction
-    return {grid_label(r, c): round(float(weights[r, c]), 3) for r in range(n) for c in range(n)}
 
 
 def write_oracle_attention(benchmark: SyntheticBenchmark, directory: str | os.PathLike) -> Path:
