@@ -31,6 +31,7 @@ from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.pipeline import load_eval_model, run_evaluation
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
+from attllm_jax.models.spec import ModelSpec
 
 log = logging.getLogger("attllm_jax.evaluation")
 
@@ -331,7 +332,8 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
     analysis = analyse(config.levels, ev.alphas, recall_values, table, hits, config.bootstrap, config.confidence)
     n1 = recall_values.index(1)
     model_config = results[0]["model"]
-    weights = model_config.get("weights") or f"checkpoint {ev.checkpoint}"
+    model_spec = ModelSpec.from_dict(model_config, "results.json model")
+    weights = model_spec.provenance.weights or f"checkpoint {ev.checkpoint}"
     breaking = analysis["breaking_points"]
     plot_heatmap(
         out / HEATMAP_FILE,
@@ -339,7 +341,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
         ev.alphas,
         table[:, :, n1],
         [p["best_alpha"] for p in analysis["per_level"]],
-        f"R@1 (%), {model_config.get('family')} {model_config.get('backbone')} ({weights}), attention: "
+        f"R@1 (%), {model_spec.family} {model_spec.backbone} ({weights}), attention: "
         f"{config.attention}\nbest alpha framed; R@1 < half dry from level {_fmt(breaking['r1_below_half_dry_alpha0'])}"
         f" (alpha 0); gain <= 0 from level {_fmt(breaking['gain_not_above_zero'])}",
     )
