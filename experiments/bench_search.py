@@ -158,12 +158,16 @@ def bench_store(database: np.ndarray, queries: np.ndarray, reference: np.ndarray
     from attllm_jax.retrieval.store import DescriptorStore, read_store
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        store = DescriptorStore.open(Path(tmp) / "store", {"bench": "search"}, len(database), FLAGS.store_chunk_rows)
+        location = Path(tmp) / "store"
+        store = DescriptorStore.open(
+            location, {"bench": "search"}, len(database), FLAGS.store_chunk_rows, dim=FLAGS.dim
+        )
         t0 = time.perf_counter()
         for chunk in store.pending_chunks():
             start, stop = store.chunk_range(chunk)
             store.write_chunk(chunk, database[start:stop], np.ones(stop - start, bool), [])
         write_s = time.perf_counter() - t0
+        store.close()
         descriptors, valid, _ = read_store(Path(tmp) / "store")
         out = {"write_s": write_s, "chunk_rows": FLAGS.store_chunk_rows}
         for method in ("exact_jax", "faiss_flat"):

@@ -36,8 +36,15 @@ flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name co
 flags.DEFINE_list("image_size", None, "Resize override: shorter side (one int) or height,width.")
 flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
 flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
-flags.DEFINE_string("store_dir", None, "Database descriptor store (default OUTPUT_DIR/database_store).")
-flags.DEFINE_integer("chunk_size", 1024, "Database images per store chunk (the resume granularity).")
+flags.DEFINE_string(
+    "store_dir", None, "Database descriptor store: a directory or a kvstore URL (default OUTPUT_DIR/database_store)."
+)
+flags.DEFINE_integer(
+    "chunk_size", None, "Database images per store chunk, the resume granularity (default 256 on CPU, 4096 else)."
+)
+flags.DEFINE_enum(
+    "store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype (float16: half the bytes)."
+)
 flags.DEFINE_float("sigma", 0.2, "RBF width of point attention maps.")
 flags.DEFINE_bool("grid_interpolate", False, "Bilinear upsampling of grid answers instead of sharp cells.")
 flags.DEFINE_integer("max_points", 8, "Point slots per attention answer.")
@@ -104,7 +111,7 @@ flags.register_validator(
     "positive_dist_threshold", lambda v: math.isfinite(v) and v > 0, "--positive_dist_threshold must be > 0 metres"
 )
 for _name in ("batch_size", "chunk_size", "max_points", "nprobe", "hnsw_m", "ef_search"):
-    flags.register_validator(_name, lambda v: v >= 1, f"--{_name} must be >= 1")
+    flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
 flags.register_validator("num_workers", lambda v: v is None or v >= 1, "--num_workers must be >= 1")
 for _name in ("nlist", "pq_m"):
     flags.register_validator(_name, lambda v: v >= 0, f"--{_name} must be >= 0")
@@ -129,6 +136,7 @@ def _overrides() -> dict:
         "num_workers": FLAGS.num_workers,
         "store_dir": FLAGS.store_dir,
         "chunk_size": FLAGS.chunk_size,
+        "store_dtype": FLAGS.store_dtype,
         "sigma": FLAGS.sigma,
         "grid_interpolate": FLAGS.grid_interpolate,
         "max_points": FLAGS.max_points,

@@ -49,7 +49,8 @@ def _dataset(root: Path) -> tuple[Path, Path]:
 
 
 def _chunks(store: Path) -> list[Path]:
-    return sorted(store.glob("chunk_*.npz"))
+    """The completion markers of the store's written chunks."""
+    return sorted(store.glob("done/chunk_*.json"))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_killed_extraction_resumes_without_redoing_chunks(tmp_path, model):
     proc.wait()
     done = _chunks(store)
     assert 2 <= len(done) < 5, "the kill must land part-way"
-    first_bytes = {p.name: p.read_bytes() for p in done}
+    first_bytes = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in done}
     done_images = 3 * len(done)
 
     config = EvalConfig(
@@ -99,7 +100,7 @@ def test_killed_extraction_resumes_without_redoing_chunks(tmp_path, model):
     assert store_info["status"] == "resumed"
     assert store_info["chunks_computed"] == 5 - len(done)
     assert store_info["images_computed"] == num_images - done_images  # no duplicated work
-    assert all(p.read_bytes() == first_bytes[p.name] for p in done)  # finished chunks untouched
+    assert all((p.read_bytes(), p.stat().st_mtime_ns) == first_bytes[p.name] for p in done)  # never rewritten
 
     fresh = run_evaluation(EvalConfig(**{**config.__dict__, "output_dir": str(tmp_path / "fresh")}), model=model)
     assert fresh.results["store"]["images_computed"] == num_images
@@ -153,3 +154,31 @@ def test_demo_command_prints_the_recall_table(tmp_path):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(res["recalls"]) == ["0.0", "0.25", "0.5", "0.75", "1.0"]
     assert res["num_database"] == 124 and res["num_queries"] == 40
+
+
+def test_extract_command_builds_a_store_that_eval_reuses(tmp_path):
+    database, queries = _dataset(tmp_path / "data")
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    common = ["--image_size", "64", "--batch_size", "4", "--store_dir", str(store), "--chunk_size", "5"]
+    built = subprocess.run(
+        [sys.executable, "-m", "experiments.extract", "--database_folder", str(database), *common],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "created, 3 of 3 chunks computed, 13 images" in built.stdout and "images/s" in built.stdout
+    from attllm_jax.retrieval.store import read_store
+
+    descriptors, valid, paths = read_store(store)
+    assert descriptors.shape == (13, 512) and valid.all() and paths == sorted(p.name for p in database.glob("*.jpg"))
+    result = _cli(
+        "--database_folder", str(database), "--queries_folder", str(queries), "--output_dir", str(tmp_path / "out"),
+        "--alphas", "0", "--recall_values", "1", *common, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["store"]["status"] == "reused" and res["store"]["images_computed"] == 0

@@ -1,87 +1,296 @@
-"""The chunked, resumable descriptor store: keys, reuse, staleness, atomic chunks."""
+"""The tensorstore descriptor store: keys, reuse, staleness, markers, lazy reads, sharing between runs."""
 
 import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from attllm_jax.retrieval.store import DescriptorStore, StoreError
+from attllm_jax.retrieval.store import DescriptorStore, IncompleteStoreError, StoreError, read_store
 
 KEY = {"model": {"family": "cosplace", "backbone": "resnet18"}, "weights_sha256": "ab" * 32, "images": "cd" * 32}
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _fill(store, dim=4, seed=0):
+def _fill(store, seed=0):
     rng = np.random.default_rng(seed)
+    written = np.zeros((store.num_items, store.dim), np.float32)
     for chunk in store.pending_chunks():
         start, stop = store.chunk_range(chunk)
-        valid = np.ones(stop - start, bool)
-        store.write_chunk(chunk, rng.normal(size=(stop - start, dim)), valid, [])
+        written[start:stop] = rng.normal(size=(stop - start, store.dim))
+        store.write_chunk(chunk, written[start:stop], np.ones(stop - start, bool), [])
+    return written
 
 
 def test_create_fill_load_and_reuse(tmp_path):
-    store = DescriptorStore.open(tmp_path / "s", KEY, num_items=10, chunk_size=4)
+    store = DescriptorStore.open(tmp_path / "s", KEY, num_items=10, chunk_size=4, dim=4)
     assert store.status == "created" and store.num_chunks == 3 and store.pending_chunks() == [0, 1, 2]
     assert [store.chunk_range(c) for c in range(3)] == [(0, 4), (4, 8), (8, 10)]
-    _fill(store)
+    written = _fill(store)
     contents = store.load()
     assert contents.descriptors.shape == (10, 4) and contents.valid.all()
-    again = DescriptorStore.open(tmp_path / "s", json.loads(json.dumps(KEY)), num_items=10, chunk_size=4)
+    np.testing.assert_array_equal(np.asarray(contents.descriptors), written)
+    np.testing.assert_array_equal(contents.descriptors[3:9], written[3:9])  # rows across chunk borders
+    np.testing.assert_array_equal(contents.descriptors[-1], written[-1])
+    store.close()
+    again = DescriptorStore.open(tmp_path / "s", json.loads(json.dumps(KEY)), num_items=10, chunk_size=4, dim=4)
     assert again.status == "reused" and again.pending_chunks() == []
-    np.testing.assert_array_equal(again.load().descriptors, contents.descriptors)
+    np.testing.assert_array_equal(np.asarray(again.load().descriptors), written)
+    again.close()
 
 
-def test_partial_store_resumes_and_ignores_temporaries(tmp_path):
-    store = DescriptorStore.open(tmp_path, KEY, num_items=10, chunk_size=4)
+def test_float16_store_halves_the_bytes(tmp_path):
+    full = DescriptorStore.open(tmp_path / "f32", KEY, num_items=64, chunk_size=64, dim=32)
+    half = DescriptorStore.open(tmp_path / "f16", KEY, num_items=64, chunk_size=64, dim=32, dtype="float16")
+    data = _fill(full)
+    half.write_chunk(0, data, np.ones(64, bool), [])
+    read = np.asarray(half.load().descriptors)
+    assert read.dtype == np.float32 and half.load().descriptors.stored_dtype == np.float16
+    np.testing.assert_allclose(read, data, rtol=2**-11, atol=2**-24)  # float16 has an 11-bit significand
+    size = lambda p: sum(f.stat().st_size for f in (p / "descriptors").iterdir() if f.name != ".zarray")  # noqa: E731
+    assert size(tmp_path / "f16") * 2 == size(tmp_path / "f32")
+
+
+def test_partial_store_resumes_and_a_chunk_without_marker_is_pending(tmp_path):
+    store = DescriptorStore.open(tmp_path, KEY, num_items=10, chunk_size=4, dim=2)
     store.write_chunk(0, np.ones((4, 2)), np.ones(4, bool), [])
-    (tmp_path / "chunk_000001.npz.tmp").write_bytes(b"half a chunk")
-    resumed = DescriptorStore.open(tmp_path, KEY, num_items=10, chunk_size=4)
+    store.close()
+    resumed = DescriptorStore.open(tmp_path, KEY, num_items=10, chunk_size=4, dim=2)
     assert resumed.status == "resumed" and resumed.pending_chunks() == [1, 2]
-    assert not (tmp_path / "chunk_000001.npz.tmp").exists()
-    with pytest.raises(StoreError, match="incomplete"):
+    (tmp_path / "done" / "chunk_000000.json").unlink()  # data written, marker not yet: killed in between
+    assert resumed.pending_chunks() == [0, 1, 2]
+    with pytest.raises(IncompleteStoreError, match="incomplete: 3 of 3"):
         resumed.load()
+    resumed.close()
+
+
+def test_chunk_data_that_does_not_match_its_marker_is_never_returned(tmp_path):
+    store = DescriptorStore.open(tmp_path, KEY, num_items=4, chunk_size=2, dim=2)
+    _fill(store)
+    other = np.asarray(store.load().descriptors)
+    # another writer overwrote chunk 1's bytes without a marker of its own
+    store._array("descriptors")[2:4].write(np.full((2, 2), 7, np.float32)).result()
+    view = DescriptorStore.open(tmp_path, KEY, num_items=4, chunk_size=2, dim=2).load().descriptors
+    np.testing.assert_array_equal(view[0:2], other[0:2])
+    with pytest.raises(StoreError, match="chunk 1 .* does not match its marker"):
+        view[1:3]
 
 
 @pytest.mark.parametrize(
     "change",
-    [
-        {"weights_sha256": "ff" * 32},
-        {"images": "00" * 32},
-        {"model": {"family": "cosplace", "backbone": "resnet50"}},
-    ],
+    [{"weights_sha256": "ff" * 32}, {"images": "00" * 32}, {"model": {"family": "cosplace", "backbone": "resnet50"}}],
 )
-def test_a_changed_key_rebuilds_the_store(tmp_path, change):
-    store = DescriptorStore.open(tmp_path, KEY, num_items=6, chunk_size=3)
-    _fill(store)
+def test_a_changed_key_rebuilds_the_store(tmp_path, change, caplog):
+    with DescriptorStore.open(tmp_path, KEY, num_items=6, chunk_size=3, dim=2) as store:
+        _fill(store)
     (tmp_path / "keep_me.txt").write_text("not ours")
-    rebuilt = DescriptorStore.open(tmp_path, {**KEY, **change}, num_items=6, chunk_size=3)
+    with caplog.at_level(logging.WARNING):
+        rebuilt = DescriptorStore.open(tmp_path, {**KEY, **change}, num_items=6, chunk_size=3, dim=2)
     assert rebuilt.status == "rebuilt" and rebuilt.pending_chunks() == [0, 1]
+    assert "stale (changed: key." in caplog.text
     assert (tmp_path / "keep_me.txt").exists()
+    rebuilt.close()
 
 
 def test_layout_changes_rebuild_too(tmp_path):
-    _fill(DescriptorStore.open(tmp_path, KEY, num_items=6, chunk_size=3))
-    assert DescriptorStore.open(tmp_path, KEY, num_items=7, chunk_size=3).status == "rebuilt"
-    _fill(DescriptorStore.open(tmp_path, KEY, num_items=7, chunk_size=3))
-    assert DescriptorStore.open(tmp_path, KEY, num_items=7, chunk_size=2).status == "rebuilt"
+    def reopen(**layout):
+        store = DescriptorStore.open(tmp_path, KEY, **{"num_items": 6, "chunk_size": 3, "dim": 2, **layout})
+        status = store.status
+        _fill(store)
+        store.close()
+        return status
+
+    assert reopen() == "created"
+    assert reopen(num_items=7) == "rebuilt"
+    assert reopen(num_items=7, chunk_size=2) == "rebuilt"
+    assert reopen(num_items=7, chunk_size=2, dim=3) == "rebuilt"
+    assert reopen(num_items=7, chunk_size=2, dim=3, dtype="float16") == "rebuilt"
+    assert reopen(num_items=7, chunk_size=2, dim=3, dtype="float16") == "reused"
+
+
+def test_an_old_npz_store_is_detected_and_rebuilt(tmp_path, caplog):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "key_sha256": "0" * 64, "key": {}}))
+    np.savez(tmp_path / "chunk_000000.npz", descriptors=np.zeros((3, 2)), valid=np.ones(3, bool))
+    (tmp_path / "notes.txt").write_text("user file")
+    with caplog.at_level(logging.WARNING):
+        store = DescriptorStore.open(tmp_path, KEY, num_items=3, chunk_size=3, dim=2)
+    assert store.status == "rebuilt" and "old format 1 (npz chunks)" in caplog.text
+    assert not (tmp_path / "chunk_000000.npz").exists() and (tmp_path / "notes.txt").exists()
+    store.close()
 
 
 def test_failures_and_validity_round_trip(tmp_path):
-    store = DescriptorStore.open(tmp_path, KEY, num_items=3, chunk_size=3)
+    store = DescriptorStore.open(tmp_path, KEY, num_items=3, chunk_size=3, dim=2)
     failure = {"index": 1, "path": "/db/bad.jpg", "error": "OSError: truncated"}
     store.write_chunk(0, np.arange(6).reshape(3, 2), np.array([True, False, True]), [failure])
     contents = store.load()
     assert contents.valid.tolist() == [True, False, True] and contents.failures == [failure]
     assert contents.descriptors.dtype == np.float32
+    assert store.read_chunk(0).failures == [failure]
 
 
 def test_refuses_a_foreign_directory_and_bad_chunks(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"x")
     with pytest.raises(StoreError, match="not a descriptor store"):
-        DescriptorStore.open(tmp_path, KEY, num_items=3)
-    assert (tmp_path / "photo.jpg").exists()
-    store = DescriptorStore.open(tmp_path / "s", KEY, num_items=3, chunk_size=3)
+        DescriptorStore.open(tmp_path, KEY, num_items=3, dim=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+    store = DescriptorStore.open(tmp_path / "s", KEY, num_items=3, chunk_size=3, dim=4)
     with pytest.raises(ValueError, match="needs 3 rows"):
         store.write_chunk(0, np.zeros((2, 4)), np.ones(2, bool), [])
-    (tmp_path / "s" / "chunk_000000.npz").write_bytes(b"garbage")
-    with pytest.raises(StoreError, match="corrupt store chunk"):
-        store.load()
+    with pytest.raises(ValueError, match="holds 4-d descriptors"):
+        store.write_chunk(0, np.zeros((3, 5)), np.ones(3, bool), [])
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="unreadable store manifest"):
+        DescriptorStore.open(tmp_path / "s", KEY, num_items=3, dim=4)
+
+
+def test_read_store_public_reader(tmp_path):
+    store = DescriptorStore.open(tmp_path, KEY, num_items=5, chunk_size=2, dim=3)
+    written = np.zeros((5, 3), np.float32)
+    written[:2] = 1.0
+    store.write_chunk(0, written[:2], np.ones(2, bool), [])
+    with pytest.raises(IncompleteStoreError, match="incomplete: 2 of 3 chunk"):
+        read_store(tmp_path)
+    rest = _fill(store, seed=3)
+    store.write_paths([f"img{i}.jpg" for i in range(5)])
+    descriptors, valid, paths = read_store(tmp_path)
+    np.testing.assert_array_equal(np.asarray(descriptors)[2:], rest[2:])
+    assert valid.tolist() == [True] * 5 and paths == [f"img{i}.jpg" for i in range(5)]
+    with pytest.raises(StoreError, match="holds no descriptor store"):
+        read_store(tmp_path / "nothing")
+    store.close()
+
+
+def test_a_kvstore_url_store(tmp_path):
+    url = f"file://{tmp_path}/remote/"
+    store = DescriptorStore.open(url, KEY, num_items=4, chunk_size=2, dim=2)
+    written = _fill(store)
+    descriptors, valid, _ = read_store(url)
+    np.testing.assert_array_equal(np.asarray(descriptors), written)
+    assert DescriptorStore.open(url, KEY, num_items=4, chunk_size=2, dim=2).status == "reused"
+    with pytest.raises(StoreError, match="never wiped automatically"):
+        DescriptorStore.open(url, {**KEY, "images": "11" * 32}, num_items=4, chunk_size=2, dim=2)
+
+
+def test_a_store_in_use_with_another_key_is_not_wiped(tmp_path):
+    holder = DescriptorStore.open(tmp_path, KEY, num_items=4, chunk_size=2, dim=2)
+    written = _fill(holder)
+    other = {**KEY, "weights_sha256": "ee" * 32}
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="in use by another run with another key"):
+        DescriptorStore.open(tmp_path, other, num_items=4, chunk_size=2, dim=2, wait_s=0.5)
+    assert time.monotonic() - t0 >= 0.5
+    np.testing.assert_array_equal(np.asarray(holder.load().descriptors), written)  # untouched
+    same = DescriptorStore.open(tmp_path, KEY, num_items=4, chunk_size=2, dim=2, wait_s=0.5)  # same key: shares it
+    assert same.status == "reused"
+    same.close()
+    holder.close()
+    rebuilt = DescriptorStore.open(tmp_path, other, num_items=4, chunk_size=2, dim=2, wait_s=0.5)
+    assert rebuilt.status == "rebuilt"
+    rebuilt.close()
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from attllm_jax.retrieval.store import DescriptorStore, StoreError
+    store_dir, key_name, hold_file = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    key = {"model": key_name}
+    try:
+        store = DescriptorStore.open(store_dir, key, num_items=40, chunk_size=4, dim=8, wait_s=float(sys.argv[6]))
+    except StoreError as error:
+        print("REFUSED", error)
+        sys.exit(3)
+    for chunk in range(store.num_chunks):
+        start, stop = store.chunk_range(chunk)
+        rows = np.tile(np.arange(start, stop, dtype=np.float32)[:, None], (1, 8)) * (1 if key_name == "a" else -1)
+        store.write_chunk(chunk, rows, np.ones(stop - start, bool), [])
+    Path(str(hold_file) + ".ready").write_text("1")
+    while hold_file.exists():  # keep the store open until told
+        time.sleep(0.05)
+    contents = store.load()
+    print("SUM", float(np.asarray(contents.descriptors).sum()))
+    store.close()
+    """
+)
+
+
+def _spawn(tmp_path, store, key, hold, wait_s=0.5):
+    return subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py"), str(REPO), str(store), key, str(hold), "0", str(wait_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_ready(hold: Path, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not Path(str(hold) + ".ready").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_two_processes_sharing_a_store(tmp_path):
+    """Issue 13 item 1: run B (another key) never wipes run A's store under it; two same-key runs share it."""
+    (tmp_path / "driver.py").write_text(DRIVER)
+    store = tmp_path / "store"
+    procs = []
+    try:
+        hold_a = tmp_path / "hold_a"
+        hold_a.write_text("1")
+        a = _spawn(tmp_path, store, "a", hold_a)
+        procs.append(a)
+        _wait_ready(hold_a, a)
+        b = _spawn(tmp_path, store, "b", tmp_path / "hold_b")
+        procs.append(b)
+        out_b, _ = b.communicate(timeout=60)
+        assert b.returncode == 3 and "in use by another run with another key" in out_b, out_b
+        # a same-key run shares the store while A holds it, and both see the same data
+        hold_c = tmp_path / "hold_c"
+        c = _spawn(tmp_path, store, "a", hold_c)
+        procs.append(c)
+        out_c, _ = c.communicate(timeout=60)
+        hold_a.unlink()
+        out_a, _ = a.communicate(timeout=60)
+        want = f"SUM {float(8 * sum(range(40)))}"
+        assert a.returncode == 0 and want in out_a, out_a
+        assert c.returncode == 0 and want in out_c, out_c
+        # once A is gone, B may rebuild the store for its key
+        b2 = _spawn(tmp_path, store, "b", tmp_path / "hold_b2")
+        procs.append(b2)
+        out_b2, _ = b2.communicate(timeout=60)
+        assert b2.returncode == 0 and f"SUM {-float(8 * sum(range(40)))}" in out_b2, out_b2
+        assert not list(store.glob("**/*.tmp"))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_two_identical_writers_at_once_give_one_correct_store(tmp_path):
+    (tmp_path / "driver.py").write_text(DRIVER)
+    store = tmp_path / "store"
+    procs = [_spawn(tmp_path, store, "a", tmp_path / f"absent_{i}", wait_s=30) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(p.returncode == 0 for p in procs), outs
+    descriptors, valid, _ = read_store(store)
+    np.testing.assert_array_equal(np.asarray(descriptors), np.tile(np.arange(40, dtype=np.float32)[:, None], (1, 8)))
+    assert valid.all() and len(os.listdir(store / "done")) == 10

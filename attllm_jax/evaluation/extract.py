@@ -166,6 +166,67 @@ def extract_database(
     return summary
 
 
+def database_store_key(model, database: ImageSet, image_size=None, weights_sha256: str | None = None) -> dict:
+    """What database descriptors depend on: the model, its weights, the resize override and the image list."""
+    return {
+        "model": model.spec.to_dict(),
+        "weights_sha256": weights_sha256 or weights_digest(model),
+        "image_size": image_size,
+        "images": database.fingerprint(),
+    }
+
+
+def build_database_store(
+    model,
+    database: ImageSet,
+    location,
+    *,
+    chunk_size: int,
+    store_dtype: str = "float32",
+    batch_size: int,
+    image_size=None,
+    num_workers: int | None = None,
+    weights_sha256: str | None = None,
+) -> tuple[DescriptorStore, DatabaseExtraction]:
+    """Opens (creating, resuming or rebuilding) the database store and fills its missing chunks.
+
+    Args:
+        model: A :class:`~attllm_jax.models.vpr.VPRModel`.
+        database: The database image set.
+        location: Store directory or kvstore URL.
+        chunk_size: Images per chunk.
+        store_dtype: "float32" or "float16".
+        batch_size: Images per device batch.
+        image_size: Optional resize override.
+        num_workers: Decode threads.
+        weights_sha256: The model's weights digest when already computed.
+
+    Returns:
+        The open store (the caller closes it) and what the extraction did.
+    """
+    key = database_store_key(model, database, image_size, weights_sha256)
+    dim = model.spec.descriptor_dim
+    store = DescriptorStore.open(location, key, len(database), chunk_size, dim=dim, dtype=store_dtype)
+    try:
+        log.info(
+            "descriptor store %s: %s (%d chunks pending of %d, %d images each, %s)",
+            store.directory,
+            store.status,
+            len(store.pending_chunks()),
+            store.num_chunks,
+            store.chunk_size,
+            store.dtype,
+        )
+        summary = extract_database(
+            model, database, store, batch_size=batch_size, image_size=image_size, num_workers=num_workers
+        )
+        store.write_paths(list(database.paths))
+    except BaseException:
+        store.close()
+        raise
+    return store, summary
+
+
 @dataclass
 class _ChunkBuffer:
     start: int

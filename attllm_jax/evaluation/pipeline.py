@@ -21,7 +21,7 @@ from attllm_jax.attention.maps import attention_maps
 from attllm_jax.data.dataset import geo_pair, load_image_set
 from attllm_jax.evaluation.attention_source import load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
-from attllm_jax.evaluation.extract import extract_database, extract_queries, weights_digest
+from attllm_jax.evaluation.extract import build_database_store, extract_queries, weights_digest
 from attllm_jax.evaluation.figures import plot_recall_vs_alpha, save_prediction_strip
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
@@ -34,7 +34,6 @@ from attllm_jax.evaluation.report import (
 from attllm_jax.retrieval.positives import find_positives
 from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
 from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
-from attllm_jax.retrieval.store import DescriptorStore
 
 log = logging.getLogger("attllm_jax.evaluation")
 
@@ -154,28 +153,56 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
     log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
 
-    store_key = {
-        "model": model.spec.to_dict(),
-        "weights_sha256": digest,
-        "image_size": config.image_size,
-        "images": database.fingerprint(),
-    }
-    store = DescriptorStore.open(config.resolved_store_dir, store_key, len(database), config.chunk_size)
-    log.info(
-        "descriptor store %s: %s (%d chunks pending of %d)",
-        store.directory,
-        store.status,
-        len(store.pending_chunks()),
-        store.num_chunks,
-    )
-    db_run = extract_database(
+    store, db_run = build_database_store(
         model,
         database,
-        store,
+        config.resolved_store_dir,
+        chunk_size=config.resolved_chunk_size,
+        store_dtype=config.store_dtype,
         batch_size=config.batch_size,
         image_size=config.image_size,
         num_workers=config.num_workers,
+        weights_sha256=digest,
     )
+    try:
+        return _evaluate_with_store(
+            config,
+            model,
+            digest,
+            store,
+            db_run,
+            database,
+            queries,
+            geo,
+            positives_all,
+            attention,
+            timings,
+            plan,
+            top_m,
+            out,
+            t_start,
+        )
+    finally:
+        store.close()
+
+
+def _evaluate_with_store(
+    config,
+    model,
+    digest,
+    store,
+    db_run,
+    database,
+    queries,
+    geo,
+    positives_all,
+    attention,
+    timings,
+    plan,
+    top_m,
+    out,
+    t_start,
+) -> EvalResult:
     contents = store.load()
     timings["database"] = db_run.seconds
 
@@ -265,6 +292,8 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
         },
         "store": {
             "directory": str(store.directory),
+            "dtype": store.dtype,
+            "chunk_size": store.chunk_size,
             "status": db_run.status,
             "chunks_total": db_run.chunks_total,
             "chunks_computed": db_run.chunks_computed,
