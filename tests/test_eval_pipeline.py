@@ -156,7 +156,7 @@ def test_end_to_end_contract_parity_and_sweep(tmp_path, converted_checkpoint):
     assert res["database_folder"] == str(database) and res["queries_folder"] == str(queries)
     # the resize the run used, not the model's default
     assert res["preprocessing"] == {"resize": "shorter_side", "image_size": IMAGE_SIZE, "source": "--image_size"}
-    assert res["model"]["image_size"] == 512
+    assert res["model"]["preprocess"]["size"] == 512  # the model's own default, kept apart from the run's
     # R@5 with 14 database images is meaningful: no warning
     assert not [n for n in res["notes"] if "R@" in n]
     assert set(individual[0]) >= {"num_predicted_paths", "num_gt_paths", "predicted_paths", "gt_paths", "success_at_5"}
