@@ -2,6 +2,8 @@
 
     python converters/salad.py --checkpoint dino_salad.ckpt --output DIR
     python converters/salad.py --output DIR          # downloads serizba/salad's released dino_salad.ckpt
+    python converters/salad.py --checkpoint cliquemining.ckpt --output DIR   # CliqueMining: the same architecture
+                                                     # (its file is on Google Drive: download it by hand)
 
 The DINOv2 architecture and the SALAD head sizes are inferred from the tensor shapes; --backbone, when given, is
 checked against them. Load the result with ``attllm_jax.load_model(DIR)``.

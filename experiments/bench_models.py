@@ -8,7 +8,11 @@ production converter, the SALAD weights through ``convert("salad", ...)``):
 
 - ``cosplace``: CosPlace ResNet-50 (torchvision trunk + GeM head, 2048-D) at 512x683;
 - ``salad``: DINOv2 ViT-B/14 + SALAD (transformers' DINOv2 with upstream's interpolation as the PyTorch model) at
-  322x322.
+  322x322;
+- ``megaloc`` (322x322) and ``megaloc_photo`` (a 480x640 photo, which both models resize to 476x644 themselves):
+  MegaLoc against :class:`experiments.torch_zoo.TorchMegaLoc`;
+- ``boq_dinov2`` (322x322) and ``boq_resnet50`` (384x384): BoQ against :class:`experiments.torch_zoo.TorchBoQ`
+  (torch's own ``TransformerEncoderLayer`` / ``MultiheadAttention``).
 
 Both run on the same inputs; descriptors are compared (max abs error) so a fast wrong model cannot pass. Each
 timing is the median over ``--repeats`` calls after ``--warmup`` calls (our first call compiles); the timed calls
@@ -37,7 +41,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-MODELS = ("cosplace", "salad")
+MODELS = ("cosplace", "salad", "megaloc", "megaloc_photo", "boq_dinov2", "boq_resnet50")
 
 flags.DEFINE_list("models", list(MODELS), f"Models to benchmark: {', '.join(MODELS)}.")
 flags.DEFINE_integer("batch_size", 8, "Images per call.", lower_bound=1)
@@ -103,13 +107,51 @@ def _salad_pair(seed: int):
     return reference, VPRModel(net, spec), (322, 322)
 
 
+def _megaloc_pair(seed: int, size: tuple[int, int]):
+    """(torch model, our VPRModel, image size) for MegaLoc (ViT-B/14, SALAD 64 x 256 + 256, linear to 8448)."""
+    import torch
+
+    from attllm_jax.convert import convert
+    from attllm_jax.models.vpr import VPRModel
+    from experiments.torch_zoo import RELEASED_MEGALOC_ARCH, make_torch_megaloc
+
+    reference = make_torch_megaloc(torch.Generator().manual_seed(seed), **RELEASED_MEGALOC_ARCH)
+    state = {k: v.numpy() for k, v in reference.upstream_state_dict().items()}
+    net, spec = convert("megaloc", state, backbone="dinov2_vitb14")
+    return reference, VPRModel(net, spec), size
+
+
+def _boq_pair(seed: int, backbone: str):
+    """(torch model, our VPRModel, image size) for BoQ with the released DINOv2 or ResNet-50 architecture."""
+    import torch
+
+    from attllm_jax.convert import convert
+    from attllm_jax.models.vpr import VPRModel
+    from experiments.torch_zoo import RELEASED_BOQ_ARCH, make_torch_boq
+
+    reference = make_torch_boq(torch.Generator().manual_seed(seed), **RELEASED_BOQ_ARCH[backbone])
+    state = {k: v.numpy() for k, v in reference.upstream_state_dict().items()}
+    net, spec = convert("boq", state)
+    return reference, VPRModel(net, spec), spec.preprocess.size
+
+
+_PAIRS = {
+    "cosplace": _cosplace_pair,
+    "salad": _salad_pair,
+    "megaloc": lambda seed: _megaloc_pair(seed, (322, 322)),
+    "megaloc_photo": lambda seed: _megaloc_pair(seed, (480, 640)),
+    "boq_dinov2": lambda seed: _boq_pair(seed, "dinov2"),
+    "boq_resnet50": lambda seed: _boq_pair(seed, "resnet50"),
+}
+
+
 def bench_model(name: str, batch_size: int, warmup: int, repeats: int, seed: int) -> dict:
     """Times one model both ways; returns a result row (medians, images/s, ratio, descriptor error)."""
     import jax
     import numpy as np
     import torch
 
-    reference, model, (height, width) = {"cosplace": _cosplace_pair, "salad": _salad_pair}[name](seed)
+    reference, model, (height, width) = _PAIRS[name](seed)
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(batch_size, height, width, 3)).astype(np.float32)
     images_jax = jax.device_put(images)
@@ -165,13 +207,13 @@ def main(argv: list[str]) -> None:
         logging.info("benchmarking %s", name)
         rows.append(bench_model(name, FLAGS.batch_size, FLAGS.warmup, FLAGS.repeats, FLAGS.seed))
     print(
-        f"{'model':<10} {'size':>9} {'B':>3} {'torch s':>9} {'ours s':>9} {'torch im/s':>11} {'ours im/s':>10} "
+        f"{'model':<13} {'size':>9} {'B':>3} {'torch s':>9} {'ours s':>9} {'torch im/s':>11} {'ours im/s':>10} "
         f"{'ratio':>6} {'max err':>9}"
     )
     for r in rows:
         size = "x".join(str(s) for s in r["image_size"])
         print(
-            f"{r['model']:<10} {size:>9} {r['batch_size']:>3} {r['torch_median_s']:>9.3f} {r['ours_median_s']:>9.3f} "
+            f"{r['model']:<13} {size:>9} {r['batch_size']:>3} {r['torch_median_s']:>9.3f} {r['ours_median_s']:>9.3f} "
             f"{r['torch_images_per_s']:>11.2f} {r['ours_images_per_s']:>10.2f} {r['speedup']:>5.2f}x "
             f"{r['max_abs_descriptor_error']:>9.1e}"
         )

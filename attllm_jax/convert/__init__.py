@@ -62,7 +62,7 @@ def convert_file(family: str, path: str | os.PathLike, **options) -> tuple[nnx.M
         spec.provenance,
         source_file=path.name,
         source_sha256=sha256_file(path),
-        published_file=registry.published_file(spec.family, spec.backbone, spec.descriptor_dim),
+        published_file=registry.published_file(spec.family, spec.backbone, spec.descriptor_dim, path.name),
     )
     return net, spec.replace(provenance=provenance)
 

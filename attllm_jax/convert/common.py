@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".torch")  # .torch: MegaLoc's v1.0 release
 SAFETENSORS_SUFFIXES = (".safetensors",)
 DEFAULT_IGNORE = ("num_batches_tracked",)
 _MAX_LISTED = 60  # problems listed in full before the error message is shortened

@@ -5,10 +5,14 @@ and is applied by :func:`preprocess_image` (what ``VPRModel.preprocess`` calls):
 
 - ``resize="shorter_side"`` (CosPlace / EigenPlaces, ``size=512``): torchvision ``Resize(512)`` semantics, the
   shorter side becomes ``size`` and the longer one ``int(size * long / short)`` (floored);
-- ``resize="exact"`` (SALAD, ``size=(322, 322)``): ``Resize((height, width))``.
+- ``resize="exact"`` (SALAD, ``size=(322, 322)``): ``Resize((height, width))``;
+- ``resize="none"`` (MegaLoc, ``size=None``): the image's own size (the network resizes it itself).
 
-Resampling is PIL's (what torchvision's ``Resize`` uses on PIL images), which antialiases when downscaling; then
-``ToTensor`` scaling to [0, 1] and ``Normalize(mean, std)``.
+With ``stage="pil"`` resampling is PIL's (what torchvision's ``Resize`` uses on PIL images), which antialiases
+when downscaling; then ``ToTensor`` scaling to [0, 1] and ``Normalize(mean, std)``. With ``stage="tensor"`` (BoQ,
+as VPR-methods-evaluation: ``ToTensor``, ``Normalize``, then ``Resize(size, antialias=True)`` of the float tensor)
+the image is scaled and normalized first and then resized in float32 with torch's antialiased bilinear weights
+(:func:`attllm_jax.ops.resize.antialiased_bilinear_matrix`); no uint8 rounding after the resize.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("shorter_side", "exact")
+RESIZE_MODES = ("shorter_side", "exact", "none")
+STAGES = ("pil", "tensor")
 _PIL_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -35,19 +40,23 @@ class PreprocessSpec:
     """An evaluation transform.
 
     Attributes:
-        resize: ``"shorter_side"`` (``size`` is an int) or ``"exact"`` (``size`` is ``(height, width)``).
-        size: the shorter side in pixels, or the exact ``(height, width)``.
+        resize: ``"shorter_side"`` (``size`` is an int), ``"exact"`` (``size`` is ``(height, width)``) or ``"none"``
+            (``size`` is None).
+        size: the shorter side in pixels, the exact ``(height, width)``, or None.
         interpolation: PIL filter, ``"bilinear"``, ``"bicubic"`` or ``"nearest"``.
         antialias: whether downscaling antialiases; PIL always does, so only True is supported (the field is
             recorded so that a transform that does not can be told apart).
+        stage: ``"pil"`` (resize the decoded image, then scale) or ``"tensor"`` (scale and normalize, then resize the
+            float image; bilinear only).
         mean: per-channel mean subtracted after scaling to [0, 1].
         std: per-channel standard deviation divided by.
     """
 
     resize: str
-    size: int | tuple[int, int]
+    size: int | tuple[int, int] | None
     interpolation: str = "bilinear"
     antialias: bool = True
+    stage: str = "pil"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -58,6 +67,10 @@ class PreprocessSpec:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.antialias is not True:
             raise ValueError(f"antialias must be true (PIL resizing always antialiases), got {self.antialias!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage == "tensor" and self.interpolation != "bilinear":
+            raise ValueError(f"stage 'tensor' resizes bilinearly only, got interpolation {self.interpolation!r}")
         object.__setattr__(self, "size", _check_size(self.resize, self.size, "size"))
         for name in ("mean", "std"):
             values = tuple(float(v) for v in getattr(self, name))
@@ -75,6 +88,14 @@ class PreprocessSpec:
         """SALAD: resize to ``(height, width)`` (322 x 322), bilinear, ImageNet normalization."""
         return cls("exact", tuple(size))
 
+    @classmethod
+    def tensor(cls, size: Sequence[int] | None) -> PreprocessSpec:
+        """BoQ / MegaLoc: normalize, then an antialiased bilinear resize of the float image to ``(height, width)``
+        (``None``: no resize)."""
+        if size is None:
+            return cls("none", None, stage="tensor")
+        return cls("exact", tuple(size), stage="tensor")
+
     def with_size(self, image_size: int | Sequence[int] | None) -> PreprocessSpec:
         """This transform with a size override: an int resizes the shorter side, ``(height, width)`` exactly."""
         if image_size is None:
@@ -84,11 +105,15 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict:
         """JSON form (lists for tuples); the inverse of ``PreprocessSpec(**d)``."""
-        size = self.size if isinstance(self.size, int) else list(self.size)
+        size = self.size if self.size is None or isinstance(self.size, int) else list(self.size)
         return {**dataclasses.asdict(self), "size": size, "mean": list(self.mean), "std": list(self.std)}
 
 
-def _check_size(resize: str, size, name: str) -> int | tuple[int, int]:
+def _check_size(resize: str, size, name: str) -> int | tuple[int, int] | None:
+    if resize == "none":
+        if size is not None:
+            raise ValueError(f"{name} must be null for resize='none', got {size!r}")
+        return None
     if resize == "shorter_side":
         if np.ndim(size) != 0 or isinstance(size, bool) or int(size) != size or int(size) <= 0:
             raise ValueError(f"{name} must be positive (an int for resize='shorter_side'), got {size!r}")
@@ -127,9 +152,24 @@ def preprocess_image(
     image = image.convert("RGB")
     if spec.resize == "shorter_side":
         out_size = shorter_side_size(image.width, image.height, spec.size)
-    else:
+    elif spec.resize == "exact":
         out_size = (spec.size[1], spec.size[0])
-    if out_size != image.size:
+    else:
+        out_size = image.size
+    if out_size != image.size and spec.stage == "pil":
         image = image.resize(out_size, _PIL_FILTERS[spec.interpolation])
     x = np.asarray(image, dtype=np.float32) / 255.0
-    return (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if out_size != image.size:  # stage "tensor"
+        x = _resize_float(x, out_size[1], out_size[0])
+    return x
+
+
+def _resize_float(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """torch's antialiased bilinear resize of a float32 ``[H, W, 3]`` image (float32 weights and products)."""
+    from attllm_jax.ops.resize import antialiased_bilinear_matrix
+
+    rows = antialiased_bilinear_matrix(x.shape[0], height).astype(np.float32)
+    cols = antialiased_bilinear_matrix(x.shape[1], width).astype(np.float32)
+    x = np.einsum("qw,hwc->hqc", cols, x, optimize=True)  # [H, width, 3]: columns first, as torch does
+    return np.ascontiguousarray(np.tensordot(rows, x, axes=(1, 0)), dtype=np.float32)

@@ -12,7 +12,9 @@ import dataclasses
 import importlib
 from types import ModuleType
 
+from attllm_jax.models.boq import BoQSpec
 from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
+from attllm_jax.models.megaloc import MegaLocSpec
 from attllm_jax.models.salad import SaladSpec
 
 
@@ -40,6 +42,8 @@ FAMILY_ENTRIES: dict[str, FamilyEntry] = {
     "cosplace": FamilyEntry("cosplace", CnnSpec, "attllm_jax.convert.cosplace"),
     "eigenplaces": FamilyEntry("eigenplaces", CnnSpec, "attllm_jax.convert.cosplace"),
     "salad": FamilyEntry("salad", SaladSpec, "attllm_jax.convert.salad"),
+    "megaloc": FamilyEntry("megaloc", MegaLocSpec, "attllm_jax.convert.megaloc"),
+    "boq": FamilyEntry("boq", BoQSpec, "attllm_jax.convert.boq"),
 }
 FAMILIES = tuple(FAMILY_ENTRIES)
 CNN_FAMILIES = tuple(name for name, e in FAMILY_ENTRIES.items() if e.architecture is CnnSpec)
@@ -77,7 +81,12 @@ class PublishedCheckpoint:
         backbone: our backbone name (``"resnet50"``, ``"vgg16"``, ``"dinov2_vitb14"``).
         descriptor_dim: output descriptor dimension.
         file_name: the release asset's file name.
-        url: the release download URL.
+        url: the release download URL (or, for ``auto_download=False`` files, the page to fetch it from by hand).
+        sha256: the SHA-256 upstream publishes for the file, or None (no upstream listed here publishes one).
+        size_bytes: the size upstream publishes, or None.
+        auto_download: whether a converter fetches it when no ``--checkpoint`` is given (False for a file behind
+            a web page, e.g. Google Drive, and for a superseded release of a family that has a newer one).
+        method: the method's name when it differs from the family's (CliqueMining is a SALAD checkpoint).
     """
 
     family: str
@@ -85,6 +94,10 @@ class PublishedCheckpoint:
     descriptor_dim: int
     file_name: str
     url: str
+    sha256: str | None = None
+    size_bytes: int | None = None
+    auto_download: bool = True
+    method: str | None = None
 
 
 # fc_output_dim lists as in each upstream hubconf.py (AVAILABLE_TRAINED_MODELS).
@@ -126,7 +139,50 @@ PUBLISHED: tuple[PublishedCheckpoint, ...] = tuple(
             8448,
             "dino_salad.ckpt",
             "https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt",
-        )
+        ),
+        # CliqueMining (serizba/cliquemining README; VPR-methods-evaluation vpr_models/clique_mining.py): the SALAD
+        # architecture, a Lightning {"state_dict": ...} file on Google Drive; download it by hand.
+        PublishedCheckpoint(
+            "salad",
+            "dinov2_vitb14",
+            8448,
+            "cliquemining.ckpt",
+            "https://drive.google.com/file/d/1B06ysb-Wjb4KDcNrl-7pyj1mJve1jqdk/view",
+            auto_download=False,
+            method="cliquemining",
+        ),
+        # MegaLoc (gmberton/MegaLoc hubconf.py at HEAD: hf_hub_download("gberton/MegaLoc", "model.safetensors");
+        # before 2026-01-21 the GitHub release asset megaloc.torch, which converts too).
+        PublishedCheckpoint(
+            "megaloc",
+            "dinov2_vitb14",
+            8448,
+            "model.safetensors",
+            "https://huggingface.co/gberton/MegaLoc/resolve/main/model.safetensors",
+        ),
+        PublishedCheckpoint(
+            "megaloc",
+            "dinov2_vitb14",
+            8448,
+            "megaloc.torch",
+            "https://github.com/gmberton/MegaLoc/releases/download/v1.0/megaloc.torch",
+            auto_download=False,
+        ),
+        # BoQ (amaralibey/Bag-of-Queries hubconf.py MODEL_URLS).
+        PublishedCheckpoint(
+            "boq",
+            "dinov2_vitb14",
+            12288,
+            "dinov2_12288.pth",
+            "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/dinov2_12288.pth",
+        ),
+        PublishedCheckpoint(
+            "boq",
+            "resnet50",
+            16384,
+            "resnet50_16384.pth",
+            "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/resnet50_16384.pth",
+        ),
     ]
 )
 
@@ -158,14 +214,20 @@ def lookup(family: str, backbone: str, dim: int) -> PublishedCheckpoint:
     )
 
 
-def published_file(family: str, backbone: str, dim: int) -> str | None:
-    """The release asset name of (family, backbone, dim), or None when nothing was published with those."""
+def published_file(family: str, backbone: str, dim: int, file_name: str | None = None) -> str | None:
+    """The release asset name of (family, backbone, dim), or None when nothing was published with those.
+
+    When several files share the architecture (SALAD and CliqueMining; MegaLoc's two releases), the one named
+    ``file_name`` is returned, and None when ``file_name`` names none of them.
+    """
     entries = [e for e in PUBLISHED if (e.family, e.backbone, e.descriptor_dim) == (family, backbone, int(dim))]
+    if len(entries) > 1:
+        entries = [e for e in entries if e.file_name == file_name]
     return entries[0].file_name if entries else None
 
 
 def find_published(family: str, backbone: str | None = None, dim: int | None = None) -> PublishedCheckpoint:
-    """The one published checkpoint of ``family`` matching the given ``backbone`` and ``dim`` (each optional).
+    """The one auto-downloadable published checkpoint of ``family`` matching ``backbone`` and ``dim`` (each optional).
 
     Raises:
         ValueError: none or several match (e.g. a CNN family without backbone and dimension); the message lists
@@ -176,6 +238,7 @@ def find_published(family: str, backbone: str | None = None, dim: int | None = N
         e
         for e in PUBLISHED
         if e.family == fam
+        and e.auto_download
         and (backbone is None or e.backbone == normalize_backbone(backbone))
         and (dim is None or e.descriptor_dim == int(dim))
     ]

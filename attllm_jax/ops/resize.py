@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from attllm_jax.ops.checks import check_size
+
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient (Keys uses -0.5)
 
 
@@ -156,3 +158,70 @@ def _bicubic(x: jax.Array, scales: tuple[float, float]) -> jax.Array:
 def bilinear_resize(x: jax.Array, height: int, width: int) -> jax.Array:
     """PyTorch's bilinear resize (``align_corners=False``, no antialias) of axes 1, 2 of ``x`` ``[B, H, W, ...]``."""
     return apply_separable(x, bilinear_matrix(x.shape[1], height), bilinear_matrix(x.shape[2], width))
+
+
+def antialiased_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Weights of ``interpolate(mode="bilinear", size=..., antialias=True, align_corners=False)`` along one axis.
+
+    PyTorch's (and PIL's) antialiased resize: with ``s = in_size / out_size``, output ``i`` is centred at
+    ``center = s * (i + 0.5)`` and takes the inputs ``j`` in ``[trunc(center - r + 0.5), trunc(center + r + 0.5))``
+    (clipped to the axis), ``r = max(s, 1)``, with triangle weights ``max(0, 1 - |j - center + 0.5| / r)``
+    normalized to sum to 1. When downsampling (``s > 1``) the triangle is stretched over ``s`` input pixels; when
+    upsampling it equals plain bilinear interpolation. Scale, centres and weights are evaluated in float32, as
+    PyTorch does for float32 tensors (a float64 evaluation differs from it by up to ~3e-5 per weight at 500-pixel
+    axes). torchvision's ``transforms.functional.resize(tensor, size, antialias=True)`` (MegaLoc's forward,
+    VPR-methods-evaluation's ``Resize``) is this resize.
+
+    Args:
+        in_size: input length.
+        out_size: output length.
+
+    Returns:
+        A float64 matrix ``[out_size, in_size]`` (float32 values) whose rows sum to 1 up to float32 round-off.
+    """
+    in_size, out_size = check_size(in_size, "in_size"), check_size(out_size, "out_size")
+    f32 = np.float32
+    scale = f32(in_size / out_size)
+    support = max(scale, f32(1.0))
+    inv_scale = f32(1.0) / scale if scale >= 1.0 else f32(1.0)
+    weights = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        center = f32(float(scale) * (i + 0.5))
+        lo = max(int(float(center) - float(support) + 0.5), 0)
+        hi = min(int(float(center) + float(support) + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        x = np.abs(((taps - center).astype(f32) + f32(0.5)) * inv_scale)
+        w = np.where(x < 1.0, f32(1.0) - x, f32(0.0)).astype(f32)
+        weights[i, taps] = w / w.sum(dtype=f32)
+    return weights
+
+
+def antialiased_bilinear_resize(x: ArrayLike, height: int, width: int) -> jax.Array:
+    """Resizes axes 1 and 2 of ``x`` as ``torch.nn.functional.interpolate(..., mode="bilinear", antialias=True)``.
+
+    Args:
+        x: ``[B, H, W]`` or ``[B, H, W, C]``.
+        height: output rows (static).
+        width: output columns (static).
+
+    Returns:
+        ``[B, height, width(, C)]`` in ``promote_types(x.dtype, float32)``; ``x`` itself (cast) when the size is
+        already ``height x width``.
+
+    Raises:
+        ValueError: ``x`` is not 3-D or 4-D, or a size is not a positive integer.
+    """
+    x = jnp.asarray(x)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"x must have shape [B, H, W] or [B, H, W, C], got shape {x.shape}")
+    height, width = check_size(height, "height"), check_size(width, "width")
+    if x.shape[1:3] == (height, width):
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return _antialiased_bilinear(x, height, width)
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width"))
+def _antialiased_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+    rows = antialiased_bilinear_matrix(x.shape[1], height)
+    cols = antialiased_bilinear_matrix(x.shape[2], width)
+    return apply_separable(x, rows, cols)

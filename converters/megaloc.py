@@ -1,0 +1,50 @@
+"""Converts a MegaLoc checkpoint into an attllm_jax model directory (orbax state + config.json).
+
+    python converters/megaloc.py --checkpoint model.safetensors --output DIR
+    python converters/megaloc.py --checkpoint megaloc.torch --output DIR     # the earlier GitHub release
+    python converters/megaloc.py --output DIR      # downloads model.safetensors from huggingface.co/gberton/MegaLoc
+
+The DINOv2 architecture, the SALAD sizes and the output dimension are inferred from the tensor shapes; --backbone,
+when given, is checked against them. The model evaluates images at their own size (it rounds the sides to multiples
+of 14 itself, as upstream). Load the result with ``attllm_jax.load_model(DIR)``.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from attllm_jax.convert import convert_to_directory
+from attllm_jax.convert.download import DEFAULT_CACHE_DIR
+
+flags.DEFINE_string("checkpoint", None, "Source .safetensors/.torch/.pth; omit to download model.safetensors.")
+flags.DEFINE_string("output", None, "Output model directory.", required=True)
+flags.DEFINE_string("backbone", None, "Expected DINOv2 backbone (e.g. dinov2_vitb14), checked against the shapes.")
+flags.DEFINE_integer(
+    "num_heads", None, "Attention heads, only for widths that are not a multiple of 64.", lower_bound=1
+)
+flags.DEFINE_string("cache_dir", str(DEFAULT_CACHE_DIR), "Where downloaded checkpoints are kept.")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.info(
+        "flags: %s", {k: FLAGS[k].value for k in ("checkpoint", "output", "backbone", "num_heads", "cache_dir")}
+    )
+    try:
+        spec = convert_to_directory(
+            "megaloc",
+            FLAGS.output,
+            FLAGS.checkpoint,
+            FLAGS.cache_dir,
+            backbone=FLAGS.backbone,
+            num_heads=FLAGS.num_heads,
+        )
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
+    logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
+    print(f"wrote {FLAGS.output}: {spec.describe()}")
+
+
+if __name__ == "__main__":
+    app.run(main)
