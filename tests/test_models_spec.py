@@ -2,8 +2,12 @@
 store-key / results identity it feeds.
 
 The fixtures in ``tests/data/legacy_v0_1`` were written by release 0.1.0's converters and ``save_model`` (see its
-README). Loading them must give the 0.1.0 descriptors: bit for bit for CosPlace (same operations), and to 3e-8
-(measured 3.0e-8 = round-off of one L2-normalize formula replacing SALAD's former ``x * rsqrt(...)``) for SALAD.
+README). Loading them must give the 0.1.0 descriptors to float32 round-off. The fixtures' expected arrays were
+computed on the machine that wrote them, and XLA:CPU picks its convolution and matmul kernels (so their summation
+order) by the CPU's features: on the machine that wrote them CosPlace matched bit for bit and SALAD to 3.0e-8 (one
+L2-normalize formula replacing SALAD's former ``x * rsqrt(...)``), while an AMD EPYC with AVX-512 gives up to 2.5e-7
+on these unit-norm descriptors. Hence ``CROSS_MACHINE_ATOL``; within one machine, re-saved and re-loaded models are
+compared bit for bit.
 """
 
 import json
@@ -24,6 +28,9 @@ from attllm_jax.models.spec import FORMAT_VERSION, ConfigError, ModelSpec
 from attllm_jax.models.vpr import VPRModel
 
 LEGACY = Path(__file__).parent / "data" / "legacy_v0_1"
+# Largest difference from the fixtures measured across CPUs is 2.5e-7 (module docstring); a changed operation moves
+# these unit-norm descriptors by 1e-3 or more.
+CROSS_MACHINE_ATOL = 5e-7
 
 
 def fill_like_0_1_fixture(net: nnx.Module, seed: int, gem_p: float) -> nnx.Module:
@@ -55,8 +62,10 @@ def test_format_1_cosplace_config_reads_and_gives_the_0_1_descriptors():
     legacy = json.loads((LEGACY / "cosplace_resnet18_64" / "config.json").read_text())
     model = VPRModel(fill_like_0_1_fixture(nnx.eval_shape(spec.build), 0, legacy["gem_p"]), spec)
     expected = np.load(LEGACY / "cosplace_resnet18_64" / "expected.npz")
-    np.testing.assert_array_equal(model(expected["images"]), expected["plain"])
-    np.testing.assert_array_equal(model(expected["images"], expected["attention"], 0.5), expected["att05"])
+    np.testing.assert_allclose(model(expected["images"]), expected["plain"], atol=CROSS_MACHINE_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        model(expected["images"], expected["attention"], 0.5), expected["att05"], atol=CROSS_MACHINE_ATOL, rtol=0
+    )
 
 
 def test_format_1_salad_directory_loads_and_gives_the_0_1_descriptors(tmp_path):
@@ -65,9 +74,9 @@ def test_format_1_salad_directory_loads_and_gives_the_0_1_descriptors(tmp_path):
     assert (spec.family, spec.backbone, spec.descriptor_dim) == ("salad", "dinov2_custom", 40)
     assert spec.architecture.dinov2.embed_dim == 32 and spec.preprocess == PreprocessSpec.exact((28, 42))
     expected = np.load(LEGACY / "salad_tiny_expected.npz")
-    np.testing.assert_allclose(model(expected["images"]), expected["plain"], atol=3e-8, rtol=0)
+    np.testing.assert_allclose(model(expected["images"]), expected["plain"], atol=CROSS_MACHINE_ATOL, rtol=0)
     np.testing.assert_allclose(
-        model(expected["images"], expected["attention"], 0.5), expected["att05"], atol=3e-8, rtol=0
+        model(expected["images"], expected["attention"], 0.5), expected["att05"], atol=CROSS_MACHINE_ATOL, rtol=0
     )
     # saved again, it is a format-2 directory with the same spec and weights
     save_model(tmp_path / "again", model.net, spec)
@@ -84,9 +93,9 @@ def test_random_demo_model_keeps_its_0_1_descriptors():
     x = np.random.default_rng(5).normal(size=(2, 64, 96, 3)).astype(np.float32)
     att = np.random.default_rng(6).uniform(0, 2, size=(2, 3, 4)).astype(np.float32)
     expected = np.load(LEGACY / "random_cosplace_seed0_expected.npz")
-    np.testing.assert_array_equal(model(x), expected["plain"])
+    np.testing.assert_allclose(model(x), expected["plain"], atol=CROSS_MACHINE_ATOL, rtol=0)
     sweep = model.aggregate_sweep(model.features(x), att, np.array([0.0, 0.5, 1.0], np.float32))
-    np.testing.assert_array_equal(sweep, expected["att05"])
+    np.testing.assert_allclose(sweep, expected["att05"], atol=CROSS_MACHINE_ATOL, rtol=0)
     assert model.spec.provenance.weights == "random (seed 0)"
 
 
