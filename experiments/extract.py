@@ -99,5 +99,10 @@ def main(argv):
     sys.stdout.flush()
 
 
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-extract``, also ``python -m experiments.extract``)."""
+    app.run(main, argv=list(sys.argv if argv is None else argv))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -157,6 +157,7 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult | None:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(hosts.log_file(out, Path(LOG_FILE).stem))
     log.info("evaluation settings: %s", json.dumps(asdict(config), default=str))
+    log.info("hosts: %s", json.dumps(hosts.hosts_entry()))
     inputs = prepare_inputs(config, model)
     try:
         if hosts.process_index() == 0:
@@ -413,6 +414,7 @@ def run_extraction(config: EvalConfig, model=None, log_dir: str | Path | None = 
     """
     setup_logging(None if log_dir is None else hosts.log_file(log_dir, "extract"))
     log.info("extraction settings: %s", json.dumps(asdict(config), default=str))
+    log.info("hosts: %s", json.dumps(hosts.hosts_entry()))
     database = load_image_set(config.database_folder, config.convention, config.database_csv)
     model = model if model is not None else load_eval_model(config)
     store, summary = database_store(config, model, database)
