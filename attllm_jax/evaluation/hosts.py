@@ -14,7 +14,9 @@ One process per host (or per accelerator group) runs the same command. How a pro
 
 On the CPU the collectives go through gloo (``jax_cpu_collectives_implementation``), set before the
 initialization. Barriers and gathers use the coordination service's barrier and key-value store, not device
-collectives, so they need no accelerator program and have their own timeout.
+collectives, so they need no accelerator program and have their own timeout. When a process dies, the others fail
+at their next barrier once the coordination service misses its heartbeats (``heartbeat_timeout_seconds``, 100 s by
+default); rerun every process's command and the store resumes.
 """
 
 from __future__ import annotations
