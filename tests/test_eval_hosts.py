@@ -19,7 +19,7 @@ import pytest
 from attllm_jax.data.dataset import load_image_set
 from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
 from attllm_jax.evaluation.extract import build_database_store
-from attllm_jax.evaluation.hosts import HostSpec, multi_process_environment
+from attllm_jax.evaluation.hosts import HostSpec, gather_json, log_file, multi_process_environment, share
 from attllm_jax.retrieval.store import read_store
 from tests.test_eval_resume import _dataset
 
@@ -241,3 +241,12 @@ def test_multi_process_launches_are_detected_from_the_environment():
     assert multi_process_environment({"TPU_WORKER_HOSTNAMES": "a"}) is None
     assert multi_process_environment({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
     assert multi_process_environment({"JAX_COORDINATOR_ADDRESS": "h:1"}) == "JAX_COORDINATOR_ADDRESS"
+
+
+def test_shares_and_log_names():
+    pending = [0, 2, 3, 5, 6, 7, 9]
+    shares = [share(pending, i, 3) for i in range(3)]
+    assert shares == [[0, 5, 9], [2, 6], [3, 7]]  # round robin: sizes differ by at most one chunk
+    assert sorted(sum(shares, [])) == pending
+    assert log_file("out", "eval").name == "eval.log"  # one process: process 0's name
+    assert gather_json("x", {"a": 1}) == [{"a": 1}]
