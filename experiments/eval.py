@@ -10,6 +10,10 @@ on a CPU. A real evaluation:
 
 writes OUT/results.json, OUT/per_query.csv, OUT/csv_results/alpha_<a>/{individual,aggregated}_results.csv,
 OUT/recall_vs_alpha.png and OUT/eval.log (see attllm_jax.evaluation.run_evaluation).
+
+Multi-process (every host runs the same command with its --process_id, see experiments/multihost.py): each
+process extracts its share of the database store, then process 0 extracts the queries, searches and writes the
+results; process i logs to OUT/eval.process_i.log.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import sys
 import tempfile
 
 from absl import app, flags
+
+from experiments import multihost
 
 FLAGS = flags.FLAGS
 
@@ -273,6 +279,10 @@ def main(argv):
     from attllm_jax.logs import quiet_library_logs
 
     quiet_library_logs(FLAGS.verbosity)
+    try:
+        multihost.join_from_flags()
+    except ValueError as error:
+        _fail(str(error), usage=True)
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.data.dataset import PathListError
     from attllm_jax.evaluation import run_evaluation
@@ -292,6 +302,10 @@ def main(argv):
         _fail(str(error))
     except OSError as error:  # read-only or full output / store folder, a file vanished during the run
         _fail(_os_error_line(error, config))
+    if result is None:  # a process other than 0 of a multi-process run
+        print(f"database share done; process 0 wrote {os.path.join(config.output_dir, 'results.json')}")
+        sys.stdout.flush()
+        return
     res = result.results
     print()
     for note in res["notes"]:

@@ -6,6 +6,10 @@ A large database is extracted once and evaluated many times: ``python -m experim
 with the same model, database and --image_size reuses the store (its key is the model config, the weights digest,
 the resize override and the image list). The store is resumable chunk by chunk: rerun the same command after an
 interruption. Prints progress and a final images/s line.
+
+Every host of a multi-process run runs the same command with its --process_id (see experiments/multihost.py and
+attllm_jax.evaluation.hosts); each extracts its share of the chunks into the one store, which must be on storage
+they all see. With --logs_dir, process 0 logs to LOGS_DIR/extract.log and process i to LOGS_DIR/extract.process_i.log.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 import time
 
 from absl import app, flags
+
+from experiments import multihost
 
 FLAGS = flags.FLAGS
 
@@ -28,6 +34,7 @@ flags.DEFINE_string("store_dir", None, "The store: a directory or a tensorstore 
 flags.DEFINE_integer("chunk_size", None, "Images per store chunk (default 256 on CPU, 4096 on an accelerator).")
 flags.DEFINE_enum("store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype.")
 flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
+flags.DEFINE_string("logs_dir", None, "Per-process log files go here (default: stderr only).")
 flags.mark_flags_as_required(["database_folder", "store_dir"])
 for _name in ("batch_size", "chunk_size", "num_workers"):
     flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
@@ -36,12 +43,14 @@ for _name in ("batch_size", "chunk_size", "num_workers"):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        multihost.join_from_flags()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     from attllm_jax.data.coordinates import CoordinateError
-    from attllm_jax.data.dataset import load_image_set
+    from attllm_jax.evaluation import hosts
     from attllm_jax.evaluation.config import EvalConfig
-    from attllm_jax.evaluation.extract import build_database_store
-    from attllm_jax.evaluation.pipeline import load_eval_model
-    from attllm_jax.evaluation.progress import setup_logging
+    from attllm_jax.evaluation.pipeline import run_extraction
     from attllm_jax.retrieval.store import StoreError
 
     image_size = None
@@ -67,35 +76,33 @@ def main(argv):
         config = config.validated()
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from None
-    setup_logging(None)
     t0 = time.perf_counter()
     try:
-        database = load_image_set(config.database_folder, config.convention, config.database_csv)
-        model = load_eval_model(config)
-        store, summary = build_database_store(
-            model,
-            database,
-            config.resolved_store_dir,
-            chunk_size=config.resolved_chunk_size,
-            store_dtype=config.store_dtype,
-            batch_size=config.batch_size,
-            image_size=config.image_size,
-            num_workers=config.num_workers,
-            max_batch_pixels=config.max_batch_pixels,
-        )
-        store.close()
+        directory, summary = run_extraction(config, log_dir=FLAGS.logs_dir)
     except (CoordinateError, StoreError, FileNotFoundError) as error:
         print(f"extract: error: {error}", file=sys.stderr)
         sys.exit(1)
     seconds = time.perf_counter() - t0
+    who = f"process {hosts.process_index()}: " if hosts.process_count() > 1 else ""
     rate = summary.images_computed / summary.seconds if summary.seconds > 0 else 0.0
     print(
-        f"store {store.directory}: {summary.status}, {summary.chunks_computed} of {summary.chunks_total} chunks "
+        f"{who}store {directory}: {summary.status}, {summary.chunks_computed} of {summary.chunks_total} chunks "
         f"computed, {summary.images_computed} images in {summary.seconds:.1f} s ({rate:.2f} images/s; "
         f"{seconds:.1f} s in all)"
     )
+    if hosts.process_count() > 1 and hosts.process_index() == 0:
+        images = summary.all_images_computed
+        print(
+            f"all {hosts.process_count()} processes: {summary.all_chunks_computed} chunks, {images} images in "
+            f"{seconds:.1f} s ({images / seconds:.2f} images/s)"
+        )
     sys.stdout.flush()
 
 
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-extract``, also ``python -m experiments.extract``)."""
+    app.run(main, argv=list(sys.argv if argv is None else argv))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -26,6 +26,14 @@ DRIVER = textwrap.dedent(
     from attllm_jax.evaluation.extract import build_database_store
     assert jax.device_count() == 8, jax.devices()
     model = random_cosplace_model(seed=0)
+    # record the parameter arrays the jitted forward actually receives (not only what model.net holds)
+    received = []
+    jitted = model._jit_features
+    def recording(state, images):
+        received.append({(str(tuple(leaf.sharding.spec)), len(leaf.sharding.device_set))
+                         for leaf in jax.tree_util.tree_leaves(state)})
+        return jitted(state, images)
+    model._jit_features = recording
     store, summary = build_database_store(model, load_image_set(sys.argv[2]), sys.argv[3], chunk_size=5,
                                           batch_size=3, image_size=64, num_workers=1)
     store.close()
@@ -33,6 +41,7 @@ DRIVER = textwrap.dedent(
     shardings = {str(tuple(leaf.sharding.spec)) for leaf in leaves}
     devices = {len(leaf.sharding.device_set) for leaf in leaves}
     print("PARAMS", shardings, devices, summary.images_computed)
+    print("FORWARD", len(received), set.union(*received))
     """
 )
 
@@ -52,6 +61,8 @@ def test_eight_devices_extract_the_one_device_store(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # parameters replicated on all 8 devices (PartitionSpec()), batches of 3 padded to 8
     assert "PARAMS {'()'} {8} 13" in result.stdout, result.stdout
+    # each of the 3 forward calls (chunks of 5, 5, 3 images, rows padded to 8) got parameters replicated on all 8
+    assert "FORWARD 3 {('()', 8)}" in result.stdout, result.stdout
     store, _ = build_database_store(
         random_cosplace_model(seed=0), load_image_set(database), tmp_path / "store1", chunk_size=5, batch_size=3,
         image_size=64, num_workers=1,

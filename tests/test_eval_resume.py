@@ -17,23 +17,14 @@ from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluat
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
-
-    class SlowModel:
-        # the seed-0 random model with a slow preprocess, so that the kill lands part-way through the database
-        def __init__(self, model):
-            self._model = model
-        def __getattr__(self, name):
-            return getattr(self._model, name)
-        def preprocess(self, image, image_size=None):
-            time.sleep(0.3)
-            return self._model.preprocess(image, image_size=image_size)
+    from tests.slow_model import SlowModel
 
     database, queries, out = sys.argv[1:4]
     config = EvalConfig(database_folder=database, queries_folder=queries, output_dir=out, alphas=(0.0,),
                         recall_values=(1,), image_size=64, chunk_size=3, batch_size=2, num_workers=1)
-    run_evaluation(config, model=SlowModel(random_cosplace_model(seed=0)))
+    run_evaluation(config, model=SlowModel(random_cosplace_model(seed=0), 0.3))
     """
 )
 

@@ -48,6 +48,7 @@ def test_exact_methods_agree_and_are_written(setup):
         "process_count": 1,
         "device_count": 1,
         "local_device_count": 1,
+        "devices_per_process": [1],
         "platform": "cpu",
         "device_kind": "cpu",
     }

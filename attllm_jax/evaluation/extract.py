@@ -2,6 +2,15 @@
 
 Batches are sharded over all local devices (a 1-D ``data`` mesh); on one CPU device that is a no-op. The device
 computes batch k while the host converts batch k-1's descriptors and the decode threads prepare later images.
+
+In a multi-process run (:mod:`~attllm_jax.evaluation.hosts`) every process fills its share of one store on shared
+storage (a shared directory or a kvstore URL): process 0 opens (creates, resumes or rebuilds) the store, then the
+others open it; every process reads the pending chunks, and after a barrier takes every P-th of them (round robin,
+so the shares differ by at most one chunk). A process decodes only its share's images and runs the model on its
+own devices, so the extraction needs no cross-host collective and the processes need not run in lockstep: a
+process whose share is done waits at the next barrier; the last batch of every chunk is padded to the local device
+count and the padding rows are masked out (never written). Each process writes the chunks it owns (data, then the
+chunk's marker), so a killed run of any process resumes per chunk and no complete chunk is computed again.
 """
 
 from __future__ import annotations
@@ -9,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import jax
 import numpy as np
@@ -19,6 +28,7 @@ from attllm_jax.attention.maps import attention_maps, attention_mask
 from attllm_jax.attention.parse import ParsedAttention
 from attllm_jax.data.dataset import ImageSet
 from attllm_jax.data.loading import Batch, LoadFailure, load_batches
+from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.progress import Progress
 from attllm_jax.retrieval.store import DescriptorStore
 
@@ -34,7 +44,10 @@ def data_sharding() -> NamedSharding:
 def replicate_on_mesh(model, sharding: NamedSharding) -> None:
     """Places the model's parameters and statistics replicated on every device of ``sharding``'s mesh, once.
 
-    Without it the parameters stay on device 0 and every sharded call copies them to the other devices.
+    Without it the parameters stay on device 0 and every sharded call copies them to the other devices. The
+    update goes through ``model.net``: the state that :class:`~attllm_jax.models.vpr.VPRModel` passes to its jitted
+    functions holds the same NNX variables, so the forward sees the replicated arrays (checked by
+    ``tests/test_eval_devices.py``, which records the arrays the jitted forward receives).
     """
     from flax import nnx
 
@@ -89,11 +102,13 @@ class DatabaseExtraction:
     """What extracting (or reusing) the database store did.
 
     Attributes:
-        status: The store's status ("created", "reused", "resumed", "rebuilt").
+        status: The store's status as this process opened it ("created", "reused", "resumed", "rebuilt").
         chunks_total: Chunks in the store.
-        chunks_computed: Chunks computed in this run.
-        images_computed: Images decoded and run through the model in this run.
-        seconds: Wall time of this run's extraction.
+        chunks_computed: Chunks computed by this process in this run.
+        images_computed: Images decoded and run through the model by this process in this run.
+        seconds: Wall time of this process's extraction.
+        per_process: On process 0, every process's ``{"process", "status", "chunks_computed", "images_computed",
+            "seconds"}`` (one entry in a one-process run); on the others, their own only.
     """
 
     status: str
@@ -101,6 +116,27 @@ class DatabaseExtraction:
     chunks_computed: int = 0
     images_computed: int = 0
     seconds: float = 0.0
+    per_process: list[dict] = field(default_factory=list)
+
+    @property
+    def all_chunks_computed(self) -> int:
+        """Chunks computed in this run by every process (known on process 0)."""
+        return sum(p["chunks_computed"] for p in self.per_process) if self.per_process else self.chunks_computed
+
+    @property
+    def all_images_computed(self) -> int:
+        """Images computed in this run by every process (known on process 0)."""
+        return sum(p["images_computed"] for p in self.per_process) if self.per_process else self.images_computed
+
+    def entry(self) -> dict:
+        """The figures of this extraction (results.json's ``store`` entry adds the store's layout)."""
+        return {
+            "status": self.per_process[0]["status"] if self.per_process else self.status,
+            "chunks_total": self.chunks_total,
+            "chunks_computed": self.all_chunks_computed,
+            "images_computed": self.all_images_computed,
+            "per_process": self.per_process,
+        }
 
 
 def extract_database(
@@ -113,8 +149,9 @@ def extract_database(
     num_workers: int | None = None,
     max_batch_pixels: int | None = None,
     progress_interval_s: float = 5.0,
+    chunks: Sequence[int] | None = None,
 ) -> DatabaseExtraction:
-    """Fills the store's missing chunks with database descriptors.
+    """Fills the store's missing chunks (or the missing ones of ``chunks``) with database descriptors.
 
     Unreadable images are skipped: their row is zeros with ``valid`` False, and a failure record is kept in the
     chunk. A chunk is written (atomically) as soon as all its images are done, so an interrupted run resumes
@@ -129,6 +166,7 @@ def extract_database(
         num_workers: Decode threads.
         max_batch_pixels: Pixel budget of a batch (None = batch_size megapixels); larger images are skipped.
         progress_interval_s: Seconds between progress lines.
+        chunks: The chunks this call may fill (a process's share); default every chunk.
 
     Returns:
         A summary of the work done.
@@ -136,6 +174,9 @@ def extract_database(
     if store.num_items != len(images):
         raise ValueError(f"store covers {store.num_items} items, the database has {len(images)} images")
     pending = store.pending_chunks()
+    if chunks is not None:
+        wanted = set(int(c) for c in chunks)
+        pending = [c for c in pending if c in wanted]
     summary = DatabaseExtraction(store.status, store.num_chunks)
     if not pending:
         return summary
@@ -143,24 +184,26 @@ def extract_database(
     sharding = data_sharding()
     replicate_on_mesh(model, sharding)
     dim = model.spec.descriptor_dim
-    chunks: dict[int, _ChunkBuffer] = {}
+    buffers: dict[int, _ChunkBuffer] = {}
     for c in pending:
         start, stop = store.chunk_range(c)
-        chunks[c] = _ChunkBuffer(start, stop, dim)
+        buffers[c] = _ChunkBuffer(start, stop, dim)
     todo = [i for c in pending for i in range(*store.chunk_range(c))]
-    progress = Progress("database images", len(todo), log, progress_interval_s)
+    label = "database images" + (f" (process {hosts.process_index()})" if hosts.process_count() > 1 else "")
+    progress = Progress(label, len(todo), log, progress_interval_s)
 
     def finish_if_complete(chunk: int) -> None:
-        buffer = chunks[chunk]
+        buffer = buffers[chunk]
         if buffer.remaining == 0:
             store.write_chunk(chunk, buffer.descriptors(), buffer.valid, buffer.failures)
+            log.info("wrote store chunk %d (images %d..%d)", chunk, buffer.start, buffer.stop)
             summary.chunks_computed += 1
-            del chunks[chunk]
+            del buffers[chunk]
 
     def on_failure(failure: LoadFailure) -> None:
         log.warning("skipping unreadable database image %s (%s)", failure.path, failure.error)
         chunk = store.chunk_of(failure.index)
-        chunks[chunk].fail(failure)
+        buffers[chunk].fail(failure)
         progress.update()
         finish_if_complete(chunk)
 
@@ -183,14 +226,14 @@ def extract_database(
             if index < 0:
                 continue
             chunk = store.chunk_of(int(index))
-            chunks[chunk].put(int(index), descriptors[row])
+            buffers[chunk].put(int(index), descriptors[row])
             touched.add(chunk)
         summary.images_computed += batch.num_valid
         progress.update(batch.num_valid)
         for chunk in sorted(touched):
             finish_if_complete(chunk)
-    if chunks:  # only reachable if the stream lost items, which would be a bug
-        raise RuntimeError(f"database extraction left chunks {sorted(chunks)} incomplete")
+    if buffers:  # only reachable if the stream lost items, which would be a bug
+        raise RuntimeError(f"database extraction left chunks {sorted(buffers)} incomplete")
     summary.seconds = progress.finish()
     return summary
 
@@ -234,19 +277,34 @@ def build_database_store(
 
     Returns:
         The open store (the caller closes it) and what the extraction did.
+
+    In a multi-process run every process calls this with the same arguments; each fills its share (see the module
+    notes) and all return once the store is complete. Only process 0 writes the image list.
     """
     key = database_store_key(model, database, image_size, weights_sha256)
     dim = model.spec.descriptor_dim
-    store = DescriptorStore.open(location, key, len(database), chunk_size, dim=dim, dtype=store_dtype)
+
+    def open_store() -> DescriptorStore:
+        return DescriptorStore.open(location, key, len(database), chunk_size, dim=dim, dtype=store_dtype)
+
+    store = open_store() if hosts.process_index() == 0 else None  # process 0 creates, resumes or rebuilds it
+    hosts.barrier("store_opened")
+    store = store or open_store()
     try:
+        pending = store.pending_chunks()
+        hosts.barrier("store_pending_read")  # nobody writes before every process has read the same pending list
+        mine = hosts.share(pending)
         log.info(
-            "descriptor store %s: %s (%d chunks pending of %d, %d images each, %s)",
+            "descriptor store %s: %s (%d chunks pending of %d, %d images each, %s)%s",
             store.directory,
             store.status,
-            len(store.pending_chunks()),
+            len(pending),
             store.num_chunks,
             store.chunk_size,
             store.dtype,
+            f"; process {hosts.process_index()} of {hosts.process_count()} takes {len(mine)}"
+            if hosts.process_count() > 1
+            else "",
         )
         summary = extract_database(
             model,
@@ -256,8 +314,19 @@ def build_database_store(
             image_size=image_size,
             num_workers=num_workers,
             max_batch_pixels=max_batch_pixels,
+            chunks=mine,
         )
-        store.write_paths(list(database.paths))
+        record = {"process": hosts.process_index(), **asdict(summary)}
+        del record["per_process"]
+        summary.per_process = hosts.gather_json("database_extraction", record)  # a barrier: every share is done
+        if hosts.process_index() == 0:
+            left = store.pending_chunks() if hosts.process_count() > 1 else []  # one process: filled them all itself
+            if left:
+                raise RuntimeError(
+                    f"store {store.directory} still misses chunks {left[:5]} after every process finished; in a "
+                    "multi-process run the store must be on storage every process sees (a shared folder or a URL)"
+                )
+            store.write_paths(list(database.paths))
     except BaseException:
         store.close()
         raise

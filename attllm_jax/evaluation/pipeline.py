@@ -19,6 +19,7 @@ import numpy as np
 
 from attllm_jax.attention.maps import attention_maps
 from attllm_jax.data.dataset import GeoPair, ImageSet, geo_pair, load_image_set
+from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.attention_source import QueryAttention, load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.extract import DatabaseExtraction, build_database_store, extract_queries, weights_digest
@@ -127,19 +128,25 @@ class EvalResult:
     model: Any = None
 
 
-def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
+def run_evaluation(config: EvalConfig, model=None) -> EvalResult | None:
     """Evaluates flood-query geo-localization for every alpha and writes the result files.
 
     Writes into ``config.output_dir``: ``results.json``, ``per_query.csv``, ``csv_results/alpha_<a>/``
     (the published code's ``individual_results.csv`` / ``aggregated_results.csv``), ``recall_vs_alpha.png``,
     ``eval.log`` and, with ``num_preds_to_save``, ``predictions/alpha_<a>/<query>.jpg``.
 
+    In a multi-process run (:mod:`~attllm_jax.evaluation.hosts`) every process fills its share of the database
+    store; then process 0 alone extracts the queries (a few hundred to thousands, small beside the database),
+    searches the store on its own devices and writes every result file, while the other processes wait at a
+    barrier. Each process logs to its own file beside the results: ``eval.log`` (process 0),
+    ``eval.process_<i>.log``.
+
     Args:
         config: The run's settings (validated here, before any work).
         model: Optional already loaded model (else loaded from ``config.checkpoint`` or built with random weights).
 
     Returns:
-        The results and the arrays behind them.
+        The results and the arrays behind them (on process 0; None on the other processes).
 
     Raises:
         ValueError / FileNotFoundError: bad settings; CoordinateError: a file name without coordinates.
@@ -148,51 +155,25 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult:
     config = config.validated()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / LOG_FILE)
+    setup_logging(hosts.log_file(out, Path(LOG_FILE).stem))
     log.info("evaluation settings: %s", json.dumps(asdict(config), default=str))
+    log.info("hosts: %s", json.dumps(hosts.hosts_entry()))
     inputs = prepare_inputs(config, model)
-    database, queries, geo, attention = inputs.database, inputs.queries, inputs.geo, inputs.attention
-    positives_all, model, digest, timings = inputs.positives_all, inputs.model, inputs.digest, inputs.timings
-    store, db_run, top_m, plan = inputs.store, inputs.db_run, inputs.top_m, inputs.plan
     try:
-        return _evaluate_with_store(
-            config,
-            model,
-            digest,
-            store,
-            db_run,
-            database,
-            queries,
-            geo,
-            positives_all,
-            attention,
-            timings,
-            plan,
-            top_m,
-            out,
-            t_start,
-        )
+        if hosts.process_index() == 0:
+            result = _evaluate_with_store(config, inputs, out, t_start)
+        else:
+            log.info("process %d: database share done; process 0 searches, writes results", hosts.process_index())
+            result = None
     finally:
-        store.close()
+        inputs.store.close()
+    hosts.barrier("evaluation_done")
+    return result
 
 
-def _evaluate_with_store(
-    config,
-    model,
-    digest,
-    store,
-    db_run,
-    database,
-    queries,
-    geo,
-    positives_all,
-    attention,
-    timings,
-    plan,
-    top_m,
-    out,
-    t_start,
-) -> EvalResult:
+def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_start: float) -> EvalResult:
+    database, queries, geo, attention = inputs.database, inputs.queries, inputs.geo, inputs.attention
+    model, store, db_run, timings = inputs.model, inputs.store, inputs.db_run, inputs.timings
     contents = store.load()
     timings["database"] = db_run.seconds
 
@@ -212,7 +193,7 @@ def _evaluate_with_store(
 
     t0 = time.perf_counter()
     db_valid = contents.valid
-    positives = [p[db_valid[p]] for p in positives_all]
+    positives = [p[db_valid[p]] for p in inputs.positives_all]
     retrieval = retrieve(
         contents.descriptors,
         db_valid,
@@ -221,9 +202,10 @@ def _evaluate_with_store(
         positives,
         config.alphas,
         config.recall_values,
-        top_m,
+        inputs.top_m,
         spec=config.search,
-        plan=plan,
+        plan=inputs.plan,
+        devices=jax.local_devices(),
     )
     timings["search"] = time.perf_counter() - t0
 
@@ -274,7 +256,7 @@ def _evaluate_with_store(
     timings["total"] = time.perf_counter() - t_start
     results = {
         "model": model.spec.to_dict(),
-        "weights": {"source": weights_note, "sha256": digest},
+        "weights": {"source": weights_note, "sha256": inputs.digest},
         "num_database": len(database),
         "num_queries": len(queries),
         "database_folder": str(database.root),
@@ -311,13 +293,10 @@ def _evaluate_with_store(
             "directory": str(store.directory),
             "dtype": store.dtype,
             "chunk_size": store.chunk_size,
-            "status": db_run.status,
-            "chunks_total": db_run.chunks_total,
-            "chunks_computed": db_run.chunks_computed,
-            "images_computed": db_run.images_computed,
+            **db_run.entry(),
         },
         "search": retrieval.search_info,
-        "hosts": hosts_entry(),
+        "hosts": hosts.hosts_entry(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "notes": notes,
     }
@@ -396,7 +375,19 @@ def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
     plan = plan_memory(config.search, len(database), dim, len(config.alphas) * len(queries), top_m)
     log.info("search %s (%s requested); %s", config.search.resolved_method(), config.search.method, plan.describe())
 
-    store, db_run = build_database_store(
+    store, db_run = database_store(config, model, database, digest)
+    return EvalInputs(
+        database, queries, geo, positives_all, attention, model, digest, store, db_run, timings, top_m, plan
+    )
+
+
+def database_store(config: EvalConfig, model, database: ImageSet, digest: str | None = None):
+    """:func:`~attllm_jax.evaluation.extract.build_database_store` with the run's store and batch settings.
+
+    Returns:
+        The open store (the caller closes it) and what filling it did.
+    """
+    return build_database_store(
         model,
         database,
         config.resolved_store_dir,
@@ -408,9 +399,27 @@ def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
         weights_sha256=digest,
         max_batch_pixels=config.max_batch_pixels,
     )
-    return EvalInputs(
-        database, queries, geo, positives_all, attention, model, digest, store, db_run, timings, top_m, plan
-    )
+
+
+def run_extraction(config: EvalConfig, model=None, log_dir: str | Path | None = None) -> tuple[str, DatabaseExtraction]:
+    """Builds the database store of ``config`` on its own (``python -m experiments.extract``), every process its share.
+
+    Args:
+        config: Validated settings (the queries folder is not read).
+        model: Optional already loaded model.
+        log_dir: Where ``extract.log`` (process 0) and ``extract.process_<i>.log`` go; None: stderr only.
+
+    Returns:
+        The store's directory or URL, and what the extraction did (every process's figures on process 0).
+    """
+    setup_logging(None if log_dir is None else hosts.log_file(log_dir, "extract"))
+    log.info("extraction settings: %s", json.dumps(asdict(config), default=str))
+    log.info("hosts: %s", json.dumps(hosts.hosts_entry()))
+    database = load_image_set(config.database_folder, config.convention, config.database_csv)
+    model = model if model is not None else load_eval_model(config)
+    store, summary = database_store(config, model, database)
+    store.close()
+    return str(store.directory), summary
 
 
 def retrieve(
@@ -425,6 +434,7 @@ def retrieve(
     *,
     spec: SearchSpec | None = None,
     plan: MemoryPlan | None = None,
+    devices: list | None = None,
 ) -> Retrieval:
     """Top-M search of every alpha's query descriptors in one call, then recall@N.
 
@@ -439,6 +449,7 @@ def retrieve(
         top_m: Predictions kept per query.
         spec: The search method (default exact faiss Flat).
         plan: The memory plan (default: :func:`~attllm_jax.retrieval.search.plan_memory` of ``spec``).
+        devices: Devices of ``exact_jax`` (default every device of every process: then every process must call).
 
     Returns:
         The retrieval of every alpha; its ``search_info`` is the results.json ``search`` entry.
@@ -452,25 +463,13 @@ def retrieve(
     if database_valid.any() and queries_valid.any():
         flat = queries[:, queries_valid].reshape(-1, dim)
         plan = plan_memory(spec, len(database_valid), dim, len(flat), top_m) if plan is None else plan
-        found = search_database(database, database_valid, flat, top_m, spec, plan, recall_values)
+        found = search_database(database, database_valid, flat, top_m, spec, plan, recall_values, devices=devices)
         predictions[:, queries_valid] = found.indices.reshape(k_alphas, -1, top_m)
         scores[:, queries_valid] = found.scores.reshape(k_alphas, -1, top_m)
         info = {**found.info, "searched": len(flat)}
     first_hit = np.stack([first_hit_ranks(predictions[k], positives) for k in range(k_alphas)])
     recalls = np.stack([recall_from_ranks(first_hit[k], recall_values) for k in range(k_alphas)])
     return Retrieval(tuple(alphas), predictions, scores, first_hit, recalls, tuple(recall_values), info)
-
-
-def hosts_entry() -> dict[str, Any]:
-    """The results.json ``hosts`` entry: processes and devices the run used."""
-    devices = jax.devices()
-    return {
-        "process_count": jax.process_count(),
-        "device_count": len(devices),
-        "local_device_count": jax.local_device_count(),
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-    }
 
 
 def _applied_kind(parsed, applied: bool) -> str:

@@ -195,12 +195,20 @@ class SearchResult:
     info: dict[str, Any]
 
 
-def _exact_in_memory(method: str, database, valid: np.ndarray, queries: np.ndarray, k: int, spec: SearchSpec):
+def _exact_in_memory(
+    method: str, database, valid: np.ndarray, queries: np.ndarray, k: int, spec: SearchSpec, devices=None
+):
     if method == "exact_jax":
         from attllm_jax.retrieval.jax_search import jax_exact_search
 
         return jax_exact_search(
-            database, queries, k, block_size=spec.block_size, shortlist_dtype=spec.shortlist_dtype, valid=valid
+            database,
+            queries,
+            k,
+            block_size=spec.block_size,
+            shortlist_dtype=spec.shortlist_dtype,
+            valid=valid,
+            devices=devices,
         )
     rows = np.flatnonzero(valid)
     scores = np.full((len(queries), k), -np.inf, np.float32)
@@ -224,18 +232,28 @@ def merge_top_k(
 
 
 def exact_search(
-    method: str, database, valid: np.ndarray, queries: np.ndarray, k: int, spec: SearchSpec, chunk_rows: int | None
+    method: str,
+    database,
+    valid: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    spec: SearchSpec,
+    chunk_rows: int | None,
+    devices: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of ``queries`` ``[M, D]`` over ``database`` ``[N, D]`` (array-like), whole or chunk by chunk."""
+    """Exact top-k of ``queries`` ``[M, D]`` over ``database`` ``[N, D]`` (array-like), whole or chunk by chunk.
+
+    ``devices``: the devices ``exact_jax`` shards over (default every device of every process).
+    """
     num = len(valid)
     if chunk_rows is None or chunk_rows >= num:
-        return _exact_in_memory(method, database, valid, queries, k, spec)
+        return _exact_in_memory(method, database, valid, queries, k, spec, devices)
     scores = np.full((len(queries), k), -np.inf, np.float32)
     indices = np.full((len(queries), k), -1, np.int64)
     for start in range(0, num, chunk_rows):
         stop = min(start + chunk_rows, num)
         part = np.asarray(database[start:stop], dtype=np.float32)
-        s, i = _exact_in_memory(method, part, valid[start:stop], queries, k, spec)
+        s, i = _exact_in_memory(method, part, valid[start:stop], queries, k, spec, devices)
         scores, indices = merge_top_k(scores, indices, s, np.where(i >= 0, i + start, -1), k)
         log.info("searched database rows %d..%d of %d", start, stop, num)
     return scores, indices
@@ -249,6 +267,8 @@ def search_database(
     spec: SearchSpec,
     plan: MemoryPlan,
     recall_values: Sequence[int] = (),
+    *,
+    devices: list | None = None,
 ) -> SearchResult:
     """Top-k database rows of every query vector with the method of ``spec``.
 
@@ -260,6 +280,8 @@ def search_database(
         spec: The search settings.
         plan: From :func:`plan_memory` (decides whole vs chunked exact search).
         recall_values: The N at which an approximate search's recall vs exact is measured.
+        devices: Devices of ``exact_jax`` (default every device of every process, which must all call then; the
+            evaluation passes process 0's local devices).
 
     Returns:
         The neighbours and the ``search`` entry of results.json.
@@ -271,11 +293,11 @@ def search_database(
         if method == "exact_jax":
             info["block_size"] = spec.block_size
             info["shortlist_dtype"] = spec.shortlist_dtype
-        scores, indices = exact_search(method, database, valid, queries, k, spec, plan.chunk_rows)
+        scores, indices = exact_search(method, database, valid, queries, k, spec, plan.chunk_rows, devices)
         info["exact"] = spec.shortlist_dtype is None or method != "exact_jax"
         if not info["exact"]:
             plain = SearchSpec(method="exact_jax", block_size=spec.block_size)
-            _, truth = exact_search("exact_jax", database, valid, queries, k, plain, plan.chunk_rows)
+            _, truth = exact_search("exact_jax", database, valid, queries, k, plain, plan.chunk_rows, devices)
             info["recall_vs_exact"] = recall_vs_exact(indices, truth, [n for n in recall_values if n <= k])
         return SearchResult(scores, indices, info)
     rows = np.flatnonzero(valid)
