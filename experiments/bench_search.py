@@ -40,6 +40,7 @@ flags.DEFINE_integer("single_queries", 20, "Queries searched one at a time in th
 flags.DEFINE_integer("k", 20, "Neighbours per query.")
 flags.DEFINE_integer("repeats", 3, "Timings are the best of this many runs.")
 flags.DEFINE_integer("store_chunk_rows", 131072, "Rows per chunk of the on-disk store case.")
+flags.DEFINE_string("scratch_dir", None, "Folder for the store case's temporary 2 GiB store (default: the system's).")
 flags.DEFINE_string("output_json", "outputs/bench_search.json", "Where the numbers are written.")
 
 
@@ -165,7 +166,7 @@ def bench_store(database: np.ndarray, queries: np.ndarray, reference: np.ndarray
     from attllm_jax.retrieval.search import SearchSpec, exact_search
     from attllm_jax.retrieval.store import DescriptorStore, read_store
 
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory(dir=FLAGS.scratch_dir) as tmp:
         location = Path(tmp) / "store"
         store = DescriptorStore.open(
             location, {"bench": "search"}, len(database), FLAGS.store_chunk_rows, dim=FLAGS.dim
