@@ -17,10 +17,10 @@ from attllm_jax.models.dinov2 import (
     DINOV2_PRESETS,
     DinoV2Config,
     DinoVisionTransformer,
-    antialiased_bicubic_matrix,
     dinov2_config,
     swiglu_hidden_dim,
 )
+from attllm_jax.ops.resize import antialiased_bicubic_matrix
 
 TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
 RESIZE_TOL = 1e-5

@@ -101,6 +101,19 @@ class ProviderError(Exception):
         self.retry_after = retry_after
         self.attempts = 1
 
+    @classmethod
+    def from_status(
+        cls, message: str, status: int, retry_after: float | None = None, fatal: bool = False
+    ) -> ProviderError:
+        """An HTTP error answer: retriable for 408/429/5xx, fatal for 401/403/404 (or when ``fatal``)."""
+        return cls(
+            message,
+            retriable=status in RETRY_STATUS_CODES,
+            fatal=fatal or status in FATAL_STATUS_CODES,
+            status=status,
+            retry_after=retry_after,
+        )
+
 
 class Interrupted(Exception):
     """The run was asked to stop while this request was waiting.

@@ -22,11 +22,20 @@ import re
 
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
-from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_kernel_to_flax, torch_linear_to_io
+from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys
+from attllm_jax.convert.keytable import (
+    KeyTable,
+    Rule,
+    check_expected_backbone,
+    check_family,
+    checked_image_size,
+    convert_with_table,
+    torch_kernel_to_flax,
+    torch_linear_to_io,
+)
 from attllm_jax.convert.salad import DINOV2_KEYS, infer_dinov2_config
 from attllm_jax.models.boq import BoQSpec
-from attllm_jax.models.spec import ModelSpec, Provenance
+from attllm_jax.models.spec import ModelSpec
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "boq"
@@ -156,19 +165,12 @@ def convert_state_dict(
         ConversionError: not a BoQ checkpoint, a contradicting ``backbone``, or any missing / extra / misshapen
             tensor (all listed).
     """
-    if family != FAMILY:
-        raise ValueError(f"family must be {FAMILY!r}, got {family!r}")
+    check_family(family, FAMILY)
     source = TensorSource(state_dict, ignore=IGNORED)
     arch = infer_boq_spec(source, source_name, num_heads, backbone_num_heads)
-    if backbone is not None and backbone != arch.backbone:
-        raise ConversionError(f"{source_name}: --backbone={backbone} but the checkpoint holds a {arch.backbone}")
+    check_expected_backbone(source_name, backbone, arch)
     preprocess = arch.default_preprocess()
     if image_size is not None:
-        size = tuple(int(s) for s in image_size)
         patch = arch.dinov2.patch_size if arch.dinov2 is not None else 1
-        if len(size) != 2 or any(s <= 0 or s % patch for s in size):
-            raise ValueError(f"image_size must be (height, width) multiples of {patch}, got {list(image_size)}")
-        preprocess = dataclasses.replace(preprocess, size=size)
-    net = nnx.eval_shape(lambda: arch.build())
-    fill_module(net, take_all(net, KEYS, source), source)
-    return net, ModelSpec(FAMILY, arch, preprocess, Provenance(converter_version=CONVERTER_VERSION))
+        preprocess = dataclasses.replace(preprocess, size=checked_image_size(image_size, patch))
+    return convert_with_table(FAMILY, arch, KEYS, source, preprocess, CONVERTER_VERSION)

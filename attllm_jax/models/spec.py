@@ -23,10 +23,11 @@ checked) are dropped.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from attllm_jax.data.preprocess import PreprocessSpec
+from attllm_jax.models.dinov2 import DinoV2Config, dinov2_config, preset_name
 
 FORMAT_VERSION = 2
 
@@ -56,7 +57,8 @@ class Provenance:
     Attributes:
         source_file: the converted file's name (no directory).
         source_sha256: its SHA-256.
-        published_file: the release asset it matches (family, backbone, dimension), if any.
+        published_file: the release asset this file is (downloaded from its URL, or with upstream's SHA-256), if
+            any; never inferred from the file's name or architecture.
         converter_version: the converter's version.
         weights: a note for weights that do not come from a file, e.g. ``"random (seed 0)"``.
     """
@@ -136,6 +138,57 @@ def scalar_dataclass(cls: type, data: Any, where: str, require_all: bool = False
     )
     values = {k: typed_value(v, hints[k], f"{where}.{k}") for k, v in kwargs.items() if k not in extra}
     return construct(cls, {**values, **extra}, where)
+
+
+def check_positive_ints(spec: Any, names: Iterable[str]) -> None:
+    """Checks that each attribute ``names`` of ``spec`` is a positive ``int`` (``bool`` refused).
+
+    Raises:
+        ValueError: naming the first field that is not.
+    """
+    for name in names:
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_dinov2(value: Any) -> None:
+    """Raises ValueError unless ``value`` is a :class:`~attllm_jax.models.dinov2.DinoV2Config`."""
+    if not isinstance(value, DinoV2Config):
+        raise ValueError(f"dinov2 must be a DinoV2Config, got {type(value).__name__}")
+
+
+def dinov2_from_dict(data: Any, where: str, require_all: bool) -> DinoV2Config | None:
+    """The nested ``dinov2`` object of an architecture (``None`` stays ``None``), strictly."""
+    return None if data is None else scalar_dataclass(DinoV2Config, data, f"{where}.dinov2", require_all)
+
+
+class DinoV2HeadSpec:
+    """Base of the architectures made of a DINOv2 backbone and a head sized by positive ints (SALAD, MegaLoc).
+
+    A subclass is a frozen dataclass with a ``dinov2: DinoV2Config`` field (default ViT-B/14) and otherwise only
+    positive-int fields; this class checks them, names the backbone and reads and writes the ``architecture``
+    object of ``config.json`` (``dinov2`` nested, as :meth:`DinoV2Config.to_dict` writes it).
+    """
+
+    def __post_init__(self):
+        check_dinov2(self.dinov2)
+        check_positive_ints(self, [f.name for f in dataclasses.fields(self) if f.name != "dinov2"])
+
+    @property
+    def backbone(self) -> str:
+        """The DINOv2 preset name (``"dinov2_vitb14"``), or ``"dinov2_custom"``."""
+        return preset_name(self.dinov2) or "dinov2_custom"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "dinov2": self.dinov2.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, require_all: bool = True):
+        """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
+        kwargs = strict_fields(cls, data, where, require_all)
+        dinov2 = dinov2_from_dict(kwargs.pop("dinov2", None), where, require_all)
+        return scalar_dataclass(cls, kwargs, where, require_all=False, dinov2=dinov2 or dinov2_config("dinov2_vitb14"))
 
 
 @dataclasses.dataclass(frozen=True)
