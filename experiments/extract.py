@@ -15,6 +15,8 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("checkpoint", None, "Converted model directory; default: random-weight CosPlace ResNet-18/512.")
@@ -85,8 +87,7 @@ def main(argv):
         )
         store.close()
     except (CoordinateError, StoreError, FileNotFoundError) as error:
-        print(f"extract: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail("extract", str(error))
     seconds = time.perf_counter() - t0
     rate = summary.images_computed / summary.seconds if summary.seconds > 0 else 0.0
     print(
@@ -97,5 +98,11 @@ def main(argv):
     sys.stdout.flush()
 
 
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-extract``, also ``python -m experiments.extract``); ``--help`` exits 0."""
+    module = sys.argv[0] if __name__ == "__main__" else __name__
+    cli.run_command("extract", main, lambda: cli.help_text(__doc__, module), argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()
