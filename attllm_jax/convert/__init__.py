@@ -6,10 +6,15 @@ One path for every family::
     net, spec = convert_file(family, path, **options)         # + reading the file and its provenance
     spec = convert_to_directory(family, output, checkpoint)   # + the published file when none is given, + saving
 
-Each family's module (:mod:`~attllm_jax.convert.cosplace`, :mod:`~attllm_jax.convert.salad`) holds its key table
-and ``convert_state_dict``; the family registry (:mod:`attllm_jax.models.registry`) says which module. Nothing here
-imports torch at module level: :func:`attllm_jax.convert.common.read_state_dict` imports it only to read
-``.pth``/``.ckpt`` files.
+Each family's module (:mod:`~attllm_jax.convert.cosplace` for CosPlace and EigenPlaces, :mod:`~attllm_jax.convert.
+salad` for SALAD and CliqueMining, :mod:`~attllm_jax.convert.megaloc`, :mod:`~attllm_jax.convert.boq`) holds its key
+table and ``convert_state_dict``: infer the architecture from the tensor shapes, check the caller's expectations,
+then :func:`~attllm_jax.convert.keytable.convert_with_table`. The family registry (:mod:`attllm_jax.models.registry`)
+says which module. :mod:`~attllm_jax.convert.keytable` holds the table machinery and the shared tail,
+:mod:`~attllm_jax.convert.common` reading files and the strict fill, :mod:`~attllm_jax.convert.download` the
+published files. A converted file's provenance names the release only when its content is the release (downloaded
+from the release's URL, or with the SHA-256 upstream publishes), never by its name. Nothing here imports torch at
+module level: :func:`attllm_jax.convert.common.read_state_dict` imports it only to read ``.pth``/``.ckpt`` files.
 """
 
 from __future__ import annotations

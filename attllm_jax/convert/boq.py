@@ -22,7 +22,7 @@ import re
 
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys
+from attllm_jax.convert.common import ConversionError, TensorSource, as_conversion_error, describe_keys
 from attllm_jax.convert.keytable import (
     KeyTable,
     Rule,
@@ -117,7 +117,7 @@ def infer_boq_spec(
         row_dim=int(fc[0]),
         num_heads=int(num_heads),
     )
-    try:
+    with as_conversion_error(f"{source_name}: "):
         if has_dino:
             return BoQSpec(dinov2=infer_dinov2_config(source, DINO_PREFIX, backbone_num_heads), **common)
         stages = [_indices(source, rf"backbone\.net\.{RESNET_STAGES[f'layer{i}']}\.(\d+)\.") for i in (1, 2, 3)]
@@ -130,10 +130,6 @@ def infer_boq_spec(
             raise ConversionError(f"{source_name}: no ResNet blocks under {', '.join(empty)}")
         width = int(source.shape(f"{RESNET_PREFIX}0.weight")[0])
         return BoQSpec(dinov2=None, resnet_layers=tuple(len(s) for s in stages), resnet_width=width, **common)
-    except ValueError as e:
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"{source_name}: {e}") from e
 
 
 def convert_state_dict(

@@ -7,6 +7,10 @@ table of leaf renames and per-leaf default transforms. For every Param / BatchSt
 (``kernel -> weight``, ``mean -> running_mean``, ...). The table is driven by the target so that a missing
 checkpoint tensor is named by its source key; :func:`~attllm_jax.convert.common.fill_module` then checks both
 directions (every target filled, every source tensor used or explicitly ignored).
+
+:func:`convert_with_table` is the tail every family's conversion ends with (the abstract network of the inferred
+architecture, filled through the table, and its spec); :func:`check_family`, :func:`check_expected_backbone` and
+:func:`checked_image_size` are the checks the families share.
 """
 
 from __future__ import annotations

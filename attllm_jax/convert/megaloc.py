@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys
+from attllm_jax.convert.common import ConversionError, TensorSource, as_conversion_error, describe_keys
 from attllm_jax.convert.keytable import (
     KeyTable,
     Rule,
@@ -89,7 +89,7 @@ def infer_megaloc_spec(source: TensorSource, prefix: str, num_heads: int | None 
     """
     dinov2 = infer_dinov2_config(source, prefix, num_heads)
     agg = "aggregator.agg."
-    try:
+    with as_conversion_error("cannot infer the MegaLoc architecture: "):
         return MegaLocSpec(
             dinov2=dinov2,
             num_clusters=_dim(source, agg + "score.3.weight"),
@@ -98,10 +98,6 @@ def infer_megaloc_spec(source: TensorSource, prefix: str, num_heads: int | None 
             hidden_dim=_dim(source, agg + "token_features.0.weight"),
             descriptor_dim=_dim(source, "aggregator.linear.weight"),
         )
-    except ValueError as e:
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"cannot infer the MegaLoc architecture: {e}") from e
 
 
 def convert_state_dict(

@@ -64,11 +64,6 @@ class MegaLocSpec(DinoV2HeadSpec):
         """gmberton/MegaLoc's ``model.safetensors``: ViT-B/14, m=64, l=256, g=256, linear 16640 -> 8448."""
         return cls()
 
-    @property
-    def salad_dim(self) -> int:
-        """``g + l * m``: width of the SALAD part (16640 upstream)."""
-        return self.token_dim + self.cluster_dim * self.num_clusters
-
     @staticmethod
     def default_preprocess() -> PreprocessSpec:
         """ToTensor and Normalize at the image's own size (the network rounds it to multiples of 14)."""

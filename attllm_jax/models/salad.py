@@ -65,7 +65,7 @@ class SaladSpec(DinoV2HeadSpec):
     @property
     def descriptor_dim(self) -> int:
         """``g + l * m`` (8448 for the released model)."""
-        return self.token_dim + self.cluster_dim * self.num_clusters
+        return self.salad_dim
 
     @staticmethod
     def default_preprocess() -> PreprocessSpec:

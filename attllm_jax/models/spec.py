@@ -13,11 +13,18 @@ all come from it. ``config.json`` (format :data:`FORMAT_VERSION`)::
                     "weights": null}}
 
 The architecture is the family's own frozen dataclass (``CnnSpec`` in :mod:`~attllm_jax.models.heads`, ``SaladSpec``
-in :mod:`~attllm_jax.models.salad`), found through :mod:`~attllm_jax.models.registry`. An unknown or missing field is
-a :class:`ConfigError` naming the file and the field. Directories written by release 0.1.0 (a flat dict without
-``format``) are read by :func:`_from_format_1`; their redundant fields (``gem_p``, which the weights hold,
-``image_size``, which the preprocessing holds, and the derived ``features_dim`` / SALAD ``descriptor_dim``, which are
-checked) are dropped.
+in :mod:`~attllm_jax.models.salad`, ``MegaLocSpec`` in :mod:`~attllm_jax.models.megaloc`, ``BoQSpec`` in
+:mod:`~attllm_jax.models.boq`), found through :mod:`~attllm_jax.models.registry`; it provides what
+:class:`ArchitectureSpec` lists plus ``from_dict``, ``from_format_1``, ``default_preprocess`` and ``FORMAT_1_FIELDS``.
+The architectures made of a DINOv2 and a head of positive-int sizes (SALAD, MegaLoc) share
+:class:`DinoV2HeadSpec`; the field checks (:func:`check_positive_ints`, :func:`check_dinov2`) and the strict JSON
+readers (:func:`strict_fields`, :func:`scalar_dataclass`, :func:`dinov2_from_dict`) live here for every family.
+Adding a family means: a model module with its spec class, a conversion module with its key table, and one
+registry entry. An unknown or missing field is a :class:`ConfigError` naming the file and the field.
+
+Directories written by release 0.1.0 (a flat dict without ``format``) are read by :func:`_from_format_1`; their
+redundant fields (``gem_p``, which the weights hold, ``image_size``, which the preprocessing holds, and the derived
+``features_dim`` / SALAD ``descriptor_dim``, which are checked) are dropped.
 """
 
 from __future__ import annotations
@@ -179,6 +186,11 @@ class DinoV2HeadSpec:
     def backbone(self) -> str:
         """The DINOv2 preset name (``"dinov2_vitb14"``), or ``"dinov2_custom"``."""
         return preset_name(self.dinov2) or "dinov2_custom"
+
+    @property
+    def salad_dim(self) -> int:
+        """``g + l * m``: width of the SALAD descriptor part (8448 for SALAD, 16640 for MegaLoc upstream)."""
+        return self.token_dim + self.cluster_dim * self.num_clusters
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "dinov2": self.dinov2.to_dict()}
