@@ -52,10 +52,10 @@ def _quiet_orbax(verbose: bool = False):
     try:
         yield
     finally:
+        if absl_verbosity is not None:  # first: set_verbosity also sets the "absl" logger's level
+            absl_logging.set_verbosity(absl_verbosity)
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-        if absl_verbosity is not None:
-            absl_logging.set_verbosity(absl_verbosity)
 
 
 def save_model(directory: str | os.PathLike, net: nnx.Module, spec: ModelSpec, verbose: bool = False) -> Path:

@@ -1,10 +1,8 @@
 """Shared absl front end of the CosPlace and EigenPlaces converters (identical checkpoint layouts)."""
 
-import sys
+from _front import convert_and_report
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from attllm_jax.convert import convert_to_directory
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 
 flags.DEFINE_string("checkpoint", None, "Source .pth/.pt/.ckpt/.safetensors; omit to download the published file.")
@@ -24,19 +22,5 @@ def run(family: str) -> None:
 
 
 def _main(family: str) -> None:
-    logging.info(
-        "flags: %s", {k: FLAGS[k].value for k in ("checkpoint", "output", "backbone", "fc_output_dim", "cache_dir")}
-    )
-    try:
-        spec = convert_to_directory(
-            family,
-            FLAGS.output,
-            FLAGS.checkpoint,
-            FLAGS.cache_dir,
-            backbone=FLAGS.backbone,
-            fc_output_dim=FLAGS.fc_output_dim,
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
-    logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
-    print(f"wrote {FLAGS.output}: {spec.describe()}")
+    names = ("checkpoint", "output", "backbone", "fc_output_dim", "cache_dir")
+    convert_and_report(family, names, backbone=FLAGS.backbone, fc_output_dim=FLAGS.fc_output_dim)

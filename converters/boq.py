@@ -10,11 +10,9 @@ of the float image to 322x322 (DINOv2) or 384x384 (ResNet-50), as VPR-methods-ev
 ``attllm_jax.load_model(DIR)``.
 """
 
-import sys
+from _front import convert_and_report
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from attllm_jax.convert import convert_to_directory
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 
 BACKBONES = {"dinov2": "dinov2_vitb14", "dinov2_vitb14": "dinov2_vitb14", "resnet50": "resnet50"}
@@ -36,19 +34,10 @@ def _check_image_size(value: list[str] | None) -> bool:
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.info(
-        "flags: %s", {k: FLAGS[k].value for k in ("checkpoint", "output", "backbone", "image_size", "cache_dir")}
-    )
     image_size = None if FLAGS.image_size is None else tuple(int(v) for v in FLAGS.image_size)
     backbone = None if FLAGS.backbone is None else BACKBONES[FLAGS.backbone]
-    try:
-        spec = convert_to_directory(
-            "boq", FLAGS.output, FLAGS.checkpoint, FLAGS.cache_dir, backbone=backbone, image_size=image_size
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
-    logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
-    print(f"wrote {FLAGS.output}: {spec.describe()}")
+    names = ("checkpoint", "output", "backbone", "image_size", "cache_dir")
+    convert_and_report("boq", names, backbone=backbone, image_size=image_size)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ when given, is checked against them. The model evaluates images at their own siz
 of 14 itself, as upstream). Load the result with ``attllm_jax.load_model(DIR)``.
 """
 
-import sys
+from _front import convert_and_report
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from attllm_jax.convert import convert_to_directory
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 
 flags.DEFINE_string("checkpoint", None, "Source .safetensors/.torch/.pth; omit to download model.safetensors.")
@@ -28,22 +26,8 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.info(
-        "flags: %s", {k: FLAGS[k].value for k in ("checkpoint", "output", "backbone", "num_heads", "cache_dir")}
-    )
-    try:
-        spec = convert_to_directory(
-            "megaloc",
-            FLAGS.output,
-            FLAGS.checkpoint,
-            FLAGS.cache_dir,
-            backbone=FLAGS.backbone,
-            num_heads=FLAGS.num_heads,
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
-    logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
-    print(f"wrote {FLAGS.output}: {spec.describe()}")
+    names = ("checkpoint", "output", "backbone", "num_heads", "cache_dir")
+    convert_and_report("megaloc", names, backbone=FLAGS.backbone, num_heads=FLAGS.num_heads)
 
 
 if __name__ == "__main__":

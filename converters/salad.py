@@ -9,11 +9,9 @@ The DINOv2 architecture and the SALAD head sizes are inferred from the tensor sh
 checked against them. Load the result with ``attllm_jax.load_model(DIR)``.
 """
 
-import sys
+from _front import convert_and_report
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from attllm_jax.convert import convert_to_directory
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 
 flags.DEFINE_string("checkpoint", None, "Source .ckpt/.pth/.pt/.safetensors; omit to download dino_salad.ckpt.")
@@ -35,21 +33,8 @@ def _check_image_size(value: list[str]) -> bool:
 def main(argv: list[str]) -> None:
     del argv
     names = ("checkpoint", "output", "backbone", "num_heads", "image_size", "cache_dir")
-    logging.info("flags: %s", {k: FLAGS[k].value for k in names})
-    try:
-        spec = convert_to_directory(
-            "salad",
-            FLAGS.output,
-            FLAGS.checkpoint,
-            FLAGS.cache_dir,
-            backbone=FLAGS.backbone,
-            num_heads=FLAGS.num_heads,
-            image_size=[int(v) for v in FLAGS.image_size],
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
-    logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
-    print(f"wrote {FLAGS.output}: {spec.describe()}")
+    image_size = [int(v) for v in FLAGS.image_size]
+    convert_and_report("salad", names, backbone=FLAGS.backbone, num_heads=FLAGS.num_heads, image_size=image_size)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ import os
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
+from experiments.cli import fail
 
 from experiments import multihost
 
@@ -68,6 +71,13 @@ flags.DEFINE_bool("grid_interpolate", False, "Bilinear upsampling of grid answer
 flags.DEFINE_integer("max_points", 8, "Point slots per attention answer.")
 flags.DEFINE_integer("num_preds_to_save", 0, "Save, per query and alpha, a strip with the top-K predictions.")
 flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
+flags.DEFINE_enum(
+    "random_model",
+    "cosplace",
+    ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50"],
+    "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released MegaLoc / BoQ "
+    "architecture with random weights.",
+)
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.DEFINE_enum(
     "search",
@@ -177,6 +187,7 @@ def _overrides() -> dict:
         "max_points": FLAGS.max_points,
         "num_preds_to_save": FLAGS.num_preds_to_save,
         "model_seed": FLAGS.model_seed,
+        "random_model": FLAGS.random_model,
         "search": _search_spec(),
     }
     if FLAGS.alphas is not None:
@@ -204,8 +215,7 @@ def _search_spec():
 
 def _fail(message: str, usage: bool = False) -> None:
     """Ends the run with one ``eval: error: ...`` line on stderr (and a pointer to --help for usage errors)."""
-    print(f"eval: error: {message}" + (" (see --help for the flags)" if usage else ""), file=sys.stderr)
-    sys.exit(2 if usage else 1)
+    fail("eval", message, usage)
 
 
 def _os_error_line(error: OSError, config) -> str:
@@ -234,14 +244,15 @@ def _check_writable(directory: str) -> None:
         pass
 
 
-def config_from_flags(demo_output_dir: str = "outputs/demo", **extra):
+def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eval", **extra):
     """The validated :class:`EvalConfig` of the dataset / model / attention flags (the demo without dataset flags).
 
     Args:
         demo_output_dir: The demo's output folder when --output_dir is not given.
+        command: The command named in error lines (``"tune"`` reuses these flags).
         **extra: Overrides of EvalConfig fields (e.g. another command's alpha grid).
 
-    Inconsistent or invalid flags end the run with one ``eval: error:`` line and a pointer to --help.
+    Inconsistent or invalid flags end the run with one ``<command>: error:`` line and a pointer to --help.
     """
     from attllm_jax.evaluation import EvalConfig
 
@@ -251,13 +262,17 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", **extra):
         from attllm_jax.evaluation.demo import demo_config
 
         if FLAGS.attention_dir or FLAGS.database_csv or FLAGS.queries_csv:
-            _fail("--attention_dir / --*_csv need --database_folder and --queries_folder", usage=True)
+            fail(command, "--attention_dir / --*_csv need --database_folder and --queries_folder", usage=True)
         config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, **overrides)
     else:
         if FLAGS.database_folder is None or FLAGS.queries_folder is None:
-            _fail("give both --database_folder and --queries_folder (or neither, for the demo)", usage=True)
+            fail(
+                command,
+                "give both --database_folder and --queries_folder (or neither, for the demo)",
+                usage=True,
+            )
         if FLAGS.output_dir is None:
-            _fail("--output_dir is required with --database_folder/--queries_folder", usage=True)
+            fail(command, "--output_dir is required with --database_folder/--queries_folder", usage=True)
         config = EvalConfig(
             database_folder=FLAGS.database_folder,
             queries_folder=FLAGS.queries_folder,
@@ -270,7 +285,7 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", **extra):
     try:
         return config.validated()
     except (ValueError, FileNotFoundError) as error:
-        _fail(str(error), usage=True)
+        fail(command, str(error), usage=True)
 
 
 def main(argv):
@@ -323,28 +338,14 @@ def main(argv):
     sys.stdout.flush()
 
 
-HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
-
-
 def help_text() -> str:
-    """This module's docstring and its flags (absl keys them by module name, or by the script path under -m)."""
-    module = sys.argv[0] if __name__ == "__main__" else __name__
-    more = "--verbosity 1 also shows the libraries' INFO lines; all flags: --helpfull"
-    return f"{__doc__.strip()}\n\nflags:\n{FLAGS.module_help(module)}\n\n{more}"
+    """This module's docstring and its flags."""
+    return cli.help_text(__doc__, sys.argv[0] if __name__ == "__main__" else __name__)
 
 
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point (``attllm-eval``, also ``python -m experiments.eval``); ``--help`` exits 0."""
-    argv = list(sys.argv if argv is None else argv)
-    if any(arg in HELP_FLAGS for arg in argv[1:]):
-        print(help_text())
-        sys.exit(0)
-    try:
-        app.run(main, argv=argv)
-    except SystemExit as done:
-        if done.code == 1 and "--helpfull" in argv[1:]:
-            raise SystemExit(0) from None
-        raise
+    cli.run_command("eval", main, help_text, argv)
 
 
 if __name__ == "__main__":

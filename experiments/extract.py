@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from experiments import multihost
+from experiments import cli, multihost
 
 FLAGS = flags.FLAGS
 
@@ -80,8 +80,7 @@ def main(argv):
     try:
         directory, summary = run_extraction(config, log_dir=FLAGS.logs_dir)
     except (CoordinateError, StoreError, FileNotFoundError) as error:
-        print(f"extract: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail("extract", str(error))
     seconds = time.perf_counter() - t0
     who = f"process {hosts.process_index()}: " if hosts.process_count() > 1 else ""
     rate = summary.images_computed / summary.seconds if summary.seconds > 0 else 0.0
@@ -100,8 +99,9 @@ def main(argv):
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Console-script entry point (``attllm-extract``, also ``python -m experiments.extract``)."""
-    app.run(main, argv=list(sys.argv if argv is None else argv))
+    """Console-script entry point (``attllm-extract``, also ``python -m experiments.extract``); ``--help`` exits 0."""
+    module = sys.argv[0] if __name__ == "__main__" else __name__
+    cli.run_command("extract", main, lambda: cli.help_text(__doc__, module), argv)
 
 
 if __name__ == "__main__":

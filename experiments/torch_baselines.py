@@ -413,21 +413,13 @@ class TorchDinoSalad(nn.Module):
         return out
 
 
-# The released dino_salad.ckpt architecture: ViT-B/14 on a 37x37 stored grid, m=64, l=128, g=256.
-RELEASED_SALAD_ARCH = dict(
-    embed_dim=768,
-    depth=12,
-    num_heads=12,
-    image_size=518,
-    num_clusters=64,
-    cluster_dim=128,
-    token_dim=256,
-    hidden_dim=512,
-)
+# The released DINOv2 ViT-B/14 (a 37x37 stored position grid), shared by SALAD, MegaLoc and BoQ.
+RELEASED_VITB14 = dict(embed_dim=768, depth=12, num_heads=12, image_size=518)
+# The released dino_salad.ckpt architecture: ViT-B/14, m=64, l=128, g=256.
+RELEASED_SALAD_ARCH = dict(**RELEASED_VITB14, num_clusters=64, cluster_dim=128, token_dim=256, hidden_dim=512)
 
 
-def make_torch_dino_salad(
-    generator: torch.Generator,
+def make_dino_salad_parts(
     embed_dim: int = 64,
     depth: int = 2,
     num_heads: int = 4,
@@ -438,8 +430,9 @@ def make_torch_dino_salad(
     cluster_dim: int = 16,
     token_dim: int = 32,
     hidden_dim: int = 48,
-) -> TorchDinoSalad:
-    """A seeded random DINOv2 + SALAD reference model in eval mode (small by default, for tests)."""
+) -> tuple[nn.Module, TorchSaladHead]:
+    """A transformers DINOv2 and a SALAD head (not yet randomized; small by default, for tests): the parts of the
+    SALAD and MegaLoc references."""
     backbone = make_hf_dinov2(
         embed_dim=embed_dim,
         depth=depth,
@@ -448,7 +441,12 @@ def make_torch_dino_salad(
         num_register_tokens=num_register_tokens,
         swiglu=swiglu,
     )
-    head = TorchSaladHead(embed_dim, num_clusters, cluster_dim, token_dim, hidden_dim)
+    return backbone, TorchSaladHead(embed_dim, num_clusters, cluster_dim, token_dim, hidden_dim)
+
+
+def make_torch_dino_salad(generator: torch.Generator, **arch) -> TorchDinoSalad:
+    """A seeded random DINOv2 + SALAD reference model in eval mode (``arch``: :func:`make_dino_salad_parts`)."""
+    backbone, head = make_dino_salad_parts(**arch)
     model = TorchDinoSalad(backbone, head)
     randomize_(model, generator)
     with torch.no_grad():

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.torch_baselines import TorchSaladHead, hf_dinov2_to_hub, make_hf_dinov2, randomize_
+from experiments.torch_baselines import (
+    RELEASED_SALAD_ARCH,
+    RELEASED_VITB14,
+    TorchSaladHead,
+    hf_dinov2_to_hub,
+    make_dino_salad_parts,
+    make_hf_dinov2,
+    randomize_,
+)
 
 ALPHA_OFF = 1e-6
 TOKEN_WEIGHT_EPS = 1e-6
@@ -87,35 +95,14 @@ class TorchMegaLoc(nn.Module):
         return out
 
 
-# The released model.safetensors architecture.
-RELEASED_MEGALOC_ARCH = dict(
-    embed_dim=768,
-    depth=12,
-    num_heads=12,
-    image_size=518,
-    num_clusters=64,
-    cluster_dim=256,
-    token_dim=256,
-    hidden_dim=512,
-    descriptor_dim=8448,
-)
+# The released model.safetensors architecture: SALAD's ViT-B/14 and sizes with 256-channel clusters, then 8448.
+RELEASED_MEGALOC_ARCH = dict(RELEASED_SALAD_ARCH, cluster_dim=256, descriptor_dim=8448)
 
 
-def make_torch_megaloc(
-    generator: torch.Generator,
-    embed_dim: int = 64,
-    depth: int = 2,
-    num_heads: int = 4,
-    image_size: int = 56,
-    num_clusters: int = 8,
-    cluster_dim: int = 16,
-    token_dim: int = 32,
-    hidden_dim: int = 48,
-    descriptor_dim: int = 40,
-) -> TorchMegaLoc:
-    """A seeded random MegaLoc reference in eval mode (small by default, for tests)."""
-    backbone = make_hf_dinov2(embed_dim=embed_dim, depth=depth, num_heads=num_heads, image_size=image_size)
-    agg = TorchSaladHead(embed_dim, num_clusters, cluster_dim, token_dim, hidden_dim)
+def make_torch_megaloc(generator: torch.Generator, descriptor_dim: int = 40, **arch) -> TorchMegaLoc:
+    """A seeded random MegaLoc reference in eval mode (``arch``: :func:`~experiments.torch_baselines.
+    make_dino_salad_parts`; small by default, for tests)."""
+    backbone, agg = make_dino_salad_parts(**arch)
     model = TorchMegaLoc(backbone, agg, descriptor_dim)
     randomize_(model, generator)
     with torch.no_grad():
@@ -278,7 +265,7 @@ def make_torch_boq(
 
 
 RELEASED_BOQ_ARCH = {
-    "dinov2": dict(backbone="dinov2", embed_dim=768, depth=12, num_heads=12, image_size=518, proj_channels=384),
+    "dinov2": dict(backbone="dinov2", **RELEASED_VITB14, proj_channels=384),
     "resnet50": dict(backbone="resnet50", resnet_layers=(3, 4, 6), proj_channels=512),
 }
 for _arch in RELEASED_BOQ_ARCH.values():

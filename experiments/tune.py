@@ -21,6 +21,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
 from experiments import eval as eval_cli
 
 FLAGS = flags.FLAGS
@@ -68,7 +69,7 @@ def main(argv):
     from attllm_jax.tuning.cache import CacheError
 
     alphas = tuple(eval_cli.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
-    config = eval_cli.config_from_flags("outputs/tune_demo", alphas=alphas)
+    config = eval_cli.config_from_flags("outputs/tune_demo", command="tune", alphas=alphas)
     sigmas = tuple(eval_cli.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
     settings = TuneSettings(
         alphas=alphas,
@@ -93,8 +94,7 @@ def main(argv):
     try:
         result = run_tuning(config, settings)
     except (CoordinateError, StoreError, SearchMemoryError, CacheError, FileNotFoundError, ValueError) as error:
-        print(f"tune: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail("tune", str(error))
     print()
     for note in config.notes:
         print(note)
@@ -119,9 +119,10 @@ def main(argv):
     sys.stdout.flush()
 
 
-def run():
-    """Console-script entry point."""
-    app.run(main)
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-tune``, also ``python -m experiments.tune``); ``--help`` exits 0."""
+    module = sys.argv[0] if __name__ == "__main__" else __name__
+    cli.run_command("tune", main, lambda: cli.help_text(__doc__, module, eval_cli.__name__), argv)
 
 
 if __name__ == "__main__":

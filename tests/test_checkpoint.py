@@ -12,6 +12,7 @@ from flax import nnx
 
 import attllm_jax as aj
 from attllm_jax.checkpoint import load_model, read_spec, save_model
+from attllm_jax.convert.common import sha256_file
 from attllm_jax.models.spec import ConfigError, ModelSpec
 from attllm_jax.models.vpr import VPRModel
 
@@ -195,13 +196,36 @@ def test_eigenplaces_converter_script_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     spec = read_spec(out)
     assert (spec.family, spec.backbone, spec.descriptor_dim) == ("eigenplaces", "resnet18", 512)
-    assert spec.provenance.published_file == "ResNet18_512_eigenplaces.pth"
+    assert spec.provenance.published_file is None  # random weights named like the release are not the release
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) <= 2 and lines[0] == f"wrote {out}: eigenplaces resnet18/512", lines  # quiet by default
+    assert "not a published file" in lines[1]
     assert (spec.preprocess.resize, spec.preprocess.size) == ("shorter_side", 512)
     import hashlib
 
     assert spec.provenance.source_sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     model = load_model(out)
     assert float(model.net.aggregation.p[...][0]) == pytest.approx(3.2)  # GeM p lives in the weights only
+
+
+@pytest.mark.torch
+def test_converter_labels_the_file_it_downloaded_as_published_and_verbosity_shows_more(tmp_path):
+    import torch
+
+    from experiments.torch_baselines import TorchCosPlace
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ckpt = cache / "ResNet18_512_eigenplaces.pth"  # as fetch_published leaves a download: the file + its digest
+    torch.save(TorchCosPlace("ResNet18", 512).state_dict(), ckpt)
+    (cache / (ckpt.name + ".sha256")).write_text(f"{sha256_file(ckpt)}  {ckpt.name}\n")
+    out = tmp_path / "converted"
+    args = ("--output", str(out), "--backbone", "ResNet18", "--fc_output_dim", "512", "--cache_dir", str(cache))
+    result = _run_converter("eigenplaces.py", *args, "--verbosity", "1")
+    assert result.returncode == 0, result.stderr
+    assert read_spec(out).provenance.published_file == "ResNet18_512_eigenplaces.pth"
+    assert "published file ResNet18_512_eigenplaces.pth" in result.stdout
+    assert "flags: {" in result.stderr  # --verbosity 1 shows the INFO lines
 
 
 def test_converter_script_reports_bad_input_in_one_line(tmp_path):

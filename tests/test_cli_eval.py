@@ -1,5 +1,5 @@
-"""The eval command line: known bad inputs end in ONE ``eval: error:`` line naming the input (no traceback, no
-70-line usage text), and ``--help`` exits 0."""
+"""The eval (and tune, extract) command lines: known bad inputs end in ONE ``<command>: error:`` line naming the
+input (no traceback, no 70-line usage text), and ``--help`` exits 0."""
 
 import json
 import os
@@ -15,10 +15,10 @@ SFXL_DB = "@0551294.51@4177187.54@10@S@037.74054@-122.41781@6ndRH0-kf_BJq0ZASDu5
 QUERY = "37.74054_-122.41781@q.jpg"
 
 
-def run_eval(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_eval(*args: str, timeout: float = 240, command: str = "eval") -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, "-m", "experiments.eval", *args],
+        [sys.executable, "-m", f"experiments.{command}", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -27,7 +27,7 @@ def run_eval(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     )
 
 
-def one_error_line(proc: subprocess.CompletedProcess, only: bool = True) -> str:
+def one_error_line(proc: subprocess.CompletedProcess, only: bool = True, command: str = "eval") -> str:
     """The run failed with one ``eval: error: ...`` line as the last stderr line, no traceback, no results.
 
     With ``only``, that line is all the run printed (errors found before any work); otherwise progress lines of
@@ -36,7 +36,7 @@ def one_error_line(proc: subprocess.CompletedProcess, only: bool = True) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert [line for line in lines if line.startswith("eval: error: ")] == lines[-1:], proc.stderr
+    assert [line for line in lines if line.startswith(f"{command}: error: ")] == lines[-1:], proc.stderr
     assert len(lines) == 1 or not only, proc.stderr
     assert proc.stdout.strip() == ""
     return lines[-1]
@@ -136,3 +136,42 @@ def test_a_path_list_escaping_the_folder_is_one_line_naming_the_line(folders):
     (folders / "db_images_paths.txt").write_text(f"{SFXL_DB}\n../q/{QUERY}\n")
     line = one_error_line(run_eval(*dataset_flags(folders, "--output_dir", str(folders / "out"))), only=False)
     assert "db_images_paths.txt:2" in line and "outside the image folder" in line
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_corrupt_store_chunk_is_one_line_naming_the_store_and_what_to_do(folders, damage):
+    out, store = folders / "out", folders / "store"
+    flags = dataset_flags(folders, "--output_dir", str(out), "--store_dir", str(store))
+    first = run_eval(*flags)
+    assert first.returncode == 0, first.stderr
+    chunk = store / "descriptors" / "0.0"  # zarr chunk 0 of the [N, D] descriptor array (no compressor)
+    data = chunk.read_bytes()
+    chunk.write_bytes(bytes(b ^ 0xFF for b in data) if damage == "flipped" else data[: len(data) // 2])
+    line = one_error_line(run_eval(*flags), only=False)
+    assert str(store) in line and "chunk 0" in line and "delete" in line, line
+
+
+@pytest.mark.parametrize(
+    "command, args, expected",
+    [
+        ("tune", ["--folds", "1"], "--folds must be >= 2"),
+        ("tune", ["stray"], "unexpected arguments: ['stray']"),
+        ("tune", ["--queries_folder", "/q"], "give both --database_folder and --queries_folder"),
+        ("extract", ["--store_dir", "S"], "--database_folder must have a value"),
+        ("extract", ["--database_folder", "/nope", "--store_dir", "S"], "'/nope' is not a directory"),
+        ("eval", ["--alphas", "2"], "--alphas must be distinct numbers in [0, 1]"),
+    ],
+)
+def test_usage_errors_are_one_line_and_a_pointer_to_help(tmp_path, command, args, expected):
+    args = [str(tmp_path / a) if a == "S" else a for a in args]
+    proc = run_eval(*args, command=command)
+    line = one_error_line(proc, command=command)
+    assert proc.returncode == 2 and expected in line and line.endswith("(see --help for the flags)"), line
+
+
+@pytest.mark.parametrize(
+    "command, flag", [("tune", "--folds"), ("tune", "--queries_folder"), ("extract", "--store_dir")]
+)
+def test_help_of_tune_and_extract_exits_zero_and_lists_their_flags(command, flag):
+    proc = run_eval("--help", command=command)
+    assert proc.returncode == 0 and flag in proc.stdout, proc.stderr

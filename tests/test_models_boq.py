@@ -9,12 +9,6 @@ cross-attention weights are compared too. The query-side attention path is writt
 descriptors 1e-5; maps and tokens ``atol 1e-4 + rtol 1e-5``; attention weights 1e-6.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -23,6 +17,7 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
 
 from attllm_jax.convert.boq import convert_state_dict  # noqa: E402
 from attllm_jax.convert.common import ConversionError, read_state_dict  # noqa: E402
@@ -36,12 +31,7 @@ DESC_ATOL = 1e-5
 MAP_ATOL, MAP_RTOL = 1e-4, 1e-5
 WEIGHT_ATOL = 1e-6
 GRAD_RTOL = 1e-3
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_HW = {"dinov2": (70, 98), "resnet50": (64, 96)}  # 5 x 7 and 4 x 6 token grids
-
-
-def _nhwc(x):
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
 
 _CACHE = {}
@@ -100,7 +90,7 @@ def test_config_is_inferred_from_the_shapes(case):
 def test_backbone_matches_torch_stage_by_stage(case):
     """DINOv2: the tokens after every block (no final norm at the end). ResNet: stem and layer1..layer3."""
     backbone, reference, net, _, images, _ = case
-    x = jnp.asarray(_nhwc(images))
+    x = jnp.asarray(nhwc(images))
     if backbone == "resnet50":
         seq = reference.backbone.net
         expected, y = [], images
@@ -108,7 +98,7 @@ def test_backbone_matches_torch_stage_by_stage(case):
             for i, layer in enumerate(seq):
                 y = layer(y)
                 if i >= 3:
-                    expected.append(_nhwc(y))
+                    expected.append(nhwc(y))
         ours = nnx.jit(lambda n, im: n.backbone.stages(im))(net, x)
         for name, ref in zip(("stem", "layer1", "layer2", "layer3"), expected, strict=True):
             np.testing.assert_allclose(ours[name], ref, rtol=MAP_RTOL, atol=MAP_ATOL * max(1.0, np.abs(ref).max()))
@@ -125,7 +115,7 @@ def test_backbone_matches_torch_stage_by_stage(case):
         for ours, ref in zip(nnx.jit(blocks)(net, x), hidden, strict=True):
             np.testing.assert_allclose(ours, ref.numpy(), rtol=MAP_RTOL, atol=MAP_ATOL)
     with torch.no_grad():
-        expected_map = _nhwc(reference.backbone(images))
+        expected_map = nhwc(reference.backbone(images))
     feats = _features(net, x)
     assert isinstance(feats, CnnFeatures) and feats.grid == expected_map.shape[1:3]
     np.testing.assert_allclose(feats.maps, expected_map, rtol=MAP_RTOL, atol=MAP_ATOL)
@@ -140,7 +130,7 @@ def test_head_weights_and_descriptor_match_torch(case, alpha):
     with torch.no_grad():
         feature_map = reference.backbone(images)
         expected, expected_weights = reference.aggregator(feature_map, att, a)
-    feats = CnnFeatures(maps=jnp.asarray(_nhwc(feature_map)))
+    feats = CnnFeatures(maps=jnp.asarray(nhwc(feature_map)))
     att_j = None if att is None else jnp.asarray(att.numpy())
     ours, weights = _intermediates(net, feats, att_j, jnp.asarray(np.asarray(a, np.float32)))
     assert len(weights) == 2 and weights[0].shape == expected_weights[0].shape
@@ -159,7 +149,7 @@ def test_descriptors_match_torch(case, alpha):
     with torch.no_grad():
         expected = reference(images, att, a).numpy()
     att_j = None if att is None else jnp.asarray(att.numpy())
-    ours = _describe(net, jnp.asarray(_nhwc(images)), att_j, jnp.asarray(np.asarray(a, np.float32)))
+    ours = _describe(net, jnp.asarray(nhwc(images)), att_j, jnp.asarray(np.asarray(a, np.float32)))
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(ours, expected, atol=DESC_ATOL, rtol=0)
 
@@ -169,7 +159,7 @@ def test_descriptors_match_torch(case, alpha):
 
 def test_attention_is_live_and_alpha_zero_is_plain(case):
     _, _, net, _, images, attention = case
-    x, att = jnp.asarray(_nhwc(images)), jnp.asarray(attention.numpy())
+    x, att = jnp.asarray(nhwc(images)), jnp.asarray(attention.numpy())
     plain = np.asarray(_describe(net, x))
     # Another compiled graph (with the attention inputs) than the plain call, hence round-off rather than bit equality.
     np.testing.assert_allclose(np.asarray(_describe(net, x, att, jnp.asarray(1e-7))), plain, atol=1e-6, rtol=0)
@@ -179,14 +169,14 @@ def test_attention_is_live_and_alpha_zero_is_plain(case):
 def test_uniform_attention_at_alpha_one_reweights_nothing(case):
     """A = 1 everywhere and alpha = 1 give w = 1: the plain softmax (this is what the log bias must reduce to)."""
     _, _, net, _, images, _ = case
-    x = jnp.asarray(_nhwc(images))
+    x = jnp.asarray(nhwc(images))
     ones = jnp.ones((2, 3, 4))
     np.testing.assert_allclose(_describe(net, x, ones, jnp.asarray(1.0)), _describe(net, x), atol=1e-6, rtol=0)
 
 
 def test_alpha_sweep_equals_one_alpha_calls(case):
     _, _, net, _, images, attention = case
-    feats = _features(net, jnp.asarray(_nhwc(images)))
+    feats = _features(net, jnp.asarray(nhwc(images)))
     att = jnp.asarray(attention.numpy())
     alphas = jnp.asarray([0.0, 0.4, 1.0])
     sweep = nnx.jit(lambda n, f, a, al: jax.vmap(lambda x: n.aggregate(f, a, x))(al))(net, feats, att, alphas)
@@ -208,7 +198,7 @@ def test_gradient_in_alpha_matches_float64_central_differences(case):
             d, _ = head64(feature_map.double(), attention.double(), torch.tensor(alpha, dtype=torch.float64))
         return float((d.numpy() * r).sum())
 
-    feats = CnnFeatures(maps=jnp.asarray(_nhwc(feature_map)))
+    feats = CnnFeatures(maps=jnp.asarray(nhwc(feature_map)))
     att = jnp.asarray(attention.numpy())
     grad = nnx.jit(lambda n, a: jax.grad(lambda al: jnp.sum(n.aggregate(feats, att, al) * r))(a))
     for alpha in (0.3, 0.8):
@@ -257,44 +247,28 @@ def test_preprocess_matches_vpr_methods_evaluation(backbone, size, tmp_path):
 
 def test_converter_script_and_load_without_torch(tmp_path):
     """converters/boq.py on a .safetensors file, then aj.load_model and its sweep, with torch blocked."""
-    from safetensors.torch import save_file
-
     reference = _reference("dinov2")
-    source = tmp_path / "dinov2_512.safetensors"
-    save_file({k: v.contiguous() for k, v in reference.upstream_state_dict().items()}, str(source))
-    out = tmp_path / "model"
     g = torch.Generator().manual_seed(4)
     images, attention = torch.randn(2, 3, 70, 98, generator=g), 2.0 * torch.rand(2, 3, 4, generator=g)
-    np.save(tmp_path / "images.npy", _nhwc(images))
-    np.save(tmp_path / "attention.npy", attention.numpy())
     # Upstream's heads are d / 64; the tiny reference DINOv2 (width 64) has 4, which the weights do not say.
-    argv = ["converters/boq.py", f"--checkpoint={source}", f"--output={out}", "--image_size=70,98"]
-    script = (
-        "import runpy, sys\n"
-        "sys.modules['torch'] = None  # neither the conversion of a .safetensors file nor loading needs torch\n"
+    prelude = (
         "import attllm_jax.convert.boq as boq\n"
         "convert = boq.convert_state_dict\n"
         "boq.convert_state_dict = lambda *a, **k: convert(*a, backbone_num_heads=4, **k)\n"
-        f"sys.argv = {argv!r}\n"
-        "try:\n"
-        "    runpy.run_path('converters/boq.py', run_name='__main__')\n"
-        "except SystemExit as e:\n"
-        "    assert not e.code, e.code\n"
-        "import numpy as np, jax\n"
-        "jax.config.update('jax_default_matmul_precision', 'highest')\n"
-        "import attllm_jax as aj\n"
-        f"m = aj.load_model({str(out)!r})\n"
-        f"x = np.load({str(tmp_path / 'images.npy')!r}); a = np.load({str(tmp_path / 'attention.npy')!r})\n"
-        "f = m.features(x)\n"
-        f"np.save({str(tmp_path / 'd.npy')!r}, np.concatenate([m(x)[None], m.aggregate_sweep(f, a, [0.0, 0.5])]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
+    config, ours = convert_and_load_without_torch(
+        tmp_path,
+        "boq",
+        reference.upstream_state_dict(),
+        images,
+        attention,
+        ("--image_size=70,98",),
+        source_name="dinov2_512.safetensors",
+        prelude=prelude,
+        outputs="np.concatenate([m(x)[None], m.aggregate_sweep(m.features(x), a, [0.0, 0.5])])",
+    )
     assert config["family"] == "boq" and config["architecture"]["resnet_layers"] is None
     assert config["preprocess"]["size"] == [70, 98] and config["preprocess"]["stage"] == "tensor"
-    ours = np.load(tmp_path / "d.npy")
     with torch.no_grad():
         expected = reference(images).numpy()
         expected_att = reference(images, attention, 0.5).numpy()
@@ -358,7 +332,7 @@ def test_full_size_boq_matches_torch(backbone):
     with torch.no_grad():
         expected = reference(images).numpy()
         expected_att = reference(images, attention, 0.5).numpy()
-    x = jnp.asarray(_nhwc(images))
+    x = jnp.asarray(nhwc(images))
     np.testing.assert_allclose(_describe(net, x), expected, atol=DESC_ATOL, rtol=0)
     ours_att = _describe(net, x, jnp.asarray(attention.numpy()), jnp.asarray(0.5))
     np.testing.assert_allclose(ours_att, expected_att, atol=DESC_ATOL, rtol=0)

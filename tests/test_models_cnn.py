@@ -161,6 +161,12 @@ def test_parity_deep_resnets(backbone, tmp_path):
 # ------------------------------------------------------------------------------------------------ converter
 
 
+def test_random_weights_under_a_release_name_are_not_labelled_as_the_release(tmp_path_factory):
+    _, path, _, spec = converted("ResNet18", tmp_path_factory)
+    assert path.name == registry.lookup("cosplace", "ResNet18", 64).file_name == "ResNet18_64_cosplace.pth"
+    assert spec.provenance.published_file is None  # the content is not the release's, whatever the name says
+
+
 def test_eigenplaces_family_and_flags(tmp_path_factory):
     _, path, net, spec = converted("ResNet18", tmp_path_factory, family="eigenplaces")
     assert spec.family == "eigenplaces" and spec.architecture.features_dim == 512

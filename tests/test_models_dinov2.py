@@ -12,22 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_helpers import nhwc
 
 from attllm_jax.models.dinov2 import (
     DINOV2_PRESETS,
     DinoV2Config,
     DinoVisionTransformer,
-    antialiased_bicubic_matrix,
     dinov2_config,
     swiglu_hidden_dim,
 )
+from attllm_jax.ops.resize import antialiased_bicubic_matrix
 
 TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
 RESIZE_TOL = 1e-5
-
-
-def _nchw_to_nhwc(x):
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
 
 # ----------------------------------------------------------------------------------------------- position embeddings
@@ -49,7 +46,7 @@ def test_antialiased_bicubic_matrix_matches_torch(in_size, out_size):
     cols = antialiased_bicubic_matrix(in_size[1], out_size[1])
     np.testing.assert_allclose(rows.sum(1), 1.0, atol=1e-12)
     out = apply_separable(jnp.asarray(x), rows, cols)
-    np.testing.assert_allclose(out, _nchw_to_nhwc(expected), rtol=RESIZE_TOL, atol=RESIZE_TOL)
+    np.testing.assert_allclose(out, nhwc(expected), rtol=RESIZE_TOL, atol=RESIZE_TOL)
 
 
 def _small_vit(grid: int, registers: int = 0, offset: float = 0.1, antialias: bool = False) -> DinoVisionTransformer:
@@ -178,7 +175,7 @@ def test_dinov2_matches_torch_token_by_token(converted, monkeypatch, variant, im
     images = torch.randn(2, 3, *image_hw, generator=torch.Generator().manual_seed(3))
     embedded, blocks, final = _torch_intermediates(model, images, torch)
 
-    tokens, out = nnx.jit(_our_intermediates)(vit, jnp.asarray(_nchw_to_nhwc(images)))
+    tokens, out = nnx.jit(_our_intermediates)(vit, jnp.asarray(nhwc(images)))
     np.testing.assert_allclose(tokens[0], embedded, rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
     for ours, expected in zip(tokens[1:], blocks, strict=True):
         np.testing.assert_allclose(ours, expected, rtol=TOKEN_RTOL, atol=TOKEN_ATOL)

@@ -8,12 +8,6 @@ Tolerances (float32, highest matmul precision; measured errors are ~2e-7): descr
 error <= 1e-5; tokens ``atol 1e-4 + rtol 1e-5`` (values of order 10); resizes 1e-6 (measured 5e-7).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -22,6 +16,7 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
 
 from attllm_jax.convert.common import ConversionError, read_state_dict  # noqa: E402
 from attllm_jax.convert.megaloc import convert_state_dict  # noqa: E402
@@ -36,11 +31,6 @@ DESC_ATOL = 1e-5
 TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
 RESIZE_ATOL = 1e-6
 GRAD_RTOL = 1e-3
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _nhwc(x):
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +76,7 @@ def test_antialiased_bilinear_resize_matches_torch(in_hw, out_hw):
     )
     np.testing.assert_allclose(antialiased_bilinear_matrix(in_hw[0], out_hw[0]).sum(1), 1.0, atol=1e-6)
     out = antialiased_bilinear_resize(jnp.asarray(x), *out_hw)
-    np.testing.assert_allclose(out, _nhwc(expected), atol=RESIZE_ATOL, rtol=0)
+    np.testing.assert_allclose(out, nhwc(expected), atol=RESIZE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -107,8 +97,8 @@ def test_patch_multiple_size_rounds_half_to_even_as_upstream(hw, expected):
 def test_model_resizes_like_upstream_forward(converted, inputs):
     net, _ = converted
     images, _ = inputs
-    ours = net.resize_input(jnp.asarray(_nhwc(images)))
-    np.testing.assert_allclose(ours, _nhwc(megaloc_resize(images)), atol=RESIZE_ATOL, rtol=0)
+    ours = net.resize_input(jnp.asarray(nhwc(images)))
+    np.testing.assert_allclose(ours, nhwc(megaloc_resize(images)), atol=RESIZE_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------- parity
@@ -130,10 +120,10 @@ def test_tokens_match_torch_on_a_non_square_image(reference, converted, inputs):
     images, _ = inputs
     with torch.no_grad():
         cls, patches = reference.features(images)
-    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(_nhwc(images)))
+    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(nhwc(images)))
     assert feats.patches.shape == (2, 5, 7, 64) and feats.grid == (5, 7)
     np.testing.assert_allclose(feats.cls, cls.numpy(), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
-    np.testing.assert_allclose(feats.patches, _nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
+    np.testing.assert_allclose(feats.patches, nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
 
 
 @pytest.mark.parametrize("alpha", [None, (0.5, 0.0)])
@@ -146,7 +136,7 @@ def test_salad_part_and_descriptor_match_torch(reference, converted, inputs, alp
     with torch.no_grad():
         salad = reference.salad(images, att, a).numpy()
         expected = reference(images, att, a).numpy()
-    x = jnp.asarray(_nhwc(images))
+    x = jnp.asarray(nhwc(images))
     att_j = None if att is None else jnp.asarray(att.numpy())
     a_j = jnp.asarray(np.asarray(a, np.float32))
     feats = nnx.jit(lambda n, x: n.features(x))(net, x)
@@ -166,7 +156,7 @@ def test_legacy_release_converts_to_the_same_network(reference, converted, input
     assert "backbone.model.mask_token" in state
     legacy, spec = convert_state_dict(state, "megaloc", num_heads=4)
     assert spec == converted[1]
-    x = jnp.asarray(_nhwc(inputs[0]))
+    x = jnp.asarray(nhwc(inputs[0]))
     np.testing.assert_array_equal(_describe(legacy, x), _describe(converted[0], x))
 
 
@@ -176,7 +166,7 @@ def test_legacy_release_converts_to_the_same_network(reference, converted, input
 def test_attention_is_live_and_alpha_zero_is_plain(converted, inputs):
     net, _ = converted
     images, attention = inputs
-    x, att = jnp.asarray(_nhwc(images)), jnp.asarray(attention.numpy())
+    x, att = jnp.asarray(nhwc(images)), jnp.asarray(attention.numpy())
     plain = np.asarray(_describe(net, x))
     # Another compiled graph (with the attention inputs) than the plain call, hence round-off rather than bit equality.
     np.testing.assert_allclose(np.asarray(_describe(net, x, att, jnp.asarray(1e-7))), plain, atol=1e-6, rtol=0)
@@ -186,7 +176,7 @@ def test_attention_is_live_and_alpha_zero_is_plain(converted, inputs):
 def test_alpha_sweep_equals_one_alpha_calls(converted, inputs):
     net, _ = converted
     images, attention = inputs
-    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(_nhwc(images)))
+    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(nhwc(images)))
     att = jnp.asarray(attention.numpy())
     alphas = jnp.asarray([0.0, 0.3, 1.0])
     sweep = nnx.jit(lambda n, f, a, al: jax.vmap(lambda x: n.aggregate(f, a, x))(al))(net, feats, att, alphas)
@@ -207,7 +197,7 @@ def test_gradient_in_alpha_matches_float64_central_differences(reference, conver
             d = ref64(images.double(), attention.double(), torch.tensor(alpha, dtype=torch.float64))
         return float((d.numpy() * r).sum())
 
-    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(_nhwc(images)))
+    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(nhwc(images)))
     att = jnp.asarray(attention.numpy())
     grad = nnx.jit(lambda n, a: jax.grad(lambda al: jnp.sum(n.aggregate(feats, att, al) * r))(a))
     for alpha in (0.3, 0.8):
@@ -221,37 +211,12 @@ def test_gradient_in_alpha_matches_float64_central_differences(reference, conver
 
 def test_converter_script_and_load_without_torch(reference, inputs, tmp_path):
     """converters/megaloc.py on a .safetensors file, then aj.load_model, in one process where torch is blocked."""
-    from safetensors.torch import save_file
-
-    source = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in reference.upstream_state_dict().items()}, str(source))
-    out = tmp_path / "model"
     images, attention = inputs
-    np.save(tmp_path / "images.npy", _nhwc(images))
-    np.save(tmp_path / "attention.npy", attention.numpy())
-    argv = ["converters/megaloc.py", f"--checkpoint={source}", f"--output={out}", "--num_heads=4"]
-    script = (
-        "import runpy, sys\n"
-        "sys.modules['torch'] = None  # neither the conversion of a .safetensors file nor loading needs torch\n"
-        f"sys.argv = {argv!r}\n"
-        "try:\n"
-        "    runpy.run_path('converters/megaloc.py', run_name='__main__')\n"
-        "except SystemExit as e:\n"
-        "    assert not e.code, e.code\n"
-        "import numpy as np, jax\n"
-        "jax.config.update('jax_default_matmul_precision', 'highest')\n"
-        "import attllm_jax as aj\n"
-        f"m = aj.load_model({str(out)!r})\n"
-        f"x = np.load({str(tmp_path / 'images.npy')!r}); a = np.load({str(tmp_path / 'attention.npy')!r})\n"
-        f"np.save({str(tmp_path / 'd.npy')!r}, np.stack([m(x), m(x, a, 0.5)]))\n"
+    config, ours = convert_and_load_without_torch(
+        tmp_path, "megaloc", reference.upstream_state_dict(), images, attention, ("--num_heads=4",)
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
     assert config["family"] == "megaloc" and config["architecture"]["descriptor_dim"] == 40
-    assert config["preprocess"]["resize"] == "none" and config["provenance"]["source_file"] == source.name
-    ours = np.load(tmp_path / "d.npy")
+    assert config["preprocess"]["resize"] == "none"
     with torch.no_grad():
         expected = reference(images).numpy()
         expected_att = reference(images, attention, 0.5).numpy()
@@ -351,7 +316,7 @@ def test_full_size_megaloc_matches_torch():
     with torch.no_grad():
         expected = reference(images).numpy()
         expected_att = reference(images, attention, 0.5).numpy()
-    x = jnp.asarray(_nhwc(images))
+    x = jnp.asarray(nhwc(images))
     np.testing.assert_allclose(_describe(net, x), expected, atol=DESC_ATOL, rtol=0)
     ours_att = _describe(net, x, jnp.asarray(attention.numpy()), jnp.asarray(0.5))
     np.testing.assert_allclose(ours_att, expected_att, atol=DESC_ATOL, rtol=0)

@@ -8,12 +8,6 @@ Tolerances (float32, highest matmul precision): descriptors max abs error <= 1e-
 ``atol 1e-4 + rtol 1e-5``.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,6 +16,8 @@ from flax import nnx
 from attllm_jax.convert.common import ConversionError
 
 torch = pytest.importorskip("torch")
+
+from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
 
 from attllm_jax.convert import convert, convert_file  # noqa: E402
 from attllm_jax.models.features import TokenFeatures  # noqa: E402
@@ -40,7 +36,6 @@ def convert_salad_state_dict(state_dict, **options):
 
 DESC_ATOL, MIN_COSINE = 1e-4, 0.99999
 TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _assert_descriptors_close(ours, expected):
@@ -49,10 +44,6 @@ def _assert_descriptors_close(ours, expected):
     assert np.max(np.abs(ours - expected)) <= DESC_ATOL
     cosine = np.sum(ours * expected, axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(expected, axis=1))
     assert np.min(cosine) >= MIN_COSINE
-
-
-def _nhwc(x):
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +93,10 @@ def test_features_match_torch(reference, converted, inputs):
     images, _ = inputs
     with torch.no_grad():
         cls, patches = reference.features(images)
-    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(_nhwc(images)))
+    feats = nnx.jit(lambda n, x: n.features(x))(net, jnp.asarray(nhwc(images)))
     assert isinstance(feats, TokenFeatures) and feats.grid == (5, 7)
     np.testing.assert_allclose(feats.cls, cls.numpy(), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
-    np.testing.assert_allclose(feats.patches, _nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
+    np.testing.assert_allclose(feats.patches, nhwc(patches), rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
 
 
 @pytest.mark.parametrize("alpha", [0.5, (0.0, 0.3, 1.0)])
@@ -116,7 +107,7 @@ def test_head_matches_torch_on_identical_tokens(reference, converted, inputs, al
     with torch.no_grad():
         cls, patches = reference.features(images)
         expected = reference.aggregator(patches, cls, attention=attention, alpha=torch.tensor(alpha))
-    feats = TokenFeatures(patches=jnp.asarray(_nhwc(patches)), cls=jnp.asarray(cls.numpy()))
+    feats = TokenFeatures(patches=jnp.asarray(nhwc(patches)), cls=jnp.asarray(cls.numpy()))
     aggregate = nnx.jit(lambda n, f, a, al: n.aggregate(f, a, al))
     ours = aggregate(net, feats, jnp.asarray(attention.numpy()), jnp.asarray(alpha))
     _assert_descriptors_close(ours, expected.numpy())
@@ -132,7 +123,7 @@ def test_descriptors_match_torch(reference, converted, inputs):
     images, _ = inputs
     with torch.no_grad():
         expected = reference(images).numpy()
-    ours = _describe(net, jnp.asarray(_nhwc(images)))
+    ours = _describe(net, jnp.asarray(nhwc(images)))
     _assert_descriptors_close(ours, expected)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
 
@@ -143,7 +134,7 @@ def test_descriptors_with_attention_match_torch(reference, converted, inputs, al
     images, attention = inputs
     with torch.no_grad():
         expected = reference(images, attention=attention, alpha=torch.tensor(alpha)).numpy()
-    ours = _describe(net, jnp.asarray(_nhwc(images)), jnp.asarray(attention.numpy()), jnp.asarray(alpha))
+    ours = _describe(net, jnp.asarray(nhwc(images)), jnp.asarray(attention.numpy()), jnp.asarray(alpha))
     _assert_descriptors_close(ours, expected)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
 
@@ -152,7 +143,7 @@ def test_attention_changes_the_descriptor(converted, inputs):
     """The attention path is live (so the parity tests above would catch a broken one)."""
     net, _ = converted
     images, attention = inputs
-    x, att = jnp.asarray(_nhwc(images)), jnp.asarray(attention.numpy())
+    x, att = jnp.asarray(nhwc(images)), jnp.asarray(attention.numpy())
     plain = np.asarray(_describe(net, x))
     np.testing.assert_allclose(np.asarray(_describe(net, x, att, jnp.asarray(0.0))), plain, atol=1e-6)
     assert np.max(np.abs(np.asarray(_describe(net, x, att, jnp.asarray(0.5))) - plain)) > 1e-3
@@ -174,7 +165,7 @@ def test_variants_match_torch(variant, tmp_path):
     alpha = torch.tensor([0.0, 0.7])  # image 0 is plain SALAD, image 1 attention-modulated
     with torch.no_grad():
         expected = reference(images, attention=attention, alpha=alpha).numpy()
-    ours = _describe(net, jnp.asarray(_nhwc(images)), jnp.asarray(attention.numpy()), jnp.asarray(alpha.numpy()))
+    ours = _describe(net, jnp.asarray(nhwc(images)), jnp.asarray(attention.numpy()), jnp.asarray(alpha.numpy()))
     _assert_descriptors_close(ours, expected)
 
 
@@ -250,37 +241,13 @@ def test_image_size_must_be_a_patch_multiple(checkpoint):
 
 def test_converter_script_and_load_without_torch(reference, inputs, tmp_path):
     """converters/salad.py on a .safetensors file, then aj.load_model, in one process where torch is blocked."""
-    from safetensors.torch import save_file
-
-    source = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in reference.upstream_state_dict().items()}, str(source))
-    out = tmp_path / "model"
     images, attention = inputs
-    np.save(tmp_path / "images.npy", _nhwc(images))
-    np.save(tmp_path / "attention.npy", attention.numpy())
-    argv = ["converters/salad.py", f"--checkpoint={source}", f"--output={out}", "--num_heads=4", "--image_size=70,98"]
-    script = (
-        "import runpy, sys\n"
-        "sys.modules['torch'] = None  # neither the conversion of a .safetensors file nor loading needs torch\n"
-        f"sys.argv = {argv!r}\n"
-        "try:\n"
-        "    runpy.run_path('converters/salad.py', run_name='__main__')\n"
-        "except SystemExit as e:\n"
-        "    assert not e.code, e.code\n"
-        "import numpy as np, jax\n"
-        "jax.config.update('jax_default_matmul_precision', 'highest')\n"
-        "import attllm_jax as aj\n"
-        f"m = aj.load_model({str(out)!r})\n"
-        f"x = np.load({str(tmp_path / 'images.npy')!r}); a = np.load({str(tmp_path / 'attention.npy')!r})\n"
-        f"np.save({str(tmp_path / 'd.npy')!r}, np.stack([m(x), m(x, a, 0.5)]))\n"
+    flags = ("--num_heads=4", "--image_size=70,98")
+    config, ours = convert_and_load_without_torch(
+        tmp_path, "salad", reference.upstream_state_dict(), images, attention, flags
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
-    assert config["format"] == 2 and config["family"] == "salad" and config["provenance"]["source_file"] == source.name
+    assert config["format"] == 2 and config["family"] == "salad"
     assert config["architecture"]["num_clusters"] * config["architecture"]["cluster_dim"] == 128
-    ours = np.load(tmp_path / "d.npy")
     with torch.no_grad():
         expected = reference(images).numpy()
         expected_att = reference(images, attention=attention, alpha=0.5).numpy()
@@ -294,7 +261,7 @@ def test_vpr_model_does_not_recompile_and_sweeps(converted, inputs):
     net, spec = converted
     model = VPRModel(net, spec)
     images, attention = inputs
-    x, att = _nhwc(images), attention.numpy()
+    x, att = nhwc(images), attention.numpy()
     first = model(x)
     second = model(x + 0.0)
     np.testing.assert_array_equal(first, second)
@@ -346,13 +313,13 @@ def test_full_size_vitb14_salad_matches_torch(tmp_path):
     torch.save(reference.upstream_state_dict(), path)
     net, spec = convert_salad(path)
     assert spec.backbone == "dinov2_vitb14" and spec.descriptor_dim == 8448
-    assert spec.provenance.published_file == "dino_salad.ckpt"
+    assert spec.provenance.published_file is None  # random weights under the release's name are not the release
     g = torch.Generator().manual_seed(6)
     images = torch.randn(2, 3, 322, 322, generator=g)
     attention = 2.0 * torch.rand(2, 16, 16, generator=g)
     with torch.no_grad():
         expected = reference(images).numpy()
         expected_att = reference(images, attention=attention, alpha=0.5).numpy()
-    x = jnp.asarray(_nhwc(images))
+    x = jnp.asarray(nhwc(images))
     _assert_descriptors_close(_describe(net, x), expected)
     _assert_descriptors_close(_describe(net, x, jnp.asarray(attention.numpy()), jnp.asarray(0.5)), expected_att)

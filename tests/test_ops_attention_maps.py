@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attllm_jax import ops
+from attllm_jax.ops.attention_maps import grid_cell_means
 
 TOL = 1e-5
 
@@ -191,3 +192,18 @@ def test_grid_clamps_jit_gradient_and_errors():
         ops.grid_attention_map(np.ones((4, 4)), 8, 8)
     with pytest.raises(ValueError, match="width"):
         ops.grid_attention_map(np.ones((1, 4, 4)), 8, 0)
+
+
+def test_grid_cell_means_uses_python_round_cells_as_the_sharp_grid_map():
+    mask = np.zeros((10, 10), bool)
+    mask[5:] = True
+    grid = grid_cell_means(mask, 4)  # rows 0,2,5,8,10 (round(2.5) = 2, round(7.5) = 8)
+    np.testing.assert_allclose(grid[:, 0], [0.0, 0.0, 1.0, 1.0])
+    mask[:] = False
+    mask[4] = True
+    np.testing.assert_allclose(grid_cell_means(mask, 4)[:, 0], [0.0, 1 / 3, 0.0, 0.0])
+    # the same cells as the sharp grid map: a one-hot grid expands to exactly the pixels averaged above
+    onehot = np.zeros((1, 4, 4), np.float32)
+    onehot[0, 1, 0] = 2.0
+    dense = np.asarray(ops.grid_attention_map(onehot, 10, 10))[0]
+    np.testing.assert_array_equal(np.flatnonzero(dense[:, 0] == 2.0), [2, 3, 4])

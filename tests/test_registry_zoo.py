@@ -21,12 +21,15 @@ def test_published_files_of_the_new_families():
         registry.find_published("boq")  # two backbones: one must be named
 
 
-@pytest.mark.parametrize(
-    "name, expected",
-    [("cliquemining.ckpt", "cliquemining.ckpt"), ("dino_salad.ckpt", "dino_salad.ckpt"), ("renamed.ckpt", None)],
-)
-def test_published_file_tells_files_of_one_architecture_apart_by_name(name, expected):
-    assert registry.published_file("salad", "dinov2_vitb14", 8448, name) == expected
+def test_a_published_file_is_found_by_its_content_not_its_name(monkeypatch):
+    import dataclasses
+
+    digest = "ab" * 32
+    entries = [dataclasses.replace(e, sha256=digest) if e.method == "cliquemining" else e for e in registry.PUBLISHED]
+    monkeypatch.setattr(registry, "PUBLISHED", tuple(entries))
+    assert registry.published_by_sha256(digest.upper()).file_name == "cliquemining.ckpt"
+    assert registry.published_by_sha256("cd" * 32) is None  # another content, whatever the file is called
+    assert registry.published_by_sha256(None) is None
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from attllm_jax.attention.parse import ParsedAttention, grid_label, parse_answer
 from attllm_jax.attention.prompts import Prompt
 from attllm_jax.attention.providers.base import AnnotationRequest, AnnotationResponse
 from attllm_jax.attention.request_policy import ProviderError
-from attllm_jax.data.synthetic import water_fraction_grid
+from attllm_jax.ops.attention_maps import grid_cell_means
 
 ORACLE_GRID = 8
 ORACLE_WATER_WEIGHT = 0.1
@@ -48,7 +48,7 @@ def oracle_grid(mask: np.ndarray, n: int = ORACLE_GRID, water_weight: float = OR
     Returns:
         ``{"A1": w, ...}`` as an LLM grid answer, weights rounded to 3 decimals.
     """
-    fraction = water_fraction_grid(mask, n)
+    fraction = grid_cell_means(mask, n)  # water fraction per cell
     weights = 1.0 - (1.0 - water_weight) * fraction
     return {grid_label(r, c): round(float(weights[r, c]), 3) for r in range(n) for c in range(n)}
 

@@ -4,11 +4,11 @@ Nothing here knows what is sent or what comes back: a provider (a text answer, a
 :meth:`RequestPolicy.send` one attempt as a function that raises :class:`ProviderError`, and gets back that
 function's result and the number of attempts it took.
 
-Retries: 408/429/500/502/503/504, timeouts and dropped connections are retried with exponential backoff and
-jitter, waiting at least as long as the server asks (RetryInfo ``retryDelay`` in a Google error body, or a
-``Retry-After`` header: see :func:`parse_google_retry_delay`, :func:`parse_retry_after`). Every attempt,
-retries included, first takes a slot from the :class:`RateLimiter` shared by all worker threads, and is
-reported to the caller's ``on_attempt`` as it is made, so an interrupted run still counts it.
+Retries: 408/429/500/502/503/504 (:meth:`ProviderError.from_status`; 401/403/404 are fatal: the run stops), timeouts and
+dropped connections are retried with exponential backoff and jitter, waiting at least as long as the server asks
+(RetryInfo ``retryDelay`` in a Google error body, or a ``Retry-After`` header: see :func:`parse_google_retry_delay`,
+:func:`parse_retry_after`). Every attempt, retries included, first takes a slot from the :class:`RateLimiter` shared by
+all worker threads, and is reported to the caller's ``on_attempt`` as it is made, so an interrupted run still counts it.
 
 API keys come from the environment and are never printed, logged or written: every error message that leaves
 :meth:`RequestPolicy.send` has been passed through the provider's :class:`Redactor`, and providers pass their
@@ -100,6 +100,19 @@ class ProviderError(Exception):
         self.status = status
         self.retry_after = retry_after
         self.attempts = 1
+
+    @classmethod
+    def from_status(
+        cls, message: str, status: int, retry_after: float | None = None, fatal: bool = False
+    ) -> ProviderError:
+        """An HTTP error answer: retriable for 408/429/5xx, fatal for 401/403/404 (or when ``fatal``)."""
+        return cls(
+            message,
+            retriable=status in RETRY_STATUS_CODES,
+            fatal=fatal or status in FATAL_STATUS_CODES,
+            status=status,
+            retry_after=retry_after,
+        )
 
 
 class Interrupted(Exception):

@@ -6,10 +6,15 @@ One path for every family::
     net, spec = convert_file(family, path, **options)         # + reading the file and its provenance
     spec = convert_to_directory(family, output, checkpoint)   # + the published file when none is given, + saving
 
-Each family's module (:mod:`~attllm_jax.convert.cosplace`, :mod:`~attllm_jax.convert.salad`) holds its key table
-and ``convert_state_dict``; the family registry (:mod:`attllm_jax.models.registry`) says which module. Nothing here
-imports torch at module level: :func:`attllm_jax.convert.common.read_state_dict` imports it only to read
-``.pth``/``.ckpt`` files.
+Each family's module (:mod:`~attllm_jax.convert.cosplace` for CosPlace and EigenPlaces, :mod:`~attllm_jax.convert.
+salad` for SALAD and CliqueMining, :mod:`~attllm_jax.convert.megaloc`, :mod:`~attllm_jax.convert.boq`) holds its key
+table and ``convert_state_dict``: infer the architecture from the tensor shapes, check the caller's expectations,
+then :func:`~attllm_jax.convert.keytable.convert_with_table`. The family registry (:mod:`attllm_jax.models.registry`)
+says which module. :mod:`~attllm_jax.convert.keytable` holds the table machinery and the shared tail,
+:mod:`~attllm_jax.convert.common` reading files and the strict fill, :mod:`~attllm_jax.convert.download` the
+published files. A converted file's provenance names the release only when its content is the release (downloaded
+from the release's URL, or with the SHA-256 upstream publishes), never by its name. Nothing here imports torch at
+module level: :func:`attllm_jax.convert.common.read_state_dict` imports it only to read ``.pth``/``.ckpt`` files.
 """
 
 from __future__ import annotations
@@ -49,20 +54,33 @@ def convert(
     return entry.conversion_module().convert_state_dict(state_dict, entry.name, source_name, **options)
 
 
-def convert_file(family: str, path: str | os.PathLike, **options) -> tuple[nnx.Module, ModelSpec]:
+def convert_file(
+    family: str, path: str | os.PathLike, downloaded: registry.PublishedCheckpoint | None = None, **options
+) -> tuple[nnx.Module, ModelSpec]:
     """Reads a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.bin``/``.safetensors``) and converts it.
 
-    The spec's provenance records the file name, its SHA-256 and the published release it matches, if any.
+    The spec's provenance records the file name and its SHA-256, and names the published release only when the
+    content is that release: the file was downloaded from the release's URL (``downloaded``), or its SHA-256 is
+    the one upstream publishes (:func:`~attllm_jax.models.registry.published_by_sha256`). A file is never
+    labelled by its name or architecture alone.
+
+    Args:
+        family: the model family.
+        path: the checkpoint file.
+        downloaded: the published entry ``path`` was fetched as (:func:`resolve_checkpoint`), if any.
+        **options: passed to the family's converter.
     """
     from attllm_jax.convert.common import read_state_dict, sha256_file
 
     path = Path(path)
     net, spec = convert(family, read_state_dict(path), source_name=str(path), **options)
+    digest = sha256_file(path)
+    published = downloaded or registry.published_by_sha256(digest)
     provenance = dataclasses.replace(
         spec.provenance,
         source_file=path.name,
-        source_sha256=sha256_file(path),
-        published_file=registry.published_file(spec.family, spec.backbone, spec.descriptor_dim, path.name),
+        source_sha256=digest,
+        published_file=None if published is None else published.file_name,
     )
     return net, spec.replace(provenance=provenance)
 
@@ -73,20 +91,23 @@ def resolve_checkpoint(
     backbone: str | None = None,
     dim: int | None = None,
     cache_dir: str | os.PathLike | None = None,
-) -> Path:
+) -> tuple[Path, registry.PublishedCheckpoint | None]:
     """The checkpoint to convert: ``checkpoint`` when given, else the one published file of ``family`` matching
     ``backbone`` and ``dim`` (each optional), downloaded into ``cache_dir`` if needed.
+
+    Returns:
+        ``(path, entry)``: ``entry`` is the published checkpoint downloaded (None for a given ``checkpoint``).
 
     Raises:
         ValueError: no checkpoint and no single published file matches (the message lists them).
         DownloadError: the download failed (e.g. offline).
     """
     if checkpoint is not None:
-        return Path(checkpoint)
+        return Path(checkpoint), None
     from attllm_jax.convert.download import DEFAULT_CACHE_DIR, fetch_published
 
     entry = registry.find_published(family, backbone, dim)
-    return fetch_published(entry, DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
+    return fetch_published(entry, DEFAULT_CACHE_DIR if cache_dir is None else cache_dir), entry
 
 
 def convert_to_directory(
@@ -112,7 +133,7 @@ def convert_to_directory(
     from attllm_jax.checkpoint import save_model
 
     dim = options.get("fc_output_dim", options.get("descriptor_dim"))
-    path = resolve_checkpoint(family, checkpoint, options.get("backbone"), dim, cache_dir)
-    net, spec = convert_file(family, path, **options)
+    path, downloaded = resolve_checkpoint(family, checkpoint, options.get("backbone"), dim, cache_dir)
+    net, spec = convert_file(family, path, downloaded, **options)
     save_model(output, net, spec)
     return spec

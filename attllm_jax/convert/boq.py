@@ -22,11 +22,20 @@ import re
 
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
-from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_kernel_to_flax, torch_linear_to_io
+from attllm_jax.convert.common import ConversionError, TensorSource, as_conversion_error, describe_keys
+from attllm_jax.convert.keytable import (
+    KeyTable,
+    Rule,
+    check_expected_backbone,
+    check_family,
+    checked_image_size,
+    convert_with_table,
+    torch_kernel_to_flax,
+    torch_linear_to_io,
+)
 from attllm_jax.convert.salad import DINOV2_KEYS, infer_dinov2_config
 from attllm_jax.models.boq import BoQSpec
-from attllm_jax.models.spec import ModelSpec, Provenance
+from attllm_jax.models.spec import ModelSpec
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "boq"
@@ -108,7 +117,7 @@ def infer_boq_spec(
         row_dim=int(fc[0]),
         num_heads=int(num_heads),
     )
-    try:
+    with as_conversion_error(f"{source_name}: "):
         if has_dino:
             return BoQSpec(dinov2=infer_dinov2_config(source, DINO_PREFIX, backbone_num_heads), **common)
         stages = [_indices(source, rf"backbone\.net\.{RESNET_STAGES[f'layer{i}']}\.(\d+)\.") for i in (1, 2, 3)]
@@ -121,10 +130,6 @@ def infer_boq_spec(
             raise ConversionError(f"{source_name}: no ResNet blocks under {', '.join(empty)}")
         width = int(source.shape(f"{RESNET_PREFIX}0.weight")[0])
         return BoQSpec(dinov2=None, resnet_layers=tuple(len(s) for s in stages), resnet_width=width, **common)
-    except ValueError as e:
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"{source_name}: {e}") from e
 
 
 def convert_state_dict(
@@ -156,19 +161,12 @@ def convert_state_dict(
         ConversionError: not a BoQ checkpoint, a contradicting ``backbone``, or any missing / extra / misshapen
             tensor (all listed).
     """
-    if family != FAMILY:
-        raise ValueError(f"family must be {FAMILY!r}, got {family!r}")
+    check_family(family, FAMILY)
     source = TensorSource(state_dict, ignore=IGNORED)
     arch = infer_boq_spec(source, source_name, num_heads, backbone_num_heads)
-    if backbone is not None and backbone != arch.backbone:
-        raise ConversionError(f"{source_name}: --backbone={backbone} but the checkpoint holds a {arch.backbone}")
+    check_expected_backbone(source_name, backbone, arch)
     preprocess = arch.default_preprocess()
     if image_size is not None:
-        size = tuple(int(s) for s in image_size)
         patch = arch.dinov2.patch_size if arch.dinov2 is not None else 1
-        if len(size) != 2 or any(s <= 0 or s % patch for s in size):
-            raise ValueError(f"image_size must be (height, width) multiples of {patch}, got {list(image_size)}")
-        preprocess = dataclasses.replace(preprocess, size=size)
-    net = nnx.eval_shape(lambda: arch.build())
-    fill_module(net, take_all(net, KEYS, source), source)
-    return net, ModelSpec(FAMILY, arch, preprocess, Provenance(converter_version=CONVERTER_VERSION))
+        preprocess = dataclasses.replace(preprocess, size=checked_image_size(image_size, patch))
+    return convert_with_table(FAMILY, arch, KEYS, source, preprocess, CONVERTER_VERSION)

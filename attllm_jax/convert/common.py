@@ -10,6 +10,7 @@ tensor not explicitly ignored must have been consumed. All problems are collecte
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -28,6 +29,18 @@ _MAX_LISTED = 60  # problems listed in full before the error message is shortene
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message names every offending key and shape."""
+
+
+@contextlib.contextmanager
+def as_conversion_error(prefix: str):
+    """Turns a ValueError of an architecture spec's own checks into a ConversionError (``prefix`` + its message);
+    a ConversionError passes unchanged."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except ValueError as e:
+        raise ConversionError(f"{prefix}{e}") from e
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

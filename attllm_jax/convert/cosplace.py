@@ -14,12 +14,12 @@ import re
 
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
-from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_kernel_to_flax
+from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys
+from attllm_jax.convert.keytable import KeyTable, Rule, convert_with_table, torch_kernel_to_flax
 from attllm_jax.models import registry
 from attllm_jax.models.heads import CnnSpec, normalize_backbone
 from attllm_jax.models.resnet import RESNET_CONFIGS
-from attllm_jax.models.spec import ModelSpec, Provenance
+from attllm_jax.models.spec import ModelSpec
 from attllm_jax.models.vgg import VGG16_CFG, vgg_layer_plan
 
 CONVERTER_VERSION = "1.0"
@@ -122,7 +122,4 @@ def convert_state_dict(
     if problems:
         raise ConversionError(f"{source_name}: " + "; ".join(problems))
     arch = CnnSpec(inferred, int(dim))
-    net = nnx.eval_shape(lambda: arch.build())
-    fill_module(net, take_all(net, KEYS, source), source)
-    spec = ModelSpec(family, arch, CnnSpec.default_preprocess(), Provenance(converter_version=CONVERTER_VERSION))
-    return net, spec
+    return convert_with_table(family, arch, KEYS, source, CnnSpec.default_preprocess(), CONVERTER_VERSION)

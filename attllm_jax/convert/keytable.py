@@ -7,6 +7,10 @@ table of leaf renames and per-leaf default transforms. For every Param / BatchSt
 (``kernel -> weight``, ``mean -> running_mean``, ...). The table is driven by the target so that a missing
 checkpoint tensor is named by its source key; :func:`~attllm_jax.convert.common.fill_module` then checks both
 directions (every target filled, every source tensor used or explicitly ignored).
+
+:func:`convert_with_table` is the tail every family's conversion ends with (the abstract network of the inferred
+architecture, filled through the table, and its spec); :func:`check_family`, :func:`check_expected_backbone` and
+:func:`checked_image_size` are the checks the families share.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flax import nnx
 
-from attllm_jax.convert.common import TensorSource
+from attllm_jax.convert.common import ConversionError, TensorSource, fill_module
+from attllm_jax.models.spec import ModelSpec, Provenance
 
 Transform = Callable[[np.ndarray], np.ndarray]
 LEAF_DEFAULT = "leaf default"  # a rule's transform: the one ``KeyTable.transforms`` gives the target's leaf
@@ -114,3 +119,51 @@ def take_all(module: nnx.Module, table: KeyTable, source: TensorSource) -> dict[
         if found is not None:
             values[target] = source.take(*found)
     return values
+
+
+def check_family(family: str, expected: str) -> None:
+    """Raises ValueError unless ``family`` is the one a single-family conversion module converts."""
+    if family != expected:
+        raise ValueError(f"family must be {expected!r}, got {family!r}")
+
+
+def check_expected_backbone(source_name: str, backbone: str | None, arch) -> None:
+    """Raises ConversionError when a ``--backbone`` was given and the shapes hold another (``arch.backbone``)."""
+    if backbone is not None and backbone != arch.backbone:
+        raise ConversionError(f"{source_name}: --backbone={backbone} but the checkpoint holds a {arch.backbone}")
+
+
+def checked_image_size(image_size, patch: int) -> tuple[int, int]:
+    """An evaluation ``(height, width)`` whose sides are positive multiples of the patch size.
+
+    Raises:
+        ValueError: not two sides, or a side that is not a positive multiple of ``patch``.
+    """
+    size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or any(s <= 0 or s % patch for s in size):
+        raise ValueError(f"image_size must be (height, width) multiples of {patch}, got {list(size)}")
+    return size
+
+
+def convert_with_table(
+    family: str, arch, table: KeyTable, source: TensorSource, preprocess, converter_version: str
+) -> tuple[nnx.Module, ModelSpec]:
+    """The tail of every family's conversion: the abstract network of ``arch``, filled strictly through ``table``.
+
+    Args:
+        family: the spec's family.
+        arch: the inferred architecture spec (``build()`` makes the network).
+        table: the family's key table.
+        source: the checkpoint's tensors.
+        preprocess: the evaluation transform written to the spec.
+        converter_version: written to the spec's provenance.
+
+    Returns:
+        ``(net, spec)``.
+
+    Raises:
+        ConversionError: any missing / extra / misshapen tensor (all listed).
+    """
+    net = nnx.eval_shape(lambda: arch.build())
+    fill_module(net, take_all(net, table, source), source)
+    return net, ModelSpec(family, arch, preprocess, Provenance(converter_version=converter_version))

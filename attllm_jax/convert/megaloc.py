@@ -17,12 +17,18 @@ from __future__ import annotations
 
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
-from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_linear_to_io
+from attllm_jax.convert.common import ConversionError, TensorSource, as_conversion_error, describe_keys
+from attllm_jax.convert.keytable import (
+    KeyTable,
+    Rule,
+    check_expected_backbone,
+    check_family,
+    convert_with_table,
+    torch_linear_to_io,
+)
 from attllm_jax.convert.salad import DINOV2_KEYS, infer_dinov2_config
-from attllm_jax.data.preprocess import PreprocessSpec
 from attllm_jax.models.megaloc import MegaLocSpec
-from attllm_jax.models.spec import ModelSpec, Provenance
+from attllm_jax.models.spec import ModelSpec
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "megaloc"
@@ -83,7 +89,7 @@ def infer_megaloc_spec(source: TensorSource, prefix: str, num_heads: int | None 
     """
     dinov2 = infer_dinov2_config(source, prefix, num_heads)
     agg = "aggregator.agg."
-    try:
+    with as_conversion_error("cannot infer the MegaLoc architecture: "):
         return MegaLocSpec(
             dinov2=dinov2,
             num_clusters=_dim(source, agg + "score.3.weight"),
@@ -92,10 +98,6 @@ def infer_megaloc_spec(source: TensorSource, prefix: str, num_heads: int | None 
             hidden_dim=_dim(source, agg + "token_features.0.weight"),
             descriptor_dim=_dim(source, "aggregator.linear.weight"),
         )
-    except ValueError as e:
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"cannot infer the MegaLoc architecture: {e}") from e
 
 
 def convert_state_dict(
@@ -122,14 +124,10 @@ def convert_state_dict(
         ConversionError: not a MegaLoc checkpoint, a contradicting ``backbone``, or any missing / extra /
             misshapen tensor (all listed).
     """
-    if family != FAMILY:
-        raise ValueError(f"family must be {FAMILY!r}, got {family!r}")
+    check_family(family, FAMILY)
     source = TensorSource(state_dict, ignore=IGNORED)
     prefix = backbone_prefix(source, source_name)
     arch = infer_megaloc_spec(source, prefix, num_heads)
-    if backbone is not None and backbone != arch.backbone:
-        raise ConversionError(f"{source_name}: --backbone={backbone} but the checkpoint holds a {arch.backbone}")
-    net = nnx.eval_shape(lambda: arch.build())
-    fill_module(net, take_all(net, KEYS if prefix == "backbone." else LEGACY_KEYS, source), source)
-    spec = ModelSpec(FAMILY, arch, PreprocessSpec.tensor(None), Provenance(converter_version=CONVERTER_VERSION))
-    return net, spec
+    check_expected_backbone(source_name, backbone, arch)
+    table = KEYS if prefix == "backbone." else LEGACY_KEYS
+    return convert_with_table(FAMILY, arch, table, source, arch.default_preprocess(), CONVERTER_VERSION)

@@ -21,11 +21,20 @@ from collections.abc import Sequence
 from flax import nnx
 
 from attllm_jax.convert.common import ConversionError, TensorSource, describe_keys, fill_module
-from attllm_jax.convert.keytable import KeyTable, Rule, take_all, torch_conv_to_hwio, torch_linear_to_io
+from attllm_jax.convert.keytable import (
+    KeyTable,
+    Rule,
+    check_family,
+    checked_image_size,
+    convert_with_table,
+    take_all,
+    torch_conv_to_hwio,
+    torch_linear_to_io,
+)
 from attllm_jax.data.preprocess import PreprocessSpec
 from attllm_jax.models.dinov2 import DINOV2_PRESETS, DinoV2Config, DinoVisionTransformer, dinov2_config
 from attllm_jax.models.salad import DEFAULT_IMAGE_SIZE, SaladSpec
-from attllm_jax.models.spec import ModelSpec, Provenance
+from attllm_jax.models.spec import ModelSpec
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "salad"
@@ -232,8 +241,7 @@ def convert_state_dict(
         ConversionError: not a SALAD checkpoint, a contradicting ``backbone``, or any missing / extra / misshapen
             tensor (all listed in one message).
     """
-    if family != FAMILY:
-        raise ValueError(f"family must be {FAMILY!r}, got {family!r}")
+    check_family(family, FAMILY)
     source = TensorSource(state_dict, ignore=IGNORED)
     _check_salad_family(source, source_name)
     if num_heads is None and backbone in DINOV2_PRESETS:
@@ -246,10 +254,5 @@ def convert_state_dict(
             f"{dinov2.embed_dim}, depth {dinov2.depth}, {dinov2.ffn_layer} feed-forward, "
             f"{dinov2.num_register_tokens} registers)"
         )
-    image_size = [int(s) for s in image_size]
-    if len(image_size) != 2 or any(s <= 0 or s % dinov2.patch_size for s in image_size):
-        raise ValueError(f"image_size must be (height, width) multiples of {dinov2.patch_size}, got {image_size}")
-    net = nnx.eval_shape(lambda: arch.build())
-    fill_module(net, take_all(net, KEYS, source), source)
-    spec = ModelSpec(FAMILY, arch, PreprocessSpec.exact(image_size), Provenance(converter_version=CONVERTER_VERSION))
-    return net, spec
+    preprocess = PreprocessSpec.exact(checked_image_size(image_size, dinov2.patch_size))
+    return convert_with_table(FAMILY, arch, KEYS, source, preprocess, CONVERTER_VERSION)

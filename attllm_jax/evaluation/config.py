@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +46,7 @@ class EvalConfig:
         max_points: Point slots per attention answer.
         num_preds_to_save: Top-K prediction strips saved per query and alpha (0 = none).
         model_seed: Seed of the random-weight model (ignored with a checkpoint).
+        random_model: Which random-weight model without a checkpoint (:data:`RANDOM_MODELS`; the demo's).
         notes: Extra lines printed with the results (e.g. the demo's disclaimers).
         search: How the database is searched (method, faiss parameters, memory budget).
     """
@@ -75,6 +75,7 @@ class EvalConfig:
     max_points: int = 8
     num_preds_to_save: int = 0
     model_seed: int = 0
+    random_model: str = "cosplace"
     notes: tuple[str, ...] = field(default=())
     search: SearchSpec = field(default_factory=SearchSpec)
 
@@ -144,6 +145,8 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"--{name} {value!r} is not a file")
+        if self.random_model not in RANDOM_MODELS:
+            raise ValueError(f"--random_model must be one of {', '.join(RANDOM_MODELS)}, got {self.random_model!r}")
         output = Path(self.output_dir)
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output_dir {self.output_dir!r} exists and is not a directory")
@@ -161,6 +164,8 @@ class EvalConfig:
         )
 
 
+# The random-weight models without a checkpoint (built by attllm_jax.evaluation.demo.random_model).
+RANDOM_MODELS = ("cosplace", "megaloc", "boq_dinov2", "boq_resnet50")
 TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
 
 
@@ -195,8 +200,3 @@ def _validate_image_size(value) -> int | tuple[int, int] | None:
 def alpha_key(alpha: float) -> str:
     """The results.json key of an alpha: ``str(float(alpha))`` ("0.0", "0.5")."""
     return str(float(alpha))
-
-
-def default_output_dir() -> str:
-    """Where the demo writes when no --output_dir is given."""
-    return os.path.join("outputs", "demo")

@@ -18,12 +18,52 @@ from attllm_jax.evaluation.config import EvalConfig
 from attllm_jax.files import atomic_write_json
 
 DEMO_IMAGE_SIZE = 288  # the synthetic views' own height: evaluated without resizing, fast on a CPU
+# The random-weight models of --random_model (EvalConfig.random_model) and how the notes name them.
+RANDOM_MODEL_NAMES = {
+    "cosplace": "CosPlace ResNet-18/512",
+    "megaloc": "MegaLoc DINOv2 ViT-B/14 8448-d",
+    "boq_dinov2": "BoQ DINOv2 ViT-B/14 12288-d",
+    "boq_resnet50": "BoQ ResNet-50 16384-d",
+}
 DEMO_NOTES = (
     "DEMO: synthetic flooded streets (procedural facades, synthetic water); not real photographs.",
     "DEMO: model weights are RANDOM (CosPlace ResNet-18/512 built in JAX) unless --checkpoint is given.",
     "DEMO: attention is an ORACLE built from the ground-truth flood masks (water cells weight 0.1, "
     "others 1.0), not an LLM.",
 )
+
+
+def random_model(name: str = "cosplace", seed: int = 0):
+    """A random-weight model without torch or a download (``name`` in :data:`RANDOM_MODEL_NAMES`).
+
+    ``"cosplace"`` is :func:`~attllm_jax.evaluation.pipeline.random_cosplace_model` (NumPy-drawn weights). The
+    others are the released architectures (MegaLoc; BoQ with its DINOv2 or ResNet-50 backbone, at its 322x322 /
+    384x384 evaluation size) with the modules' own initializers under ``nnx.Rngs(seed)`` (some tens of seconds
+    to initialize on a CPU).
+
+    Returns:
+        A :class:`~attllm_jax.models.vpr.VPRModel` whose provenance says ``"random (seed N)"``.
+    """
+    from flax import nnx
+
+    from attllm_jax.evaluation.pipeline import random_cosplace_model
+    from attllm_jax.models.boq import BoQSpec
+    from attllm_jax.models.megaloc import MegaLocSpec
+    from attllm_jax.models.spec import ModelSpec, Provenance
+    from attllm_jax.models.vpr import VPRModel
+
+    if name == "cosplace":
+        return random_cosplace_model(seed)
+    architectures = {
+        "megaloc": ("megaloc", MegaLocSpec.released()),
+        "boq_dinov2": ("boq", BoQSpec.released("dinov2")),
+        "boq_resnet50": ("boq", BoQSpec.released("resnet50")),
+    }
+    if name not in architectures:
+        raise ValueError(f"unknown random model {name!r}; valid: {', '.join(RANDOM_MODEL_NAMES)}")
+    family, arch = architectures[name]
+    spec = ModelSpec(family, arch, arch.default_preprocess(), Provenance(weights=f"random (seed {seed})"))
+    return VPRModel(spec.build(nnx.Rngs(seed)), spec)
 
 
 def write_oracle_attention(benchmark: SyntheticBenchmark, directory: str | os.PathLike) -> Path:
@@ -77,5 +117,12 @@ def demo_config(cache_dir: str | os.PathLike, output_dir: str | os.PathLike, **o
         image_size=DEMO_IMAGE_SIZE,
         notes=DEMO_NOTES,
     )
-    notes = DEMO_NOTES if overrides.get("checkpoint") is None else (DEMO_NOTES[0], DEMO_NOTES[2])
+    name = overrides.get("random_model", "cosplace")
+    if overrides.get("checkpoint") is not None:
+        notes = (DEMO_NOTES[0], DEMO_NOTES[2])
+    else:
+        weights = DEMO_NOTES[1].replace(RANDOM_MODEL_NAMES["cosplace"], RANDOM_MODEL_NAMES.get(name, name))
+        notes = (DEMO_NOTES[0], weights, DEMO_NOTES[2])
+    if name != "cosplace" and overrides.get("checkpoint") is None:
+        config = replace(config, image_size=None)  # the family's own evaluation size (DEMO_IMAGE_SIZE is CosPlace's)
     return replace(config, notes=notes, **overrides)

@@ -86,13 +86,16 @@ class ModelLoadError(ValueError):
 
 
 def load_eval_model(config: EvalConfig):
-    """The converted model of ``config.checkpoint``, or the random-weight CosPlace ResNet-18/512.
+    """The converted model of ``config.checkpoint``, or the random-weight ``config.random_model`` (CosPlace
+    ResNet-18/512 by default; :func:`attllm_jax.evaluation.demo.random_model`).
 
     Raises:
         ModelLoadError: naming the checkpoint directory, when its config or state cannot be loaded.
     """
     if config.checkpoint is None:
-        return random_cosplace_model(config.model_seed)
+        from attllm_jax.evaluation.demo import random_model
+
+        return random_model(config.random_model, config.model_seed)
     from attllm_jax.checkpoint import load_model
 
     try:

@@ -49,7 +49,14 @@ from attllm_jax.models.dinov2 import (
 )
 from attllm_jax.models.features import CnnFeatures
 from attllm_jax.models.resnet import ResNet, ResNetConfig
-from attllm_jax.models.spec import ConfigError, scalar_dataclass, strict_fields
+from attllm_jax.models.spec import (
+    ConfigError,
+    check_dinov2,
+    check_positive_ints,
+    dinov2_from_dict,
+    scalar_dataclass,
+    strict_fields,
+)
 from attllm_jax.ops.attention_maps import MAX_WEIGHT
 from attllm_jax.ops.gem import ALPHA_OFF
 from attllm_jax.ops.normalize import l2_normalize
@@ -97,17 +104,15 @@ class BoQSpec:
     def __post_init__(self):
         if (self.dinov2 is None) == (self.resnet_layers is None):
             raise ValueError("a BoQ spec needs exactly one backbone: dinov2 or resnet_layers")
-        if self.dinov2 is not None and not isinstance(self.dinov2, DinoV2Config):
-            raise ValueError(f"dinov2 must be a DinoV2Config, got {type(self.dinov2).__name__}")
+        if self.dinov2 is not None:
+            check_dinov2(self.dinov2)
         if self.resnet_layers is not None:
             layers = tuple(self.resnet_layers)
             if len(layers) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
                 raise ValueError(f"resnet_layers must be 3 positive ints, got {self.resnet_layers!r}")
             object.__setattr__(self, "resnet_layers", layers)
-        for name in ("resnet_width", "proj_channels", "num_queries", "num_layers", "row_dim", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        sizes = [f.name for f in dataclasses.fields(self) if f.name not in ("dinov2", "resnet_layers")]
+        check_positive_ints(self, sizes)
         if self.proj_channels % self.num_heads:
             raise ValueError(f"proj_channels {self.proj_channels} is not divisible by num_heads {self.num_heads}")
 
@@ -168,9 +173,7 @@ class BoQSpec:
     def from_dict(cls, data: Any, where: str, require_all: bool = True) -> BoQSpec:
         """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
         kwargs = strict_fields(cls, data, where, require_all)
-        dinov2 = kwargs.pop("dinov2", None)
-        if dinov2 is not None:
-            dinov2 = scalar_dataclass(DinoV2Config, dinov2, f"{where}.dinov2", require_all)
+        dinov2 = dinov2_from_dict(kwargs.pop("dinov2", None), where, require_all)
         layers = kwargs.pop("resnet_layers", None)
         if layers is not None and (not isinstance(layers, list) or not all(type(n) is int for n in layers)):
             raise ConfigError(f"{where}.resnet_layers must be a list of 3 ints or null, got {layers!r}")

@@ -23,15 +23,13 @@ A square ``M x M`` patch grid uses the stored embeddings unchanged, as upstream.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from attllm_jax import ops
-from attllm_jax.ops.resize import apply_separable
+from attllm_jax.ops.resize import antialiased_bicubic_matrix, apply_separable
 
 FFN_LAYERS = ("mlp", "swiglu")
 
@@ -258,45 +256,6 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-def _aa_cubic(x: np.ndarray) -> np.ndarray:
-    """The cubic kernel (a = -0.5) of torch's antialiased bicubic resize."""
-    a = -0.5
-    x = np.abs(x)
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Weights of ``torch.nn.functional.interpolate(mode="bicubic", size=..., antialias=True)`` along one axis.
-
-    Output ``i`` is centred at ``center = s * (i + 0.5)`` with ``s = in_size / out_size``; it takes the inputs
-    ``j`` in ``[trunc(center - support + 0.5), trunc(center + support + 0.5))`` (clipped to the axis), where the
-    support is ``2 * max(s, 1)``, with weights ``cubic((j - center + 0.5) / max(s, 1))`` normalized to sum to 1.
-
-    Args:
-        in_size: input length.
-        out_size: output length.
-
-    Returns:
-        A float64 matrix ``[out_size, in_size]``.
-    """
-    scale = in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    max_taps = int(math.ceil(support)) * 2 + 1
-    weights = np.zeros((out_size, in_size))
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        size = min(max(min(int(center + support + 0.5), in_size) - lo, 0), max_taps)
-        taps = np.arange(lo, lo + size)
-        w = _aa_cubic((taps - center + 0.5) * inv_scale)
-        total = w.sum()
-        weights[i, taps] = w / total if total != 0.0 else w
-    return weights
 
 
 def resize_pos_embed_grid(grid: jax.Array, h0: int, w0: int, offset: float, antialias: bool) -> jax.Array:

@@ -23,22 +23,22 @@ Attribute names mirror the checkpoint: ``backbone`` (``backbone.*``), ``aggregat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 from flax import nnx
 
 from attllm_jax.data.preprocess import PreprocessSpec
-from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config, preset_name
+from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config
 from attllm_jax.models.features import TokenFeatures
 from attllm_jax.models.salad import SaladAggregator
-from attllm_jax.models.spec import ConfigError, scalar_dataclass, strict_fields
+from attllm_jax.models.spec import ConfigError, DinoV2HeadSpec
 from attllm_jax.ops.normalize import l2_normalize
 from attllm_jax.ops.resize import antialiased_bilinear_resize
 
 
 @dataclasses.dataclass(frozen=True)
-class MegaLocSpec:
+class MegaLocSpec(DinoV2HeadSpec):
     """Architecture of MegaLoc.
 
     Attributes:
@@ -59,28 +59,10 @@ class MegaLocSpec:
 
     FORMAT_1_FIELDS: ClassVar[tuple[str, ...]] = ()  # MegaLoc is newer than release 0.1.0
 
-    def __post_init__(self):
-        if not isinstance(self.dinov2, DinoV2Config):
-            raise ValueError(f"dinov2 must be a DinoV2Config, got {type(self.dinov2).__name__}")
-        for name in ("num_clusters", "cluster_dim", "token_dim", "hidden_dim", "descriptor_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-
     @classmethod
     def released(cls) -> MegaLocSpec:
         """gmberton/MegaLoc's ``model.safetensors``: ViT-B/14, m=64, l=256, g=256, linear 16640 -> 8448."""
         return cls()
-
-    @property
-    def backbone(self) -> str:
-        """The DINOv2 preset name (``"dinov2_vitb14"``), or ``"dinov2_custom"``."""
-        return preset_name(self.dinov2) or "dinov2_custom"
-
-    @property
-    def salad_dim(self) -> int:
-        """``g + l * m``: width of the SALAD part (16640 upstream)."""
-        return self.token_dim + self.cluster_dim * self.num_clusters
 
     @staticmethod
     def default_preprocess() -> PreprocessSpec:
@@ -90,18 +72,6 @@ class MegaLocSpec:
     def build(self, rngs: nnx.Rngs | None = None) -> MegaLocNet:
         """The network with random weights (``nnx.Rngs(0)`` unless given)."""
         return MegaLocNet(self, rngs=rngs if rngs is not None else nnx.Rngs(0))
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "dinov2": self.dinov2.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str, require_all: bool = True) -> MegaLocSpec:
-        """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
-        kwargs = strict_fields(cls, data, where, require_all)
-        dinov2 = kwargs.pop("dinov2", None)
-        if dinov2 is not None:
-            dinov2 = scalar_dataclass(DinoV2Config, dinov2, f"{where}.dinov2", require_all)
-        return scalar_dataclass(cls, kwargs, where, require_all=False, dinov2=dinov2 or dinov2_config("dinov2_vitb14"))
 
     @classmethod
     def from_format_1(cls, data: dict, where: str) -> MegaLocSpec:
@@ -134,14 +104,7 @@ class MegaLocAggregator(nnx.Module):
     """
 
     def __init__(self, config: MegaLocSpec, *, rngs: nnx.Rngs):
-        self.agg = SaladAggregator(
-            config.dinov2.embed_dim,
-            config.num_clusters,
-            config.cluster_dim,
-            config.token_dim,
-            config.hidden_dim,
-            rngs=rngs,
-        )
+        self.agg = SaladAggregator.from_spec(config, rngs=rngs)
         self.linear = nnx.Linear(config.salad_dim, config.descriptor_dim, rngs=rngs)
 
     def salad(

@@ -214,16 +214,20 @@ def lookup(family: str, backbone: str, dim: int) -> PublishedCheckpoint:
     )
 
 
-def published_file(family: str, backbone: str, dim: int, file_name: str | None = None) -> str | None:
-    """The release asset name of (family, backbone, dim), or None when nothing was published with those.
+def published_by_sha256(sha256: str | None) -> PublishedCheckpoint | None:
+    """The published checkpoint whose SHA-256 is ``sha256``, or None.
 
-    When several files share the architecture (SALAD and CliqueMining; MegaLoc's two releases), the one named
-    ``file_name`` is returned, and None when ``file_name`` names none of them.
+    Only the content identifies a release: a renamed copy of a published file is found, while a file that merely
+    carries a release's name or architecture (e.g. random weights saved as ``ResNet18_512_cosplace.pth``) is not.
+    Entries whose upstream publishes no SHA-256 match nothing here; a file the converter downloaded from the
+    entry's URL is labelled by :func:`attllm_jax.convert.convert_file` itself.
     """
-    entries = [e for e in PUBLISHED if (e.family, e.backbone, e.descriptor_dim) == (family, backbone, int(dim))]
-    if len(entries) > 1:
-        entries = [e for e in entries if e.file_name == file_name]
-    return entries[0].file_name if entries else None
+    if not sha256:
+        return None
+    for entry in PUBLISHED:
+        if entry.sha256 is not None and entry.sha256.lower() == sha256.lower():
+            return entry
+    return None
 
 
 def find_published(family: str, backbone: str | None = None, dim: int | None = None) -> PublishedCheckpoint:

@@ -14,7 +14,7 @@ with ``token_features.{0,2}``, ``cluster_features.{0,3}`` and ``score.{0,3}`` na
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +22,15 @@ from flax import nnx
 
 from attllm_jax import ops
 from attllm_jax.data.preprocess import PreprocessSpec
-from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config, preset_name
+from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config
 from attllm_jax.models.features import TokenFeatures
-from attllm_jax.models.spec import ConfigError, scalar_dataclass, strict_fields
+from attllm_jax.models.spec import ConfigError, DinoV2HeadSpec
 
 DEFAULT_IMAGE_SIZE = (322, 322)
 
 
 @dataclasses.dataclass(frozen=True)
-class SaladSpec:
+class SaladSpec(DinoV2HeadSpec):
     """Architecture of a DINOv2 + SALAD network.
 
     Attributes:
@@ -57,28 +57,15 @@ class SaladSpec:
         "descriptor_dim",
     )
 
-    def __post_init__(self):
-        if not isinstance(self.dinov2, DinoV2Config):
-            raise ValueError(f"dinov2 must be a DinoV2Config, got {type(self.dinov2).__name__}")
-        for name in ("num_clusters", "cluster_dim", "token_dim", "hidden_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-
     @classmethod
     def released(cls) -> SaladSpec:
         """serizba/salad's ``dino_salad.ckpt``: DINOv2 ViT-B/14, m=64, l=128, g=256 (D = 8448)."""
         return cls()
 
     @property
-    def backbone(self) -> str:
-        """The DINOv2 preset name (``"dinov2_vitb14"``), or ``"dinov2_custom"``."""
-        return preset_name(self.dinov2) or "dinov2_custom"
-
-    @property
     def descriptor_dim(self) -> int:
         """``g + l * m`` (8448 for the released model)."""
-        return self.token_dim + self.cluster_dim * self.num_clusters
+        return self.salad_dim
 
     @staticmethod
     def default_preprocess() -> PreprocessSpec:
@@ -88,18 +75,6 @@ class SaladSpec:
     def build(self, rngs: nnx.Rngs | None = None) -> SaladNet:
         """The network with random weights (``nnx.Rngs(0)`` unless given)."""
         return SaladNet(self, rngs=rngs if rngs is not None else nnx.Rngs(0))
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "dinov2": self.dinov2.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str, require_all: bool = True) -> SaladSpec:
-        """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
-        kwargs = strict_fields(cls, data, where, require_all)
-        dinov2 = kwargs.pop("dinov2", None)
-        if dinov2 is not None:
-            dinov2 = scalar_dataclass(DinoV2Config, dinov2, f"{where}.dinov2", require_all)
-        return scalar_dataclass(cls, kwargs, where, require_all=False, dinov2=dinov2 or dinov2_config("dinov2_vitb14"))
 
     @classmethod
     def from_format_1(cls, data: dict, where: str) -> SaladSpec:
@@ -157,6 +132,12 @@ class SaladAggregator(nnx.Module):
         self.score = TokenMLP(num_channels, hidden_dim, num_clusters, rngs=rngs)
         self.dust_bin = nnx.Param(jnp.asarray(1.0, jnp.float32))
 
+    @classmethod
+    def from_spec(cls, spec: DinoV2HeadSpec, *, rngs: nnx.Rngs) -> SaladAggregator:
+        """The head sized by a :class:`SaladSpec` or a ``MegaLocSpec`` (its DINOv2 width and head fields)."""
+        sizes = (spec.num_clusters, spec.cluster_dim, spec.token_dim, spec.hidden_dim)
+        return cls(spec.dinov2.embed_dim, *sizes, rngs=rngs)
+
     def __call__(
         self,
         patches: jax.Array,
@@ -197,14 +178,7 @@ class SaladNet(nnx.Module):
     def __init__(self, config: SaladSpec, *, rngs: nnx.Rngs):
         self.config = config
         self.backbone = DinoVisionTransformer(config.dinov2, rngs=rngs)
-        self.aggregator = SaladAggregator(
-            config.dinov2.embed_dim,
-            config.num_clusters,
-            config.cluster_dim,
-            config.token_dim,
-            config.hidden_dim,
-            rngs=rngs,
-        )
+        self.aggregator = SaladAggregator.from_spec(config, rngs=rngs)
 
     def features(self, images: jax.Array) -> TokenFeatures:
         """DINOv2 tokens after its final norm (register tokens dropped).

@@ -13,20 +13,28 @@ all come from it. ``config.json`` (format :data:`FORMAT_VERSION`)::
                     "weights": null}}
 
 The architecture is the family's own frozen dataclass (``CnnSpec`` in :mod:`~attllm_jax.models.heads`, ``SaladSpec``
-in :mod:`~attllm_jax.models.salad`), found through :mod:`~attllm_jax.models.registry`. An unknown or missing field is
-a :class:`ConfigError` naming the file and the field. Directories written by release 0.1.0 (a flat dict without
-``format``) are read by :func:`_from_format_1`; their redundant fields (``gem_p``, which the weights hold,
-``image_size``, which the preprocessing holds, and the derived ``features_dim`` / SALAD ``descriptor_dim``, which are
-checked) are dropped.
+in :mod:`~attllm_jax.models.salad`, ``MegaLocSpec`` in :mod:`~attllm_jax.models.megaloc`, ``BoQSpec`` in
+:mod:`~attllm_jax.models.boq`), found through :mod:`~attllm_jax.models.registry`; it provides what
+:class:`ArchitectureSpec` lists plus ``from_dict``, ``from_format_1``, ``default_preprocess`` and ``FORMAT_1_FIELDS``.
+The architectures made of a DINOv2 and a head of positive-int sizes (SALAD, MegaLoc) share
+:class:`DinoV2HeadSpec`; the field checks (:func:`check_positive_ints`, :func:`check_dinov2`) and the strict JSON
+readers (:func:`strict_fields`, :func:`scalar_dataclass`, :func:`dinov2_from_dict`) live here for every family.
+Adding a family means: a model module with its spec class, a conversion module with its key table, and one
+registry entry. An unknown or missing field is a :class:`ConfigError` naming the file and the field.
+
+Directories written by release 0.1.0 (a flat dict without ``format``) are read by :func:`_from_format_1`; their
+redundant fields (``gem_p``, which the weights hold, ``image_size``, which the preprocessing holds, and the derived
+``features_dim`` / SALAD ``descriptor_dim``, which are checked) are dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from attllm_jax.data.preprocess import PreprocessSpec
+from attllm_jax.models.dinov2 import DinoV2Config, dinov2_config, preset_name
 
 FORMAT_VERSION = 2
 
@@ -56,7 +64,8 @@ class Provenance:
     Attributes:
         source_file: the converted file's name (no directory).
         source_sha256: its SHA-256.
-        published_file: the release asset it matches (family, backbone, dimension), if any.
+        published_file: the release asset this file is (downloaded from its URL, or with upstream's SHA-256), if
+            any; never inferred from the file's name or architecture.
         converter_version: the converter's version.
         weights: a note for weights that do not come from a file, e.g. ``"random (seed 0)"``.
     """
@@ -136,6 +145,62 @@ def scalar_dataclass(cls: type, data: Any, where: str, require_all: bool = False
     )
     values = {k: typed_value(v, hints[k], f"{where}.{k}") for k, v in kwargs.items() if k not in extra}
     return construct(cls, {**values, **extra}, where)
+
+
+def check_positive_ints(spec: Any, names: Iterable[str]) -> None:
+    """Checks that each attribute ``names`` of ``spec`` is a positive ``int`` (``bool`` refused).
+
+    Raises:
+        ValueError: naming the first field that is not.
+    """
+    for name in names:
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_dinov2(value: Any) -> None:
+    """Raises ValueError unless ``value`` is a :class:`~attllm_jax.models.dinov2.DinoV2Config`."""
+    if not isinstance(value, DinoV2Config):
+        raise ValueError(f"dinov2 must be a DinoV2Config, got {type(value).__name__}")
+
+
+def dinov2_from_dict(data: Any, where: str, require_all: bool) -> DinoV2Config | None:
+    """The nested ``dinov2`` object of an architecture (``None`` stays ``None``), strictly."""
+    return None if data is None else scalar_dataclass(DinoV2Config, data, f"{where}.dinov2", require_all)
+
+
+class DinoV2HeadSpec:
+    """Base of the architectures made of a DINOv2 backbone and a head sized by positive ints (SALAD, MegaLoc).
+
+    A subclass is a frozen dataclass with a ``dinov2: DinoV2Config`` field (default ViT-B/14) and otherwise only
+    positive-int fields; this class checks them, names the backbone and reads and writes the ``architecture``
+    object of ``config.json`` (``dinov2`` nested, as :meth:`DinoV2Config.to_dict` writes it).
+    """
+
+    def __post_init__(self):
+        check_dinov2(self.dinov2)
+        check_positive_ints(self, [f.name for f in dataclasses.fields(self) if f.name != "dinov2"])
+
+    @property
+    def backbone(self) -> str:
+        """The DINOv2 preset name (``"dinov2_vitb14"``), or ``"dinov2_custom"``."""
+        return preset_name(self.dinov2) or "dinov2_custom"
+
+    @property
+    def salad_dim(self) -> int:
+        """``g + l * m``: width of the SALAD descriptor part (8448 for SALAD, 16640 for MegaLoc upstream)."""
+        return self.token_dim + self.cluster_dim * self.num_clusters
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "dinov2": self.dinov2.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, require_all: bool = True):
+        """From :meth:`to_dict` output; every field must be present unless ``require_all`` is False."""
+        kwargs = strict_fields(cls, data, where, require_all)
+        dinov2 = dinov2_from_dict(kwargs.pop("dinov2", None), where, require_all)
+        return scalar_dataclass(cls, kwargs, where, require_all=False, dinov2=dinov2 or dinov2_config("dinov2_vitb14"))
 
 
 @dataclasses.dataclass(frozen=True)

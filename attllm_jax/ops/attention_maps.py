@@ -123,12 +123,42 @@ def _rbf(centers, weights, valid, sigma, height: int, width: int) -> jax.Array:
     return jnp.where(has_point, jnp.clip(mixed, 0.0, MAX_WEIGHT), jnp.ones_like(mixed))
 
 
+def grid_cell_bounds(size: int, cells: int) -> list[int]:
+    """Edges of ``cells`` grid cells over ``size`` pixels: cell k spans ``bounds[k] .. bounds[k + 1]``.
+
+    ``bounds[k] = round(k * size / cells)`` (Python's round, half to even) and the last cell runs to the edge:
+    the grid-answer convention of DESIGN.md, shared by the sharp grid map and the water-mask oracle.
+    """
+    return [round(k * size / cells) for k in range(cells)] + [size]
+
+
 def _cell_index(size: int, cells: int) -> np.ndarray:
-    """Cell of each pixel: cell k spans ``round(k*size/cells) .. round((k+1)*size/cells)``, last to the edge."""
+    """Cell of each pixel (:func:`grid_cell_bounds`)."""
+    bounds = grid_cell_bounds(size, cells)
     index = np.full(size, cells - 1, np.int32)
     for k in range(cells - 1):
-        index[round(k * size / cells) : round((k + 1) * size / cells)] = k
+        index[bounds[k] : bounds[k + 1]] = k
     return index
+
+
+def grid_cell_means(mask: np.ndarray, n: int) -> np.ndarray:
+    """Mean of a 2-D mask over each cell of an ``n x n`` grid (cells from :func:`grid_cell_bounds`), on the host.
+
+    Args:
+        mask: ``[H, W]`` bool or numbers (e.g. True = water).
+        n: Grid size.
+
+    Returns:
+        ``[n, n]`` float64; an empty cell (a side shorter than ``n``) is 0.
+    """
+    h, w = mask.shape
+    rows, cols = grid_cell_bounds(h, n), grid_cell_bounds(w, n)
+    out = np.zeros((n, n))
+    for r in range(n):
+        for c in range(n):
+            cell = mask[rows[r] : rows[r + 1], cols[c] : cols[c + 1]]
+            out[r, c] = cell.mean() if cell.size else 0.0
+    return out
 
 
 def grid_attention_map(grid: ArrayLike, height: int, width: int, interpolate: bool = False) -> jax.Array:

@@ -1,9 +1,11 @@
 """PyTorch-compatible separable resizes, written as small interpolation matrices built on the host.
 
-``torch.nn.functional.interpolate`` and ``jax.image.resize`` disagree on the source-index mapping and on
-the cubic kernel, so both resizes here build, in NumPy float64, the exact ``[out, in]`` weight matrix of
-each axis as PyTorch defines it (``align_corners=False``, no antialiasing, edge indices clamped) and apply
-it with two einsums. Shapes are static, so the matrices are compile-time constants under ``jax.jit``.
+``torch.nn.functional.interpolate`` and ``jax.image.resize`` disagree on the source-index mapping, the cubic
+kernel and antialiasing, so every resize here builds, in NumPy, the exact ``[out, in]`` weight matrix of each axis
+as PyTorch defines it and applies it with two einsums (:func:`apply_separable`): plain bilinear and bicubic
+(``align_corners=False``, edge indices clamped; :func:`bilinear_matrix`, :func:`bicubic_matrix`) and the
+antialiased resizes (:func:`antialiased_matrix` with a triangle or cubic kernel). Shapes are static, so the
+matrices are compile-time constants under ``jax.jit``.
 """
 
 import functools
@@ -45,17 +47,15 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def _cubic_coefficients(t: np.ndarray) -> np.ndarray:
-    """The four cubic-convolution weights for taps at offsets -1, 0, 1, 2 from ``floor(src)``; ``t`` in [0, 1]."""
-    a = _CUBIC_A
+def cubic_kernel(x: np.ndarray, a: float) -> np.ndarray:
+    """The cubic-convolution kernel of coefficient ``a`` at offsets ``x`` (zero for ``|x| >= 2``).
 
-    def near(d):  # |d| <= 1
-        return ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
-
-    def far(d):  # 1 < |d| < 2
-        return ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
-
-    return np.stack([far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)], axis=-1)
+    ``a = -0.75`` is PyTorch's plain bicubic, ``a = -0.5`` (Keys) its antialiased bicubic.
+    """
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0  # |x| < 1
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a  # 1 <= |x| < 2
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
 def bicubic_matrix(in_size: int, scale_factor: float) -> np.ndarray:
@@ -78,7 +78,7 @@ def bicubic_matrix(in_size: int, scale_factor: float) -> np.ndarray:
     src = inv_scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
     base = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     t = np.clip(src.astype(np.float64) - base, 0.0, 1.0)
-    coeffs = _cubic_coefficients(t)
+    coeffs = cubic_kernel(np.stack([t + 1.0, t, 1.0 - t, 2.0 - t], axis=-1), _CUBIC_A)  # taps -1, 0, 1, 2
     weights = np.zeros((out_size, in_size))
     rows = np.arange(out_size)
     for tap in range(4):
@@ -180,19 +180,66 @@ def antialiased_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
         A float64 matrix ``[out_size, in_size]`` (float32 values) whose rows sum to 1 up to float32 round-off.
     """
     in_size, out_size = check_size(in_size, "in_size"), check_size(out_size, "out_size")
-    f32 = np.float32
-    scale = f32(in_size / out_size)
-    support = max(scale, f32(1.0))
-    inv_scale = f32(1.0) / scale if scale >= 1.0 else f32(1.0)
+    return antialiased_matrix(in_size, out_size, _triangle, 1.0, np.float32)
+
+
+def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Weights of ``torch.nn.functional.interpolate(mode="bicubic", size=..., antialias=True)`` along one axis.
+
+    As :func:`antialiased_bilinear_matrix` with the cubic kernel ``a = -0.5`` of support ``2 * max(s, 1)``, at
+    most ``2 * ceil(support) + 1`` taps, evaluated in float64 (DINOv2's register models resize their
+    position-embedding grid with it).
+
+    Returns:
+        A float64 matrix ``[out_size, in_size]``.
+    """
+    in_size, out_size = check_size(in_size, "in_size"), check_size(out_size, "out_size")
+    return antialiased_matrix(in_size, out_size, lambda x: cubic_kernel(x, -0.5), 2.0, np.float64, bounded=True)
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def antialiased_matrix(
+    in_size: int, out_size: int, kernel, radius: float, dtype: type = np.float64, bounded: bool = False
+) -> np.ndarray:
+    """PyTorch's (and PIL's) antialiased resize weights along one axis, for any kernel.
+
+    With ``s = in_size / out_size``, output ``i`` is centred at ``center = s * (i + 0.5)`` and takes the inputs
+    ``j`` in ``[trunc(center - support + 0.5), trunc(center + support + 0.5))`` clipped to the axis (and, when
+    ``bounded``, to at most ``2 * ceil(support) + 1`` taps), ``support = radius * max(s, 1)``, with weights
+    ``kernel((j - center + 0.5) / max(s, 1))`` normalized to sum to 1. Scale, centres and weights are evaluated in
+    ``dtype`` (PyTorch uses the tensor's float type for the bilinear weights).
+
+    Args:
+        in_size: input length.
+        out_size: output length.
+        kernel: the interpolation kernel on offsets in input pixels (``radius`` wide).
+        radius: the kernel's support at scale 1 (1 bilinear, 2 bicubic).
+        dtype: ``np.float32`` or ``np.float64``.
+        bounded: cap the taps per output as PyTorch's antialiased bicubic does.
+
+    Returns:
+        A float64 matrix ``[out_size, in_size]`` (``dtype`` values).
+    """
+    f = dtype
+    scale = f(in_size / out_size)
+    support = f(radius) * max(scale, f(1.0))
+    inv_scale = f(1.0) / scale if scale >= 1.0 else f(1.0)
+    max_taps = int(math.ceil(support)) * 2 + 1
     weights = np.zeros((out_size, in_size))
     for i in range(out_size):
-        center = f32(float(scale) * (i + 0.5))
+        center = f(float(scale) * (i + 0.5))
         lo = max(int(float(center) - float(support) + 0.5), 0)
         hi = min(int(float(center) + float(support) + 0.5), in_size)
+        if bounded:
+            hi = lo + min(max(hi - lo, 0), max_taps)
         taps = np.arange(lo, hi)
-        x = np.abs(((taps - center).astype(f32) + f32(0.5)) * inv_scale)
-        w = np.where(x < 1.0, f32(1.0) - x, f32(0.0)).astype(f32)
-        weights[i, taps] = w / w.sum(dtype=f32)
+        w = kernel(((taps - center).astype(f) + f(0.5)) * inv_scale).astype(f)
+        total = w.sum(dtype=f)
+        weights[i, taps] = w / total if total != 0.0 else w
     return weights
 
 

@@ -160,7 +160,14 @@ class StoreArray:
             return np.zeros((0, self.shape[1]), np.float32)
         first, last = start // self.chunk_size, (stop - 1) // self.chunk_size
         lo, hi = first * self.chunk_size, min((last + 1) * self.chunk_size, self.shape[0])
-        data = np.asarray(self._array[lo:hi].read().result())
+        try:
+            data = np.asarray(self._array[lo:hi].read().result())
+        except ValueError as error:  # tensorstore: a truncated or unreadable chunk file
+            chunks = f"chunk {first}" if first == last else f"chunks {first}-{last}"
+            raise StoreError(
+                f"store {chunks} of {self._location} cannot be read ({str(error)[:200]}); delete the store's done/ "
+                "marker of that chunk to recompute it"
+            ) from None
         for chunk in range(first, last + 1):
             if chunk in self._verified:
                 continue
@@ -456,7 +463,13 @@ class DescriptorStore:
                 f"store {self._root} is incomplete: {len(missing)} of {self.num_chunks} chunk(s) not written yet "
                 "(an extraction is running or was interrupted; rerun it to finish)"
             )
-        valid = np.asarray(self._array(VALID).read().result(), dtype=bool)
+        try:
+            valid = np.asarray(self._array(VALID).read().result(), dtype=bool)
+        except ValueError as error:  # tensorstore: a truncated or unreadable chunk file
+            raise StoreError(
+                f"the valid mask of store {self._root} cannot be read ({str(error)[:200]}); delete the store to "
+                "recompute it"
+            ) from None
         for chunk in range(self.num_chunks):
             start, stop = self.chunk_range(chunk)
             if _sha256(valid[start:stop]) != markers[chunk]["valid_sha256"]:

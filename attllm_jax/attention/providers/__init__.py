@@ -1,11 +1,19 @@
 """Who answers an annotation request, one module each, behind :class:`~.base.AnswerSource`.
 
+* :mod:`.base`: the request/response types, :class:`Provider` (a remote model: subclasses write one attempt,
+  ``_call_once``, and say which ``secrets`` to redact; ``generate`` sends it through the request policy and redacts
+  the answer) and the checks every provider shares (``check_timeout``, ``request_image``).
 * :mod:`.gemini`: :class:`GeminiProvider` (google-genai SDK).
 * :mod:`.openai_compatible`: :class:`OpenAIProvider` (the ``openai`` client; vLLM, Ollama, LM Studio, ...).
 * :mod:`.files`: :class:`ExistingAnswers`, a reader of attention files already on disk (no request made).
+* :mod:`.gemini_image_edit`: the image-editing model that floods dry photos (``experiments.flood``); not an
+  annotation source, but sent through the same policy. The water-mask oracle is
+  :class:`attllm_jax.attention.masks.MasksProvider`.
 
-How requests are sent (retries, rate limit, redaction) lives in :mod:`attllm_jax.attention.request_policy`,
-shared by every provider; its public names are re-exported here for the front ends.
+How requests are sent (retries, rate limit, redaction, and which HTTP statuses are retriable or fatal:
+``ProviderError.from_status``) lives in :mod:`attllm_jax.attention.request_policy`, shared by every provider; its
+public names are re-exported here for the front ends. Adding a provider means: a module here with a
+:class:`Provider` subclass, and its name in ``experiments.annotate``.
 """
 
 from attllm_jax.attention.providers.base import (

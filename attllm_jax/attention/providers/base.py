@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from attllm_jax.attention.parse import ParsedAttention
-from attllm_jax.attention.request_policy import RateLimiter, Redactor, RequestPolicy, RetryPolicy
+from attllm_jax.attention.request_policy import ProviderError, RateLimiter, Redactor, RequestPolicy, RetryPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,20 @@ class AnswerSource(Protocol):
     ) -> AnnotationResponse: ...
 
     def close(self) -> None: ...
+
+
+def check_timeout(timeout_s: float) -> float:
+    """A provider's per-attempt timeout in seconds; raises ValueError unless it is positive."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    return timeout_s
+
+
+def request_image(request: AnnotationRequest) -> bytes:
+    """The JPEG a request carries; a request without one is a (non-retriable) ProviderError."""
+    if request.image_jpeg is None:
+        raise ProviderError(f"request for {request.image_path} carries no image")
+    return request.image_jpeg
 
 
 class Provider(abc.ABC):

@@ -13,10 +13,8 @@ from typing import Any
 
 import httpx
 
-from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider
+from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider, check_timeout, request_image
 from attllm_jax.attention.request_policy import (
-    FATAL_STATUS_CODES,
-    RETRY_STATUS_CODES,
     ProviderError,
     RateLimiter,
     RetryPolicy,
@@ -93,9 +91,7 @@ class GeminiProvider(Provider):
         self._api_key = api_key or api_key_from_env(GEMINI_KEY_VARIABLES)
         if not self._api_key:
             raise ValueError(f"no Gemini API key: set {' or '.join(GEMINI_KEY_VARIABLES)} in the environment")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self._types = types
         self._transport_errors = _httpx_classes("TransportError")
         self._timeout_errors = _httpx_classes("TimeoutException")
@@ -129,9 +125,7 @@ class GeminiProvider(Provider):
     def _call_once(self, request: AnnotationRequest) -> ModelReply:
         from google.genai import errors
 
-        if request.image_jpeg is None:
-            raise ProviderError(f"request for {request.image_path} carries no image")
-        contents = [self._types.Part.from_bytes(data=request.image_jpeg, mime_type="image/jpeg"), request.prompt]
+        contents = [self._types.Part.from_bytes(data=request_image(request), mime_type="image/jpeg"), request.prompt]
         try:
             response = self._client.models.generate_content(
                 model=self.model, contents=contents, config=self._config(request)
@@ -166,13 +160,7 @@ class GeminiProvider(Provider):
         status = getattr(e, "status", None)
         text = f"Gemini API error {code} {status or ''}: {message}".replace("  ", " ")
         key_invalid = code == 400 and "API_KEY_INVALID" in json.dumps(getattr(e, "details", None), default=str)
-        return ProviderError(
-            text[:500],
-            retriable=code in RETRY_STATUS_CODES,
-            fatal=code in FATAL_STATUS_CODES or key_invalid,
-            status=code,
-            retry_after=delay,
-        )
+        return ProviderError.from_status(text[:500], code, delay, fatal=key_invalid)
 
     def close(self) -> None:
         try:

@@ -32,8 +32,6 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from attllm_jax.attention.providers.gemini import GEMINI_KEY_VARIABLES
 from attllm_jax.attention.request_policy import (
-    FATAL_STATUS_CODES,
-    RETRY_STATUS_CODES,
     ProviderError,
     RateLimiter,
     Redactor,
@@ -216,15 +214,8 @@ def _http_error(response: httpx.Response) -> ProviderError:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         message = str(body["error"].get("message", message))
     status = response.status_code
-    return ProviderError(
-        f"HTTP {status}: {message}",
-        retriable=status in RETRY_STATUS_CODES,
-        fatal=status in FATAL_STATUS_CODES,
-        status=status,
-        retry_after=server_delay(
-            parse_retry_after(response.headers.get("Retry-After")), parse_google_retry_delay(body)
-        ),
-    )
+    delay = server_delay(parse_retry_after(response.headers.get("Retry-After")), parse_google_retry_delay(body))
+    return ProviderError.from_status(f"HTTP {status}: {message}", status, delay)
 
 
 def _image_from_answer(payload: dict) -> tuple[Image.Image, str, str]:

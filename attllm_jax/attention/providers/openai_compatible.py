@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider
+from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider, check_timeout, request_image
 from attllm_jax.attention.request_policy import (
-    FATAL_STATUS_CODES,
-    RETRY_STATUS_CODES,
     ProviderError,
     RateLimiter,
     RetryPolicy,
@@ -61,8 +59,7 @@ class OpenAIProvider(Provider):
         super().__init__(model, retry, limiter)
         if not base_url:
             raise ValueError("the openai provider needs --base_url (e.g. http://127.0.0.1:8000/v1)")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        check_timeout(timeout_s)
         import openai
 
         self._openai = openai
@@ -77,9 +74,7 @@ class OpenAIProvider(Provider):
         return (self._api_key,)
 
     def _call_once(self, request: AnnotationRequest) -> ModelReply:
-        if request.image_jpeg is None:
-            raise ProviderError(f"request for {request.image_path} carries no image")
-        data_url = "data:image/jpeg;base64," + base64.b64encode(request.image_jpeg).decode("ascii")
+        data_url = "data:image/jpeg;base64," + base64.b64encode(request_image(request)).decode("ascii")
         messages = [
             {
                 "role": "user",
@@ -106,12 +101,8 @@ class OpenAIProvider(Provider):
 def _status_error(e: Any) -> ProviderError:
     response = e.response
     delay = server_delay(parse_retry_after(response.headers.get("retry-after")), parse_google_retry_delay(e.body))
-    return ProviderError(
-        f"HTTP {e.status_code} from {response.request.url.path}: {response.text[:300]}",
-        retriable=e.status_code in RETRY_STATUS_CODES,
-        fatal=e.status_code in FATAL_STATUS_CODES,
-        status=e.status_code,
-        retry_after=delay,
+    return ProviderError.from_status(
+        f"HTTP {e.status_code} from {response.request.url.path}: {response.text[:300]}", e.status_code, delay
     )
 
 
