@@ -340,7 +340,7 @@ def main(argv):
 
 def help_text() -> str:
     """This module's docstring and its flags."""
-    return cli.help_text(__doc__, sys.argv[0] if __name__ == "__main__" else __name__)
+    return cli.help_text(__doc__, sys.argv[0] if __name__ == "__main__" else __name__, multihost.__name__)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -101,7 +101,7 @@ def main(argv):
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point (``attllm-extract``, also ``python -m experiments.extract``); ``--help`` exits 0."""
     module = sys.argv[0] if __name__ == "__main__" else __name__
-    cli.run_command("extract", main, lambda: cli.help_text(__doc__, module), argv)
+    cli.run_command("extract", main, lambda: cli.help_text(__doc__, module, multihost.__name__), argv)
 
 
 if __name__ == "__main__":
