@@ -1,0 +1,98 @@
+"""The numeric precision a model runs at: ``"float32"`` (default), ``"tf32"`` or ``"bfloat16"``.
+
+- ``float32``: float32 parameters and activations, and ``jax.lax.Precision.HIGHEST`` for every matrix product and
+  convolution (through ``jax.default_matmul_precision("highest")`` while the model's functions are traced, so it
+  reaches every dot and convolution of every family). On GPU and TPU, whose default float32 products are TF32 or
+  bfloat16 passes, this is what keeps converted models at float32 round-off from their PyTorch release; on CPU
+  it is what XLA does anyway.
+- ``tf32``: float32 storage with the backend's default (fast) matmul precision (``"default"``): TF32 on recent
+  NVIDIA GPUs, one bfloat16 pass on TPUs, exact float32 on CPU (there ``tf32`` equals ``float32`` bit for bit).
+- ``bfloat16``: the backbone's linear and convolution layers hold bfloat16 kernels and biases and take bfloat16
+  inputs (one bfloat16 pass, float32 accumulation on the backends that offer it). Everything else stays float32:
+  LayerNorm / BatchNorm statistics and outputs, the residual sums, the attention logits and softmax, the whole
+  aggregation head (GeM powers and roots, SALAD's Sinkhorn iterations, BoQ's blocks, the attention-map blend) and
+  the final L2 norms. The backbone's output is cast to float32 before aggregation, so :meth:`VPRModel.features`
+  returns float32 pytrees at every precision.
+
+The precision is part of a model's identity: descriptor stores and results.json record it
+(:func:`attllm_jax.evaluation.extract.database_store_key`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PRECISIONS = ("float32", "tf32", "bfloat16")
+DEFAULT_PRECISION = "float32"
+# The jax_default_matmul_precision each precision traces the model under.
+MATMUL_PRECISION = {"float32": "highest", "tf32": "default", "bfloat16": "default"}
+
+
+def validate_precision(precision: str, name: str = "precision") -> str:
+    """Returns ``precision`` if it is one of :data:`PRECISIONS`.
+
+    Raises:
+        ValueError: anything else, naming the value and the choices.
+    """
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def matmul_precision(precision: str):
+    """The ``jax.default_matmul_precision`` context a model of ``precision`` is traced under."""
+    return jax.default_matmul_precision(MATMUL_PRECISION[validate_precision(precision)])
+
+
+def backbone_dtype(precision: str) -> jnp.dtype:
+    """The compute dtype of the backbone's linear and convolution layers (bfloat16 or float32)."""
+    return jnp.dtype(jnp.bfloat16 if validate_precision(precision) == "bfloat16" else jnp.float32)
+
+
+def apply_precision(net: nnx.Module, precision: str) -> nnx.Module:
+    """``net`` set up for ``precision``: a copy whose backbone computes in bfloat16, or ``net`` itself.
+
+    For ``"bfloat16"`` every :class:`flax.nnx.Linear` and :class:`flax.nnx.Conv` under ``net.backbone`` gets
+    ``dtype=bfloat16`` and its kernel and bias are stored in bfloat16 (a second call changes nothing); the
+    normalization layers, other parameters and the aggregation head stay float32. ``net`` itself is not changed.
+
+    Args:
+        net: a family's network (every family has a ``backbone`` attribute).
+        precision: one of :data:`PRECISIONS`.
+    """
+    if validate_precision(precision) != "bfloat16":
+        return net
+    net = nnx.clone(net)  # new Variables (nnx.merge of a split would share them): the caller's network keeps float32
+    for _, module in nnx.iter_graph(net.backbone):
+        if isinstance(module, (nnx.Linear, nnx.Conv)):
+            module.dtype = jnp.bfloat16
+            for name in ("kernel", "bias"):
+                variable = getattr(module, name, None)
+                if variable is not None:
+                    variable.set_value(variable.get_value().astype(jnp.bfloat16))
+    return net
+
+
+def features_as_float32(feats):
+    """Every floating leaf of a :class:`~attllm_jax.models.features.Features` pytree cast to float32."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, feats)
+
+
+def runtime_summary(precision: str | None = None) -> str:
+    """One line: backend, device count and kinds, and ``precision`` with the matmul precision it uses.
+
+    E.g. ``"backend cpu: 1 device (cpu), precision float32 (matmul highest)"``; the global
+    ``jax_default_matmul_precision`` is named when ``precision`` is None.
+    """
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    line = (
+        f"backend {jax.default_backend()}: {len(devices)} device{'s' if len(devices) != 1 else ''} ({', '.join(kinds)})"
+    )
+    if jax.process_count() > 1:
+        line += f", {jax.process_count()} processes"
+    if precision is None:
+        return f"{line}, default matmul precision {jax.config.jax_default_matmul_precision or 'backend default'}"
+    return f"{line}, precision {precision} (matmul {MATMUL_PRECISION[validate_precision(precision)]})"
