@@ -62,6 +62,13 @@ flags.DEFINE_bool("grid_interpolate", False, "Bilinear upsampling of grid answer
 flags.DEFINE_integer("max_points", 8, "Point slots per attention answer.")
 flags.DEFINE_integer("num_preds_to_save", 0, "Save, per query and alpha, a strip with the top-K predictions.")
 flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
+flags.DEFINE_enum(
+    "precision",
+    "float32",
+    ["float32", "tf32", "bfloat16"],
+    "float32: highest matmul precision on every backend; tf32: the backend's fast float32 products; "
+    "bfloat16: bfloat16 backbone, float32 norms and aggregation (see README, Precision).",
+)
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.DEFINE_enum(
     "search",
@@ -171,6 +178,7 @@ def _overrides() -> dict:
         "max_points": FLAGS.max_points,
         "num_preds_to_save": FLAGS.num_preds_to_save,
         "model_seed": FLAGS.model_seed,
+        "precision": FLAGS.precision,
         "search": _search_spec(),
     }
     if FLAGS.alphas is not None:
@@ -200,6 +208,13 @@ def _fail(message: str, usage: bool = False) -> None:
     """Ends the run with one ``eval: error: ...`` line on stderr (and a pointer to --help for usage errors)."""
     print(f"eval: error: {message}" + (" (see --help for the flags)" if usage else ""), file=sys.stderr)
     sys.exit(2 if usage else 1)
+
+
+def print_runtime(command: str, precision: str) -> None:
+    """One stderr line at the start of a command: backend, devices and precision (is the accelerator used?)."""
+    from attllm_jax.models.precision import runtime_summary
+
+    print(f"{command}: {runtime_summary(precision)}", file=sys.stderr, flush=True)
 
 
 def _os_error_line(error: OSError, config) -> str:
@@ -282,6 +297,7 @@ def main(argv):
     from attllm_jax.retrieval.store import StoreError
 
     config = config_from_flags()
+    print_runtime("eval", config.precision)
     try:
         _check_writable(config.output_dir)
     except OSError as error:

@@ -69,6 +69,7 @@ def main(argv):
 
     alphas = tuple(eval_cli.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
     config = eval_cli.config_from_flags("outputs/tune_demo", alphas=alphas)
+    eval_cli.print_runtime("tune", config.precision)
     sigmas = tuple(eval_cli.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
     settings = TuneSettings(
         alphas=alphas,
