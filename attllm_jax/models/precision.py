@@ -51,12 +51,65 @@ def backbone_dtype(precision: str) -> jnp.dtype:
     return jnp.dtype(jnp.bfloat16 if validate_precision(precision) == "bfloat16" else jnp.float32)
 
 
+def pointwise_conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    **kwargs,
+):
+    """``jax.lax.conv_general_dilated`` (the signature :class:`flax.nnx.Conv` calls) with 1x1 kernels as a product.
+
+    A channels-last ``[B, H, W, C]`` input with a ``[1, 1, C, O]`` kernel, no padding, dilation or groups is strided
+    (``x[:, ::s, ::s]``, the same output grid as the convolution) and multiplied by the ``[C, O]`` kernel; anything
+    else goes to ``conv_general_dilated`` unchanged. On XLA:CPU a pointwise convolution runs as a generic
+    convolution at about a quarter of the speed of the same product (25 vs 102 GFLOP/s float32, 26 vs 222 bfloat16
+    for ``[4, 64, 86, 1024] x [1024, 256]`` on the development VM); used for the bfloat16 backbones only, so the
+    float32 models keep their exact operations.
+    """
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")) if lhs.ndim == 4 else None
+    unpadded = padding == "VALID" or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+    if (
+        lhs.ndim == 4
+        and rhs.shape[:2] == (1, 1)
+        and unpadded
+        and feature_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+        and (dimension_numbers is None or dimension_numbers == nhwc)
+        and not kwargs.get("out_sharding")
+    ):
+        strided = lhs[:, :: window_strides[0], :: window_strides[1], :]
+        return jnp.einsum(
+            "bhwc,co->bhwo", strided, rhs[0, 0], precision=precision, preferred_element_type=preferred_element_type
+        )
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kwargs,
+    )
+
+
 def apply_precision(net: nnx.Module, precision: str) -> nnx.Module:
     """``net`` set up for ``precision``: a copy whose backbone computes in bfloat16, or ``net`` itself.
 
     For ``"bfloat16"`` every :class:`flax.nnx.Linear` and :class:`flax.nnx.Conv` under ``net.backbone`` gets
     ``dtype=bfloat16`` and its kernel and bias are stored in bfloat16 (a second call changes nothing); the
-    normalization layers, other parameters and the aggregation head stay float32. ``net`` itself is not changed.
+    normalization layers, other parameters and the aggregation head stay float32; 1x1 convolutions run as matrix
+    products (:func:`pointwise_conv`). ``net`` itself is not changed.
 
     Args:
         net: a family's network (every family has a ``backbone`` attribute).
@@ -68,6 +121,8 @@ def apply_precision(net: nnx.Module, precision: str) -> nnx.Module:
     for _, module in nnx.iter_graph(net.backbone):
         if isinstance(module, (nnx.Linear, nnx.Conv)):
             module.dtype = jnp.bfloat16
+            if isinstance(module, nnx.Conv):
+                module.conv_general_dilated = pointwise_conv
             for name in ("kernel", "bias"):
                 variable = getattr(module, name, None)
                 if variable is not None:
