@@ -26,17 +26,20 @@ PyTorch, measured at the start of the run), the speed-up against PyTorch float32
 descriptor cosine (min, median over the batch) against our float32.
 
 CPU findings for issue 12 (the 2-core development VM, AMD EPYC with AVX512-BF16, jax 0.10.2, loaded by other jobs:
-load average 5-9 on 2 cores, so absolute times move by 2x between runs; ratios are from one run):
+load average 2.7-9 on 2 cores, so absolute times move by 2x between runs; ratios are from one run; the table is in
+the README):
 
-- bfloat16 products are ~2x float32 in XLA:CPU (2048^3: 197 vs 99 GFLOP/s by default, 364 vs 162 with
-  ``--xla_cpu_use_onednn=true``), but bfloat16 convolutions are not faster than float32 (82-102 vs 88-112 GFLOP/s
-  for a 3x3x256x256 convolution under every XLA flag tried: default, ``--xla_cpu_use_thunk_runtime=false``,
+- bfloat16 x bfloat16 -> float32 products run at ~2x float32 in XLA:CPU (2048^3: 455-589 vs 220-327 GFLOP/s), but
+  bfloat16 -> bfloat16 products below float32 (74 vs 104 for ViT-B's fc1), 1x1 convolutions at a quarter of the
+  product's speed in either dtype and 3x3 convolutions no faster in bfloat16 (82-102 vs 88-112 GFLOP/s for a
+  3x3x256x256 convolution under every XLA flag tried: default, ``--xla_cpu_use_thunk_runtime=false``,
   ``--xla_cpu_enable_fast_math=true``, ``--xla_cpu_use_onednn=true``,
   ``--xla_cpu_experimental_onednn_custom_call=true``, ``--xla_cpu_use_xnnpack=true``,
   ``--xla_cpu_experimental_xnn_fusion_type=dot,eltwise``, ``--xla_cpu_experimental_ynn_fusion_type=dot``,
   ``--xla_cpu_experimental_onednn_fusion_type=dot``; ``--xla_cpu_use_mkl_dnn`` is not a flag of this jaxlib).
-- So the convolutional models gain nothing (CosPlace ResNet-50 at 512x683: bfloat16 0.93x of our float32) and the
-  transformers gain less than 1.5x (SALAD ViT-B/14 at 322: 1.18x), see the README. float32 stays the CPU default.
+- Hence the bfloat16 precision asks every backbone layer for float32 results and runs 1x1 convolutions as products
+  (``attllm_jax.models.precision``): bfloat16 / our float32 = 1.43x for CosPlace ResNet-50 at 512x683 (the 3x3
+  convolutions cap it below the 1.5x target), 1.65x for SALAD ViT-B/14 at 322x322. float32 stays the CPU default.
 """
 
 from __future__ import annotations

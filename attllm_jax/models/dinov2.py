@@ -208,7 +208,10 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, c = x.shape
         head_dim = c // self.num_heads
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        if self.qkv.dtype is not None:  # the bfloat16 precision: attention products on bfloat16 operands too
+            qkv = qkv.astype(self.qkv.dtype)
+        qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         out = multi_head_attention(qkv[0] * head_dim**-0.5, qkv[1], qkv[2])  # [B, heads, T, head_dim]
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, t, c))
 
