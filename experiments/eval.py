@@ -297,11 +297,11 @@ def main(argv):
     from attllm_jax.retrieval.store import StoreError
 
     config = config_from_flags()
-    print_runtime("eval", config.precision)
     try:
         _check_writable(config.output_dir)
     except OSError as error:
         _fail(_os_error_line(error, config))
+    print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
     try:
         result = run_evaluation(config)
     except (CoordinateError, PathListError, ModelLoadError, StoreError, SearchMemoryError) as error:

@@ -69,7 +69,6 @@ def main(argv):
 
     alphas = tuple(eval_cli.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
     config = eval_cli.config_from_flags("outputs/tune_demo", alphas=alphas)
-    eval_cli.print_runtime("tune", config.precision)
     sigmas = tuple(eval_cli.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
     settings = TuneSettings(
         alphas=alphas,
@@ -91,6 +90,7 @@ def main(argv):
         settings = settings.validated(config.recall_values)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    eval_cli.print_runtime("tune", config.precision)
     try:
         result = run_tuning(config, settings)
     except (CoordinateError, StoreError, SearchMemoryError, CacheError, FileNotFoundError, ValueError) as error:

@@ -263,3 +263,19 @@ def test_pointwise_conv_equals_the_convolution(kernel, stride):
         x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (stride, stride), pad, dimension_numbers=numbers
     )
     assert low.dtype == jnp.bfloat16
+
+
+def test_doctor_prints_backend_devices_precisions_and_versions():
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.doctor"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines())
+    assert lines["backend"].strip() == jax.default_backend()
+    assert lines["jax"].strip() == jax.__version__ and lines["flax"].strip() == __import__("flax").__version__
+    assert lines["numpy"].strip() == np.__version__ and "jaxlib" in lines and "torch" in lines
+    assert "float32 -> matmul highest" in lines["model precisions"]
