@@ -10,11 +10,12 @@ from attllm_jax import ops
 __version__ = "0.1.0"
 
 
-def load_model(path, verbose: bool = False):
-    """Restores a model written by a converter; see :func:`attllm_jax.checkpoint.load_model`."""
+def load_model(path, precision: str = "float32", verbose: bool = False):
+    """Restores a model written by a converter at ``precision`` ("float32", "tf32" or "bfloat16"); see
+    :func:`attllm_jax.checkpoint.load_model`."""
     from attllm_jax.checkpoint import load_model as _load_model
 
-    return _load_model(path, verbose=verbose)
+    return _load_model(path, precision=precision, verbose=verbose)
 
 
 def __getattr__(name: str):

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from attllm_jax.files import atomic_write_json
+from attllm_jax.models.precision import DEFAULT_PRECISION, validate_precision
 from attllm_jax.models.spec import ConfigError, ModelSpec
 from attllm_jax.models.vpr import VPRModel
 
@@ -106,11 +107,13 @@ def read_spec(directory: str | os.PathLike) -> ModelSpec:
     return ModelSpec.from_dict(data, source=str(path))
 
 
-def load_model(directory: str | os.PathLike, verbose: bool = False) -> VPRModel:
+def load_model(directory: str | os.PathLike, precision: str = DEFAULT_PRECISION, verbose: bool = False) -> VPRModel:
     """Restores a model written by :func:`save_model` (a converter's output directory).
 
     Args:
         directory: the model directory.
+        precision: ``"float32"`` (default: highest matmul precision on every backend), ``"tf32"`` (the backend's
+            fast float32 products) or ``"bfloat16"`` (bfloat16 backbone); see :mod:`attllm_jax.models.precision`.
         verbose: keep orbax's INFO log lines.
 
     Returns:
@@ -119,8 +122,10 @@ def load_model(directory: str | os.PathLike, verbose: bool = False) -> VPRModel:
     Raises:
         FileNotFoundError: missing directory, config or state.
         ConfigError: malformed config.json.
-        ValueError: a state that does not match the network the config describes, or corrupt state data.
+        ValueError: an unknown ``precision`` (checked first), a state that does not match the network the config
+            describes, or corrupt state data.
     """
+    precision = validate_precision(precision)
     directory = Path(directory).absolute()
     spec = read_spec(directory)
     state_path = directory / STATE_DIR
@@ -143,7 +148,7 @@ def load_model(directory: str | os.PathLike, verbose: bool = False) -> VPRModel:
             state = checkpointer.restore(state_path, abstract_state)
         except Exception as e:  # corrupt or truncated array data
             raise ValueError(f"{where}: corrupt checkpoint data ({_first_line(e)})") from e
-    return VPRModel(nnx.merge(graphdef, state), spec)
+    return VPRModel(nnx.merge(graphdef, state), spec, precision)
 
 
 def _first_line(e: Exception) -> str:

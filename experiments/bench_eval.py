@@ -33,6 +33,7 @@ flags.DEFINE_integer("num_queries", 40, "Synthetic queries (the database has 124
 flags.DEFINE_integer("image_size", 288, "Shorter side both pipelines resize to (the synthetic views are 288x384).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
 flags.DEFINE_string("output_json", None, "Optional path for the table as JSON.")
+flags.DEFINE_enum("precision", "float32", ["float32", "tf32", "bfloat16"], "Precision of our model (see README).")
 
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
 RECALL_VALUES = (1, 5, 10, 20)
@@ -153,6 +154,7 @@ def main(argv):
                 alphas=alphas,
                 recall_values=RECALL_VALUES,
                 image_size=FLAGS.image_size,
+                precision=FLAGS.precision,
             )
         )
         ours_s = time.perf_counter() - t0

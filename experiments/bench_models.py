@@ -1,10 +1,13 @@
-"""Images/s of our jitted models vs the PyTorch originals (eager, ``torch.inference_mode``) on the same machine.
+"""Images/s of our jitted models at each precision vs the PyTorch originals (eager, ``torch.inference_mode``, float32
+and bfloat16 autocast) on the same machine, inputs and run, with achieved GFLOP/s against a matmul peak measured in
+the same run.
 
-    python -m experiments.bench_models                      # both models, B=8
-    python -m experiments.bench_models --models=salad --repeats=3 --output=bench_models.json
+    python -m experiments.bench_models                                   # every model, float32, B=8
+    python -m experiments.bench_models --precision float32,bfloat16      # issue 12's table
+    python -m experiments.bench_models --models=cosplace,salad --batch_size=4 --repeats=2 --output=bench.json
 
-Models, with seeded random weights (the published checkpoints are not needed; the CosPlace weights go through the
-production converter, the SALAD weights through ``convert("salad", ...)``):
+Models (``--models`` selects rows), with seeded random weights (the published checkpoints are not needed; every
+model goes through the production converter):
 
 - ``cosplace``: CosPlace ResNet-50 (torchvision trunk + GeM head, 2048-D) at 512x683;
 - ``salad``: DINOv2 ViT-B/14 + SALAD (transformers' DINOv2 with upstream's interpolation as the PyTorch model) at
@@ -14,20 +17,29 @@ production converter, the SALAD weights through ``convert("salad", ...)``):
 - ``boq_dinov2`` (322x322) and ``boq_resnet50`` (384x384): BoQ against :class:`experiments.torch_zoo.TorchBoQ`
   (torch's own ``TransformerEncoderLayer`` / ``MultiheadAttention``).
 
-Both run on the same inputs; descriptors are compared (max abs error) so a fast wrong model cannot pass. Each
-timing is the median over ``--repeats`` calls after ``--warmup`` calls (our first call compiles); the timed calls
-alternate between the two models so that both see the same background load. PyTorch uses its default thread count
-(the number of cores), XLA its own pool of the same size. The target of issue 3 is ours >= 1.2x PyTorch on CPU.
+Inputs are database views of the demo's synthetic benchmark resized to the model's size (photo-like, so the
+descriptor cosines between precisions mean something; not real photos). For every variant the table gives seconds
+per call (median over ``--repeats`` after ``--warmup``; the calls alternate between all variants so that they see
+the same background load), images/s, achieved GFLOP/s (matrix-product and convolution FLOPs counted on our float32
+jaxpr, the same count for every variant) and its share of the matmul peak of its dtype (a 2048^3 product in XLA or
+PyTorch, measured at the start of the run), the speed-up against PyTorch float32 and against our float32, and the
+descriptor cosine (min, median over the batch) against our float32.
 
-Measured on the 2-core development VM (AMD EPYC Zen 3, AVX2; other jobs share the host, so absolute times vary by up
-to 2x between runs and the ratios move with them), ``--repeats=3``, B=8:
+CPU findings for issue 12 (the 2-core development VM, AMD EPYC with AVX512-BF16, jax 0.10.2, loaded by other jobs:
+load average 2.7-9 on 2 cores, so absolute times move by 2x between runs; ratios are from one run; the table is in
+the README):
 
-    cosplace 512x683: 1.20x in a quiet run (torch 7.48 s, ours 6.24 s), 0.81x in a loaded one
-    salad    322x322: 0.95x in a quiet run (torch 6.53 s, ours 6.89 s), 0.79-0.93x in loaded ones
-
-SALAD misses the target: ViT-B/14 is matmul-bound (~75% of the AVX2 peak for both frameworks; our dense layers time
-the same as PyTorch's) and PyTorch's fused flash-attention kernel beats XLA's unfused attention. Grouping the
-attention by (image, head) on CPU (``dinov2.CPU_ATTENTION_CHUNK_BYTES``) gained ~10% at B=8.
+- bfloat16 x bfloat16 -> float32 products run at ~2x float32 in XLA:CPU (2048^3: 455-589 vs 220-327 GFLOP/s), but
+  bfloat16 -> bfloat16 products below float32 (74 vs 104 for ViT-B's fc1), 1x1 convolutions at a quarter of the
+  product's speed in either dtype and 3x3 convolutions no faster in bfloat16 (82-102 vs 88-112 GFLOP/s for a
+  3x3x256x256 convolution under every XLA flag tried: default, ``--xla_cpu_use_thunk_runtime=false``,
+  ``--xla_cpu_enable_fast_math=true``, ``--xla_cpu_use_onednn=true``,
+  ``--xla_cpu_experimental_onednn_custom_call=true``, ``--xla_cpu_use_xnnpack=true``,
+  ``--xla_cpu_experimental_xnn_fusion_type=dot,eltwise``, ``--xla_cpu_experimental_ynn_fusion_type=dot``,
+  ``--xla_cpu_experimental_onednn_fusion_type=dot``; ``--xla_cpu_use_mkl_dnn`` is not a flag of this jaxlib).
+- Hence the bfloat16 precision asks every backbone layer for float32 results and runs 1x1 convolutions as products
+  (``attllm_jax.models.precision``): bfloat16 / our float32 = 1.43x for CosPlace ResNet-50 at 512x683 (the 3x3
+  convolutions cap it below the 1.5x target), 1.65x for SALAD ViT-B/14 at 322x322. float32 stays the CPU default.
 """
 
 from __future__ import annotations
@@ -49,6 +61,12 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls before timing (the first JAX ca
 flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
+flags.DEFINE_list("precision", ["float32"], "Our precisions to time: float32, tf32, bfloat16 (comma-separated).")
+flags.DEFINE_bool("torch_bf16", True, "Also time PyTorch under torch.autocast('cpu', dtype=torch.bfloat16).")
+flags.DEFINE_integer(
+    "peak_size", 2048, "Side of the square matmul whose GFLOP/s is reported as the peak.", lower_bound=64
+)
+flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark (the input images) is cached.")
 FLAGS = flags.FLAGS
 
 
@@ -57,24 +75,112 @@ def _check_models(value: list[str]) -> bool:
     return bool(value) and all(v in MODELS for v in value)
 
 
-def _time_interleaved(
-    ours: Callable[[], object], theirs: Callable[[], object], warmup: int, repeats: int
-) -> tuple[float, list[float], list[float]]:
-    """Seconds of our first call, then of each timed call of both, alternating so both see the same machine load."""
-    start = time.perf_counter()
-    ours()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        theirs()
-    for _ in range(warmup - 1):
-        ours()
-    ours_times, theirs_times = [], []
+@flags.validator("precision", message="--precision must list float32, tf32 and/or bfloat16")
+def _check_precision(value: list[str]) -> bool:
+    return bool(value) and all(v in ("float32", "tf32", "bfloat16") for v in value) and len(set(value)) == len(value)
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Seconds of each function's first call, then of each timed call, alternating between the functions so that
+    all of them see the same machine load. Returns ``(first_call_s, times_s)``, both keyed like ``fns``."""
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        for fn, times in ((ours, ours_times), (theirs, theirs_times)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return first, times
+
+
+def matmul_flops(fn: Callable, *args) -> float:
+    """Floating-point operations of the matrix products and convolutions of ``fn(*args)`` (2 per multiply-add).
+
+    Counted on the jaxpr (``jax.make_jaxpr``), loops multiplied by their trip count; XLA's own cost analysis counts
+    a loop body once, and our CPU code loops over images and attention groups.
+    """
+    import jax
+    import numpy as np
+
+    def subjaxprs(params):
+        for value in params.values():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(item, "eqns"):
+                    yield getattr(item, "jaxpr", item)  # ClosedJaxpr or Jaxpr
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+            elif name == "conv_general_dilated":
+                rhs = eqn.invars[1].aval.shape
+                spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+                total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([rhs[d] for d in spec[1:]])
+            trips = eqn.params.get("length", 1) if name == "scan" else 1
+            total += trips * sum(count(sub) for sub in subjaxprs(eqn.params))
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def matmul_peaks(size: int) -> dict[str, float]:
+    """GFLOP/s of one ``[size, size] x [size, size]`` product: XLA float32 (highest) and bfloat16, PyTorch float32
+    and bfloat16 (best of 5 after a warm-up, measured in this run)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a = np.random.default_rng(0).normal(size=(size, size)).astype(np.float32)
+    flops = 2.0 * size**3
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-    return first, ours_times, theirs_times
+        return flops / min(times) / 1e9
+
+    out = {}
+    for dtype, precision in ((jnp.float32, "highest"), (jnp.bfloat16, "default")):
+        x = jax.device_put(a.astype(dtype))
+        with jax.default_matmul_precision(precision):
+            product = jax.jit(lambda p: jnp.matmul(p, p, preferred_element_type=jnp.float32))
+            out[f"jax_{jnp.dtype(dtype).name}"] = best(lambda x=x, product=product: product(x).block_until_ready())
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.from_numpy(a).to(dtype)
+        with torch.inference_mode():
+            out[f"torch_{str(dtype).split('.')[-1]}"] = best(lambda t=t: t @ t)
+    return out
+
+
+def street_images(batch_size: int, height: int, width: int, cache_dir: str):
+    """``[B, H, W, 3]`` ImageNet-normalized database views of the demo's synthetic benchmark (generated once into
+    ``cache_dir``), resized bilinearly to ``H x W``: photo-like inputs, so the precision cosines mean something."""
+    import numpy as np
+    from PIL import Image
+
+    from attllm_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from attllm_jax.data.synthetic import generate_benchmark
+
+    paths = sorted(generate_benchmark(cache_dir).database.glob("*.jpg"))
+    out = []
+    for i in range(batch_size):
+        image = Image.open(paths[(7 * i) % len(paths)]).convert("RGB").resize((width, height), Image.BILINEAR)
+        out.append((np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
+    return np.stack(out).astype(np.float32)
 
 
 def _cosplace_pair(seed: int):
@@ -145,41 +251,67 @@ _PAIRS = {
 }
 
 
-def bench_model(name: str, batch_size: int, warmup: int, repeats: int, seed: int) -> dict:
-    """Times one model both ways; returns a result row (medians, images/s, ratio, descriptor error)."""
+def bench_model(
+    name: str, precisions: list[str], batch_size: int, warmup: int, repeats: int, seed: int, torch_bf16: bool
+) -> dict:
+    """Times one model at each of our precisions and in PyTorch (float32, and bfloat16 autocast), on the same
+    photo-like inputs; returns a result row (medians, images/s, GFLOP/s, ratios, descriptor agreement)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import torch
 
-    reference, model, (height, width) = _PAIRS[name](seed)
-    rng = np.random.default_rng(seed)
-    images = rng.normal(size=(batch_size, height, width, 3)).astype(np.float32)
+    from attllm_jax.models.vpr import VPRModel
+
+    reference, base, (height, width) = _PAIRS[name](seed)
+    images = street_images(batch_size, height, width, FLAGS.cache_dir)
     images_jax = jax.device_put(images)
     images_torch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    ours = {p: base if p == "float32" else VPRModel(base.net, base.spec, p) for p in precisions}
+    fns: dict[str, Callable[[], object]] = {}
+    for precision, model in ours.items():
+        fns[f"ours {precision}"] = lambda model=model: model(images_jax).block_until_ready()
 
-    def ours():
-        return model(images_jax).block_until_ready()
-
-    def theirs():
-        with torch.inference_mode():
+    def torch_call(autocast: bool):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return reference(images_torch)
 
-    compile_s, ours_times, torch_times = _time_interleaved(ours, theirs, warmup, repeats)
-    error = float(np.max(np.abs(np.asarray(ours()) - theirs().numpy())))
-    ours_s, torch_s = statistics.median(ours_times), statistics.median(torch_times)
+    fns["torch float32"] = lambda: torch_call(False)
+    if torch_bf16:
+        fns["torch bfloat16 autocast"] = lambda: torch_call(True)
+    first, times = _time_interleaved(fns, warmup, repeats)
+    alpha = jnp.zeros((), jnp.float32)
+    flops = matmul_flops(lambda s, x: base._pure_call(s, x, None, alpha), base._state, images_jax)
+    outputs = {
+        k: np.asarray(fn() if k.startswith("ours") else fn().float().numpy(), np.float64) for k, fn in fns.items()
+    }
+    anchor = outputs["ours float32"] if "ours float32" in outputs else outputs["torch float32"]
+    variants = {}
+    for key, times_s in times.items():
+        median = statistics.median(times_s)
+        out = outputs[key]
+        cos = np.sum(out * anchor, -1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(anchor, axis=-1)
+        variants[key] = {
+            "median_s": median,
+            "images_per_s": batch_size / median,
+            "gflops_per_s": flops / median / 1e9,
+            "first_call_s": first[key],
+            "cosine_vs_float32_min": float(cos.min()),
+            "cosine_vs_float32_median": float(np.median(cos)),
+            "max_abs_error_vs_torch_float32": float(np.max(np.abs(out - outputs["torch float32"]))),
+            "times_s": times_s,
+        }
+    torch_s = variants["torch float32"]["median_s"]
+    ours_f32_s = variants.get("ours float32", {}).get("median_s")
+    for row in variants.values():
+        row["speedup_vs_torch_float32"] = torch_s / row["median_s"]
+        row["speedup_vs_ours_float32"] = None if ours_f32_s is None else ours_f32_s / row["median_s"]
     return {
         "model": name,
         "image_size": [height, width],
         "batch_size": batch_size,
-        "torch_median_s": torch_s,
-        "ours_median_s": ours_s,
-        "torch_images_per_s": batch_size / torch_s,
-        "ours_images_per_s": batch_size / ours_s,
-        "speedup": torch_s / ours_s,
-        "ours_first_call_s": compile_s,
-        "max_abs_descriptor_error": error,
-        "torch_times_s": torch_times,
-        "ours_times_s": ours_times,
+        "gflop_per_call": flops / 1e9,
+        "variants": variants,
     }
 
 
@@ -191,35 +323,62 @@ def main(argv: list[str]) -> None:
     import jax
     import torch
 
-    logging.info("flags: %s", {k: FLAGS[k].value for k in ("models", "batch_size", "warmup", "repeats", "seed")})
+    from attllm_jax.models.precision import runtime_summary
+
+    logging.info(
+        "flags: %s",
+        {k: FLAGS[k].value for k in ("models", "precision", "batch_size", "warmup", "repeats", "seed", "torch_bf16")},
+    )
+    print(runtime_summary(), flush=True)
     environment = {
         "jax": jax.__version__,
         "torch": torch.__version__,
         "device": str(jax.devices()[0]),
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
     }
+    peaks = matmul_peaks(FLAGS.peak_size)  # measured again after the models; the higher of the two is the peak
+    print(
+        f"matmul peak {FLAGS.peak_size}^3 (GFLOP/s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+        + f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        flush=True,
+    )
     rows = []
     for name in FLAGS.models:
         logging.info("benchmarking %s", name)
-        rows.append(bench_model(name, FLAGS.batch_size, FLAGS.warmup, FLAGS.repeats, FLAGS.seed))
+        rows.append(
+            bench_model(
+                name, FLAGS.precision, FLAGS.batch_size, FLAGS.warmup, FLAGS.repeats, FLAGS.seed, FLAGS.torch_bf16
+            )
+        )
+    peaks_after = matmul_peaks(FLAGS.peak_size)
+    peaks = {k: max(v, peaks_after[k]) for k, v in peaks.items()}
+    print("matmul peak (higher of start and end of the run): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     print(
-        f"{'model':<13} {'size':>9} {'B':>3} {'torch s':>9} {'ours s':>9} {'torch im/s':>11} {'ours im/s':>10} "
-        f"{'ratio':>6} {'max err':>9}"
+        f"{'model':<13} {'size':>9} {'B':>2} {'variant':<24} {'s/call':>7} {'im/s':>6} {'GFLOP/s':>8} {'%peak':>6} "
+        f"{'vs torch32':>10} {'vs ours32':>9} {'cos min':>9} {'cos med':>9}"
     )
     for r in rows:
         size = "x".join(str(s) for s in r["image_size"])
-        print(
-            f"{r['model']:<13} {size:>9} {r['batch_size']:>3} {r['torch_median_s']:>9.3f} {r['ours_median_s']:>9.3f} "
-            f"{r['torch_images_per_s']:>11.2f} {r['ours_images_per_s']:>10.2f} {r['speedup']:>5.2f}x "
-            f"{r['max_abs_descriptor_error']:>9.1e}"
-        )
+        for key, v in r["variants"].items():
+            peak = peaks[
+                ("jax_" if key.startswith("ours") else "torch_") + ("bfloat16" if "bfloat16" in key else "float32")
+            ]
+            vs_ours = "" if v["speedup_vs_ours_float32"] is None else f"{v['speedup_vs_ours_float32']:.2f}x"
+            print(
+                f"{r['model']:<13} {size:>9} {r['batch_size']:>2} {key:<24} {v['median_s']:>7.3f} "
+                f"{v['images_per_s']:>6.2f} {v['gflops_per_s']:>8.1f} {100 * v['gflops_per_s'] / peak:>5.0f}% "
+                f"{v['speedup_vs_torch_float32']:>9.2f}x {vs_ours:>9} {v['cosine_vs_float32_min']:>9.6f} "
+                f"{v['cosine_vs_float32_median']:>9.6f}"
+            )
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
-            json.dump({"environment": environment, "results": rows}, f, indent=2)
+            json.dump({"environment": environment, "matmul_peak_gflops": peaks, "results": rows}, f, indent=2)
         logging.info("wrote %s", FLAGS.output)
 
 

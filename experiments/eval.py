@@ -25,10 +25,8 @@ import tempfile
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, multihost
 from experiments.cli import fail
-
-from experiments import multihost
 
 FLAGS = flags.FLAGS
 
@@ -77,6 +75,13 @@ flags.DEFINE_enum(
     ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50"],
     "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released MegaLoc / BoQ "
     "architecture with random weights.",
+)
+flags.DEFINE_enum(
+    "precision",
+    "float32",
+    ["float32", "tf32", "bfloat16"],
+    "float32: highest matmul precision on every backend; tf32: the backend's fast float32 products; "
+    "bfloat16: bfloat16 backbone, float32 norms and aggregation (see README, Precision).",
 )
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.DEFINE_enum(
@@ -188,6 +193,7 @@ def _overrides() -> dict:
         "num_preds_to_save": FLAGS.num_preds_to_save,
         "model_seed": FLAGS.model_seed,
         "random_model": FLAGS.random_model,
+        "precision": FLAGS.precision,
         "search": _search_spec(),
     }
     if FLAGS.alphas is not None:
@@ -216,6 +222,13 @@ def _search_spec():
 def _fail(message: str, usage: bool = False) -> None:
     """Ends the run with one ``eval: error: ...`` line on stderr (and a pointer to --help for usage errors)."""
     fail("eval", message, usage)
+
+
+def print_runtime(command: str, precision: str) -> None:
+    """One stderr line at the start of a command: backend, devices and precision (is the accelerator used?)."""
+    from attllm_jax.models.precision import runtime_summary
+
+    print(f"{command}: {runtime_summary(precision)}", file=sys.stderr, flush=True)
 
 
 def _os_error_line(error: OSError, config) -> str:
@@ -311,6 +324,7 @@ def main(argv):
         _check_writable(config.output_dir)
     except OSError as error:
         _fail(_os_error_line(error, config))
+    print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
     try:
         result = run_evaluation(config)
     except (CoordinateError, PathListError, ModelLoadError, StoreError, SearchMemoryError) as error:

@@ -35,6 +35,9 @@ flags.DEFINE_integer("chunk_size", None, "Images per store chunk (default 256 on
 flags.DEFINE_enum("store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype.")
 flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
 flags.DEFINE_string("logs_dir", None, "Per-process log files go here (default: stderr only).")
+flags.DEFINE_enum(
+    "precision", "float32", ["float32", "tf32", "bfloat16"], "Model precision (part of the store's key; see README)."
+)
 flags.mark_flags_as_required(["database_folder", "store_dir"])
 for _name in ("batch_size", "chunk_size", "num_workers"):
     flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
@@ -71,11 +74,15 @@ def main(argv):
         chunk_size=FLAGS.chunk_size,
         store_dtype=FLAGS.store_dtype,
         model_seed=FLAGS.model_seed,
+        precision=FLAGS.precision,
     )
     try:
         config = config.validated()
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from None
+    from attllm_jax.models.precision import runtime_summary
+
+    print(f"extract: {runtime_summary(config.precision)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         directory, summary = run_extraction(config, log_dir=FLAGS.logs_dir)

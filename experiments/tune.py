@@ -91,6 +91,7 @@ def main(argv):
         settings = settings.validated(config.recall_values)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    eval_cli.print_runtime("tune", config.precision)
     try:
         result = run_tuning(config, settings)
     except (CoordinateError, StoreError, SearchMemoryError, CacheError, FileNotFoundError, ValueError) as error:

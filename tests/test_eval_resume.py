@@ -127,6 +127,7 @@ def _cli(*args, cwd):
         (["--image_size", "0"], "--image_size"),
         (["--distance", "l1"], "--distance"),
         (["--database_folder", "/nowhere"], "--queries_folder"),
+        (["--precision", "fp16"], "--precision"),
     ],
 )
 def test_cli_rejects_bad_flags_before_any_work(tmp_path, args, message):
@@ -162,6 +163,7 @@ def test_extract_command_builds_a_store_that_eval_reuses(tmp_path):
     )
     assert built.returncode == 0, built.stderr[-3000:]
     assert "created, 3 of 3 chunks computed, 13 images" in built.stdout and "images/s" in built.stdout
+    assert "extract: backend cpu: 1 device (cpu), precision float32 (matmul highest)" in built.stderr
     from attllm_jax.retrieval.store import read_store
 
     descriptors, valid, paths = read_store(store)
@@ -171,5 +173,7 @@ def test_extract_command_builds_a_store_that_eval_reuses(tmp_path):
         "--alphas", "0", "--recall_values", "1", *common, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval: backend cpu: 1 device (cpu), precision float32" in result.stderr
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["store"]["status"] == "reused" and res["store"]["images_computed"] == 0
+    assert res["precision"] == "float32"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from attllm_jax.data.coordinates import CONVENTIONS
+from attllm_jax.models.precision import validate_precision
 from attllm_jax.retrieval.recall import validate_recall_values
 from attllm_jax.retrieval.search import SearchSpec
 
@@ -49,6 +50,7 @@ class EvalConfig:
         random_model: Which random-weight model without a checkpoint (:data:`RANDOM_MODELS`; the demo's).
         notes: Extra lines printed with the results (e.g. the demo's disclaimers).
         search: How the database is searched (method, faiss parameters, memory budget).
+        precision: The model's precision, "float32", "tf32" or "bfloat16" (see attllm_jax.models.precision).
     """
 
     database_folder: str
@@ -78,6 +80,7 @@ class EvalConfig:
     random_model: str = "cosplace"
     notes: tuple[str, ...] = field(default=())
     search: SearchSpec = field(default_factory=SearchSpec)
+    precision: str = "float32"
 
     @property
     def resolved_store_dir(self) -> Path | str:
@@ -130,6 +133,7 @@ class EvalConfig:
         if not (math.isfinite(float(self.sigma)) and float(self.sigma) > 0):
             raise ValueError(f"--sigma must be positive, got {self.sigma}")
         image_size = _validate_image_size(self.image_size)
+        validate_precision(self.precision, "--precision")
         self.search.validated()
         if self.store_dtype not in ("float32", "float16"):
             raise ValueError(f"--store_dtype must be float32 or float16, got {self.store_dtype!r}")

@@ -33,13 +33,18 @@ DEMO_NOTES = (
 )
 
 
-def random_model(name: str = "cosplace", seed: int = 0):
+def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float32"):
     """A random-weight model without torch or a download (``name`` in :data:`RANDOM_MODEL_NAMES`).
 
     ``"cosplace"`` is :func:`~attllm_jax.evaluation.pipeline.random_cosplace_model` (NumPy-drawn weights). The
     others are the released architectures (MegaLoc; BoQ with its DINOv2 or ResNet-50 backbone, at its 322x322 /
     384x384 evaluation size) with the modules' own initializers under ``nnx.Rngs(seed)`` (some tens of seconds
     to initialize on a CPU).
+
+    Args:
+        name: the architecture.
+        seed: the weights' seed.
+        precision: ``"float32"``, ``"tf32"`` or ``"bfloat16"`` (see :mod:`attllm_jax.models.precision`).
 
     Returns:
         A :class:`~attllm_jax.models.vpr.VPRModel` whose provenance says ``"random (seed N)"``.
@@ -53,7 +58,7 @@ def random_model(name: str = "cosplace", seed: int = 0):
     from attllm_jax.models.vpr import VPRModel
 
     if name == "cosplace":
-        return random_cosplace_model(seed)
+        return random_cosplace_model(seed, precision=precision)
     architectures = {
         "megaloc": ("megaloc", MegaLocSpec.released()),
         "boq_dinov2": ("boq", BoQSpec.released("dinov2")),
@@ -63,7 +68,7 @@ def random_model(name: str = "cosplace", seed: int = 0):
         raise ValueError(f"unknown random model {name!r}; valid: {', '.join(RANDOM_MODEL_NAMES)}")
     family, arch = architectures[name]
     spec = ModelSpec(family, arch, arch.default_preprocess(), Provenance(weights=f"random (seed {seed})"))
-    return VPRModel(spec.build(nnx.Rngs(seed)), spec)
+    return VPRModel(spec.build(nnx.Rngs(seed)), spec, precision)
 
 
 def write_oracle_attention(benchmark: SyntheticBenchmark, directory: str | os.PathLike) -> Path:

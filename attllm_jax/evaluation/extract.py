@@ -239,9 +239,11 @@ def extract_database(
 
 
 def database_store_key(model, database: ImageSet, image_size=None, weights_sha256: str | None = None) -> dict:
-    """What database descriptors depend on: the model, its weights, the resize override and the image list."""
+    """What database descriptors depend on: the model and its precision, its weights, the resize override and the
+    image list."""
     return {
         "model": model.spec.to_dict(),
+        "precision": model.precision,
         "weights_sha256": weights_sha256 or weights_digest(model),
         "image_size": image_size,
         "images": database.fingerprint(),

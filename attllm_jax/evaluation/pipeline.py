@@ -45,7 +45,9 @@ RESULTS_FILE = "results.json"
 LOG_FILE = "eval.log"
 
 
-def random_cosplace_model(seed: int = 0, backbone: str = "resnet18", descriptor_dim: int = 512):
+def random_cosplace_model(
+    seed: int = 0, backbone: str = "resnet18", descriptor_dim: int = 512, precision: str = "float32"
+):
     """A CosPlace network with random weights, deterministic in ``seed`` (no torch, no download).
 
     The weights are drawn on the host with NumPy into the abstract network (He-normal kernels, zero biases,
@@ -65,7 +67,7 @@ def random_cosplace_model(seed: int = 0, backbone: str = "resnet18", descriptor_
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
     state = jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(path, leaf, rng), state)
-    return VPRModel(nnx.merge(graphdef, state), spec)
+    return VPRModel(nnx.merge(graphdef, state), spec, precision)
 
 
 _CONSTANT_LEAVES = {"bias": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0, "p": 3.0}
@@ -95,11 +97,11 @@ def load_eval_model(config: EvalConfig):
     if config.checkpoint is None:
         from attllm_jax.evaluation.demo import random_model
 
-        return random_model(config.random_model, config.model_seed)
+        return random_model(config.random_model, config.model_seed, precision=config.precision)
     from attllm_jax.checkpoint import load_model
 
     try:
-        return load_model(config.checkpoint)
+        return load_model(config.checkpoint, precision=config.precision)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as error:  # malformed config.json or state
         detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
         raise ModelLoadError(
@@ -259,6 +261,7 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
     timings["total"] = time.perf_counter() - t_start
     results = {
         "model": model.spec.to_dict(),
+        "precision": model.precision,
         "weights": {"source": weights_note, "sha256": inputs.digest},
         "num_database": len(database),
         "num_queries": len(queries),

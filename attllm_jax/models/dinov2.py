@@ -164,21 +164,30 @@ CPU_ATTENTION_CHUNK_BYTES = 4 << 20
 
 
 def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T) v over the last two axes; q is already scaled. [..., T, d] -> [..., T, d]."""
-    logits = q @ jnp.swapaxes(k, -1, -2)
+    """softmax(q k^T) v over the last two axes; q is already scaled. [..., T, d] -> [..., T, d] float32 (or wider).
+
+    The logits, the softmax and its normalization are float32 also for bfloat16 ``q, k, v``; the unnormalized
+    weights enter the value product in ``v``'s dtype, accumulated in float32.
+    """
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=f32)
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     # Normalizing after the value product divides a [T, d] block instead of a [T, T] one; same result to round-off.
-    return (weights @ v) / jnp.sum(weights, axis=-1, keepdims=True)
+    values = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=f32)
+    return values / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Scaled dot-product attention without masking: [B, heads, T, d] (q already scaled) -> [B, heads, T, d].
 
+    Logits and softmax in float32 whatever the inputs' dtype (bfloat16 under the bfloat16 precision); the output
+    is float32 (or wider).
+
     On CPU the (image, head) pairs are processed in groups of :data:`CPU_ATTENTION_CHUNK_BYTES` of attention
     weights with ``jax.lax.map``; elsewhere in one batched computation.
     """
     b, h, t, d = q.shape
-    group = max(1, CPU_ATTENTION_CHUNK_BYTES // (t * t * q.dtype.itemsize))
+    group = max(1, CPU_ATTENTION_CHUNK_BYTES // (t * t * max(q.dtype.itemsize, 4)))  # float32 logits
     if jax.default_backend() != "cpu" or group >= b * h:
         return _attention_core(q, k, v)
     flat = tuple(x.reshape(b * h, t, d) for x in (q, k, v))
@@ -197,7 +206,10 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, c = x.shape
         head_dim = c // self.num_heads
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        if self.qkv.dtype is not None:  # the bfloat16 precision: attention products on bfloat16 operands too
+            qkv = qkv.astype(self.qkv.dtype)
+        qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         out = multi_head_attention(qkv[0] * head_dim**-0.5, qkv[1], qkv[2])  # [B, heads, T, head_dim]
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, t, c))
 

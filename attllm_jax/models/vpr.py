@@ -21,6 +21,13 @@ from PIL import Image
 from attllm_jax import ops
 from attllm_jax.data.preprocess import preprocess_image
 from attllm_jax.models.features import Features
+from attllm_jax.models.precision import (
+    DEFAULT_PRECISION,
+    apply_precision,
+    features_as_float32,
+    matmul_precision,
+    validate_precision,
+)
 from attllm_jax.models.spec import ModelSpec
 
 
@@ -29,17 +36,25 @@ class VPRModel:
 
     Attributes:
         spec: the :class:`~attllm_jax.models.spec.ModelSpec` (family, architecture, preprocessing, provenance).
-        net: the NNX network (kept for inspection; inference uses the split state).
+        precision: ``"float32"``, ``"tf32"`` or ``"bfloat16"`` (see :mod:`attllm_jax.models.precision`).
+        net: the NNX network (kept for inspection; inference uses the split state). Under ``"bfloat16"`` a copy of
+            the given network whose backbone holds bfloat16 kernels.
         trace_counts: how many times each method's pure function was traced (a retrace means a compile).
     """
 
-    def __init__(self, net: nnx.Module, spec: ModelSpec):
-        """Wraps ``net`` (with ``features``/``aggregate``/``__call__``) described by ``spec``."""
+    def __init__(self, net: nnx.Module, spec: ModelSpec, precision: str = DEFAULT_PRECISION):
+        """Wraps ``net`` (with ``features``/``aggregate``/``__call__``) described by ``spec``, run at ``precision``.
+
+        Raises:
+            TypeError: ``spec`` is not a ModelSpec.
+            ValueError: an unknown ``precision`` (the message lists the choices).
+        """
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+        self.precision = validate_precision(precision)
         self.spec = spec
-        self.net = net
-        self._graphdef, self._state = nnx.split(net)
+        self.net = apply_precision(net, self.precision)
+        self._graphdef, self._state = nnx.split(self.net)
         self.trace_counts: collections.Counter = collections.Counter()
         self._jit_call = jax.jit(self._pure_call)
         self._jit_features = jax.jit(self._pure_features)
@@ -48,28 +63,37 @@ class VPRModel:
 
     def __repr__(self) -> str:
         spec = self.spec
-        return f"VPRModel(family={spec.family!r}, backbone={spec.backbone!r}, descriptor_dim={spec.descriptor_dim})"
+        return (
+            f"VPRModel(family={spec.family!r}, backbone={spec.backbone!r}, descriptor_dim={spec.descriptor_dim}, "
+            f"precision={self.precision!r})"
+        )
 
-    # Pure functions of (state, inputs); the Python body runs only when tracing.
+    # Pure functions of (state, inputs); the Python body runs only when tracing, under the precision's
+    # jax.default_matmul_precision, so every dot and convolution of the compiled function carries it.
     def _merge(self, state):
         return nnx.merge(self._graphdef, state)
 
     def _pure_call(self, state, images, attention, alpha):
         self.trace_counts["__call__"] += 1
-        return self._merge(state)(images, attention, alpha)
+        with matmul_precision(self.precision):
+            net = self._merge(state)
+            return net.aggregate(features_as_float32(net.features(images)), attention, alpha)
 
     def _pure_features(self, state, images):
         self.trace_counts["features"] += 1
-        return self._merge(state).features(images)
+        with matmul_precision(self.precision):
+            return features_as_float32(self._merge(state).features(images))
 
     def _pure_aggregate(self, state, feats, attention, alpha):
         self.trace_counts["aggregate"] += 1
-        return self._merge(state).aggregate(feats, attention, alpha)
+        with matmul_precision(self.precision):
+            return self._merge(state).aggregate(feats, attention, alpha)
 
     def _pure_sweep(self, state, feats, attention, alphas):
         self.trace_counts["aggregate_sweep"] += 1
-        net = self._merge(state)
-        return jax.vmap(lambda a: net.aggregate(feats, attention, a))(alphas)
+        with matmul_precision(self.precision):
+            net = self._merge(state)
+            return jax.vmap(lambda a: net.aggregate(feats, attention, a))(alphas)
 
     def preprocess(self, pil_image: Image.Image, image_size: int | Sequence[int] | None = None) -> np.ndarray:
         """The model's evaluation transform: ``PIL image -> [H, W, 3]`` float32 (see :func:`preprocess_image`).

@@ -20,9 +20,11 @@ def l2_normalize(x: ArrayLike, axis: int = -1, eps: float = L2_EPS) -> jax.Array
         eps: the floor of the norm.
 
     Returns:
-        ``x`` scaled to unit L2 norm along ``axis`` (same shape and dtype).
+        ``x`` scaled to unit L2 norm along ``axis`` (same shape), computed and returned in float32 or wider
+        (bfloat16 and float16 inputs are upcast, as in every op).
     """
     x = jnp.asarray(x)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     norm = jnp.sqrt(jnp.maximum(squared, jnp.asarray(eps, x.dtype) ** 2))
     return x / jnp.maximum(norm, eps)

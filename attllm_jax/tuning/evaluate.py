@@ -83,7 +83,8 @@ def with_blend(model, blend: str):
     graphdef, state = nnx.split(model.net)
     net = nnx.merge(graphdef, state)
     net.aggregation.blend = blend
-    return VPRModel(net, model.spec.replace(architecture=dataclasses.replace(arch, blend=blend)))
+    spec = model.spec.replace(architecture=dataclasses.replace(arch, blend=blend))
+    return VPRModel(net, spec, model.precision)
 
 
 class CachedRetrieval:
