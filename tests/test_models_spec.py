@@ -6,8 +6,8 @@ README). Loading them must give the 0.1.0 descriptors to float32 round-off. The 
 computed on the machine that wrote them, and XLA:CPU picks its convolution and matmul kernels (so their summation
 order) by the CPU's features: on the machine that wrote them CosPlace matched bit for bit and SALAD to 3.0e-8 (one
 L2-normalize formula replacing SALAD's former ``x * rsqrt(...)``), while an AMD EPYC with AVX-512 gives up to 2.5e-7
-on these unit-norm descriptors. Hence ``CROSS_MACHINE_ATOL``; within one machine, re-saved and re-loaded models are
-compared bit for bit.
+on these unit-norm descriptors (``tests/round_off.py``). Hence ``CROSS_MACHINE_ATOL``; within one machine, re-saved
+and re-loaded models are compared bit for bit.
 """
 
 import json
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from round_off import CROSS_CPU_ATOL
 
 import attllm_jax as aj
 from attllm_jax.checkpoint import read_spec, save_model
@@ -28,9 +29,7 @@ from attllm_jax.models.spec import FORMAT_VERSION, ConfigError, ModelSpec
 from attllm_jax.models.vpr import VPRModel
 
 LEGACY = Path(__file__).parent / "data" / "legacy_v0_1"
-# Largest difference from the fixtures measured across CPUs is 2.5e-7 (module docstring); a changed operation moves
-# these unit-norm descriptors by 1e-3 or more.
-CROSS_MACHINE_ATOL = 5e-7
+CROSS_MACHINE_ATOL = CROSS_CPU_ATOL  # see tests/round_off.py
 
 
 def fill_like_0_1_fixture(net: nnx.Module, seed: int, gem_p: float) -> nnx.Module:

@@ -7,7 +7,8 @@ weights, on renders of the demo's synthetic flooded streets stored in ``tests/da
 with the descriptors the code before the policy (4a689ad) computed from them.
 
 Measured on CPU (XLA:CPU, this jaxlib) at alphas 0, 0.5, 1:
-- float32 and tf32 equal the pre-policy descriptors bit for bit (the test allows 1e-7);
+- float32 and tf32 equal the pre-policy descriptors bit for bit on the machine that recorded them (an AMD EPYC
+  with AVX-512); other CPUs differ by round-off, so the test allows ``tests/round_off.CROSS_CPU_ATOL``;
 - bfloat16 vs float32 descriptor cosine: min 0.999991 (EigenPlaces ResNet-50), median of the families' medians
   0.999999; the test asks >= 0.9999 here (the issue's floor is 0.99; full-size models in the README);
 - cosine of the attention effect ``d(alpha=1) - d(alpha=0)`` between bfloat16 and float32: min 0.99989, its length
@@ -25,6 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import precision_cases as pc  # noqa: E402
+from round_off import CROSS_CPU_ATOL  # noqa: E402
 
 import attllm_jax as aj  # noqa: E402
 from attllm_jax import ops  # noqa: E402
@@ -61,7 +63,8 @@ def descriptors():
 def test_float32_and_tf32_on_cpu_equal_the_pre_policy_descriptors(descriptors, name):
     for alpha in pc.ALPHAS:
         expected = EXPECTED[f"{name}/alpha_{alpha}"]
-        np.testing.assert_allclose(descriptors[name]["float32"][alpha], expected, atol=1e-7, rtol=0)
+        # bit for bit on the machine that recorded them; other CPUs differ by round-off (tests/round_off.py)
+        np.testing.assert_allclose(descriptors[name]["float32"][alpha], expected, atol=CROSS_CPU_ATOL, rtol=0)
         # tf32 is the backend's default precision: exact float32 on CPU
         np.testing.assert_array_equal(descriptors[name]["tf32"][alpha], descriptors[name]["float32"][alpha])
 
