@@ -68,6 +68,12 @@ def main(argv):
     from attllm_jax.tuning import TuneSettings, run_tuning
     from attllm_jax.tuning.cache import CacheError
 
+    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None or FLAGS.distributed == "auto":
+        # eval's flags include the multi-host ones; tuning runs in one process (its cost is the cached sweeps)
+        raise app.UsageError(
+            "tune runs in one process: extract the database store with several hosts first "
+            "(experiments.extract), then tune with --store_dir on one"
+        )
     alphas = tuple(eval_cli.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
     config = eval_cli.config_from_flags("outputs/tune_demo", command="tune", alphas=alphas)
     sigmas = tuple(eval_cli.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
