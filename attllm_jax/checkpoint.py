@@ -152,8 +152,10 @@ def load_model(directory: str | os.PathLike, precision: str = DEFAULT_PRECISION,
 
 
 def _first_line(e: Exception) -> str:
+    """The first line of ``e``'s message, without the tensorstore spec dump orbax appends to read errors."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(" See full TensorStore details")[0]
 
 
 def _saved_shapes(checkpointer: ocp.StandardCheckpointer, path: Path) -> dict[str, tuple[int, ...]]:
