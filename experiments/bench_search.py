@@ -11,7 +11,8 @@ In one process on the CPU (2 virtual XLA devices, set before JAX starts), for ea
   n = min(N, 131072) so the peak's score matrix stays at 0.5 GB); the JAX blocks hold at most 1 GiB of scores
   (1,000 queries up to N = 268k, 268 queries at N = 1M: still compute-bound, ~270 flop per database byte);
 - queries/s with 1-query blocks (bandwidth-bound): database bytes read per second against the streaming-read
-  bandwidth measured in the same run (the best of a NumPy and a jitted sum over the database);
+  bandwidth measured in the same run (the best of a NumPy sum, a jitted sum and a BLAS matrix-vector product over
+  the database);
 - with ``--large`` also N = 1,000,000, and that database read chunk by chunk from a store on disk (see
   ``--store_chunk_rows``) with a running top-k.
 
@@ -92,7 +93,8 @@ def matmul_peak(database: np.ndarray, queries: np.ndarray, repeats: int) -> dict
 
 
 def read_bandwidth(database: np.ndarray, repeats: int) -> dict:
-    """GB/s of a streaming read of the database: NumPy sum, and a jitted sum (XLA's threads)."""
+    """GB/s of a streaming read of the database: NumPy sum, a jitted sum (XLA's threads), and a BLAS
+    matrix-vector product (multi-threaded, one multiply-add per value read: the best pure read there is)."""
     import jax
     import jax.numpy as jnp
 
@@ -101,7 +103,13 @@ def read_bandwidth(database: np.ndarray, repeats: int) -> dict:
     total = jax.jit(lambda a: jnp.sum(a, axis=0))
     total(x).block_until_ready()
     t_jax, _ = _best(lambda: total(x).block_until_ready(), repeats)
-    return {"numpy_gbs": database.nbytes / t_np / 1e9, "xla_gbs": database.nbytes / t_jax / 1e9}
+    vector = np.ones(database.shape[1], np.float32)
+    t_gemv, _ = _best(lambda: database @ vector, repeats)
+    return {
+        "numpy_gbs": database.nbytes / t_np / 1e9,
+        "xla_gbs": database.nbytes / t_jax / 1e9,
+        "blas_gemv_gbs": database.nbytes / t_gemv / 1e9,
+    }
 
 
 def bench_size(n: int, rng: np.random.Generator) -> dict:
