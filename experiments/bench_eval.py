@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cache_dir", "cache", "Where the synthetic benchmark is generated and cached.")
 flags.DEFINE_integer("num_queries", 40, "Synthetic queries (the database has 124 images).")
 flags.DEFINE_integer("image_size", 288, "Shorter side both pipelines resize to (the synthetic views are 288x384).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
 flags.DEFINE_string("output_json", None, "Optional path for the table as JSON.")
-flags.DEFINE_enum("precision", "float32", ["float32", "tf32", "bfloat16"], "Precision of our model (see README).")
+cli.define_precision_flag()
 
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
 RECALL_VALUES = (1, 5, 10, 20)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 64, "Database images used (the first ones of the synthetic database).")
 flags.DEFINE_integer("image_size", 288, "Shorter side after the resize (288 = the views' own height).")
@@ -38,6 +40,7 @@ flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multipl
 flags.DEFINE_integer("num_workers", None, "Decode threads of the multi-threaded host measurement (default: cores).")
 flags.DEFINE_list("devices", ["1", "8"], "Virtual CPU device counts (one subprocess each).")
 flags.DEFINE_integer("repeats", 3, "Timings are the best of this many runs.")
+cli.define_precision_flag()
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.DEFINE_string("output_json", "outputs/bench_extract.json", "Where the numbers are written.")
 flags.DEFINE_integer("child_devices", None, "Internal: run the device measurements in this process.")
@@ -87,7 +90,7 @@ def child(devices: int, output: str) -> None:
 
     assert jax.device_count() == devices, jax.devices()
     images = _database(FLAGS.num_images)
-    model = random_cosplace_model(seed=0)
+    model = random_cosplace_model(seed=0, precision=FLAGS.precision)
     batch = device_batch_size(FLAGS.batch_size)
     pixels = np.stack(
         [model.preprocess(Image.open(images.absolute(i % len(images))), FLAGS.image_size) for i in range(batch)]
@@ -123,11 +126,12 @@ def main(argv):
     from attllm_jax.files import atomic_write_json
 
     images = _database(FLAGS.num_images)
-    model = random_cosplace_model(seed=0)
+    model = random_cosplace_model(seed=0, precision=FLAGS.precision)
     workers = FLAGS.num_workers or default_num_workers()
     result = {
         "num_images": len(images),
         "image_size": FLAGS.image_size,
+        "precision": FLAGS.precision,
         "cpu_count": os.cpu_count(),
         "host_images_per_s_1_thread": host_rate(images, model, 1),
         "host_threads": workers,

@@ -27,12 +27,15 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 8, "Images per size for the flooding throughput.")
 flags.DEFINE_list("levels", ["0.3", "0.6"], "Flooded levels of the severity comparison (level 0 is added).")
 flags.DEFINE_list("alphas", ["0", "0.25", "0.5", "0.75", "1"], "Alphas of the severity comparison.")
 flags.DEFINE_integer("num_queries", 12, "Synthetic queries of the severity comparison.")
 flags.DEFINE_string("output_json", None, "Optional path for the numbers as JSON.")
+cli.define_precision_flag()
 
 SIZES = ((480, 640), (768, 1024))
 
@@ -116,7 +119,7 @@ def bench_severity(levels: list[float], alphas: list[float], num_queries: int) -
     small = SyntheticConfig(
         num_streets=2, street_length_m=150.0, num_queries=num_queries, flood_min=0.0, flood_max=0.0, seed=7
     )
-    model = random_cosplace_model(0)
+    model = random_cosplace_model(0, precision=FLAGS.precision)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = synthetic_severity_config(

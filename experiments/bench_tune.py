@@ -25,15 +25,19 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cache_dir", "cache", "Where the synthetic benchmark is generated and cached.")
 flags.DEFINE_integer("reference_alphas", 101, "Alphas the per-alpha reference runs (<101: extrapolated to 101).")
 flags.DEFINE_string("output_dir", "outputs/bench_tune", "Scratch folder (database store, feature cache, JSON).")
+cli.define_precision_flag()
 
 ALPHAS = tuple(i / 100 for i in range(101))
 
@@ -50,7 +54,7 @@ def main(argv):
     from attllm_jax.tuning.evaluate import CachedRetrieval
 
     out = Path(FLAGS.output_dir)
-    config = demo_config(FLAGS.cache_dir, out, alphas=ALPHAS).validated()
+    config = replace(demo_config(FLAGS.cache_dir, out, alphas=ALPHAS), precision=FLAGS.precision).validated()
     inputs = prepare_inputs(config)  # database store: filled once, shared by both sides
     model, queries, parsed = inputs.model, inputs.queries, inputs.attention.parsed
     contents = inputs.store.load()

@@ -17,6 +17,20 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
+# attllm_jax.models.precision.PRECISIONS, spelled out so that defining flags does not import JAX (fast --help)
+PRECISIONS = ("float32", "tf32", "bfloat16")
+
+
+def define_precision_flag() -> None:
+    """``--precision float32|tf32|bfloat16`` for a command that runs a model (README, Precision)."""
+    flags.DEFINE_enum(
+        "precision",
+        "float32",
+        list(PRECISIONS),
+        "float32: highest matmul precision on every backend; tf32: the backend's fast float32 products; "
+        "bfloat16: bfloat16 backbone, float32 norms and aggregation (see README, Precision). Part of the descriptor "
+        "store's key.",
+    )
 
 
 def fail(command: str, message: str, usage: bool = False) -> NoReturn:

@@ -76,13 +76,7 @@ flags.DEFINE_enum(
     "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released MegaLoc / BoQ "
     "architecture with random weights.",
 )
-flags.DEFINE_enum(
-    "precision",
-    "float32",
-    ["float32", "tf32", "bfloat16"],
-    "float32: highest matmul precision on every backend; tf32: the backend's fast float32 products; "
-    "bfloat16: bfloat16 backbone, float32 norms and aggregation (see README, Precision).",
-)
+cli.define_precision_flag()
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.DEFINE_enum(
     "search",

@@ -35,9 +35,7 @@ flags.DEFINE_integer("chunk_size", None, "Images per store chunk (default 256 on
 flags.DEFINE_enum("store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype.")
 flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
 flags.DEFINE_string("logs_dir", None, "Per-process log files go here (default: stderr only).")
-flags.DEFINE_enum(
-    "precision", "float32", ["float32", "tf32", "bfloat16"], "Model precision (part of the store's key; see README)."
-)
+cli.define_precision_flag()
 flags.mark_flags_as_required(["database_folder", "store_dir"])
 for _name in ("batch_size", "chunk_size", "num_workers"):
     flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
