@@ -21,6 +21,30 @@ HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
 PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
+def define_image_size_flag() -> None:
+    """``--image_size N`` (shorter side) or ``--image_size H,W``, validated (one usage line when malformed)."""
+    flags.DEFINE_list("image_size", None, "Resize override: shorter side (one int) or height,width.")
+    flags.register_validator("image_size", _valid_image_size, "--image_size must be one or two integers >= 1")
+
+
+def _valid_image_size(values) -> bool:
+    if values is None:
+        return True
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        return False
+    return len(ints) in (1, 2) and all(v >= 1 for v in ints)
+
+
+def image_size_from_flag() -> int | tuple[int, int] | None:
+    """The parsed ``--image_size``: None, the shorter side, or ``(height, width)``."""
+    if not FLAGS.image_size:
+        return None
+    sizes = [int(v) for v in FLAGS.image_size]
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
 def define_precision_flag() -> None:
     """``--precision float32|tf32|bfloat16`` for a command that runs a model (README, Precision)."""
     flags.DEFINE_enum(

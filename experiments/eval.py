@@ -46,7 +46,7 @@ flags.DEFINE_enum("distance", "utm", ["utm", "haversine"], "Euclidean in one UTM
 flags.DEFINE_string("database_csv", None, "Optional CSV path,lat,lon or path,utm_east,utm_north for the database.")
 flags.DEFINE_string("queries_csv", None, "Optional coordinates CSV for the queries.")
 flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name coordinate convention.")
-flags.DEFINE_list("image_size", None, "Resize override: shorter side (one int) or height,width.")
+cli.define_image_size_flag()
 flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
 flags.DEFINE_integer(
     "max_batch_pixels",
@@ -136,19 +136,8 @@ def _valid_recall_values(values) -> bool:
     return bool(ints) and all(n >= 1 for n in ints) and len(set(ints)) == len(ints)
 
 
-def _valid_image_size(values) -> bool:
-    if values is None:
-        return True
-    try:
-        ints = [int(v) for v in values]
-    except ValueError:
-        return False
-    return len(ints) in (1, 2) and all(v >= 1 for v in ints)
-
-
 flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1] (or start:stop:count)")
 flags.register_validator("recall_values", _valid_recall_values, "--recall_values must be distinct integers >= 1")
-flags.register_validator("image_size", _valid_image_size, "--image_size must be one or two integers >= 1")
 flags.register_validator(
     "positive_dist_threshold", lambda v: math.isfinite(v) and v > 0, "--positive_dist_threshold must be > 0 metres"
 )
@@ -165,10 +154,7 @@ flags.register_validator("sigma", lambda v: math.isfinite(v) and v > 0, "--sigma
 
 
 def _overrides() -> dict:
-    image_size = None
-    if FLAGS.image_size:
-        sizes = [int(v) for v in FLAGS.image_size]
-        image_size = sizes[0] if len(sizes) == 1 else tuple(sizes)
+    image_size = cli.image_size_from_flag()
     overrides = {
         "checkpoint": FLAGS.checkpoint,
         "recall_values": tuple(int(v) for v in FLAGS.recall_values),

@@ -27,7 +27,7 @@ flags.DEFINE_string("checkpoint", None, "Converted model directory; default: ran
 flags.DEFINE_string("database_folder", None, "Database images (names @utm_east@utm_north@...@.jpg or a CSV).")
 flags.DEFINE_string("database_csv", None, "Optional CSV path,lat,lon or path,utm_east,utm_north for the database.")
 flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name coordinate convention.")
-flags.DEFINE_list("image_size", None, "Resize override: shorter side (one int) or height,width.")
+cli.define_image_size_flag()
 flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
 flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
 flags.DEFINE_string("store_dir", None, "The store: a directory or a tensorstore kvstore URL (required).")
@@ -54,10 +54,6 @@ def main(argv):
     from attllm_jax.evaluation.pipeline import run_extraction
     from attllm_jax.retrieval.store import StoreError
 
-    image_size = None
-    if FLAGS.image_size:
-        sizes = [int(v) for v in FLAGS.image_size]
-        image_size = sizes[0] if len(sizes) == 1 else tuple(sizes)
     config = EvalConfig(
         database_folder=FLAGS.database_folder,
         queries_folder=FLAGS.database_folder,  # not used: the extraction reads the database only
@@ -65,7 +61,7 @@ def main(argv):
         checkpoint=FLAGS.checkpoint,
         database_csv=FLAGS.database_csv,
         convention=FLAGS.convention,
-        image_size=image_size,
+        image_size=cli.image_size_from_flag(),
         batch_size=FLAGS.batch_size,
         num_workers=FLAGS.num_workers,
         store_dir=FLAGS.store_dir,
