@@ -143,11 +143,12 @@ def test_end_to_end_contract_parity_and_sweep(tmp_path, converted_checkpoint):
         assert [res["recalls"][str(a)][n] for n in ("1", "2", "5")] == pytest.approx(list(want), abs=1e-9)
 
     # the published code's CSV layout, with the threshold actually used
-    rows = list(csv.DictReader(open(out / "csv_results" / "alpha_0.5" / "aggregated_results.csv")))
+    csv_dir = out / "csv_results" / "alpha_0.5"
+    rows = list(csv.DictReader((csv_dir / "aggregated_results.csv").read_text().splitlines()))
     metrics = {r["metric"]: r["value"] for r in rows}
     assert metrics["distance_threshold_m"] == "25" and metrics["total_queries"] == "5"
     assert float(metrics["success_rate_at_1_percent"]) == pytest.approx(res["recalls"]["0.5"]["1"], abs=0.01)
-    individual = list(csv.DictReader(open(out / "csv_results" / "alpha_0.5" / "individual_results.csv")))
+    individual = list(csv.DictReader((csv_dir / "individual_results.csv").read_text().splitlines()))
     assert [r["query_path"] for r in individual] == [f"{s}.jpg" for s in stems]
     # every path relative to its folder (given in results.json): no mix of full and bare paths
     db_names = set(db_paths)

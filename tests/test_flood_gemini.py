@@ -108,8 +108,9 @@ def test_edits_through_the_server_with_retries_and_no_key_in_the_outputs(tmp_pat
     assert all(s.headers.get("x-goog-api-key") == SECRET and SECRET not in s.path for s in seen)
     assert all(s.body["generationConfig"]["responseModalities"] == ["TEXT", "IMAGE"] for s in seen)
     for name in (p.name for p in dry.iterdir()):
-        edited = Image.open(out / "level_0.6" / name)
-        assert edited.size == (128, 96)  # resized back to the input's size; the same name
+        with Image.open(out / "level_0.6" / name) as edited:
+            size = edited.size
+        assert size == (128, 96)  # resized back to the input's size; the same name
         mask = np.asarray(Image.open(out / "masks" / "level_0.6" / name.replace(".jpg", ".png"))) > 127
         assert 0.4 < mask.mean() < 0.75 and not mask[:20].any()  # an estimate near the requested 0.6
     for path in out.rglob("*"):
