@@ -22,6 +22,7 @@ from attllm_jax.attention.parse import ParsedAttention, grid_label, parse_answer
 from attllm_jax.attention.prompts import Prompt
 from attllm_jax.attention.providers.base import AnnotationRequest, AnnotationResponse
 from attllm_jax.attention.request_policy import ProviderError
+from attllm_jax.data.images import open_image
 from attllm_jax.ops.attention_maps import grid_cell_means
 
 ORACLE_GRID = 8
@@ -60,8 +61,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         ValueError: naming the file when it cannot be read as an image.
     """
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L")) > 127
+        return np.asarray(open_image(path).convert("L")) > 127
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read water mask {path}: {e}") from None
 

@@ -17,6 +17,8 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from attllm_jax.data.images import open_image
+
 DEFAULT_MAX_SIDE = 1024
 _BACKGROUND = (255, 255, 255)
 _INK = (0, 0, 0)
@@ -173,14 +175,13 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
 def load_photo(path: str | os.PathLike) -> Image.Image:
     """Opens an image file fully, as RGB, so that errors surface here.
 
-    EXIF orientation is NOT applied, like the model's own image loading (``Image.open(...).convert("RGB")``):
-    the coordinates the LLM reads must refer to the pixels the model sees.
+    Read as the model reads it (:func:`~attllm_jax.data.images.open_image`): the coordinates the LLM reads must
+    refer to the pixels the model sees.
 
     Raises:
-        ValueError: naming the file when it cannot be read as an image.
+        ValueError: naming the file when it cannot be read as an image, or is refused (too large).
     """
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return open_image(path)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None

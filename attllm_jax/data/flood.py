@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
+from attllm_jax.data.images import open_image
 from attllm_jax.files import atomic_write, atomic_write_json, list_image_files
 
 log = logging.getLogger("attllm_jax.flood")
@@ -281,14 +282,13 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """The image as RGB, fully decoded, as the evaluation reads it (EXIF orientation not applied).
+    """The image as RGB, fully decoded, as the evaluation reads it (:func:`~attllm_jax.data.images.open_image`).
 
     Raises:
-        ValueError: naming the file when it cannot be read.
+        ValueError: naming the file when it cannot be read, or is refused (too large).
     """
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return open_image(path)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 

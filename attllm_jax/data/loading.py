@@ -9,7 +9,9 @@ shape compiles once.
 Memory is bounded by pixels, not by images: a batch of one shape holds at most ``max_batch_pixels`` pixels (fewer
 rows for larger shapes, at least one row per device), and an image whose preprocessed size alone exceeds what one
 batch may hold (a 20000 x 200 panorama resized to a 512-pixel shorter side is 51200 x 512) is skipped and counted
-as a failure, like an unreadable file, instead of being padded to a full batch.
+as a failure, like an unreadable file, instead of being padded to a full batch. Given the model's ``output_size``,
+that size is predicted from the file's header and the image is refused before it is decoded or resized, so such
+an image never allocates more than the budget.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from attllm_jax.data.images import ImageTooLargeError, open_image
+
 Preprocess = Callable[[Image.Image], np.ndarray]
+OutputSize = Callable[[int, int], tuple[int, int]]
 
 DEFAULT_PIXELS_PER_ROW = 1 << 20  # the default batch budget is batch_size megapixels
 
@@ -34,10 +39,6 @@ def batch_pixel_budget(batch_size: int, max_batch_pixels: int | None = None) -> 
     if budget < 1:
         raise ValueError(f"max_batch_pixels must be >= 1, got {max_batch_pixels}")
     return budget
-
-
-class ImageTooLargeError(ValueError):
-    """A preprocessed image has more pixels than one batch may hold."""
 
 
 @dataclass(frozen=True)
@@ -66,22 +67,42 @@ class Batch:
         return int(np.count_nonzero(self.indices >= 0))
 
 
-def read_image(path: str | os.PathLike, preprocess: Preprocess, max_pixels: int | None = None) -> np.ndarray:
-    """Decodes one image as RGB and applies ``preprocess``.
+def read_image(
+    path: str | os.PathLike,
+    preprocess: Preprocess,
+    max_pixels: int | None = None,
+    output_size: OutputSize | None = None,
+) -> np.ndarray:
+    """Decodes one image (through :func:`~attllm_jax.data.images.open_image`) and applies ``preprocess``.
+
+    The entry point for anything that turns an image file into model input (evaluation, localize, serve). With
+    ``output_size``, an image whose preprocessed size exceeds ``max_pixels`` is refused from its header, before
+    anything is decoded or resized (a 20 x 100000 PNG would otherwise become a 512 x 2,560,000 float image);
+    without it, only after preprocessing. Either way the stored image may not exceed
+    :data:`~attllm_jax.data.images.MAX_SOURCE_PIXELS`.
 
     Args:
         path: The image file.
         preprocess: PIL image -> ``[H, W, 3]`` float32 array (e.g. ``VPRModel.preprocess``).
         max_pixels: Largest ``H * W`` accepted after preprocessing (None = no limit).
+        output_size: ``(width, height)`` of the source -> ``(width, height)`` after ``preprocess``
+            (e.g. ``VPRModel.output_size``).
 
     Returns:
         ``[H, W, 3]`` float32.
 
     Raises:
-        ImageTooLargeError: when the preprocessed image has more than ``max_pixels`` pixels.
+        ImageTooLargeError: when the preprocessed image has more than ``max_pixels`` pixels (or the stored image
+            more than ``MAX_SOURCE_PIXELS``).
+        OSError: an unreadable file.
     """
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+
+    def check_size(width: int, height: int) -> None:
+        if max_pixels is not None and output_size is not None:
+            out_width, out_height = output_size(width, height)
+            check_pixels((out_height, out_width), max_pixels, (width, height))
+
+    image = open_image(path, check_size=check_size)
     array = np.asarray(preprocess(image), dtype=np.float32)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"preprocess returned shape {array.shape}, expected [H, W, 3]")
@@ -91,7 +112,7 @@ def read_image(path: str | os.PathLike, preprocess: Preprocess, max_pixels: int 
 
 
 def check_pixels(shape: tuple[int, ...], max_pixels: int, source_size: tuple[int, int] | None = None) -> None:
-    """Raises :class:`ImageTooLargeError` when an ``[H, W, C]`` image has more than ``max_pixels`` pixels."""
+    """Raises :class:`ImageTooLargeError` when an ``[H, W, ...]`` image has more than ``max_pixels`` pixels."""
     pixels = int(shape[0]) * int(shape[1])
     if pixels > max_pixels:
         source = f" from {source_size[0]}x{source_size[1]}" if source_size else ""
@@ -112,6 +133,7 @@ def decode_stream(
     num_workers: int | None = None,
     prefetch: int | None = None,
     max_pixels: int | None = None,
+    output_size: OutputSize | None = None,
 ) -> Iterator[tuple[int, np.ndarray | LoadFailure]]:
     """Decodes images in a thread pool, in input order, keeping ``prefetch`` images in flight.
 
@@ -121,6 +143,8 @@ def decode_stream(
         num_workers: Decode threads (default: cores, at most 8).
         prefetch: Images submitted ahead of the consumer (default: 4 per worker).
         max_pixels: Images with more preprocessed pixels become failures at once (their array is not kept).
+        output_size: Predicts the preprocessed size from the header, so that such images are refused before
+            decoding (see :func:`read_image`).
 
     Yields:
         ``(index, image)`` or ``(index, LoadFailure)``; a bad image never raises.
@@ -130,7 +154,7 @@ def decode_stream(
 
     def load(index: int, path: str) -> np.ndarray | LoadFailure:
         try:
-            return read_image(path, preprocess, max_pixels)
+            return read_image(path, preprocess, max_pixels, output_size)
         except Exception as error:  # noqa: BLE001 -- any decoder error must skip the image, never abort a run
             return LoadFailure(index, str(path), f"{type(error).__name__}: {error}")
 
@@ -213,6 +237,7 @@ def load_batches(
     num_workers: int | None = None,
     max_batch_pixels: int | None = None,
     row_multiple: int = 1,
+    output_size: OutputSize | None = None,
 ) -> Iterator[Batch]:
     """Decodes ``(index, path)`` items in threads and groups them into pixel-bounded, shape-uniform batches.
 
@@ -228,12 +253,14 @@ def load_batches(
         num_workers: Decode threads.
         max_batch_pixels: Pixel budget of a batch; None = ``batch_size`` megapixels (:func:`batch_pixel_budget`).
         row_multiple: Rows must be a multiple of this (the device count).
+        output_size: Source ``(width, height)`` -> preprocessed ``(width, height)``: images too large for a batch
+            are then refused from their header, before decoding.
 
     Yields:
         :class:`Batch` es.
     """
     budget = batch_pixel_budget(batch_size, max_batch_pixels)
-    stream = decode_stream(items, preprocess, num_workers, max_pixels=budget // row_multiple)
+    stream = decode_stream(items, preprocess, num_workers, max_pixels=budget // row_multiple, output_size=output_size)
     yield from shape_batches(stream, batch_size, on_failure, group_of, budget, row_multiple)
 
 

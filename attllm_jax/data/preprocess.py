@@ -130,6 +130,18 @@ def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
+def output_size(
+    width: int, height: int, spec: PreprocessSpec, image_size: int | Sequence[int] | None = None
+) -> tuple[int, int]:
+    """The ``(width, height)`` :func:`preprocess_image` gives a ``width x height`` image (known before decoding)."""
+    spec = spec.with_size(image_size)
+    if spec.resize == "shorter_side":
+        return shorter_side_size(width, height, spec.size)
+    if spec.resize == "exact":
+        return spec.size[1], spec.size[0]
+    return width, height
+
+
 def preprocess_image(
     image: Image.Image, spec: PreprocessSpec, image_size: int | Sequence[int] | None = None
 ) -> np.ndarray:
@@ -150,12 +162,7 @@ def preprocess_image(
         raise ValueError(f"preprocess expects a PIL image, got {type(image).__name__}")
     spec = spec.with_size(image_size)
     image = image.convert("RGB")
-    if spec.resize == "shorter_side":
-        out_size = shorter_side_size(image.width, image.height, spec.size)
-    elif spec.resize == "exact":
-        out_size = (spec.size[1], spec.size[0])
-    else:
-        out_size = image.size
+    out_size = output_size(image.width, image.height, spec)
     if out_size != image.size and spec.stage == "pil":
         image = image.resize(out_size, _PIL_FILTERS[spec.interpolation])
     x = np.asarray(image, dtype=np.float32) / 255.0

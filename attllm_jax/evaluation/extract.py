@@ -85,6 +85,11 @@ def _preprocess_fn(model, image_size) -> Callable:
     return lambda image: model.preprocess(image, image_size=image_size)
 
 
+def output_size_fn(model, image_size) -> Callable[[int, int], tuple[int, int]]:
+    """Source ``(width, height)`` -> preprocessed ``(width, height)``, for refusing images from their header."""
+    return lambda width, height: model.output_size(width, height, image_size)
+
+
 def _pipelined(batches, compute: Callable[[Batch], object]):
     """Yields ``(batch, result)`` with the next batch dispatched before the previous result is read."""
     pending = None
@@ -216,6 +221,7 @@ def extract_database(
         num_workers=num_workers,
         max_batch_pixels=max_batch_pixels,
         row_multiple=jax.local_device_count(),
+        output_size=output_size_fn(model, image_size),
     )
     # features + aggregate (not __call__): the queries reuse the same compiled backbone for the same shape
     compute = lambda batch: model.aggregate(model.features(jax.device_put(batch.images, sharding)))  # noqa: E731
@@ -448,6 +454,7 @@ def extract_queries(
         num_workers=num_workers,
         max_batch_pixels=max_batch_pixels,
         row_multiple=jax.local_device_count(),
+        output_size=output_size_fn(model, image_size),
     )
     for batch, (mask, sweep, plain) in _pipelined(batches, compute):
         result = combine_query_batch(mask, sweep, plain, len(alphas))

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from attllm_jax.data.images import open_image
+
 GREEN, RED, GREY, BLACK, WHITE = (40, 170, 60), (210, 40, 40), (128, 128, 128), (0, 0, 0), (255, 255, 255)
 
 
@@ -84,8 +86,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def _thumbnail(path: str | os.PathLike, height: int) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        image = open_image(path)
     except Exception:  # noqa: BLE001 -- an unreadable image becomes a grey tile, the strip is still written
         return Image.new("RGB", (height * 4 // 3, height), GREY)
     width = max(1, min(round(image.width * height / image.height), 4 * height))

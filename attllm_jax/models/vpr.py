@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from attllm_jax import ops
-from attllm_jax.data.preprocess import preprocess_image
+from attllm_jax.data.preprocess import output_size, preprocess_image
 from attllm_jax.models.features import Features
 from attllm_jax.models.precision import (
     DEFAULT_PRECISION,
@@ -103,6 +103,10 @@ class VPRModel:
             image_size: optional override of the spec's size (int: shorter side; ``(H, W)``: exact).
         """
         return preprocess_image(pil_image, self.spec.preprocess, image_size)
+
+    def output_size(self, width: int, height: int, image_size: int | Sequence[int] | None = None) -> tuple[int, int]:
+        """The ``(width, height)`` :meth:`preprocess` gives a ``width x height`` image, computed without decoding."""
+        return output_size(width, height, self.spec.preprocess, image_size)
 
     def __call__(
         self, images: jax.Array | np.ndarray, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0

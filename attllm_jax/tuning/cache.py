@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 from attllm_jax.data.dataset import ImageSet
-from attllm_jax.data.loading import LoadFailure, decode_stream, shape_batches
-from attllm_jax.evaluation.extract import data_sharding, device_batch_size
+from attllm_jax.data.loading import LoadFailure, batch_pixel_budget, decode_stream, shape_batches
+from attllm_jax.evaluation.extract import data_sharding, device_batch_size, output_size_fn
 from attllm_jax.evaluation.progress import Progress
 from attllm_jax.files import atomic_write, atomic_write_json
 from attllm_jax.retrieval.store import key_digest
@@ -171,12 +171,15 @@ def _extract(model, queries: ImageSet, directory: Path, batch_size: int, image_s
         failures.append({"index": failure.index, "path": failure.path, "error": failure.error})
         progress.update()
 
+    budget = batch_pixel_budget(batch_size)
     stream = decode_stream(
         ((i, str(queries.absolute(i))) for i in range(len(queries))),
         lambda image: model.preprocess(image, image_size=image_size),
         num_workers,
+        max_pixels=budget,
+        output_size=output_size_fn(model, image_size),
     )
-    for batch in shape_batches(stream, batch_size, on_failure):
+    for batch in shape_batches(stream, batch_size, on_failure, max_batch_pixels=budget):
         feats = model.features(jax.device_put(batch.images, sharding))
         leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(feats)]
         number = len(batches)

@@ -1,0 +1,63 @@
+"""The one way the package opens an image file: refuse before decoding, then decode to RGB.
+
+Every loader (the evaluation's decode threads, annotation, flood, the attention figures, and the localize / serve
+entry point :func:`attllm_jax.data.loading.read_image`) goes through :func:`open_image`. Before a single pixel is
+decoded it checks that the size written in the header has at most ``max_pixels`` pixels (default
+:data:`MAX_SOURCE_PIXELS`) and passes the caller's ``check_size`` (the evaluation predicts the preprocessed size
+there and refuses what one batch cannot hold). PIL's ``Image.open`` reads only the header, and the decoder never
+produces more pixels than the header states, so a file whose header lies (a truncated file, a PNG decompression
+bomb) allocates at most what was checked, and a truncated one fails to decode. No JPEG draft mode is used: the
+pixels are those of a full decode, as the PyTorch references read them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from PIL import Image
+
+# About 67 Mpx (e.g. 9500 x 7000): above any phone camera's 50 Mpx mode; the decoded RGB image is then at most
+# 192 MiB.
+MAX_SOURCE_PIXELS = 1 << 26
+
+
+class ImageTooLargeError(ValueError):
+    """An image (as stored, or as preprocessed) has more pixels than allowed."""
+
+
+def check_source_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int) -> None:
+    """Raises :class:`ImageTooLargeError` when a ``(width, height)`` header size exceeds ``max_pixels``."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{path} is {width}x{height} pixels ({width * height:,}), more than the {max_pixels:,} an image may "
+            "have; it is refused before decoding (crop or downscale it)"
+        )
+
+
+def open_image(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = MAX_SOURCE_PIXELS,
+    check_size: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """Opens an image file as RGB, refusing what must not be decoded (see the module notes).
+
+    Args:
+        path: The image file.
+        max_pixels: Most pixels the stored image may have (its decoded size).
+        check_size: Called with the header's ``(width, height)`` before decoding; raises to refuse the image.
+
+    Returns:
+        A decoded RGB image.
+
+    Raises:
+        ImageTooLargeError: a refusal, before any decoding (a ``ValueError``).
+        OSError: a missing, unidentified or truncated file (PIL's errors, unchanged).
+    """
+    with Image.open(path) as image:
+        check_source_pixels(path, image.size, max_pixels)
+        if check_size is not None:
+            check_size(*image.size)
+        return image.convert("RGB")

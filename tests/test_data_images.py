@@ -1,0 +1,96 @@
+"""The one image opener: refusals before decoding (size, file kind, folder), 8-bit conversion, EXIF orientation."""
+
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from attllm_jax.data.images import ImageTooLargeError, open_image
+from attllm_jax.data.loading import read_image
+from attllm_jax.data.preprocess import PreprocessSpec, output_size, preprocess_image
+from tests.bounded import PEAK_RSS, run_bounded
+
+GIB = 1 << 30
+SPEC = PreprocessSpec.shorter_side(512)
+
+
+def _raw_png(width: int, height: int, rows: bytes, bit_depth: int = 8, colour_type: int = 2) -> bytes:
+    """A PNG file built by hand, so that its header can state any size whatever the data holds."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+LOAD_TALL = (
+    PEAK_RSS
+    + """
+import sys
+from attllm_jax.data.loading import load_batches
+from attllm_jax.data.preprocess import PreprocessSpec, output_size, preprocess_image
+spec = PreprocessSpec.shorter_side(512)
+failures = []
+batches = list(load_batches(
+    [(0, sys.argv[1]), (1, sys.argv[2]), (2, sys.argv[3])], lambda image: preprocess_image(image, spec), 8,
+    failures.append, num_workers=2, output_size=lambda w, h: output_size(w, h, spec),
+))
+report({"failures": [[f.index, f.error] for f in failures], "batches": [b.indices.tolist() for b in batches]})
+"""
+)
+
+
+def test_a_tall_png_is_refused_from_its_header_under_a_bounded_address_space(tmp_path):
+    normal, tall, liar = tmp_path / "normal.png", tmp_path / "tall.png", tmp_path / "liar.png"
+    Image.new("RGB", (640, 480), (100, 100, 100)).save(normal)
+    # 20 x 100000: 2 Mpx as stored, 512 x 2,560,000 once resized (3.9 GB as uint8, 15.7 GB as float32)
+    Image.new("RGB", (20, 100_000), (90, 90, 90)).save(tall)
+    liar.write_bytes(_raw_png(12_000, 8_000, b"\x00" * 64))  # the header claims 96 Mpx; the data holds nothing
+    result = run_bounded(LOAD_TALL, str(normal), str(tall), str(liar), address_space=GIB)
+    errors = dict(result["failures"])
+    assert sorted(errors) == [1, 2]
+    assert errors[1].startswith("ImageTooLargeError: preprocessed to 512x2560000 pixels from 20x100000")
+    assert errors[2].startswith("ImageTooLargeError:") and "12000x8000" in errors[2] and "before decoding" in errors[2]
+    assert result["batches"] == [[0, -1, -1, -1, -1, -1, -1, -1]]
+    assert result["peak_rss_mb"] < 300, result
+
+
+def test_the_size_check_runs_before_decoding_and_a_truncated_file_stays_an_error(tmp_path):
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (20, 100_000), (90, 90, 90)).save(tall)
+    seen = []
+
+    def preprocess(image):
+        seen.append(image.size)
+        return preprocess_image(image, SPEC)
+
+    with pytest.raises(ImageTooLargeError, match="512x2560000"):
+        read_image(tall, preprocess, 8 * 2**20, lambda w, h: output_size(w, h, SPEC))
+    assert seen == []  # refused before preprocess was called
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(_raw_png(640, 480, b"\x00" * 2000))  # 2000 bytes of rows for a 640 x 480 header
+    with pytest.raises(OSError):
+        open_image(truncated)
+    with pytest.raises(ImageTooLargeError, match="640x480"):
+        open_image(truncated, max_pixels=640 * 480 - 1)
+
+
+def test_flood_annotate_and_figures_refuse_an_oversized_header_before_decoding(tmp_path):
+    from attllm_jax.attention.overlay import load_photo
+    from attllm_jax.data.flood import flood_folder, procedural_method
+    from attllm_jax.evaluation.figures import _thumbnail
+
+    dry = tmp_path / "dry"
+    dry.mkdir()
+    Image.new("RGB", (64, 48), (120, 130, 140)).save(dry / "37.1_-122.1@ok.png")
+    liar = dry / "37.2_-122.2@liar.png"
+    liar.write_bytes(_raw_png(12_000, 8_000, b"\x00" * 64))  # 96 Mpx claimed: above MAX_SOURCE_PIXELS
+    summary = flood_folder(dry, tmp_path / "out", [0.3], procedural_method(0), method_name="procedural", seed=0)
+    assert summary["num_unreadable_images"] == 1 and summary["counts"]["level_0.3"]["written"] == 1
+    [failure] = summary["failures"]
+    assert failure["image"] == liar.name and "12000x8000" in failure["error"] and "before decoding" in failure["error"]
+    with pytest.raises(ValueError, match="12000x8000 pixels .* refused before decoding"):
+        load_photo(liar)  # annotate's and show_attention's loader
+    assert _thumbnail(liar, 40).getpixel((0, 0)) == (128, 128, 128)  # the prediction strip's grey tile
