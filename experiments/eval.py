@@ -294,6 +294,7 @@ def main(argv):
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.data.dataset import PathListError
     from attllm_jax.evaluation import run_evaluation
+    from attllm_jax.evaluation.extract import NonFiniteDescriptorError
     from attllm_jax.evaluation.pipeline import ModelLoadError
     from attllm_jax.evaluation.report import recall_table
     from attllm_jax.retrieval.search import SearchMemoryError
@@ -307,7 +308,14 @@ def main(argv):
     print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
     try:
         result = run_evaluation(config)
-    except (CoordinateError, PathListError, ModelLoadError, StoreError, SearchMemoryError) as error:
+    except (
+        CoordinateError,
+        PathListError,
+        ModelLoadError,
+        StoreError,
+        SearchMemoryError,
+        NonFiniteDescriptorError,
+    ) as error:
         _fail(str(error))
     except OSError as error:  # read-only or full output / store folder, a file vanished during the run
         _fail(_os_error_line(error, config))

@@ -51,6 +51,7 @@ def main(argv):
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.evaluation import hosts
     from attllm_jax.evaluation.config import EvalConfig
+    from attllm_jax.evaluation.extract import NonFiniteDescriptorError
     from attllm_jax.evaluation.pipeline import run_extraction
     from attllm_jax.retrieval.store import StoreError
 
@@ -80,7 +81,7 @@ def main(argv):
     t0 = time.perf_counter()
     try:
         directory, summary = run_extraction(config, log_dir=FLAGS.logs_dir)
-    except (CoordinateError, StoreError, FileNotFoundError) as error:
+    except (CoordinateError, StoreError, FileNotFoundError, NonFiniteDescriptorError) as error:
         cli.fail("extract", str(error))
     seconds = time.perf_counter() - t0
     who = f"process {hosts.process_index()}: " if hosts.process_count() > 1 else ""

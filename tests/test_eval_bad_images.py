@@ -2,8 +2,12 @@
 
 import json
 
+import numpy as np
+import pytest
 from PIL import Image
 
+from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
+from attllm_jax.evaluation.extract import FiniteGuard, NonFiniteDescriptorError
 from tests.bounded import PEAK_RSS, run_bounded
 from tests.test_eval_pipeline import make_dataset
 
@@ -39,3 +43,46 @@ def test_eval_skips_a_tall_png_from_its_header_with_bounded_memory(tmp_path):
     assert result["peak_rss_mb"] < 900, result
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["num_skipped"]["database"] == 1
+
+
+def _nan_weights_model():
+    import jax
+    from flax import nnx
+
+    model = random_cosplace_model(seed=0)
+    params = nnx.state(model.net, nnx.Param)
+    nnx.update(model.net, jax.tree.map(lambda leaf: leaf * np.float32("nan"), params))
+    return model
+
+
+def test_weights_that_give_nan_descriptors_fail_naming_the_model_before_any_chunk_is_written(tmp_path):
+    database, queries, _, _ = make_dataset(tmp_path)
+    out = tmp_path / "out"
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(out),
+        alphas=(0.0,),
+        recall_values=(1,),
+        image_size=64,
+        chunk_size=4,
+    )
+    with pytest.raises(
+        NonFiniteDescriptorError, match=r"model cosplace .*\(weights: random \(seed 0\)\) gives non-fin"
+    ):
+        run_evaluation(config, model=_nan_weights_model())
+    assert not [p for p in out.rglob("*") if p.is_file() and "done" in p.parts]  # no chunk marked complete
+
+
+def test_non_finite_rows_are_flagged_and_a_first_batch_of_nothing_finite_fails():
+    guard = FiniteGuard("m")
+    real = np.array([True, True, True, False])
+    batch = np.ones((4, 3), np.float32)
+    assert guard.finite_rows(batch, real, "a.jpg").tolist() == [True, True, True, True]
+    batch[1, 2], batch[3, 0] = np.nan, np.nan  # a bad real row, and a padding row (not checked)
+    assert guard.finite_rows(batch, real, "b.jpg").tolist() == [True, False, True, True]
+    sweep = np.ones((2, 4, 3), np.float32)
+    sweep[1, 2, 0] = np.inf  # a query row that is finite at alpha 0 only
+    assert guard.finite_rows(sweep, real, "c.jpg").tolist() == [True, True, False, True]
+    with pytest.raises(NonFiniteDescriptorError, match=r"model m gives .*\(e\.g\. d\.jpg\)"):
+        FiniteGuard("m").finite_rows(np.full((2, 3), np.nan, np.float32), np.array([True, True]), "d.jpg")

@@ -90,6 +90,55 @@ def output_size_fn(model, image_size) -> Callable[[int, int], tuple[int, int]]:
     return lambda width, height: model.output_size(width, height, image_size)
 
 
+class NonFiniteDescriptorError(ValueError):
+    """The model gives NaN or infinite descriptors from its first batch on: its weights are broken."""
+
+
+@dataclass
+class FiniteGuard:
+    """Finds non-finite descriptor rows; fails fast when the model gives nothing finite at all.
+
+    A row with a NaN or infinite value is never stored as valid nor searched: the caller skips and counts it like
+    an unreadable image. A batch in which every real row is non-finite, before any finite descriptor was seen in
+    this extraction, raises :class:`NonFiniteDescriptorError` naming the model (weights that give NaN everywhere),
+    before anything of it is written.
+    """
+
+    model_label: str
+    seen_finite: bool = False
+
+    def finite_rows(self, descriptors: np.ndarray, real: np.ndarray, first_path: str) -> np.ndarray:
+        """``[B]`` bool, True where the row of ``descriptors`` (``[B, D]`` or ``[K, B, D]``) is all finite.
+
+        Args:
+            descriptors: The batch's descriptors, rows on the second-to-last axis.
+            real: ``[B]`` bool, False for padding rows (not checked).
+            first_path: The batch's first image, named in the error.
+        """
+        values = np.asarray(descriptors)
+        finite = np.isfinite(values).all(axis=-1)
+        if finite.ndim == 2:  # [K, B]: a query row is finite only if it is at every alpha
+            finite = finite.all(axis=0)
+        if real.any() and not finite[real].any() and not self.seen_finite:
+            raise NonFiniteDescriptorError(
+                f"model {self.model_label} gives non-finite (NaN or infinite) descriptors for every image of its "
+                f"first batch (e.g. {first_path}); its weights are broken: convert the checkpoint again"
+            )
+        self.seen_finite = self.seen_finite or bool(finite[real].any())
+        return finite | ~real
+
+
+def model_label(model) -> str:
+    """``"cosplace resnet18/512 (weights: resnet18_512.pth)"``: the model and where its weights came from."""
+    provenance = model.spec.provenance
+    return f"{model.spec.describe()} (weights: {provenance.weights or provenance.source_file or 'unknown'})"
+
+
+def non_finite_failure(index: int, path: str, label: str) -> LoadFailure:
+    """The failure record of an image whose descriptor is not finite."""
+    return LoadFailure(index, path, f"NonFiniteDescriptorError: model {label} gave a NaN or infinite descriptor")
+
+
 def _pipelined(batches, compute: Callable[[Batch], object]):
     """Yields ``(batch, result)`` with the next batch dispatched before the previous result is read."""
     pending = None
@@ -225,14 +274,22 @@ def extract_database(
     )
     # features + aggregate (not __call__): the queries reuse the same compiled backbone for the same shape
     compute = lambda batch: model.aggregate(model.features(jax.device_put(batch.images, sharding)))  # noqa: E731
+    guard = FiniteGuard(model_label(model))
     for batch, result in _pipelined(batches, compute):
         descriptors = np.asarray(result)
+        real = batch.indices >= 0
+        finite = guard.finite_rows(descriptors, real, str(images.absolute(int(batch.indices[0]))))
         touched = set()
         for row, index in enumerate(batch.indices):
             if index < 0:
                 continue
             chunk = store.chunk_of(int(index))
-            buffers[chunk].put(int(index), descriptors[row])
+            if finite[row]:
+                buffers[chunk].put(int(index), descriptors[row])
+            else:
+                failure = non_finite_failure(int(index), str(images.absolute(int(index))), guard.model_label)
+                log.warning("skipping database image %s: %s", failure.path, failure.error)
+                buffers[chunk].fail(failure)
             touched.add(chunk)
         summary.images_computed += batch.num_valid
         progress.update(batch.num_valid)
@@ -456,11 +513,17 @@ def extract_queries(
         row_multiple=jax.local_device_count(),
         output_size=output_size_fn(model, image_size),
     )
+    guard = FiniteGuard(model_label(model))
     for batch, (mask, sweep, plain) in _pipelined(batches, compute):
         result = combine_query_batch(mask, sweep, plain, len(alphas))
         if out is None:
             out = np.zeros((len(alphas), len(images), result.shape[-1]), dtype=np.float32)
-        keep = batch.indices >= 0
+        real = batch.indices >= 0
+        finite = guard.finite_rows(result, real, str(images.absolute(int(batch.indices[0]))))
+        for index in batch.indices[real & ~finite]:
+            failures.append(non_finite_failure(int(index), str(images.absolute(int(index))), guard.model_label))
+            log.warning("skipping query image %s: %s", failures[-1].path, failures[-1].error)
+        keep = real & finite
         out[:, batch.indices[keep]] = result[:, keep]
         valid[batch.indices[keep]] = True
         applied[batch.indices[keep]] = mask[keep]
