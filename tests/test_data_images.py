@@ -3,6 +3,7 @@
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -94,3 +95,36 @@ def test_flood_annotate_and_figures_refuse_an_oversized_header_before_decoding(t
     with pytest.raises(ValueError, match="12000x8000 pixels .* refused before decoding"):
         load_photo(liar)  # annotate's and show_attention's loader
     assert _thumbnail(liar, 40).getpixel((0, 0)) == (128, 128, 128)  # the prediction strip's grey tile
+
+
+def _sixteen_bit_grey(path, byte_order: str = "<") -> np.ndarray:
+    """Writes a 16-bit greyscale image (a ramp over the whole 0..65535 range); returns its uint16 values."""
+    values = np.linspace(0, 65535, 48 * 64).round().astype(np.uint16).reshape(48, 64)
+    Image.fromarray(values.astype(f"{byte_order}u2")).save(path)
+    return values
+
+
+@pytest.mark.parametrize(("name", "byte_order"), [("grey16.png", "<"), ("grey16.tif", ">")])
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_in_every_loader(tmp_path, name, byte_order):
+    from attllm_jax.attention.overlay import load_photo
+    from attllm_jax.data.flood import read_rgb
+
+    path = tmp_path / name
+    values = _sixteen_bit_grey(path, byte_order)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I;16")  # what PIL makes of it, and what convert("RGB") clips to white
+    expected = np.repeat(np.round(values / 257.0).astype(np.uint8)[..., None], 3, axis=-1)
+    assert expected.min() == 0 and expected.max() == 255 and len(np.unique(expected)) == 256
+    for loader in (open_image, read_rgb, load_photo):  # eval / localize, flood, annotate
+        np.testing.assert_array_equal(np.asarray(loader(path)), expected)
+    model_input = read_image(path, lambda image: np.asarray(image, np.float32))
+    np.testing.assert_array_equal(model_input, expected.astype(np.float32))
+
+
+def test_sixteen_bit_rgb_keeps_its_high_byte_and_float_images_are_refused(tmp_path):
+    rows = b"".join(b"\x00" + struct.pack(">HHH", 30000, 1000, 65535) * 2 for _ in range(2))
+    (tmp_path / "rgb16.png").write_bytes(_raw_png(2, 2, rows, bit_depth=16, colour_type=2))
+    assert np.asarray(open_image(tmp_path / "rgb16.png"))[0, 0].tolist() == [117, 3, 255]  # 30000 >> 8 = 117
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="pixel mode 'F'"):
+        open_image(tmp_path / "float.tif")

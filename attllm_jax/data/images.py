@@ -6,8 +6,13 @@ decoded it checks that the size written in the header has at most ``max_pixels``
 :data:`MAX_SOURCE_PIXELS`) and passes the caller's ``check_size`` (the evaluation predicts the preprocessed size
 there and refuses what one batch cannot hold). PIL's ``Image.open`` reads only the header, and the decoder never
 produces more pixels than the header states, so a file whose header lies (a truncated file, a PNG decompression
-bomb) allocates at most what was checked, and a truncated one fails to decode. No JPEG draft mode is used: the
-pixels are those of a full decode, as the PyTorch references read them.
+bomb) allocates at most what was checked, and a truncated one fails to decode.
+
+Then it decodes and converts to 8-bit RGB: 16-bit greyscale (PIL modes ``I;16``, ``I;16B``, ``I;16L``, which a
+plain ``convert("RGB")`` clips to white) is scaled by 255 / 65535 and rounded (16-bit RGB(A) PNGs are already
+reduced to their high byte by PIL); modes whose value range a file does not state (32-bit integer ``I``, float
+``F``) are refused. No JPEG draft mode is used: the pixels are those of a full decode, as the PyTorch references
+read them.
 """
 
 from __future__ import annotations
@@ -15,15 +20,23 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
 from PIL import Image
 
 # About 67 Mpx (e.g. 9500 x 7000): above any phone camera's 50 Mpx mode; the decoded RGB image is then at most
 # 192 MiB.
 MAX_SOURCE_PIXELS = 1 << 26
 
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+_UNSCALED = ("I", "F")
+
 
 class ImageTooLargeError(ValueError):
     """An image (as stored, or as preprocessed) has more pixels than allowed."""
+
+
+class UnsupportedModeError(ValueError):
+    """An image whose pixel format has no defined 8-bit conversion (32-bit integer or float)."""
 
 
 def check_source_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int) -> None:
@@ -36,13 +49,31 @@ def check_source_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixe
         )
 
 
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB: 16-bit grey scaled by 255 / 65535, the other modes by PIL's ``convert``.
+
+    Raises:
+        UnsupportedModeError: for 32-bit integer (``I``) and float (``F``) images, whose range is unknown.
+    """
+    if image.mode in _SIXTEEN_BIT_GREY:
+        values = np.asarray(image, dtype=np.uint32)  # [H, W], 0..65535 whatever the byte order
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # rounded to nearest
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in _UNSCALED:
+        raise UnsupportedModeError(
+            f"pixel mode {image.mode!r} (32-bit integer or float) has no defined 8-bit range; convert the file "
+            "to 8 or 16 bits per channel"
+        )
+    return image.convert("RGB")  # a copy: the opened image is closed by the caller
+
+
 def open_image(
     path: str | os.PathLike,
     *,
     max_pixels: int = MAX_SOURCE_PIXELS,
     check_size: Callable[[int, int], None] | None = None,
 ) -> Image.Image:
-    """Opens an image file as RGB, refusing what must not be decoded (see the module notes).
+    """Opens an image file as 8-bit RGB, refusing what must not be decoded (see the module notes).
 
     Args:
         path: The image file.
@@ -50,14 +81,16 @@ def open_image(
         check_size: Called with the header's ``(width, height)`` before decoding; raises to refuse the image.
 
     Returns:
-        A decoded RGB image.
+        A decoded 8-bit RGB image.
 
     Raises:
         ImageTooLargeError: a refusal, before any decoding (a ``ValueError``).
+        UnsupportedModeError: a 32-bit integer or float image (a ``ValueError``).
         OSError: a missing, unidentified or truncated file (PIL's errors, unchanged).
     """
     with Image.open(path) as image:
         check_source_pixels(path, image.size, max_pixels)
         if check_size is not None:
             check_size(*image.size)
-        return image.convert("RGB")
+        image.load()
+        return to_rgb8(image)
