@@ -128,3 +128,67 @@ def test_sixteen_bit_rgb_keeps_its_high_byte_and_float_images_are_refused(tmp_pa
     Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(ValueError, match="pixel mode 'F'"):
         open_image(tmp_path / "float.tif")
+
+
+def _upright_photo(width: int = 96, height: int = 64) -> Image.Image:
+    """Red sky in the top half, blue water at the bottom, a green post at the left: any flip or turn shows."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[: height // 2] = (220, 40, 40)
+    pixels[height // 2 :] = (40, 40, 220)
+    pixels[:, : width // 6] = (40, 200, 40)
+    return Image.fromarray(pixels)
+
+
+# EXIF orientation o: how the stored pixels relate to the upright photo (each is undone by its own transpose but 6/8)
+_STORED = {2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
+
+
+def _tagged_jpeg(path, orientation: int, upright: Image.Image) -> None:
+    """Stores ``upright`` turned as a camera would, as a JPEG whose EXIF orientation tag says how to show it."""
+    from attllm_jax.data.images import _TRANSPOSE
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright.transpose(_TRANSPOSE[_STORED[orientation]]).save(path, format="JPEG", quality=95, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_exif_orientation_is_applied_by_every_loader(tmp_path, orientation):
+    from attllm_jax.attention.overlay import load_photo
+    from attllm_jax.data.flood import read_rgb
+    from attllm_jax.evaluation.figures import _thumbnail
+
+    upright = _upright_photo()
+    path = tmp_path / "phone.jpg"
+    _tagged_jpeg(path, orientation, upright)
+    with Image.open(path) as stored:
+        assert stored.getexif()[0x0112] == orientation
+    expected = np.asarray(upright, np.float32)
+    sizes = []
+    for loader in (lambda p: open_image(p, check_size=lambda w, h: sizes.append((w, h))), read_rgb, load_photo):
+        pixels = np.asarray(loader(path), np.float32)
+        assert pixels.shape == expected.shape and np.abs(pixels - expected).mean() < 4.0
+    assert sizes == [upright.size]  # the size checks see the displayed size
+    model_input = read_image(path, lambda image: np.asarray(image, np.float32), 10**6, lambda w, h: (w, h))
+    assert model_input.shape == expected.shape and np.abs(model_input - expected).mean() < 4.0
+    thumbnail = np.asarray(_thumbnail(path, 32), np.float32)  # the prediction strips
+    assert thumbnail.shape == (32, 48, 3) and np.abs(thumbnail - np.asarray(upright.resize((48, 32)))).mean() < 8
+
+
+def test_flood_writes_the_upright_pixels_without_a_tag_and_water_along_the_bottom(tmp_path):
+    from attllm_jax.attention.masks import read_mask
+    from attllm_jax.data.flood import flood_folder, procedural_method
+
+    dry = tmp_path / "dry"
+    dry.mkdir()
+    upright = _upright_photo(160, 120)
+    _tagged_jpeg(dry / "37.1_-122.1@phone.jpg", 6, upright)  # stored 120 wide, 160 tall
+    out = tmp_path / "out"
+    summary = flood_folder(dry, out, [0.3], procedural_method(0), method_name="procedural", seed=0)
+    assert summary["counts"]["level_0.3"]["written"] == 1
+    with Image.open(out / "level_0.3" / "37.1_-122.1@phone.jpg") as flooded:
+        assert flooded.getexif().get(0x0112) is None and flooded.size == (160, 120)  # displays as stored: upright
+        top = np.asarray(flooded.convert("RGB"), np.float32)[:20, 40:]
+    assert np.abs(top - (220, 40, 40)).mean() < 8  # the sky stays on top
+    mask = read_mask(out / "masks" / "level_0.3" / "37.1_-122.1@phone.png")
+    assert mask.shape == (120, 160) and mask[-5:].mean() > 0.9 and mask[:60].mean() == 0.0

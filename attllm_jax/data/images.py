@@ -1,4 +1,4 @@
-"""The one way the package opens an image file: refuse before decoding, then decode to RGB.
+"""The one way the package opens an image file: refuse before decoding, then decode to upright 8-bit RGB.
 
 Every loader (the evaluation's decode threads, annotation, flood, the attention figures, and the localize / serve
 entry point :func:`attllm_jax.data.loading.read_image`) goes through :func:`open_image`. Before a single pixel is
@@ -11,8 +11,10 @@ bomb) allocates at most what was checked, and a truncated one fails to decode.
 Then it decodes and converts to 8-bit RGB: 16-bit greyscale (PIL modes ``I;16``, ``I;16B``, ``I;16L``, which a
 plain ``convert("RGB")`` clips to white) is scaled by 255 / 65535 and rounded (16-bit RGB(A) PNGs are already
 reduced to their high byte by PIL); modes whose value range a file does not state (32-bit integer ``I``, float
-``F``) are refused. No JPEG draft mode is used: the pixels are those of a full decode, as the PyTorch references
-read them.
+``F``) are refused. Last, the EXIF orientation tag is applied, so the pixels are the photo as a viewer displays it
+(phone photos are often stored sideways with a tag); the model, the LLM and the flood all see these upright pixels,
+and flood writes them without a tag. No JPEG draft mode is used: the pixels are those of a full decode, as the
+PyTorch references read them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ from PIL import Image
 # 192 MiB.
 MAX_SOURCE_PIXELS = 1 << 26
 
+EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = (5, 6, 7, 8)  # orientations that rotate by 90 or 270 degrees
+# EXIF orientation -> the transpose that makes the stored pixels upright (EXIF 2.32, tag 274)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Recorded in descriptor-store keys: stores made by a loader that decoded differently are not reused.
+DECODING = "upright-rgb8-v1"
 _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 _UNSCALED = ("I", "F")
 
@@ -37,6 +53,21 @@ class ImageTooLargeError(ValueError):
 
 class UnsupportedModeError(ValueError):
     """An image whose pixel format has no defined 8-bit conversion (32-bit integer or float)."""
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened (not yet decoded) image as displayed, i.e. after its EXIF orientation."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in _SWAPS_AXES else (width, height)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable."""
+    try:
+        value = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 -- a broken EXIF block must not make a readable photo unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def check_source_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int) -> None:
@@ -78,10 +109,11 @@ def open_image(
     Args:
         path: The image file.
         max_pixels: Most pixels the stored image may have (its decoded size).
-        check_size: Called with the header's ``(width, height)`` before decoding; raises to refuse the image.
+        check_size: Called with the displayed ``(width, height)`` (the header's, turned by the EXIF orientation)
+            before decoding; raises to refuse the image.
 
     Returns:
-        A decoded 8-bit RGB image.
+        A decoded 8-bit RGB image, upright: EXIF orientation applied (the result carries no tag).
 
     Raises:
         ImageTooLargeError: a refusal, before any decoding (a ``ValueError``).
@@ -91,6 +123,8 @@ def open_image(
     with Image.open(path) as image:
         check_source_pixels(path, image.size, max_pixels)
         if check_size is not None:
-            check_size(*image.size)
+            check_size(*oriented_size(image))
         image.load()
-        return to_rgb8(image)
+        rgb = to_rgb8(image)
+        orientation = exif_orientation(image)
+    return rgb if orientation == 1 else rgb.transpose(_TRANSPOSE[orientation])

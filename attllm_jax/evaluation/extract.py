@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from attllm_jax.attention.maps import attention_maps, attention_mask
 from attllm_jax.attention.parse import ParsedAttention
 from attllm_jax.data.dataset import ImageSet
+from attllm_jax.data.images import DECODING
 from attllm_jax.data.loading import Batch, LoadFailure, load_batches
 from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.progress import Progress
@@ -302,10 +303,11 @@ def extract_database(
 
 
 def database_store_key(model, database: ImageSet, image_size=None, weights_sha256: str | None = None) -> dict:
-    """What database descriptors depend on: the model and its precision, its weights, the resize override and the
-    image list."""
+    """What database descriptors depend on: the model and its precision, its weights, the resize override, how
+    images are decoded (:data:`~attllm_jax.data.images.DECODING`) and the image list."""
     return {
         "model": model.spec.to_dict(),
+        "decoding": DECODING,
         "precision": model.precision,
         "weights_sha256": weights_sha256 or weights_digest(model),
         "image_size": image_size,
