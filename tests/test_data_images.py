@@ -1,5 +1,6 @@
 """The one image opener: refusals before decoding (size, file kind, folder), 8-bit conversion, EXIF orientation."""
 
+import os
 import struct
 import zlib
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attllm_jax.data.images import ImageTooLargeError, open_image
+from attllm_jax.data.images import ImageTooLargeError, NotRegularFileError, open_image
 from attllm_jax.data.loading import read_image
 from attllm_jax.data.preprocess import PreprocessSpec, output_size, preprocess_image
 from tests.bounded import PEAK_RSS, run_bounded
@@ -192,3 +193,17 @@ def test_flood_writes_the_upright_pixels_without_a_tag_and_water_along_the_botto
     assert np.abs(top - (220, 40, 40)).mean() < 8  # the sky stays on top
     mask = read_mask(out / "masks" / "level_0.3" / "37.1_-122.1@phone.png")
     assert mask.shape == (120, 160) and mask[-5:].mean() > 0.9 and mask[:60].mean() == 0.0
+
+
+def test_fifos_and_folders_named_like_images_are_refused_by_every_loader(tmp_path):
+    from attllm_jax.attention.overlay import load_photo
+    from attllm_jax.data.flood import read_rgb
+
+    fifo, folder = tmp_path / "pipe.jpg", tmp_path / "folder.jpg"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for loader in (open_image, read_rgb, load_photo, lambda p: read_image(p, np.asarray)):
+        with pytest.raises(NotRegularFileError, match="pipe.jpg is a FIFO, not a regular file"):
+            loader(fifo)
+        with pytest.raises(NotRegularFileError, match="folder.jpg is a folder"):
+            loader(folder)

@@ -1,6 +1,7 @@
 """The evaluation on hostile image files: oversized, 16-bit, rotated by EXIF, not regular files, symlinks out."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -86,3 +87,19 @@ def test_non_finite_rows_are_flagged_and_a_first_batch_of_nothing_finite_fails()
     assert guard.finite_rows(sweep, real, "c.jpg").tolist() == [True, True, False, True]
     with pytest.raises(NonFiniteDescriptorError, match=r"model m gives .*\(e\.g\. d\.jpg\)"):
         FiniteGuard("m").finite_rows(np.full((2, 3), np.nan, np.float32), np.array([True, True]), "d.jpg")
+
+
+def test_a_fifo_named_like_a_query_is_skipped_and_counted_not_waited_on(tmp_path):
+    database, queries, _, _ = make_dataset(tmp_path)
+    victim = sorted(queries.glob("*.jpg"))[1]
+    victim.unlink()
+    os.mkfifo(victim)  # nobody ever writes to it: a plain open() would block forever
+    result = run_bounded(
+        EVAL_SCRIPT, str(database), str(queries), str(tmp_path / "out"), address_space=8 * GIB, timeout_s=240
+    )
+    assert result["num_skipped"] == {"database": 0, "queries": 1}
+    [skipped] = result["skipped_images"]["queries"]
+    assert (
+        skipped["path"] == str(victim)
+        and skipped["error"] == f"NotRegularFileError: {victim} is a FIFO, not a regular file"
+    )

@@ -1,8 +1,9 @@
 """The one way the package opens an image file: refuse before decoding, then decode to upright 8-bit RGB.
 
 Every loader (the evaluation's decode threads, annotation, flood, the attention figures, and the localize / serve
-entry point :func:`attllm_jax.data.loading.read_image`) goes through :func:`open_image`. Before a single pixel is
-decoded it checks that the size written in the header has at most ``max_pixels`` pixels (default
+entry point :func:`attllm_jax.data.loading.read_image`) goes through :func:`open_image`. It reads only regular files
+(a FIFO, socket, device or folder named ``*.jpg`` is refused: reading a FIFO would block the run forever). Before a
+single pixel is decoded it checks that the size written in the header has at most ``max_pixels`` pixels (default
 :data:`MAX_SOURCE_PIXELS`) and passes the caller's ``check_size`` (the evaluation predicts the preprocessed size
 there and refuses what one batch cannot hold). PIL's ``Image.open`` reads only the header, and the decoder never
 produces more pixels than the header states, so a file whose header lies (a truncated file, a PNG decompression
@@ -20,7 +21,9 @@ PyTorch references read them.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -51,6 +54,10 @@ class ImageTooLargeError(ValueError):
     """An image (as stored, or as preprocessed) has more pixels than allowed."""
 
 
+class NotRegularFileError(ValueError):
+    """An image path that is not a regular file (a FIFO, socket, device or folder)."""
+
+
 class UnsupportedModeError(ValueError):
     """An image whose pixel format has no defined 8-bit conversion (32-bit integer or float)."""
 
@@ -68,6 +75,24 @@ def exif_orientation(image: Image.Image) -> int:
     except Exception:  # noqa: BLE001 -- a broken EXIF block must not make a readable photo unreadable
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Opens ``path`` for reading without blocking, and only if it is a regular file (symlinks followed).
+
+    The file is opened with ``O_NONBLOCK`` and then checked with ``fstat``, so a FIFO (which a plain open would wait
+    on for a writer, forever) is refused at once, and the file checked is the file read.
+
+    Raises:
+        NotRegularFileError: for a FIFO, socket, device or folder. OSError: a missing path or a dangling link.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "folder" if stat.S_ISDIR(mode) else "special file"
+        raise NotRegularFileError(f"{path} is a {kind}, not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def check_source_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int) -> None:
@@ -116,11 +141,11 @@ def open_image(
         A decoded 8-bit RGB image, upright: EXIF orientation applied (the result carries no tag).
 
     Raises:
-        ImageTooLargeError: a refusal, before any decoding (a ``ValueError``).
+        NotRegularFileError, ImageTooLargeError: refusals, before any decoding (``ValueError`` s).
         UnsupportedModeError: a 32-bit integer or float image (a ``ValueError``).
         OSError: a missing, unidentified or truncated file (PIL's errors, unchanged).
     """
-    with Image.open(path) as image:
+    with open_regular_file(path) as file, Image.open(file) as image:
         check_source_pixels(path, image.size, max_pixels)
         if check_size is not None:
             check_size(*oriented_size(image))
