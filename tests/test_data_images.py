@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attllm_jax.data.images import ImageTooLargeError, NotRegularFileError, open_image
+from attllm_jax.data.images import ImageTooLargeError, NotRegularFileError, OutsideFolderError, open_image
 from attllm_jax.data.loading import read_image
 from attllm_jax.data.preprocess import PreprocessSpec, output_size, preprocess_image
 from tests.bounded import PEAK_RSS, run_bounded
@@ -207,3 +207,54 @@ def test_fifos_and_folders_named_like_images_are_refused_by_every_loader(tmp_pat
             loader(fifo)
         with pytest.raises(NotRegularFileError, match="folder.jpg is a folder"):
             loader(folder)
+
+
+def test_symlinks_may_point_inside_the_folder_only(tmp_path):
+    from attllm_jax.attention.overlay import load_photo
+    from attllm_jax.data.flood import read_rgb
+
+    folder, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(folder / "sub" / "real.png")
+    Image.new("RGB", (8, 6), (200, 0, 0)).save(elsewhere / "secret.png")
+    (folder / "alias.png").symlink_to(folder / "sub" / "real.png")  # inside: read
+    (folder / "out.png").symlink_to(elsewhere / "secret.png")  # a file link leaving the folder
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)  # a folder link leaving it
+    (tmp_path / "images_link").symlink_to(folder, target_is_directory=True)  # the folder itself may be a link
+    loaders = (
+        lambda p, root: open_image(p, root=root),
+        lambda p, root: read_rgb(p, root=root),  # flood
+        lambda p, root: load_photo(p, root=root),  # annotate, show_attention
+        lambda p, root: read_image(p, np.asarray, root=root).astype(np.uint8),  # eval, localize
+    )
+    for load in loaders:
+        assert np.asarray(load(folder / "alias.png", folder))[0, 0].tolist() == [10, 20, 30]
+        assert np.asarray(load(tmp_path / "images_link" / "alias.png", tmp_path / "images_link")).shape == (6, 8, 3)
+        for outside in (folder / "out.png", folder / "linked" / "secret.png"):
+            with pytest.raises(OutsideFolderError, match=f"resolves to {elsewhere / 'secret.png'}, outside {folder}"):
+                load(outside, folder)
+
+
+def test_annotate_and_flood_count_a_symlink_out_of_the_images_folder(tmp_path):
+    from attllm_jax.attention import prompts, providers, runner
+    from attllm_jax.data.flood import flood_folder, procedural_method
+    from tests.llm_server import LLMServer, id_photo, text_reply
+
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    images.mkdir()
+    elsewhere.mkdir()
+    id_photo(1).save(images / "37.1_-122.1@q1.jpg")
+    id_photo(2).save(elsewhere / "private.jpg")
+    (images / "37.2_-122.2@q2.jpg").symlink_to(elsewhere / "private.jpg")
+    answer = '[{"center": [0.3, 0.6], "weight": 1.8, "reasoning": "tower"}]'
+    with LLMServer(lambda seen: text_reply(seen, answer)) as server:
+        provider = providers.GeminiProvider(api_key="k" * 39, base_url=server.url, timeout_s=5.0)
+        config = runner.RunConfig(city="San Francisco", prompt=prompts.get_prompt("axis_focus"), workers=1)
+        summary = runner.annotate_folder(images, tmp_path / "att", provider, config)
+        assert [seen.image_id() for seen in server.seen] == [1]  # the outside photo was never sent
+    assert (summary.valid, summary.failed) == (1, 1)
+    assert summary.failures[0]["image"] == "37.2_-122.2@q2.jpg" and "resolves to" in summary.failures[0]["error"]
+    flooded = flood_folder(images, tmp_path / "wet", [0.3], procedural_method(0), method_name="procedural", seed=0)
+    assert flooded["num_unreadable_images"] == 1 and flooded["counts"]["level_0.3"]["written"] == 1
+    assert f"resolves to {elsewhere / 'private.jpg'}, outside {images}" in flooded["failures"][0]["error"]

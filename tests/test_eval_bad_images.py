@@ -103,3 +103,28 @@ def test_a_fifo_named_like_a_query_is_skipped_and_counted_not_waited_on(tmp_path
         skipped["path"] == str(victim)
         and skipped["error"] == f"NotRegularFileError: {victim} is a FIFO, not a regular file"
     )
+
+
+def test_a_path_list_entry_through_a_symlinked_folder_out_of_the_database_is_skipped_and_counted(tmp_path):
+    database, queries, _, _ = make_dataset(tmp_path)
+    names = sorted(p.name for p in database.glob("*.jpg"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (database / names[4]).rename(elsewhere / names[4])
+    (database / "linked").symlink_to(elsewhere, target_is_directory=True)
+    listed = [f"linked/{n}" if i == 4 else n for i, n in enumerate(names)]
+    (tmp_path / "database_images_paths.txt").write_text("\n".join(listed) + "\n")
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(tmp_path / "out"),
+        alphas=(0.0,),
+        recall_values=(1, 5),
+        image_size=64,
+    )
+    result = run_evaluation(config, model=random_cosplace_model(seed=0))
+    assert result.results["num_database"] == 14 and result.results["num_skipped"] == {"database": 1, "queries": 0}
+    [skipped] = result.results["skipped_images"]["database"]
+    assert skipped["path"] == str(database / "linked" / names[4])
+    assert skipped["error"].startswith("OutsideFolderError:") and f"outside {database.resolve()}" in skipped["error"]
+    assert not np.isin(result.retrieval.predictions, [4]).any()  # never searched

@@ -172,16 +172,17 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def load_photo(path: str | os.PathLike) -> Image.Image:
+def load_photo(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Image.Image:
     """Opens an image file fully, as RGB, so that errors surface here.
 
     Read as the model reads it (:func:`~attllm_jax.data.images.open_image`): the coordinates the LLM reads must
-    refer to the pixels the model sees.
+    refer to the pixels the model sees. With ``root``, a file that resolves outside that folder is refused.
 
     Raises:
-        ValueError: naming the file when it cannot be read as an image, or is refused (too large).
+        ValueError: naming the file when it cannot be read as an image, or is refused (too large, not a regular
+            file, outside ``root``).
     """
     try:
-        return open_image(path)
+        return open_image(path, root=root)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None

@@ -164,7 +164,7 @@ class _Run:
     def request(self, image: str) -> AnnotationRequest:
         jpeg = None
         if self.provider.needs_image:
-            photo = overlay.load_photo(self.images_dir / image)
+            photo = overlay.load_photo(self.images_dir / image, root=self.images_dir)
             framed = overlay.draw_axis_overlay(photo, self.config.max_side, self.config.step, self.config.grid_lines)
             jpeg = overlay.encode_jpeg(framed.image, self.config.jpeg_quality)
             if self.config.save_sent_dir:

@@ -64,8 +64,9 @@ def read_paths_file(listing: str | os.PathLike) -> list[str]:
     """Reads a path list: one image path relative to the folder per line; blank lines are ignored.
 
     Entries are normalized (``'\\'`` -> ``'/'``, ``./`` and ``a/../`` collapsed). An absolute entry, or one that
-    leaves the folder through ``..``, is refused, so a list cannot make the evaluation read files elsewhere; the
-    same image listed twice (after normalization) is refused too, since it would be counted twice.
+    leaves the folder through ``..``, is refused, so a list cannot make the evaluation read files elsewhere (an
+    entry that leaves it through a symlink is refused when it is read: skipped and counted, see
+    :func:`attllm_jax.data.images.check_inside`); the same image listed twice (after normalization) is refused too, since it would be counted twice.
 
     Args:
         listing: The path-list file.

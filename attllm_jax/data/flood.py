@@ -281,14 +281,15 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def read_rgb(path: str | os.PathLike) -> Image.Image:
+def read_rgb(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Image.Image:
     """The image as RGB, fully decoded, as the evaluation reads it (:func:`~attllm_jax.data.images.open_image`).
 
     Raises:
-        ValueError: naming the file when it cannot be read, or is refused (too large).
+        ValueError: naming the file when it cannot be read, or is refused (too large, not a regular file, outside
+            ``root`` once symlinks are resolved).
     """
     try:
-        return open_image(path)
+        return open_image(path, root=root)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
@@ -395,7 +396,7 @@ def flood_folder(
         if not todo:
             return
         try:
-            image = read_rgb(root / rel)
+            image = read_rgb(root / rel, root=root)
         except ValueError as e:
             with tally.lock:
                 unreadable.add(rel)

@@ -2,7 +2,8 @@
 
 Every loader (the evaluation's decode threads, annotation, flood, the attention figures, and the localize / serve
 entry point :func:`attllm_jax.data.loading.read_image`) goes through :func:`open_image`. It reads only regular files
-(a FIFO, socket, device or folder named ``*.jpg`` is refused: reading a FIFO would block the run forever). Before a
+(a FIFO, socket, device or folder named ``*.jpg`` is refused: reading a FIFO would block the run forever) and, given
+the folder the image was listed from, only files inside it once symlinks are resolved. Before a
 single pixel is decoded it checks that the size written in the header has at most ``max_pixels`` pixels (default
 :data:`MAX_SOURCE_PIXELS`) and passes the caller's ``check_size`` (the evaluation predicts the preprocessed size
 there and refuses what one batch cannot hold). PIL's ``Image.open`` reads only the header, and the decoder never
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -58,6 +60,10 @@ class NotRegularFileError(ValueError):
     """An image path that is not a regular file (a FIFO, socket, device or folder)."""
 
 
+class OutsideFolderError(ValueError):
+    """An image path that resolves (through a symlink) outside the folder it was listed from."""
+
+
 class UnsupportedModeError(ValueError):
     """An image whose pixel format has no defined 8-bit conversion (32-bit integer or float)."""
 
@@ -75,6 +81,18 @@ def exif_orientation(image: Image.Image) -> int:
     except Exception:  # noqa: BLE001 -- a broken EXIF block must not make a readable photo unreadable
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+def check_inside(path: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Raises :class:`OutsideFolderError` when ``path``, symlinks resolved, is not inside ``root`` (resolved).
+
+    A symlink inside the folder to another file inside it is fine; the folder itself may be a symlink.
+    """
+    target, folder = Path(path).resolve(), Path(root).resolve()
+    if not target.is_relative_to(folder):
+        raise OutsideFolderError(
+            f"{path} resolves to {target}, outside {folder}; a symlink may only point inside the image folder"
+        )
 
 
 def open_regular_file(path: str | os.PathLike) -> BinaryIO:
@@ -128,6 +146,7 @@ def open_image(
     *,
     max_pixels: int = MAX_SOURCE_PIXELS,
     check_size: Callable[[int, int], None] | None = None,
+    root: str | os.PathLike | None = None,
 ) -> Image.Image:
     """Opens an image file as 8-bit RGB, refusing what must not be decoded (see the module notes).
 
@@ -136,15 +155,19 @@ def open_image(
         max_pixels: Most pixels the stored image may have (its decoded size).
         check_size: Called with the displayed ``(width, height)`` (the header's, turned by the EXIF orientation)
             before decoding; raises to refuse the image.
+        root: When given, the file (symlinks resolved) must lie inside this folder.
 
     Returns:
         A decoded 8-bit RGB image, upright: EXIF orientation applied (the result carries no tag).
 
     Raises:
-        NotRegularFileError, ImageTooLargeError: refusals, before any decoding (``ValueError`` s).
+        NotRegularFileError, OutsideFolderError, ImageTooLargeError: refusals, before any decoding
+            (``ValueError`` s).
         UnsupportedModeError: a 32-bit integer or float image (a ``ValueError``).
         OSError: a missing, unidentified or truncated file (PIL's errors, unchanged).
     """
+    if root is not None:
+        check_inside(path, root)
     with open_regular_file(path) as file, Image.open(file) as image:
         check_source_pixels(path, image.size, max_pixels)
         if check_size is not None:

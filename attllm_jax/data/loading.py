@@ -72,6 +72,7 @@ def read_image(
     preprocess: Preprocess,
     max_pixels: int | None = None,
     output_size: OutputSize | None = None,
+    root: str | os.PathLike | None = None,
 ) -> np.ndarray:
     """Decodes one image (through :func:`~attllm_jax.data.images.open_image`) and applies ``preprocess``.
 
@@ -87,6 +88,7 @@ def read_image(
         max_pixels: Largest ``H * W`` accepted after preprocessing (None = no limit).
         output_size: ``(width, height)`` of the source -> ``(width, height)`` after ``preprocess``
             (e.g. ``VPRModel.output_size``).
+        root: The folder the image was listed from: a path that resolves outside it (a symlink) is refused.
 
     Returns:
         ``[H, W, 3]`` float32.
@@ -102,7 +104,7 @@ def read_image(
             out_width, out_height = output_size(width, height)
             check_pixels((out_height, out_width), max_pixels, (width, height))
 
-    image = open_image(path, check_size=check_size)
+    image = open_image(path, check_size=check_size, root=root)
     array = np.asarray(preprocess(image), dtype=np.float32)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"preprocess returned shape {array.shape}, expected [H, W, 3]")
@@ -134,6 +136,7 @@ def decode_stream(
     prefetch: int | None = None,
     max_pixels: int | None = None,
     output_size: OutputSize | None = None,
+    root: str | os.PathLike | None = None,
 ) -> Iterator[tuple[int, np.ndarray | LoadFailure]]:
     """Decodes images in a thread pool, in input order, keeping ``prefetch`` images in flight.
 
@@ -145,6 +148,7 @@ def decode_stream(
         max_pixels: Images with more preprocessed pixels become failures at once (their array is not kept).
         output_size: Predicts the preprocessed size from the header, so that such images are refused before
             decoding (see :func:`read_image`).
+        root: The folder the items were listed from; files resolving outside it are failures.
 
     Yields:
         ``(index, image)`` or ``(index, LoadFailure)``; a bad image never raises.
@@ -154,7 +158,7 @@ def decode_stream(
 
     def load(index: int, path: str) -> np.ndarray | LoadFailure:
         try:
-            return read_image(path, preprocess, max_pixels, output_size)
+            return read_image(path, preprocess, max_pixels, output_size, root)
         except Exception as error:  # noqa: BLE001 -- any decoder error must skip the image, never abort a run
             return LoadFailure(index, str(path), f"{type(error).__name__}: {error}")
 
@@ -238,6 +242,7 @@ def load_batches(
     max_batch_pixels: int | None = None,
     row_multiple: int = 1,
     output_size: OutputSize | None = None,
+    root: str | os.PathLike | None = None,
 ) -> Iterator[Batch]:
     """Decodes ``(index, path)`` items in threads and groups them into pixel-bounded, shape-uniform batches.
 
@@ -255,12 +260,15 @@ def load_batches(
         row_multiple: Rows must be a multiple of this (the device count).
         output_size: Source ``(width, height)`` -> preprocessed ``(width, height)``: images too large for a batch
             are then refused from their header, before decoding.
+        root: The folder the items were listed from; files resolving outside it (symlinks) are failures.
 
     Yields:
         :class:`Batch` es.
     """
     budget = batch_pixel_budget(batch_size, max_batch_pixels)
-    stream = decode_stream(items, preprocess, num_workers, max_pixels=budget // row_multiple, output_size=output_size)
+    stream = decode_stream(
+        items, preprocess, num_workers, max_pixels=budget // row_multiple, output_size=output_size, root=root
+    )
     yield from shape_batches(stream, batch_size, on_failure, group_of, budget, row_multiple)
 
 

@@ -272,6 +272,7 @@ def extract_database(
         max_batch_pixels=max_batch_pixels,
         row_multiple=jax.local_device_count(),
         output_size=output_size_fn(model, image_size),
+        root=images.root,
     )
     # features + aggregate (not __call__): the queries reuse the same compiled backbone for the same shape
     compute = lambda batch: model.aggregate(model.features(jax.device_put(batch.images, sharding)))  # noqa: E731
@@ -514,6 +515,7 @@ def extract_queries(
         max_batch_pixels=max_batch_pixels,
         row_multiple=jax.local_device_count(),
         output_size=output_size_fn(model, image_size),
+        root=images.root,
     )
     guard = FiniteGuard(model_label(model))
     for batch, (mask, sweep, plain) in _pipelined(batches, compute):

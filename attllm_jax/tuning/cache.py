@@ -178,6 +178,7 @@ def _extract(model, queries: ImageSet, directory: Path, batch_size: int, image_s
         num_workers,
         max_pixels=budget,
         output_size=output_size_fn(model, image_size),
+        root=queries.root,
     )
     for batch in shape_batches(stream, batch_size, on_failure, max_batch_pixels=budget):
         feats = model.features(jax.device_put(batch.images, sharding))
