@@ -2,6 +2,7 @@
 fall with depth, whose reported best alphas, gains and breaking points must follow from its own table."""
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,7 +14,9 @@ import pytest
 from attllm_jax.data.synthetic import SyntheticConfig
 from attllm_jax.evaluation.config import alpha_key
 from attllm_jax.evaluation.severity import (
+    LevelQueries,
     analyse,
+    common_queries,
     first_level_from_which,
     paired_bootstrap,
     run_severity,
@@ -173,3 +176,46 @@ def test_attention_dir_needs_a_folder_per_flooded_level(tmp_path):
         replace(ev, alphas=(1.0, 0.5)), levels=(0.2,), attention="dir", attention_dir=str(tmp_path / "att")
     )
     assert ok.validated().eval.alphas == (0.0, 0.5, 1.0) and ok.validated().levels == (0.0, 0.2)
+
+
+def test_common_queries_by_hand():
+    dry = LevelQueries(("a.jpg", "b.jpg", "c.jpg"), np.array([True, False, True]), np.array([[0, -1, 2], [1, -1, 0]]))
+    wet = LevelQueries(("a.jpg", "c.jpg"), np.array([True, True]), np.array([[-1, 0], [0, 3]]))
+    compared = common_queries([dry, wet])
+    assert compared.paths == ("a.jpg", "c.jpg") and compared.dropped == [["b.jpg"], []]
+    np.testing.assert_array_equal(compared.first_hit[0], [[0, 2], [1, 0]])
+    np.testing.assert_array_equal(compared.first_hit[1], [[-1, 0], [0, 3]])
+
+
+def test_an_unreadable_dry_query_is_dropped_from_every_level(tmp_path):
+    base = synthetic_severity_config(tmp_path / "cache", tmp_path / "out", synthetic=SMALL)
+    queries = tmp_path / "queries"
+    shutil.copytree(base.eval.queries_folder, queries)
+    bad = sorted(queries.glob("*.jpg"))[3]
+    bad.write_bytes(b"not a photo")
+    config = synthetic_severity_config(
+        tmp_path / "cache",
+        tmp_path / "out",
+        synthetic=SMALL,
+        queries_folder=str(queries),
+        levels=(0.5,),
+        alphas=(0.0, 1.0),
+        recall_values=(1, 5),
+        image_size=72,
+        bootstrap=50,
+    )
+    severity = run_severity(config)
+    n = SMALL.num_queries
+    assert severity["num_queries"] == {"level_0": n, "level_0.5": n - 1}  # the unreadable query is not flooded
+    assert severity["num_queries_compared"] == n - 1
+    assert severity["dropped_queries"] == {
+        "level_0": {"count": 1, "paths": [bad.name]},
+        "level_0.5": {"count": 0, "paths": []},
+    }
+    assert any(note.startswith(f"every level is scored on the same {n - 1} queries") for note in severity["notes"])
+    assert severity["recalls"]["level_0"]["0.0"]["5"] > 0  # so that the rescaling below is not 0 == 0
+    for level, scale in (("level_0", n / (n - 1)), ("level_0.5", 1.0)):
+        own = json.loads((tmp_path / "out" / "levels" / level / "results.json").read_text())["recalls"]
+        for alpha in ("0.0", "1.0"):
+            for cut in ("1", "5"):
+                assert severity["recalls"][level][alpha][cut] == pytest.approx(own[alpha][cut] * scale)

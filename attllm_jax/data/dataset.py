@@ -66,7 +66,8 @@ def read_paths_file(listing: str | os.PathLike) -> list[str]:
     Entries are normalized (``'\\'`` -> ``'/'``, ``./`` and ``a/../`` collapsed). An absolute entry, or one that
     leaves the folder through ``..``, is refused, so a list cannot make the evaluation read files elsewhere (an
     entry that leaves it through a symlink is refused when it is read: skipped and counted, see
-    :func:`attllm_jax.data.images.check_inside`); the same image listed twice (after normalization) is refused too, since it would be counted twice.
+    :func:`attllm_jax.data.images.check_inside`); the same image listed twice (after normalization) is refused
+    too, since it would be counted twice.
 
     Args:
         listing: The path-list file.

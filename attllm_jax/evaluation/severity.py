@@ -26,16 +26,19 @@ from typing import Any
 
 import numpy as np
 
+from attllm_jax.data.dataset import list_images
 from attllm_jax.data.flood import FloodStyle, flood_folder, level_name, procedural_method, style_dict, validate_levels
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.pipeline import load_eval_model, run_evaluation
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.spec import ModelSpec
+from attllm_jax.retrieval.recall import recall_from_ranks
 
 log = logging.getLogger("attllm_jax.evaluation")
 
 SEVERITY_FILE = "severity.json"
+MAX_LISTED_DROPPED = 20
 HEATMAP_FILE = "severity_r1.png"
 ATTENTION_KINDS = ("masks", "dir", "none")
 
@@ -128,6 +131,53 @@ def paired_bootstrap(
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(diff.mean() * 100.0), float(low), float(high)
+
+
+@dataclass(frozen=True)
+class LevelQueries:
+    """One level's queries as its evaluation saw them.
+
+    Attributes:
+        paths: ``[Q_l]`` query paths relative to the level's folder (the same relative path at every level).
+        readable: ``[Q_l]`` bool, False for queries skipped as unreadable.
+        first_hit: ``[K, Q_l]`` rank of each query's first positive per alpha, -1 = miss.
+    """
+
+    paths: tuple[str, ...]
+    readable: np.ndarray
+    first_hit: np.ndarray
+
+
+@dataclass(frozen=True)
+class CommonQueries:
+    """The queries compared across levels: those readable at every level.
+
+    Attributes:
+        paths: The common query paths, in the dry level's order.
+        first_hit: L arrays ``[K, C]``, each level's first-hit ranks on the common queries.
+        dropped: Per level, its queries left out (unreadable there, or missing or unreadable at another level).
+    """
+
+    paths: tuple[str, ...]
+    first_hit: list[np.ndarray]
+    dropped: list[list[str]]
+
+
+def common_queries(levels: Sequence[LevelQueries]) -> CommonQueries:
+    """Restricts every level to the queries readable at every level, so that their recalls are comparable.
+
+    A dry query that cannot be read is not flooded, so without this the dry level would score over more queries
+    than the flooded ones (e.g. R@1 over 8 dry queries, over 7 flooded).
+    """
+    readable = [{p for p, ok in zip(lv.paths, lv.readable, strict=True) if ok} for lv in levels]
+    common = set.intersection(*readable) if readable else set()
+    paths = tuple(p for p in levels[0].paths if p in common)
+    first_hit, dropped = [], []
+    for lv in levels:
+        position = {p: i for i, p in enumerate(lv.paths)}
+        first_hit.append(np.asarray(lv.first_hit)[:, [position[p] for p in paths]])
+        dropped.append([p for p in lv.paths if p not in common])
+    return CommonQueries(paths, first_hit, dropped)
 
 
 def first_level_from_which(levels: Sequence[float], condition: Sequence[bool]) -> float | None:
@@ -309,7 +359,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
     model = model if model is not None else load_eval_model(ev)
     store_dir = ev.resolved_store_dir  # one store for every level (the sweep's output_dir/database_store by default)
 
-    results, hits, timings = [], [], {}
+    results, level_queries, timings = [], [], {}
     for level in config.levels:
         queries_dir = dry if level == 0.0 else out / "flooded" / level_name(level)
         level_eval = replace(
@@ -321,14 +371,14 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
         )
         result = run_evaluation(level_eval, model=model)
         results.append(result.results)
-        hits.append(result.retrieval.first_hit == 0)
+        level_queries.append(_level_queries(queries_dir, result))
         timings[level_name(level)] = result.results["timings_s"]
         setup_logging(out / "severity.log")  # run_evaluation pointed the log at the level's folder
         log.info("level %g: R@1 per alpha %s", level, [round(float(r), 1) for r in result.retrieval.recalls[:, 0]])
     recall_values = list(ev.recall_values)
-    table = np.array(
-        [[[r["recalls"][alpha_key(a)][str(n)] for n in recall_values] for a in ev.alphas] for r in results]
-    )
+    compared = common_queries(level_queries)
+    table = np.array([[recall_from_ranks(ranks, recall_values) for ranks in fh] for fh in compared.first_hit])
+    hits = [fh == 0 for fh in compared.first_hit]
     analysis = analyse(config.levels, ev.alphas, recall_values, table, hits, config.bootstrap, config.confidence)
     n1 = recall_values.index(1)
     model_config = results[0]["model"]
@@ -349,6 +399,11 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
         "model": model_config,
         "num_database": results[0]["num_database"],
         "num_queries": {level_name(v): r["num_queries"] for v, r in zip(config.levels, results, strict=True)},
+        "num_queries_compared": len(compared.paths),
+        "dropped_queries": {
+            level_name(v): {"count": len(d), "paths": d[:MAX_LISTED_DROPPED]}
+            for v, d in zip(config.levels, compared.dropped, strict=True)
+        },
         "levels": list(config.levels),
         "alphas": list(ev.alphas),
         "recall_values": recall_values,
@@ -361,7 +416,13 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
                 for v, r in zip(config.levels, results, strict=True)
             },
         },
-        "recalls": {level_name(v): r["recalls"] for v, r in zip(config.levels, results, strict=True)},
+        "recalls": {
+            level_name(v): {
+                alpha_key(a): {str(n): float(x) for n, x in zip(recall_values, row, strict=True)}
+                for a, row in zip(ev.alphas, level_table, strict=True)
+            }
+            for v, level_table in zip(config.levels, table, strict=True)
+        },
         **analysis,
         "bootstrap": {"resamples": config.bootstrap, "confidence": config.confidence, "paired_over": "queries"},
         "flood": {k: flood[k] for k in ("method", "seed", "settings", "counts", "num_failed", "failures")},
@@ -371,11 +432,31 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
         + [
             "level 0 is the dry queries as given; flooded levels are procedural (attllm_jax.data.flood), re-encoded",
             "the best alpha is chosen on the queries it is scored on: its gain is optimistic",
+            _compared_note(compared),
         ],
     }
     atomic_write_json(out / SEVERITY_FILE, severity)
     log.info("severity sweep written to %s (%s)", out / SEVERITY_FILE, out / HEATMAP_FILE)
     return severity
+
+
+def _level_queries(queries_dir: Path, result) -> LevelQueries:
+    """A level's query paths (listed as its evaluation listed them), readability and first-hit ranks."""
+    paths = tuple(list_images(queries_dir))
+    readable = np.ones(len(paths), dtype=bool)
+    readable[[f["index"] for f in result.results["skipped_images"]["queries"]]] = False
+    return LevelQueries(paths, readable, result.retrieval.first_hit)
+
+
+def _compared_note(compared: CommonQueries) -> str:
+    dropped = max((len(d) for d in compared.dropped), default=0)
+    if not dropped:
+        return f"every level is scored on the same {len(compared.paths)} queries"
+    return (
+        f"every level is scored on the same {len(compared.paths)} queries, those readable at every level; up to "
+        f"{dropped} per level were dropped (dropped_queries); levels/<level>/results.json score each level on its "
+        "own readable queries"
+    )
 
 
 def _fmt(level: float | None) -> str:
