@@ -128,3 +128,23 @@ def test_a_path_list_entry_through_a_symlinked_folder_out_of_the_database_is_ski
     assert skipped["path"] == str(database / "linked" / names[4])
     assert skipped["error"].startswith("OutsideFolderError:") and f"outside {database.resolve()}" in skipped["error"]
     assert not np.isin(result.retrieval.predictions, [4]).any()  # never searched
+
+
+def test_with_every_database_image_unreadable_the_note_says_recall_is_zero(tmp_path):
+    database, queries, _, _ = make_dataset(tmp_path)
+    for path in database.glob("*.jpg"):
+        path.write_bytes(b"not a photo")
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(tmp_path / "out"),
+        alphas=(0.0,),
+        recall_values=(1, 5),
+        image_size=64,
+    )
+    result = run_evaluation(config, model=random_cosplace_model(seed=0))
+    assert result.results["num_skipped"]["database"] == 14
+    assert result.results["recalls"] == {"0.0": {"1": 0.0, "5": 0.0}}
+    [note] = result.results["notes"]
+    assert note.startswith("WARNING: no database image could be read") and "every recall is 0" in note
+    assert "counts as a hit" not in note

@@ -71,8 +71,14 @@ def recall_beyond_database_note(recall_values: Sequence[int], num_database: int)
     """A warning when some N of recall@N is at least the number of (readable) database images, else None.
 
     At such an N every query with any positive is a hit, so R@N is the share of queries that have a positive, not a
-    measure of retrieval.
+    measure of retrieval. With no readable database image at all, nothing is retrieved and every recall is 0: the
+    note says that instead.
     """
+    if num_database == 0:
+        return (
+            "no database image could be read (see skipped_images), so nothing was retrieved and every recall is 0; "
+            "these values measure nothing"
+        )
     beyond = [int(n) for n in recall_values if int(n) >= num_database]
     if not beyond:
         return None
