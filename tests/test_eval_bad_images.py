@@ -148,3 +148,48 @@ def test_with_every_database_image_unreadable_the_note_says_recall_is_zero(tmp_p
     [note] = result.results["notes"]
     assert note.startswith("WARNING: no database image could be read") and "every recall is 0" in note
     assert "counts as a hit" not in note
+
+
+def test_batches_are_capped_at_the_chunk_size_and_the_number_of_queries(tmp_path):
+    database, queries, _, _ = make_dataset(tmp_path)
+    model = random_cosplace_model(seed=0)
+    rows, features = [], model.features
+    model.features = lambda images: (rows.append(images.shape[0]), features(images))[1]  # records the batch rows
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(tmp_path / "out"),
+        alphas=(0.0,),
+        recall_values=(1, 5),
+        image_size=64,
+        batch_size=1000,
+        chunk_size=4,
+    )
+    result = run_evaluation(config, model=model)
+    assert result.results["num_skipped"] == {"database": 0, "queries": 0}
+    assert rows == [4, 4, 4, 4, 5]  # 14 database images in chunks of 4 (the last padded), then the 5 queries
+
+
+def test_a_database_image_replaced_in_place_rebuilds_the_store(tmp_path):
+    database, queries, _, _ = make_dataset(tmp_path)
+    config = EvalConfig(
+        database_folder=str(database),
+        queries_folder=str(queries),
+        output_dir=str(tmp_path / "out"),
+        alphas=(0.0,),
+        recall_values=(1, 5),
+        image_size=64,
+        chunk_size=7,
+    )
+    model = random_cosplace_model(seed=0)
+    first = run_evaluation(config, model=model)
+    before = np.asarray(first.database_descriptors)  # read now: the store is rebuilt in place below
+    assert run_evaluation(config, model=model).results["store"]["status"] == "reused"
+    replaced = sorted(database.glob("*.jpg"))[3]
+    stat = replaced.stat()
+    Image.new("RGB", (96, 72), (250, 250, 10)).save(replaced)  # another photo under the same name
+    os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = run_evaluation(config, model=model)
+    assert first.results["store"]["status"] == "created" and again.results["store"]["status"] == "rebuilt"
+    changed = np.abs(np.asarray(again.database_descriptors) - before).max(axis=1) > 1e-4
+    assert changed.tolist() == [i == 3 for i in range(14)]  # the new photo's descriptor, not the old one's

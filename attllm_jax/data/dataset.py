@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
@@ -126,11 +127,31 @@ class ImageSet:
         return [str(self.root / p) for p in self.paths]
 
     def fingerprint(self) -> str:
-        """sha256 of the resolved folder and the ordered image list (keys descriptor stores)."""
+        """sha256 of the resolved folder, the ordered image list and each image's size and modification time.
+
+        It keys descriptor stores: an image replaced in place under the same name (a new size or mtime) makes a new
+        key, so the store is rebuilt rather than reused with the old image's descriptor. Content is not hashed
+        (reading every image to reuse a store would cost as much as a good part of extracting it); a copy of the
+        folder that does not preserve modification times therefore rebuilds the store.
+        """
         digest = hashlib.sha256(str(self.root.resolve()).encode())
-        for path in self.paths:
-            digest.update(b"\0" + path.encode())
+        for path, (size, mtime_ns) in zip(self.paths, _stat_all(self.root, self.paths), strict=True):
+            digest.update(b"\0" + path.encode() + f"\0{size}\0{mtime_ns}".encode())
         return digest.hexdigest()
+
+
+def _stat_all(root: Path, paths: tuple[str, ...]) -> list[tuple[int, int]]:
+    """``(size, mtime_ns)`` of every image, ``(-1, -1)`` for one that cannot be stat'ed; in threads (network disks)."""
+
+    def stat(path: str) -> tuple[int, int]:
+        try:
+            info = os.stat(root / path)
+        except OSError:
+            return -1, -1
+        return info.st_size, info.st_mtime_ns
+
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="attllm-stat") as pool:
+        return list(pool.map(stat, paths, chunksize=256))
 
 
 def load_image_set(

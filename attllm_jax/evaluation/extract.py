@@ -28,7 +28,7 @@ from attllm_jax.attention.maps import attention_maps, attention_mask
 from attllm_jax.attention.parse import ParsedAttention
 from attllm_jax.data.dataset import ImageSet
 from attllm_jax.data.images import DECODING
-from attllm_jax.data.loading import Batch, LoadFailure, load_batches
+from attllm_jax.data.loading import Batch, LoadFailure, batch_pixel_budget, load_batches
 from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.progress import Progress
 from attllm_jax.retrieval.store import DescriptorStore
@@ -61,6 +61,16 @@ def replicate_on_mesh(model, sharding: NamedSharding) -> None:
         model._replicated_on = mesh
     except AttributeError:  # a read-only wrapper: the placement is still done
         pass
+
+
+def database_batch_size(batch_size: int, chunk_size: int) -> int:
+    """Rows of a database batch: ``batch_size`` capped at ``chunk_size``, rounded up to the device count.
+
+    A batch never holds images of two chunks (every chunk is flushed when the next begins), so rows beyond the chunk
+    size would only be padding: ``--batch_size 1000 --chunk_size 4`` would compute 1000 rows for 4 images. The
+    pixel budget stays that of the batch size asked for, so the same images are refused as too large.
+    """
+    return device_batch_size(min(int(batch_size), int(chunk_size)))
 
 
 def device_batch_size(batch_size: int) -> int:
@@ -216,7 +226,7 @@ def extract_database(
         model: A :class:`~attllm_jax.models.vpr.VPRModel`.
         images: The database image set.
         store: The opened store (its ``num_items`` must equal ``len(images)``).
-        batch_size: Images per device batch.
+        batch_size: Images per device batch (capped at the chunk size, see :func:`database_batch_size`).
         image_size: Optional resize override passed to ``model.preprocess``.
         num_workers: Decode threads.
         max_batch_pixels: Pixel budget of a batch (None = batch_size megapixels); larger images are skipped.
@@ -235,7 +245,8 @@ def extract_database(
     summary = DatabaseExtraction(store.status, store.num_chunks)
     if not pending:
         return summary
-    batch_size = device_batch_size(batch_size)
+    max_batch_pixels = batch_pixel_budget(batch_size, max_batch_pixels)  # the budget of the batch size asked for
+    batch_size = database_batch_size(batch_size, store.chunk_size)
     sharding = data_sharding()
     replicate_on_mesh(model, sharding)
     dim = model.spec.descriptor_dim
@@ -473,7 +484,8 @@ def extract_queries(
         images: The query image set.
         attention: One parsed answer (or None) per query.
         alphas: ``[K]`` blend factors.
-        batch_size: Queries per device batch.
+        batch_size: Queries per device batch (capped at the number of queries; the pixel budget stays that of
+            ``batch_size``).
         image_size: Optional resize override.
         num_workers: Decode threads.
         sigma: RBF width of point answers.
@@ -487,7 +499,8 @@ def extract_queries(
     if len(attention) != len(images):
         raise ValueError(f"{len(attention)} attention entries for {len(images)} queries")
     alphas = np.asarray(alphas, dtype=np.float32)
-    batch_size = device_batch_size(batch_size)
+    max_batch_pixels = batch_pixel_budget(batch_size, max_batch_pixels)
+    batch_size = device_batch_size(min(int(batch_size), max(1, len(images))))  # never more rows than queries
     sharding = data_sharding()
     replicate_on_mesh(model, sharding)
     failures: list[LoadFailure] = []
