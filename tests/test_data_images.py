@@ -258,3 +258,19 @@ def test_annotate_and_flood_count_a_symlink_out_of_the_images_folder(tmp_path):
     flooded = flood_folder(images, tmp_path / "wet", [0.3], procedural_method(0), method_name="procedural", seed=0)
     assert flooded["num_unreadable_images"] == 1 and flooded["counts"]["level_0.3"]["written"] == 1
     assert f"resolves to {elsewhere / 'private.jpg'}, outside {images}" in flooded["failures"][0]["error"]
+
+
+def test_read_model_input_is_what_the_evaluation_feeds_the_model(tmp_path):
+    from attllm_jax.data.loading import read_model_input
+    from attllm_jax.evaluation import random_cosplace_model
+
+    model = random_cosplace_model(seed=0)
+    photo = tmp_path / "phone.jpg"
+    _tagged_jpeg(photo, 6, _upright_photo(96, 64))
+    with Image.open(photo) as stored:
+        upright = stored.convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    np.testing.assert_array_equal(read_model_input(photo, model, 64), model.preprocess(upright, image_size=64))
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (20, 100_000), (90, 90, 90)).save(tall)
+    with pytest.raises(ImageTooLargeError, match=r"preprocessed to 512x2560000 pixels from 20x100000"):
+        read_model_input(tall, model)

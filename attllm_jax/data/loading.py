@@ -113,6 +113,41 @@ def read_image(
     return array
 
 
+MAX_INPUT_PIXELS = 1 << 24  # one model input of at most ~16.8 Mpx: 192 MiB as float32 [H, W, 3]
+
+
+def read_model_input(
+    path: str | os.PathLike,
+    model,
+    image_size: int | tuple[int, int] | None = None,
+    max_pixels: int = MAX_INPUT_PIXELS,
+    root: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """One image file as a model's input, the way the evaluation reads it (for localize and serve).
+
+    Args:
+        path: The image file.
+        model: A :class:`~attllm_jax.models.vpr.VPRModel` (``preprocess`` and ``output_size``).
+        image_size: Optional resize override (int: shorter side; ``(height, width)``: exact).
+        max_pixels: Most pixels of the preprocessed image; a larger one is refused from the file's header.
+        root: When given, the file (symlinks resolved) must lie inside this folder.
+
+    Returns:
+        ``[H, W, 3]`` float32, upright, normalized.
+
+    Raises:
+        ValueError: a refused image (too large, not a regular file, outside ``root``, unsupported pixel mode), its
+            message naming the file. OSError: an unreadable one.
+    """
+    return read_image(
+        path,
+        lambda image: model.preprocess(image, image_size=image_size),
+        max_pixels,
+        lambda width, height: model.output_size(width, height, image_size),
+        root,
+    )
+
+
 def check_pixels(shape: tuple[int, ...], max_pixels: int, source_size: tuple[int, int] | None = None) -> None:
     """Raises :class:`ImageTooLargeError` when an ``[H, W, ...]`` image has more than ``max_pixels`` pixels."""
     pixels = int(shape[0]) * int(shape[1])
