@@ -274,3 +274,20 @@ def test_read_model_input_is_what_the_evaluation_feeds_the_model(tmp_path):
     Image.new("RGB", (20, 100_000), (90, 90, 90)).save(tall)
     with pytest.raises(ImageTooLargeError, match=r"preprocessed to 512x2560000 pixels from 20x100000"):
         read_model_input(tall, model)
+
+
+def test_an_edited_image_claiming_a_huge_size_is_refused_before_decoding(monkeypatch):
+    import base64
+
+    from attllm_jax.attention.providers.gemini_image_edit import GeminiImageEditor
+    from attllm_jax.attention.request_policy import ProviderError, RetryPolicy
+    from tests.llm_server import LLMServer, Reply
+
+    bomb = base64.b64encode(_raw_png(12_000, 8_000, b"\x00" * 64)).decode()  # 96 Mpx claimed in a 100-byte file
+    part = {"inlineData": {"mimeType": "image/png", "data": bomb}}
+    body = {"candidates": [{"content": {"parts": [part], "role": "model"}, "finishReason": "STOP"}]}
+    monkeypatch.setenv("GEMINI_API_KEY", "k" * 39)
+    with LLMServer(lambda seen: Reply(200, body)) as server:
+        editor = GeminiImageEditor(base_url=server.url, retry=RetryPolicy(max_attempts=1))
+        with pytest.raises(ProviderError, match="the edited image is 12000x8000 pixels .* refused before decoding"):
+            editor.edit(Image.new("RGB", (64, 48)), 0.3)

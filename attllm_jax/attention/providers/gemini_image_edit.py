@@ -42,6 +42,7 @@ from attllm_jax.attention.request_policy import (
     parse_retry_after,
     server_delay,
 )
+from attllm_jax.data.images import MAX_SOURCE_PIXELS, check_source_pixels, to_rgb8
 
 DEFAULT_EDIT_MODEL = "gemini-2.5-flash-image"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -235,8 +236,10 @@ def _image_from_answer(payload: dict) -> tuple[Image.Image, str, str]:
                         data + "=" * (-len(data) % 4), altchars=b"-_" if "-" in data or "_" in data else None
                     )
                     with Image.open(io.BytesIO(raw)) as image:
-                        edited = image.convert("RGB")
-                except (ValueError, UnidentifiedImageError, OSError) as e:
+                        check_source_pixels("the edited image", image.size, MAX_SOURCE_PIXELS)  # before decoding
+                        image.load()
+                        edited = to_rgb8(image)
+                except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
                     raise ProviderError(f"the image part cannot be decoded: {e}") from None
                 return edited, model, "\n".join(texts)
             if "text" in part:
