@@ -290,20 +290,8 @@ def extract_database(
     guard = FiniteGuard(model_label(model))
     for batch, result in _pipelined(batches, compute):
         descriptors = np.asarray(result)
-        real = batch.indices >= 0
-        finite = guard.finite_rows(descriptors, real, str(images.absolute(int(batch.indices[0]))))
-        touched = set()
-        for row, index in enumerate(batch.indices):
-            if index < 0:
-                continue
-            chunk = store.chunk_of(int(index))
-            if finite[row]:
-                buffers[chunk].put(int(index), descriptors[row])
-            else:
-                failure = non_finite_failure(int(index), str(images.absolute(int(index))), guard.model_label)
-                log.warning("skipping database image %s: %s", failure.path, failure.error)
-                buffers[chunk].fail(failure)
-            touched.add(chunk)
+        finite = guard.finite_rows(descriptors, batch.indices >= 0, str(images.absolute(int(batch.indices[0]))))
+        touched = _buffer_rows(batch, descriptors, finite, buffers, store, images, guard.model_label)
         summary.images_computed += batch.num_valid
         progress.update(batch.num_valid)
         for chunk in sorted(touched):
@@ -312,6 +300,23 @@ def extract_database(
         raise RuntimeError(f"database extraction left chunks {sorted(buffers)} incomplete")
     summary.seconds = progress.finish()
     return summary
+
+
+def _buffer_rows(batch: Batch, descriptors, finite, buffers: dict, store, images: ImageSet, label: str) -> set[int]:
+    """Puts a batch's finite rows into their chunk buffers and records the others as failures; returns the chunks."""
+    touched = set()
+    for row, index in enumerate(int(i) for i in batch.indices):
+        if index < 0:
+            continue
+        chunk = store.chunk_of(index)
+        if finite[row]:
+            buffers[chunk].put(index, descriptors[row])
+        else:
+            failure = non_finite_failure(index, str(images.absolute(index)), label)
+            log.warning("skipping database image %s: %s", failure.path, failure.error)
+            buffers[chunk].fail(failure)
+        touched.add(chunk)
+    return touched
 
 
 def database_store_key(model, database: ImageSet, image_size=None, weights_sha256: str | None = None) -> dict:
