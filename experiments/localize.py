@@ -64,6 +64,7 @@ flags.DEFINE_string(
     "per_query.csv), write it to OUT/calibration.json and use it.",
 )
 flags.DEFINE_integer("batch_size", 8, "Photos per device batch.")
+flags.DEFINE_integer("chunk_photos", 32, "Photos searched and written before the next ones are read (resume unit).")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/localize_demo for the demo; required else).")
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.register_validator(
@@ -71,6 +72,7 @@ flags.register_validator(
 )
 flags.register_validator("top_k", lambda v: v >= 1, "--top_k must be >= 1")
 flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+flags.register_validator("chunk_photos", lambda v: v >= 1, "--chunk_photos must be >= 1")
 for _name in ("cluster_radius", "radius", "sigma"):
     flags.register_validator(_name, lambda v: math.isfinite(v) and v > 0, f"--{_name} must be > 0")
 
@@ -115,6 +117,7 @@ def settings_from_flags():
         radius_m=FLAGS.radius,
         calibration=FLAGS.calibration,
         batch_size=FLAGS.batch_size,
+        chunk_photos=FLAGS.chunk_photos,
         convention=FLAGS.convention,
     )
 
