@@ -66,6 +66,12 @@ flags.DEFINE_string(
 flags.DEFINE_integer("batch_size", 8, "Photos per device batch.")
 flags.DEFINE_integer("chunk_photos", 32, "Photos searched and written before the next ones are read (resume unit).")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/localize_demo for the demo; required else).")
+flags.DEFINE_string(
+    "basemap_url",
+    None,
+    "Optional tile template for report.html, e.g. https://tile.example/{z}/{x}/{y}.png "
+    "(the page then fetches tiles; without it the report makes no network request).",
+)
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.register_validator(
     "alpha", lambda v: v is None or (math.isfinite(v) and 0 <= v <= 1), "--alpha must lie in [0, 1]"
@@ -133,6 +139,7 @@ def main(argv):
     from attllm_jax.evaluation.progress import setup_logging
     from attllm_jax.localization import api
     from attllm_jax.localization.calibrate_eval import calibrate_from_eval
+    from attllm_jax.localization.report import write_report
     from attllm_jax.localization.writers import summary_dict, write_outputs
     from attllm_jax.retrieval.store import StoreError
 
@@ -165,6 +172,7 @@ def main(argv):
         fail("localize", str(error))
     extra = {"alpha": settings.alpha, "model": settings.checkpoint or f"random {settings.random_model}"}
     write_outputs(out, run.photos, summary_dict(run, settings), extra)
+    write_report(out, run, settings, FLAGS.basemap_url)
     print(
         f"{len(run.photos)} photos localized ({run.computed} computed, {run.reused} reused, "
         f"{len(run.skipped)} skipped); confidence: {'calibrated' if run.calibration else 'uncalibrated'}"

@@ -68,13 +68,13 @@ def bench(tmp_path_factory):
 
 
 def _settings(bench, out: Path, **extra) -> LocalizeSettings:
+    extra = {"alpha": ALPHA, **extra}
     return LocalizeSettings(
         images=str(bench["photos"]),
         output_dir=str(out),
         database_folder=str(bench["benchmark"].database),
         store_dir=str(bench["store"]),
         attention_dir=str(bench["answers"]),
-        alpha=ALPHA,
         top_k=5,
         image_size=DEMO_IMAGE_SIZE,
         **extra,
@@ -212,3 +212,33 @@ def test_bad_inputs_are_one_clear_line_before_any_work(tmp_path):
     assert "--alpha must lie in [0, 1]" in _one_error(_cli("--images", str(photos), *base, "--alpha", "1.5"))
     assert "--utm_zone '99Q'" in _one_error(_cli("--images", str(photos), *base, "--utm_zone", "99Q"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/chromium").is_file(), reason="Debian chromium is not installed (.ci/run does)")
+def test_report_opens_offline_in_headless_chromium_with_one_marker_per_photo(bench, tmp_path):
+    from attllm_jax.localization.report import write_report
+    from tests.browser import open_page
+
+    settings = _settings(bench, tmp_path / "out")
+    run = localize(settings, model=bench["model"])
+    page = write_report(tmp_path / "out", run, settings)
+    report = open_page(
+        page,
+        {
+            "markers": "document.querySelectorAll('#estimates .marker').length",
+            "database": "document.querySelectorAll('#database circle').length",
+            "ready": "document.body.getAttribute('data-ready')",
+            "rows": "document.querySelectorAll('#list-body tr').length",
+            "detail": "(document.querySelector('.marker').dispatchEvent(new MouseEvent('click')),"
+            " [document.querySelectorAll('#detail tr').length, !!document.querySelector('#detail .overlay')])",
+            "scale": "document.querySelector('#scalebar text').textContent",
+            "north": "document.querySelectorAll('#north path').length",
+        },
+    )
+    assert report.errors == [] and report.requests == [], report
+    assert report.values["ready"] == "1"
+    assert report.values["markers"] == len(run.photos) == report.values["rows"]
+    assert report.values["database"] == len(list_images(bench["benchmark"].database))
+    assert report.values["detail"] == [1 + 5, True]  # header + top-5 matches, attention overlay shown
+    assert report.values["scale"].endswith(" m") and report.values["north"] == 1

@@ -172,3 +172,29 @@ def test_kml_parses_with_the_same_coordinates_and_csv_has_a_row_each():
 def test_calibration_object_predicts_with_standardized_features():
     cal = Calibration((1.0, 0.0, 0.0), (2.0, 1.0, 1.0), (1.0, 0.0, 0.0), 0.0, 25.0, "top1", {})
     assert cal.predict(np.array([[3.0, 9.0, 9.0]]))[0] == pytest.approx(1 / (1 + np.exp(-1.0)))
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").is_file(), reason="Debian chromium is not installed (.ci/run does)")
+def test_report_of_southern_photos_loads_in_chromium_without_errors_or_requests(tmp_path):
+    from attllm_jax.localization.report import report_html
+    from tests.browser import open_page
+
+    lat0, lon0 = CITIES["rio.jpg"]
+    photos = [_result(f"p{i}.jpg", lat0 + 1e-4 * i, lon0 - 1e-4 * i) for i in range(3)]
+    database = np.array([[lat0 + 5e-5 * k, lon0 - 5e-5 * k] for k in range(10)])
+    Image.new("RGB", (60, 40), (90, 100, 110)).save(tmp_path / "p0.jpg")
+    from attllm_jax.localization.report import photo_images
+
+    pictures = photo_images(str(tmp_path), ["p0.jpg"], None, 0.2)
+    page = tmp_path / "report.html"
+    page.write_text(report_html(photos, database, pictures, "t", None), encoding="utf-8")
+    assert "http://" not in page.read_text().replace("http://www.w3.org/2000/svg", "")
+    report = open_page(
+        page,
+        {
+            "markers": "document.querySelectorAll('#estimates .marker').length",
+            "db": "document.querySelectorAll('#database circle').length",
+        },
+    )
+    assert report.errors == [] and report.requests == [], report
+    assert report.values == {"markers": 3, "db": 10}
