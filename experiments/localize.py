@@ -72,6 +72,14 @@ flags.DEFINE_string(
     "Optional tile template for report.html, e.g. https://tile.example/{z}/{x}/{y}.png "
     "(the page then fetches tiles; without it the report makes no network request).",
 )
+flags.DEFINE_bool(
+    "watch",
+    False,
+    "Keep the model loaded and localize photos as they appear in --images (until "
+    "interrupted); a file is read once its size and time stop changing for --settle seconds.",
+)
+flags.DEFINE_float("poll", 1.0, "--watch: seconds between looks at the folder.")
+flags.DEFINE_float("settle", 2.0, "--watch: seconds a new file must stay unchanged before it is read.")
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.register_validator(
     "alpha", lambda v: v is None or (math.isfinite(v) and 0 <= v <= 1), "--alpha must lie in [0, 1]"
@@ -139,8 +147,6 @@ def main(argv):
     from attllm_jax.evaluation.progress import setup_logging
     from attllm_jax.localization import api
     from attllm_jax.localization.calibrate_eval import calibrate_from_eval
-    from attllm_jax.localization.report import write_report
-    from attllm_jax.localization.writers import summary_dict, write_outputs
     from attllm_jax.retrieval.store import StoreError
 
     settings = settings_from_flags()
@@ -167,18 +173,51 @@ def main(argv):
             )
             calibration.save(out / "calibration.json")
             settings = replace(settings, calibration=str(out / "calibration.json"))
+        if FLAGS.watch:
+            _watch(settings, out)
+            return
         run = api.localize(settings)
     except (CoordinateError, PathListError, ModelLoadError, StoreError, ValueError, FileNotFoundError) as error:
         fail("localize", str(error))
-    extra = {"alpha": settings.alpha, "model": settings.checkpoint or f"random {settings.random_model}"}
-    write_outputs(out, run.photos, summary_dict(run, settings), extra)
-    write_report(out, run, settings, FLAGS.basemap_url)
+    _write_all(out, run, settings)
     print(
         f"{len(run.photos)} photos localized ({run.computed} computed, {run.reused} reused, "
         f"{len(run.skipped)} skipped); confidence: {'calibrated' if run.calibration else 'uncalibrated'}"
     )
     print(f"results: {os.path.join(settings.output_dir, 'localizations.geojson')}")
     sys.stdout.flush()
+
+
+def _write_all(out, run, settings) -> None:
+    from attllm_jax.localization.report import write_report
+    from attllm_jax.localization.writers import summary_dict, write_outputs
+
+    extra = {"alpha": settings.alpha, "model": settings.checkpoint or f"random {settings.random_model}"}
+    write_outputs(out, run.photos, summary_dict(run, settings), extra)
+    write_report(out, run, settings, FLAGS.basemap_url)
+
+
+def _watch(settings, out) -> None:
+    """Localizes settled new photos every --poll seconds with one loaded model, rewriting the outputs atomically."""
+    import time
+
+    from attllm_jax.evaluation.pipeline import load_eval_model
+    from attllm_jax.localization import api
+
+    model = load_eval_model(settings.eval_config())
+    settled, done = api.SettledFiles(FLAGS.settle), None
+    print(f"watching {settings.images} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            ready = settled.poll(settings.images, settings.output_dir)
+            if ready and ready != done:
+                run = api.localize(settings, model=model, photos=ready)
+                _write_all(out, run, settings)
+                done = ready
+                print(f"{len(run.photos)} photos localized ({run.computed} new)", flush=True)
+            time.sleep(FLAGS.poll)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
 
 
 def help_text() -> str:

@@ -242,3 +242,65 @@ def test_report_opens_offline_in_headless_chromium_with_one_marker_per_photo(ben
     assert report.values["database"] == len(list_images(bench["benchmark"].database))
     assert report.values["detail"] == [1 + 5, True]  # header + top-5 matches, attention overlay shown
     assert report.values["scale"].endswith(" m") and report.values["north"] == 1
+
+
+def _features(out: Path) -> list[str]:
+    try:
+        data = json.loads((out / "localizations.geojson").read_text())
+    except (OSError, ValueError):
+        return []
+    return sorted(f["properties"]["photo"] for f in data["features"])
+
+
+def _wait_for(condition, seconds: float, proc) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not condition():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.3)
+    assert condition()
+
+
+@pytest.mark.slow
+def test_watch_picks_up_a_new_photo_and_ignores_a_half_written_file(bench, tmp_path):
+    photos, out = tmp_path / "watched", tmp_path / "out"
+    photos.mkdir()
+    shutil.copyfile(bench["photos"] / "p0.jpg", photos / "first.jpg")
+    args = [
+        "--images",
+        str(photos),
+        "--database_folder",
+        str(bench["benchmark"].database),
+        "--store_dir",
+        str(bench["store"]),
+        "--image_size",
+        str(DEMO_IMAGE_SIZE),
+        "--top_k",
+        "5",
+        "--output_dir",
+        str(out),
+        "--watch",
+        "--poll",
+        "0.3",
+        "--settle",
+        "1",
+    ]
+    proc = _cli(*args, start_new_session=True)
+    try:
+        _wait_for(lambda: _features(out) == ["first.jpg"], 300, proc)
+        data = (bench["photos"] / "p2.jpg").read_bytes()
+        partial = photos / "partial.jpg"
+        partial.write_bytes(data[: len(data) // 2])  # still being copied: grows, so its size/time keep changing
+        shutil.copyfile(bench["photos"] / "p2.jpg", photos / "second.jpg")
+        deadline = time.monotonic() + 120
+        grown = len(data) // 2
+        while time.monotonic() < deadline and "second.jpg" not in _features(out):
+            grown = min(len(data) - 1, grown + 64)
+            with open(partial, "ab") as f:
+                f.write(data[grown - 64 : grown])
+            time.sleep(0.25)
+        assert _features(out) == ["first.jpg", "second.jpg"]
+        summary = json.loads((out / "localize_summary.json").read_text())
+        assert summary["skipped"] == []  # the half-written file was not read (so not counted as unreadable)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +208,7 @@ def load_done(out: Path, photos: list[str], key: str) -> dict[str, PhotoResult]:
     return done
 
 
-def localize(settings: LocalizeSettings, model=None) -> LocalizeRun:
+def localize(settings: LocalizeSettings, model=None, photos: list[str] | None = None) -> LocalizeRun:
     """Localizes every photo of ``settings.images``; writes ``OUT/photos/<photo>.json`` per photo.
 
     The map files (GeoJSON, CSV, KML, report) are written by :func:`attllm_jax.localization.writers.write_outputs`.
@@ -216,6 +216,7 @@ def localize(settings: LocalizeSettings, model=None) -> LocalizeRun:
     Args:
         settings: The run's settings.
         model: Optional already loaded model.
+        photos: Only these photos (relative paths), e.g. the settled files of a watched folder; default all.
 
     Returns:
         The per-photo results and the bookkeeping.
@@ -227,7 +228,7 @@ def localize(settings: LocalizeSettings, model=None) -> LocalizeRun:
     t_start = time.perf_counter()
     settings = settings.validated()
     config = settings.eval_config()
-    photos = list_photos(settings.images, settings.output_dir)
+    photos = list_photos(settings.images, settings.output_dir) if photos is None else list(photos)
     database = load_image_set(config.database_folder, config.convention, config.database_csv)
     zone = database_zone(database, settings.utm_zone)
     planar, latlon = database_positions(database, zone)
@@ -382,3 +383,28 @@ def _photo_result(ctx: _Context, photo: str, indices: np.ndarray, scores: np.nda
         latency,
         ctx.key,
     )
+
+
+@dataclass
+class SettledFiles:
+    """Which photos of a watched folder are complete: a file is settled when its size and modification time are
+    the same at two polls and it was last modified at least ``settle_s`` seconds ago (a file still being copied
+    keeps changing, so it is not read).
+    """
+
+    settle_s: float = 2.0
+    last: dict = field(default_factory=dict)
+
+    def poll(self, images: str | Path, output_dir: str | Path) -> list[str]:
+        """The settled photos now (sorted relative paths)."""
+        now, ready, seen = time.time(), [], {}
+        for photo in list_image_files(images, exclude=output_dir):
+            try:
+                stat = (Path(images) / photo).stat()
+            except OSError:
+                continue
+            seen[photo] = (stat.st_size, stat.st_mtime_ns)
+            if stat.st_size > 0 and self.last.get(photo) == seen[photo] and now - stat.st_mtime >= self.settle_s:
+                ready.append(photo)
+        self.last = seen
+        return ready
