@@ -223,6 +223,7 @@ def test_report_opens_offline_in_headless_chromium_with_one_marker_per_photo(ben
     settings = _settings(bench, tmp_path / "out")
     run = localize(settings, model=bench["model"])
     page = write_report(tmp_path / "out", run, settings)
+    with_attention = [p.photo for p in run.photos].index("p0.jpg")  # copy_of_db.jpg (first) has no attention file
     report = open_page(
         page,
         {
@@ -230,7 +231,8 @@ def test_report_opens_offline_in_headless_chromium_with_one_marker_per_photo(ben
             "database": "document.querySelectorAll('#database circle').length",
             "ready": "document.body.getAttribute('data-ready')",
             "rows": "document.querySelectorAll('#list-body tr').length",
-            "detail": "(document.querySelector('.marker').dispatchEvent(new MouseEvent('click')),"
+            "detail": f"(document.querySelector('.marker[data-index=\"{with_attention}\"]')"
+            ".dispatchEvent(new MouseEvent('click')),"
             " [document.querySelectorAll('#detail tr').length, !!document.querySelector('#detail .overlay')])",
             "scale": "document.querySelector('#scalebar text').textContent",
             "north": "document.querySelectorAll('#north path').length",
