@@ -28,7 +28,11 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("attllm_jax.retrieval")
+    if name in ("localize", "LocalizeSettings"):  # aj.localize(aj.LocalizeSettings(...)): typed per-photo results
+        from attllm_jax import localization
+
+        return getattr(localization, name)
     raise AttributeError(f"module 'attllm_jax' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "ModelSpec", "ops", "load_model", "__version__"]
+__all__ = ["ConfigError", "LocalizeSettings", "ModelSpec", "ops", "load_model", "localize", "__version__"]

@@ -94,6 +94,12 @@ flags.DEFINE_integer("search_block_size", None, "exact_jax queries per block (de
 flags.DEFINE_enum(
     "search_shortlist_dtype", None, ["bfloat16"], "exact_jax: low-precision first pass + exact re-rank (approximate)."
 )
+flags.DEFINE_string(
+    "calibration_out",
+    None,
+    "Also fit attllm-localize's confidence on this labelled run (top-1 estimate, radius --positive_dist_threshold, "
+    "the first of --alphas) and write it to this JSON file.",
+)
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
@@ -337,7 +343,23 @@ def main(argv):
     if skipped["database"] or skipped["queries"]:
         print(f"skipped unreadable images: {skipped['database']} database, {skipped['queries']} queries")
     print(f"results: {result.output_dir / 'results.json'}")
+    if FLAGS.calibration_out:
+        _write_calibration(config)
     sys.stdout.flush()
+
+
+def _write_calibration(config) -> None:
+    """Fits the localize confidence on this run's per_query.csv (see attllm_jax.localization.calibrate_eval)."""
+    from attllm_jax.localization.calibrate_eval import calibrate_from_eval
+
+    try:
+        calibration = calibrate_from_eval(config.output_dir, config.positive_dist_threshold, alpha=config.alphas[0])
+    except ValueError as error:
+        _fail(f"--calibration_out: {error}")
+    calibration.save(FLAGS.calibration_out)
+    q = calibration.quality
+    held_out = f"ECE {q['ece']:.3f}, Brier {q['brier']:.3f}, AUROC {q['auroc']}"
+    print(f"calibration: {FLAGS.calibration_out} (held out: {held_out})")
 
 
 def help_text() -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("attllm-eval", "attllm-annotate", "attllm-convert", "attllm-extract", "attllm-tune")
+SCRIPTS = ("attllm-eval", "attllm-annotate", "attllm-convert", "attllm-extract", "attllm-tune", "attllm-localize")
 
 
 def _tracked_files() -> list[str]:
@@ -74,6 +74,15 @@ def test_attllm_eval_help_from_another_directory(installed):
     # the installed copy, not this checkout, was imported
     where = _run(installed, str(installed / "python"), "-c", "import experiments.eval as e; print(e.__file__)")
     assert where.returncode == 0 and str(REPO) not in where.stdout, where.stdout + where.stderr
+
+
+def test_attllm_localize_help_and_its_report_script_are_installed(installed):
+    proc = _run(installed, "attllm-localize", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--images" in proc.stdout and "--calibrate_with" in proc.stdout
+    code = "from attllm_jax.localization.report import _ASSETS; print((_ASSETS / 'report.js').is_file(), _ASSETS)"
+    where = _run(installed, str(installed / "python"), "-c", code)
+    assert where.stdout.startswith("True") and str(REPO) not in where.stdout, where.stdout + where.stderr
 
 
 def test_attllm_convert_lists_the_families(installed):

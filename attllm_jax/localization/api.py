@@ -1,0 +1,410 @@
+"""``localize(settings)``: place photos without coordinates on the map, with the eval pipeline's own stages.
+
+The stages are the library's: the database image set and its resumable descriptor store
+(:func:`~attllm_jax.evaluation.pipeline.database_store`), the model (:func:`load_eval_model`), the attention
+answers (:func:`load_query_attention`), query extraction (:func:`extract_queries`) and search
+(:func:`~attllm_jax.evaluation.pipeline.retrieve`). Photos are processed in chunks; each photo's result is written
+atomically to ``OUT/photos/<photo>.json`` as soon as its chunk is searched, so a kill loses nothing written and a
+rerun with the same settings key skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from attllm_jax.data.coordinates import Location
+from attllm_jax.data.dataset import ImageSet, load_image_set
+from attllm_jax.evaluation.attention_source import load_query_attention
+from attllm_jax.evaluation.config import EvalConfig
+from attllm_jax.evaluation.extract import extract_queries, weights_digest
+from attllm_jax.evaluation.pipeline import database_store, load_eval_model, retrieve
+from attllm_jax.files import atomic_write_json, list_image_files
+from attllm_jax.localization.calibration import FEATURES, Calibration, load_calibration
+from attllm_jax.localization.estimate import ESTIMATORS, estimate_position, ranking_features
+from attllm_jax.localization.exif import read_exif_gps
+from attllm_jax.localization.geo import database_positions, database_zone, to_latlon
+from attllm_jax.localization.results import Match, PhotoResult
+from attllm_jax.retrieval.positives import haversine_m
+
+log = logging.getLogger("attllm_jax.localization")
+PHOTOS_DIR = "photos"
+
+
+@dataclass(frozen=True)
+class LocalizeSettings:
+    """What to localize and how.
+
+    Attributes:
+        images: Folder of photos (nested folders allowed); names need no coordinates.
+        output_dir: Where results go.
+        database_folder: Database images (coordinates in names or ``database_csv``).
+        database_csv: Optional coordinates CSV of the database.
+        store_dir: Optional descriptor store (e.g. built by attllm-extract); default ``OUT/database_store``.
+        utm_zone: Zone of plain-UTM database names, e.g. "10S".
+        checkpoint / random_model / model_seed / precision / image_size: the model, as in eval.
+        attention_dir: Attention files of the photos (annotate's naming), or None.
+        alpha / sigma: The attention blend.
+        top_k: Candidates kept per photo.
+        estimator: "top1" or "cluster".
+        cluster_radius_m: Cluster radius of the "cluster" estimator, metres.
+        radius_m: The radius the confidence refers to, metres.
+        calibration: A calibration JSON (calibration.py), or None (confidence "uncalibrated").
+        batch_size: Photos per device batch.
+        chunk_photos: Photos per chunk written before the next starts.
+        convention: Database file-name convention.
+    """
+
+    images: str
+    output_dir: str
+    database_folder: str
+    database_csv: str | None = None
+    store_dir: str | None = None
+    utm_zone: str | None = None
+    checkpoint: str | None = None
+    random_model: str = "cosplace"
+    model_seed: int = 0
+    precision: str = "float32"
+    image_size: int | tuple[int, int] | None = None
+    attention_dir: str | None = None
+    alpha: float = 0.0
+    sigma: float = 0.2
+    top_k: int = 10
+    estimator: str = "top1"
+    cluster_radius_m: float = 25.0
+    radius_m: float = 25.0
+    calibration: str | None = None
+    batch_size: int = 8
+    chunk_photos: int = 32
+    convention: str = "auto"
+
+    def validated(self) -> LocalizeSettings:
+        """Checks the settings that need no data.
+
+        Raises:
+            ValueError: naming the first bad setting.
+            FileNotFoundError: for a missing folder or file.
+        """
+        if not (math.isfinite(float(self.alpha)) and 0.0 <= float(self.alpha) <= 1.0):
+            raise ValueError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        for name in ("top_k", "batch_size", "chunk_photos"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cluster_radius_m", "radius_m"):
+            if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) > 0):
+                raise ValueError(f"--{name.removesuffix('_m')} must be a positive number of metres")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if not Path(self.images).is_dir():
+            raise FileNotFoundError(f"--images {self.images!r} is not a directory")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise FileNotFoundError(f"--calibration {self.calibration!r} is not a file")
+        self.eval_config().validated()
+        return replace(self, alpha=float(self.alpha), top_k=int(self.top_k))
+
+    def eval_config(self) -> EvalConfig:
+        """The eval settings of the shared stages (model, store, attention, extraction, search)."""
+        return EvalConfig(
+            database_folder=self.database_folder,
+            queries_folder=self.images,
+            output_dir=self.output_dir,
+            checkpoint=self.checkpoint,
+            attention_dir=self.attention_dir,
+            alphas=(float(self.alpha),),
+            recall_values=(1,),
+            database_csv=self.database_csv,
+            convention=self.convention,
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            store_dir=self.store_dir,
+            sigma=self.sigma,
+            model_seed=self.model_seed,
+            random_model=self.random_model,
+            precision=self.precision,
+        )
+
+
+@dataclass
+class LocalizeRun:
+    """What :func:`localize` did.
+
+    Attributes:
+        photos: Every localized photo (this run's and earlier runs' with the same key), sorted by path.
+        computed: Photos computed in this run.
+        reused: Photos taken from an earlier run with the same settings key.
+        skipped: ``{"photo", "reason"}`` for unreadable photos.
+        settings_key: sha256 prefix of the settings that change a result.
+        zone: The UTM zone of the database.
+        database_latlon: ``[N, 2]`` database positions (for the report's street cloud).
+        stage_seconds: Wall seconds per stage.
+        calibration: The calibration used, or None.
+    """
+
+    photos: list[PhotoResult]
+    computed: int
+    reused: int
+    skipped: list[dict]
+    settings_key: str
+    zone: tuple[int, str]
+    database_latlon: np.ndarray
+    stage_seconds: dict
+    calibration: Calibration | None
+
+
+def claim_output_dir(output_dir: str | Path) -> Path:
+    """Creates the output folder; THE one place it is claimed (the output-folder lock goes here)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PHOTOS_DIR).mkdir(exist_ok=True)
+    return out
+
+
+def list_photos(images: str | Path, output_dir: str | Path) -> list[str]:
+    """The photos under ``images`` (sorted relative paths), the output folder excluded.
+
+    Raises:
+        FileNotFoundError: one line naming the folder when it holds no photo.
+    """
+    photos = list_image_files(images, exclude=output_dir)
+    if not photos:
+        raise FileNotFoundError(f"--images {images}: no .jpg/.jpeg/.png photo in the folder")
+    return photos
+
+
+def settings_key(settings: LocalizeSettings, digest: str, calibration_sha: str | None) -> str:
+    """sha256 prefix of everything that changes a photo's result."""
+    fields = asdict(settings)
+    for name in ("images", "output_dir", "batch_size", "chunk_photos"):
+        fields.pop(name)
+    text = json.dumps({**fields, "weights": digest, "calibration": calibration_sha}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_path(out: Path, photo: str) -> Path:
+    """Where one photo's result is stored."""
+    return out / PHOTOS_DIR / f"{photo}.json"
+
+
+def load_done(out: Path, photos: list[str], key: str) -> dict[str, PhotoResult]:
+    """Results of earlier runs with the same key (an unreadable or other-key record is recomputed)."""
+    done = {}
+    for photo in photos:
+        path = record_path(out, photo)
+        if not path.is_file():
+            continue
+        try:
+            result = PhotoResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError):
+            continue
+        if result.settings_key == key:
+            done[photo] = result
+    return done
+
+
+def localize(settings: LocalizeSettings, model=None, photos: list[str] | None = None) -> LocalizeRun:
+    """Localizes every photo of ``settings.images``; writes ``OUT/photos/<photo>.json`` per photo.
+
+    The map files (GeoJSON, CSV, KML, report) are written by :func:`attllm_jax.localization.writers.write_outputs`.
+
+    Args:
+        settings: The run's settings.
+        model: Optional already loaded model.
+        photos: Only these photos (relative paths), e.g. the settled files of a watched folder; default all.
+
+    Returns:
+        The per-photo results and the bookkeeping.
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings, an empty photo folder, or a database without zone
+            information (:class:`~attllm_jax.localization.geo.ZoneUnknownError`), before any model work.
+    """
+    t_start = time.perf_counter()
+    settings = settings.validated()
+    config = settings.eval_config()
+    photos = list_photos(settings.images, settings.output_dir) if photos is None else list(photos)
+    database = load_image_set(config.database_folder, config.convention, config.database_csv)
+    zone = database_zone(database, settings.utm_zone)
+    planar, latlon = database_positions(database, zone)
+    out = claim_output_dir(settings.output_dir)
+    calibration = load_calibration(settings.calibration) if settings.calibration else None
+    calibration_sha = hashlib.sha256(Path(settings.calibration).read_bytes()).hexdigest() if calibration else None
+    stages = {"load_model": 0.0, "database": 0.0, "attention": 0.0, "extract": 0.0, "search": 0.0}
+    t0 = time.perf_counter()
+    model = model if model is not None else load_eval_model(config)
+    digest = weights_digest(model)
+    stages["load_model"] = time.perf_counter() - t0
+    key = settings_key(settings, digest, calibration_sha)
+    done = load_done(out, photos, key)
+    todo = [p for p in photos if p not in done]
+    log.info("%d photos: %d done with settings key %s, %d to localize", len(photos), len(done), key, len(todo))
+    results, skipped = dict(done), []
+    if todo:
+        t0 = time.perf_counter()
+        store, _ = database_store(config, model, database, digest)
+        try:
+            contents = store.load()
+        finally:
+            store.close()
+        stages["database"] = time.perf_counter() - t0
+        context = _Context(
+            settings,
+            config,
+            model,
+            contents.descriptors,
+            contents.valid,
+            database,
+            planar,
+            latlon,
+            zone,
+            calibration,
+            key,
+        )
+        for start in range(0, len(todo), settings.chunk_photos):
+            chunk = todo[start : start + settings.chunk_photos]
+            new, failed = _localize_chunk(context, chunk, stages)
+            for result in new:
+                atomic_write_json(record_path(out, result.photo), result.to_dict())
+                results[result.photo] = result
+            skipped.extend(failed)
+    stages["total"] = time.perf_counter() - t_start
+    ordered = [results[p] for p in photos if p in results]
+    return LocalizeRun(ordered, len(ordered) - len(done), len(done), skipped, key, zone, latlon, stages, calibration)
+
+
+@dataclass
+class _Context:
+    settings: LocalizeSettings
+    config: EvalConfig
+    model: object
+    descriptors: np.ndarray
+    valid: np.ndarray
+    database: ImageSet
+    planar: np.ndarray
+    latlon: np.ndarray
+    zone: tuple[int, str]
+    calibration: Calibration | None
+    key: str
+
+
+def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list[PhotoResult], list[dict]]:
+    """Attention, extraction and search of some photos, then one :class:`PhotoResult` each."""
+    s, config = ctx.settings, ctx.config
+    images = ImageSet(root=Path(s.images), paths=tuple(chunk), locations=(Location(),) * len(chunk))
+    t0 = time.perf_counter()
+    attention = load_query_attention(images, s.attention_dir)
+    t1 = time.perf_counter()
+    q = extract_queries(
+        ctx.model,
+        images,
+        attention.parsed,
+        (s.alpha,),
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        sigma=config.sigma,
+    )
+    t2 = time.perf_counter()
+    empty = [np.zeros(0, np.int64)] * len(chunk)
+    top_k = min(s.top_k, int(ctx.valid.sum()))
+    retrieval = retrieve(
+        ctx.descriptors, ctx.valid, q.descriptors, q.valid, empty, (s.alpha,), (1,), top_k, spec=config.search
+    )
+    t3 = time.perf_counter()
+    for name, seconds in (("attention", t1 - t0), ("extract", t2 - t1), ("search", t3 - t2)):
+        stages[name] += seconds
+    per_photo = {
+        "attention": (t1 - t0) / len(chunk),
+        "extract": (t2 - t1) / len(chunk),
+        "search": (t3 - t2) / len(chunk),
+    }
+    results = []
+    for i, photo in enumerate(chunk):
+        if not q.valid[i]:
+            continue
+        kind = _applied_kind(attention.parsed[i], bool(q.with_attention[i]))
+        results.append(_photo_result(ctx, photo, retrieval.predictions[0, i], retrieval.scores[0, i], kind, per_photo))
+    failed = [
+        {"photo": f.path if not Path(f.path).is_absolute() else _relative(f.path, s.images), "reason": f.error}
+        for f in q.failures
+    ]
+    return results, failed
+
+
+def _relative(path: str, root: str) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+def _applied_kind(parsed, applied: bool) -> str:
+    if parsed is None:
+        return "missing"
+    return parsed.kind if applied or not parsed.has_attention else "unreadable"
+
+
+def _photo_result(ctx: _Context, photo: str, indices: np.ndarray, scores: np.ndarray, kind: str, latency: dict):
+    s = ctx.settings
+    keep = indices >= 0
+    indices, scores = indices[keep], scores[keep].astype(np.float64)
+    positions = ctx.planar[indices]
+    estimate = estimate_position(positions, scores, s.estimator, s.cluster_radius_m)
+    lat, lon = to_latlon(np.array([[estimate.east, estimate.north]]), ctx.zone)[0]
+    features = ranking_features(positions, scores, estimate, s.radius_m)
+    distances = np.hypot(positions[:, 0] - estimate.east, positions[:, 1] - estimate.north)
+    matches = tuple(
+        Match(r + 1, ctx.database.paths[i], float(ctx.latlon[i, 0]), float(ctx.latlon[i, 1]), float(sc), float(d))
+        for r, (i, sc, d) in enumerate(zip(indices, scores, distances, strict=True))
+    )
+    confidence = None
+    if ctx.calibration is not None:
+        confidence = float(ctx.calibration.predict(np.array([[features[f] for f in FEATURES]]))[0])
+    claimed = read_exif_gps(Path(s.images) / photo)
+    claimed_distance = None if claimed is None else float(haversine_m(claimed[0], claimed[1], lat, lon))
+    return PhotoResult(
+        photo,
+        float(lat),
+        float(lon),
+        estimate.radius_m,
+        confidence,
+        "calibrated" if confidence is not None else "uncalibrated",
+        s.radius_m,
+        features,
+        matches,
+        kind,
+        claimed,
+        claimed_distance,
+        latency,
+        ctx.key,
+    )
+
+
+@dataclass
+class SettledFiles:
+    """Which photos of a watched folder are complete: a file is settled when its size and modification time are
+    the same at two polls and it was last modified at least ``settle_s`` seconds ago (a file still being copied
+    keeps changing, so it is not read).
+    """
+
+    settle_s: float = 2.0
+    last: dict = field(default_factory=dict)
+
+    def poll(self, images: str | Path, output_dir: str | Path) -> list[str]:
+        """The settled photos now (sorted relative paths)."""
+        now, ready, seen = time.time(), [], {}
+        for photo in list_image_files(images, exclude=output_dir):
+            try:
+                stat = (Path(images) / photo).stat()
+            except OSError:
+                continue
+            seen[photo] = (stat.st_size, stat.st_mtime_ns)
+            if stat.st_size > 0 and self.last.get(photo) == seen[photo] and now - stat.st_mtime >= self.settle_s:
+                ready.append(photo)
+        self.last = seen
+        return ready
