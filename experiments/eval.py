@@ -296,18 +296,22 @@ def main(argv):
     from attllm_jax.evaluation import run_evaluation
     from attllm_jax.evaluation.pipeline import ModelLoadError
     from attllm_jax.evaluation.report import recall_table
+    from attllm_jax.outputs import OutputLockError, check_free
     from attllm_jax.retrieval.search import SearchMemoryError
     from attllm_jax.retrieval.store import StoreError
 
     config = config_from_flags()
     try:
         _check_writable(config.output_dir)
+        check_free(config.output_dir, "eval")
     except OSError as error:
         _fail(_os_error_line(error, config))
+    except OutputLockError as error:
+        _fail(str(error))
     print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
     try:
         result = run_evaluation(config)
-    except (CoordinateError, PathListError, ModelLoadError, StoreError, SearchMemoryError) as error:
+    except (CoordinateError, PathListError, ModelLoadError, StoreError, SearchMemoryError, OutputLockError) as error:
         _fail(str(error))
     except OSError as error:  # read-only or full output / store folder, a file vanished during the run
         _fail(_os_error_line(error, config))

@@ -82,6 +82,7 @@ def main(argv):
     from pathlib import Path
 
     from attllm_jax.data import flood
+    from attllm_jax.outputs import OutputLockError
 
     out = Path(FLAGS.output_dir)
     _setup_log(out)
@@ -132,7 +133,7 @@ def main(argv):
             jpeg_quality=FLAGS.jpeg_quality,
             writes_masks=writes_masks,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OutputLockError) as e:
         sys.exit(f"flood: {e}")
     finally:
         if editor is not None:

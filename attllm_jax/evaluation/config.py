@@ -8,6 +8,7 @@ from pathlib import Path
 
 from attllm_jax.data.coordinates import CONVENTIONS
 from attllm_jax.models.precision import validate_precision
+from attllm_jax.outputs import refuse_output_inside
 from attllm_jax.retrieval.recall import validate_recall_values
 from attllm_jax.retrieval.search import SearchSpec
 
@@ -154,6 +155,9 @@ class EvalConfig:
         output = Path(self.output_dir)
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output_dir {self.output_dir!r} exists and is not a directory")
+        refuse_output_inside(
+            output, {"--database_folder": self.database_folder, "--queries_folder": self.queries_folder}
+        )
         return replace(
             self,
             alphas=alphas,

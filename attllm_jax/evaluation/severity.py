@@ -32,6 +32,7 @@ from attllm_jax.evaluation.pipeline import load_eval_model, run_evaluation
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.spec import ModelSpec
+from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, relative_outputs, remove_previous_outputs
 
 log = logging.getLogger("attllm_jax.evaluation")
 
@@ -290,8 +291,15 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
     config = config.validated()
     ev = config.eval
     out = Path(ev.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / "severity.log")
+    with OutputLock(out, "severity") as lock:
+        setup_logging(out / "severity.log")
+        lock.log_takeover()
+        remove_previous_outputs(out, SEVERITY_FILE, also=[HEATMAP_FILE])
+        return _sweep(config, out, model, t_start)
+
+
+def _sweep(config: SeverityConfig, out: Path, model, t_start: float) -> dict[str, Any]:
+    ev = config.eval
     log.info("severity settings: %s", json.dumps(asdict(config), default=str))
     dry = Path(ev.queries_folder)
     flooded_levels = [v for v in config.levels if v > 0]
@@ -309,7 +317,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
     model = model if model is not None else load_eval_model(ev)
     store_dir = ev.resolved_store_dir  # one store for every level (the sweep's output_dir/database_store by default)
 
-    results, hits, timings = [], [], {}
+    results, hits, timings, written = [], [], {}, [out / HEATMAP_FILE]
     for level in config.levels:
         queries_dir = dry if level == 0.0 else out / "flooded" / level_name(level)
         level_eval = replace(
@@ -320,6 +328,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
             store_dir=str(store_dir),
         )
         result = run_evaluation(level_eval, model=model)
+        written += _level_outputs(Path(level_eval.output_dir), result.results, level_eval.attention_dir, out)
         results.append(result.results)
         hits.append(result.retrieval.first_hit == 0)
         timings[level_name(level)] = result.results["timings_s"]
@@ -373,9 +382,19 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
             "the best alpha is chosen on the queries it is scored on: its gain is optimistic",
         ],
     }
+    severity[OUTPUTS_KEY] = relative_outputs(out, written)
     atomic_write_json(out / SEVERITY_FILE, severity)
     log.info("severity sweep written to %s (%s)", out / SEVERITY_FILE, out / HEATMAP_FILE)
     return severity
+
+
+def _level_outputs(folder: Path, results: dict[str, Any], attention_dir: str | None, out: Path) -> list[Path]:
+    """What the sweep wrote for one level: its eval folder's files and its mask-attention files."""
+    files = [folder / rel for rel in results[OUTPUTS_KEY]] + [folder / "results.json", folder / "eval.log"]
+    attention = Path(attention_dir) if attention_dir else None
+    if attention is not None and attention.resolve().is_relative_to((out / "attention_masks").resolve()):
+        files += sorted(attention.glob("*.json"))
+    return files
 
 
 def _fmt(level: float | None) -> str:
