@@ -287,10 +287,14 @@ def main(argv):
     from attllm_jax.logs import quiet_library_logs
 
     quiet_library_logs(FLAGS.verbosity)
+    from attllm_jax.evaluation.hosts import CoordinationError
+
     try:
         multihost.join_from_flags()
     except ValueError as error:
         _fail(str(error), usage=True)
+    except CoordinationError as error:
+        _fail(str(error))
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.data.dataset import PathListError
     from attllm_jax.evaluation import run_evaluation
@@ -311,7 +315,15 @@ def main(argv):
     print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
     try:
         result = run_evaluation(config)
-    except (CoordinateError, PathListError, ModelLoadError, StoreError, SearchMemoryError, OutputLockError) as error:
+    except (
+        CoordinateError,
+        PathListError,
+        ModelLoadError,
+        StoreError,
+        SearchMemoryError,
+        OutputLockError,
+        CoordinationError,
+    ) as error:
         _fail(str(error))
     except OSError as error:  # read-only or full output / store folder, a file vanished during the run
         _fail(_os_error_line(error, config))
