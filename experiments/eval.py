@@ -287,7 +287,7 @@ def main(argv):
     from attllm_jax.logs import quiet_library_logs
 
     quiet_library_logs(FLAGS.verbosity)
-    from attllm_jax.evaluation.hosts import CoordinationError
+    from attllm_jax.evaluation.hosts import CoordinationError, process_index
 
     try:
         multihost.join_from_flags()
@@ -307,7 +307,8 @@ def main(argv):
     config = config_from_flags()
     try:
         _check_writable(config.output_dir)
-        check_free(config.output_dir, "eval")
+        if process_index() == 0:  # process 0 takes the folder for the run; the others only log into it
+            check_free(config.output_dir, "eval")
     except OSError as error:
         _fail(_os_error_line(error, config))
     except OutputLockError as error:

@@ -88,6 +88,17 @@ def test_flood_keeps_the_names(dataset, tmp_path):
 def test_severity_reads_every_name(dataset, tmp_path):
     args = ["--output_dir", str(tmp_path / "out"), "--levels", "0,0.3", "--alphas", "0,1", "--recall_values", "1,5"]
     _run("severity", *_data(dataset), *args, "--bootstrap", "20")
-    severity = json.loads((tmp_path / "out" / "severity.json").read_text())
+    out = tmp_path / "out"
+    severity = json.loads((out / "severity.json").read_text())
     assert severity["num_database"] == len(DATABASE)
     assert severity["num_queries"] == {"level_0": len(QUERIES), "level_0.3": len(QUERIES)}
+    # a rerun with other levels and alphas leaves no file of level 0.3 or alpha 1 (beside the user's)
+    (out / "levels" / "level_0.3" / "mine.txt").write_text("user")
+    args = ["--output_dir", str(out), "--levels", "0,0.5", "--alphas", "0,0.5", "--recall_values", "1,5"]
+    _run("severity", *_data(dataset), *args, "--bootstrap", "20")
+    severity = json.loads((out / "severity.json").read_text())
+    assert severity["levels"] == [0.0, 0.5] and severity["alphas"] == [0.0, 0.5]
+    assert [p.name for p in (out / "levels" / "level_0.3").rglob("*")] == ["mine.txt"]
+    assert not (out / "attention_masks" / "level_0.3").exists() and not (out / "flooded" / "level_0.3").exists()
+    assert not list(out.glob("levels/*/csv_results/alpha_1.0"))
+    assert all((out / rel).is_file() for rel in severity["outputs"])
