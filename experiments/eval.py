@@ -276,7 +276,9 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eva
             **overrides,
         )
     try:
-        return config.validated()
+        config = config.validated()
+        config.check_output_outside_inputs()
+        return config
     except (ValueError, FileNotFoundError) as error:
         fail(command, str(error), usage=True)
 

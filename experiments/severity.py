@@ -118,6 +118,7 @@ def main(argv):
             )
             config = SeverityConfig(eval=ev, **sweep)
         config = config.validated()
+        config.eval.check_output_outside_inputs()
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from None
     try:

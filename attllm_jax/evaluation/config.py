@@ -99,6 +99,13 @@ class EvalConfig:
 
         return 256 if jax.default_backend() == "cpu" else 4096
 
+    def check_output_outside_inputs(self) -> None:
+        """Raises ValueError when --output_dir is, or lies inside, the database or queries folder (a later run
+        would read the result images as inputs). Called by the commands that write into --output_dir."""
+        refuse_output_inside(
+            self.output_dir, {"--database_folder": self.database_folder, "--queries_folder": self.queries_folder}
+        )
+
     def validated(self) -> EvalConfig:
         """Checks every setting that does not need the data; returns a normalized copy.
 
@@ -155,9 +162,6 @@ class EvalConfig:
         output = Path(self.output_dir)
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output_dir {self.output_dir!r} exists and is not a directory")
-        refuse_output_inside(
-            output, {"--database_folder": self.database_folder, "--queries_folder": self.queries_folder}
-        )
         return replace(
             self,
             alphas=alphas,

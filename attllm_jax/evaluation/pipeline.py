@@ -155,10 +155,12 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult | None:
         The results and the arrays behind them (on process 0; None on the other processes).
 
     Raises:
-        ValueError / FileNotFoundError: bad settings; CoordinateError: a file name without coordinates.
+        ValueError / FileNotFoundError: bad settings (an output folder inside an input folder too);
+            CoordinateError: a file name without coordinates; OutputLockError: another run holds the output folder.
     """
     t_start = time.perf_counter()
     config = config.validated()
+    config.check_output_outside_inputs()
     out = Path(config.output_dir)
     lock = OutputLock(out, "eval").acquire() if hosts.process_index() == 0 else None
     try:

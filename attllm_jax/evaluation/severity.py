@@ -290,6 +290,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
     t_start = time.perf_counter()
     config = config.validated()
     ev = config.eval
+    ev.check_output_outside_inputs()
     out = Path(ev.output_dir)
     with OutputLock(out, "severity") as lock:
         setup_logging(out / "severity.log")

@@ -121,6 +121,7 @@ def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[s
     t_start = time.perf_counter()
     config = config.validated()
     settings = settings.validated(config.recall_values)
+    config.check_output_outside_inputs()
     out = Path(config.output_dir)
     with OutputLock(out, "tune") as lock:
         setup_logging(out / LOG_FILE)
