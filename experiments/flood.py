@@ -82,9 +82,14 @@ def main(argv):
     from pathlib import Path
 
     from attllm_jax.data import flood
-    from attllm_jax.outputs import OutputLockError
+    from attllm_jax.outputs import OutputLockError, check_free, refuse_output_inside
 
     out = Path(FLAGS.output_dir)
+    try:  # before the log file is made: nothing is written into --images, nor into a folder another run holds
+        refuse_output_inside(out, {"--images": FLAGS.images})
+        check_free(out, "flood")
+    except (ValueError, OutputLockError) as e:
+        sys.exit(f"flood: {e}")
     _setup_log(out)
     log = logging.getLogger("flood")
     log.info("flags: %s", json.dumps({f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}))

@@ -217,3 +217,18 @@ def test_an_eval_output_inside_an_input_folder_is_refused_before_work(dataset, i
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("eval: error: --output_dir") and flag in lines[0], lines[0]
     assert not (dataset / inside / "results.json").exists() and not (dataset / inside / "eval.log").exists()
+
+
+def test_flood_refuses_a_held_folder_and_an_output_inside_its_images(dataset):
+    out = dataset / "flooded"
+    holder = _holder(out)
+    try:
+        args = [sys.executable, "-m", "experiments.flood", "--images", str(dataset / "q"), "--levels", "0.3"]
+        proc = _run([*args, "--output_dir", str(out)], timeout=120)
+        assert proc.returncode != 0 and f"in use by holder pid {holder.pid}" in proc.stderr, proc.stderr
+        assert not (out / "level_0.3").exists() and not (out / "flood.log").exists()
+        inside = _run([*args, "--output_dir", str(dataset / "q")], timeout=120)
+        assert inside.returncode != 0 and "is --images" in inside.stderr, inside.stderr
+        assert not (dataset / "q" / "flood.log").exists() and not (dataset / "q" / "level_0.3").exists()
+    finally:
+        _stop(holder)
