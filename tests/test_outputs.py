@@ -232,3 +232,20 @@ def test_flood_refuses_a_held_folder_and_an_output_inside_its_images(dataset):
         assert not (dataset / "q" / "flood.log").exists() and not (dataset / "q" / "level_0.3").exists()
     finally:
         _stop(holder)
+
+
+@pytest.mark.parametrize("command", ["tune", "severity"])
+def test_tune_and_severity_refuse_a_held_folder_in_one_line(dataset, command):
+    out = dataset / f"{command}_out"
+    holder = _holder(out)
+    try:
+        args = [sys.executable, "-m", f"experiments.{command}", "--database_folder", str(dataset / "db"),
+                "--queries_folder", str(dataset / "q"), "--output_dir", str(out)]  # fmt: skip
+        proc = _run(args, timeout=180)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and lines[-1].startswith(f"{command}: error: output folder {out} is in use by "
+                                                             f"holder pid {holder.pid}"), proc.stderr  # fmt: skip
+        assert "Traceback" not in proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == [outputs.LOCK_FILE]  # nothing written beside the lock
+    finally:
+        _stop(holder)
