@@ -79,17 +79,6 @@ class LockHolder:
             return None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (a zombie counts as alive until reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 class OutputLock:
     """An exclusive lock of an output folder for one run (see the module docstring); a context manager.
 
