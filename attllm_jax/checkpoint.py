@@ -133,10 +133,10 @@ def load_model(directory: str | os.PathLike, precision: str = DEFAULT_PRECISION,
         raise FileNotFoundError(f"{state_path} not found: the checkpoint state of {directory} is missing")
     abstract = nnx.eval_shape(lambda: spec.build())
     graphdef, abstract_state = nnx.split(abstract)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
     where = f"cannot restore {state_path} into the {spec.family} / {spec.backbone} network"
-    with _quiet_orbax(verbose), ocp.StandardCheckpointer() as checkpointer:
+    with _quiet_orbax(verbose), _local_checkpointer() as checkpointer:
         try:
             saved = _saved_shapes(checkpointer, state_path)
         except Exception as e:  # orbax raises several types for unreadable metadata
@@ -147,8 +147,36 @@ def load_model(directory: str | os.PathLike, precision: str = DEFAULT_PRECISION,
         try:
             state = checkpointer.restore(state_path, abstract_state)
         except Exception as e:  # corrupt or truncated array data
+            if _is_coordination_failure(e):
+                from attllm_jax.evaluation.hosts import CoordinationError
+
+                raise CoordinationError(
+                    f"restoring {state_path} on process {jax.process_index()} met a failure of the multi-process "
+                    f"coordination, not of the checkpoint ({_first_line(e)})"
+                ) from e
             raise ValueError(f"{where}: corrupt checkpoint data ({_first_line(e)})") from e
     return VPRModel(nnx.merge(graphdef, state), spec, precision)
+
+
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer that restores on this process alone: no barrier, no collective with the other processes.
+
+    By default orbax synchronizes every process of a ``jax.distributed`` run around a restore (a device
+    collective through gloo on the CPU, with a 30 s rendezvous): processes that reach their model load further
+    apart than that died with a gloo DEADLINE_EXCEEDED. Every process reads the whole (small) model itself, onto
+    its own first device, so none needs the others.
+    """
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
+_COORDINATION_MARKERS = ("DEADLINE_EXCEEDED", "Gloo", "gloo", "barrier", "coordination service", "GetKeyValue")
+
+
+def _is_coordination_failure(e: Exception) -> bool:
+    """Whether a restore failed in the processes' coordination (a timeout, gloo), not in reading the data."""
+    return jax.process_count() > 1 and any(marker in str(e) for marker in _COORDINATION_MARKERS)
 
 
 def _first_line(e: Exception) -> str:

@@ -282,7 +282,9 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eva
             **overrides,
         )
     try:
-        return config.validated()
+        config = config.validated()
+        config.check_output_outside_inputs()
+        return config
     except (ValueError, FileNotFoundError) as error:
         fail(command, str(error), usage=True)
 
@@ -293,24 +295,33 @@ def main(argv):
     from attllm_jax.logs import quiet_library_logs
 
     quiet_library_logs(FLAGS.verbosity)
+    from attllm_jax.evaluation.hosts import CoordinationError, process_index
+
     try:
         multihost.join_from_flags()
     except ValueError as error:
         _fail(str(error), usage=True)
+    except CoordinationError as error:
+        _fail(str(error))
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.data.dataset import PathListError
     from attllm_jax.evaluation import run_evaluation
     from attllm_jax.evaluation.extract import NonFiniteDescriptorError
     from attllm_jax.evaluation.pipeline import ModelLoadError
     from attllm_jax.evaluation.report import recall_table
+    from attllm_jax.outputs import OutputLockError, check_free
     from attllm_jax.retrieval.search import SearchMemoryError
     from attllm_jax.retrieval.store import StoreError
 
     config = config_from_flags()
     try:
         _check_writable(config.output_dir)
+        if process_index() == 0:  # process 0 takes the folder for the run; the others only log into it
+            check_free(config.output_dir, "eval")
     except OSError as error:
         _fail(_os_error_line(error, config))
+    except OutputLockError as error:
+        _fail(str(error))
     print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
     try:
         result = run_evaluation(config)
@@ -321,6 +332,8 @@ def main(argv):
         StoreError,
         SearchMemoryError,
         NonFiniteDescriptorError,
+        OutputLockError,
+        CoordinationError,
     ) as error:
         _fail(str(error))
     except OSError as error:  # read-only or full output / store folder, a file vanished during the run

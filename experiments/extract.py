@@ -44,10 +44,14 @@ for _name in ("batch_size", "chunk_size", "num_workers"):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from attllm_jax.evaluation.hosts import CoordinationError
+
     try:
         multihost.join_from_flags()
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    except CoordinationError as error:
+        cli.fail("extract", str(error))
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.evaluation import hosts
     from attllm_jax.evaluation.config import EvalConfig
@@ -81,7 +85,7 @@ def main(argv):
     t0 = time.perf_counter()
     try:
         directory, summary = run_extraction(config, log_dir=FLAGS.logs_dir)
-    except (CoordinateError, StoreError, FileNotFoundError, NonFiniteDescriptorError) as error:
+    except (CoordinateError, StoreError, FileNotFoundError, NonFiniteDescriptorError, CoordinationError) as error:
         cli.fail("extract", str(error))
     seconds = time.perf_counter() - t0
     who = f"process {hosts.process_index()}: " if hosts.process_count() > 1 else ""

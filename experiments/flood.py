@@ -82,8 +82,14 @@ def main(argv):
     from pathlib import Path
 
     from attllm_jax.data import flood
+    from attllm_jax.outputs import OutputLockError, check_free, refuse_output_inside
 
     out = Path(FLAGS.output_dir)
+    try:  # before the log file is made: nothing is written into --images, nor into a folder another run holds
+        refuse_output_inside(out, {"--images": FLAGS.images})
+        check_free(out, "flood")
+    except (ValueError, OutputLockError) as e:
+        sys.exit(f"flood: {e}")
     _setup_log(out)
     log = logging.getLogger("flood")
     log.info("flags: %s", json.dumps({f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}))
@@ -132,7 +138,7 @@ def main(argv):
             jpeg_quality=FLAGS.jpeg_quality,
             writes_masks=writes_masks,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OutputLockError) as e:
         sys.exit(f"flood: {e}")
     finally:
         if editor is not None:

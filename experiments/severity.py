@@ -72,6 +72,7 @@ def main(argv):
         severity_table,
         synthetic_severity_config,
     )
+    from attllm_jax.outputs import OutputLockError
     from attllm_jax.retrieval.store import StoreError
 
     overrides = {
@@ -117,11 +118,12 @@ def main(argv):
             )
             config = SeverityConfig(eval=ev, **sweep)
         config = config.validated()
+        config.eval.check_output_outside_inputs()
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from None
     try:
         severity = run_severity(config)
-    except (CoordinateError, StoreError, FileNotFoundError) as error:
+    except (CoordinateError, StoreError, FileNotFoundError, OutputLockError) as error:
         print(f"severity: error: {error}", file=sys.stderr)
         sys.exit(1)
     print()

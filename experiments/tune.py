@@ -63,6 +63,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from attllm_jax.data.coordinates import CoordinateError
+    from attllm_jax.outputs import OutputLockError, check_free
     from attllm_jax.retrieval.search import SearchMemoryError
     from attllm_jax.retrieval.store import StoreError
     from attllm_jax.tuning import TuneSettings, run_tuning
@@ -97,10 +98,22 @@ def main(argv):
         settings = settings.validated(config.recall_values)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    try:
+        check_free(config.output_dir, "tune")
+    except OutputLockError as error:
+        cli.fail("tune", str(error))
     eval_cli.print_runtime("tune", config.precision)
     try:
         result = run_tuning(config, settings)
-    except (CoordinateError, StoreError, SearchMemoryError, CacheError, FileNotFoundError, ValueError) as error:
+    except (
+        CoordinateError,
+        StoreError,
+        SearchMemoryError,
+        CacheError,
+        FileNotFoundError,
+        ValueError,
+        OutputLockError,
+    ) as error:
         cli.fail("tune", str(error))
     print()
     for note in config.notes:

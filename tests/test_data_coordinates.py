@@ -191,7 +191,8 @@ def test_paths_file_entries_are_normalized(tmp_path):
     [
         ("@543331.40@4179325.38@99@S@@@.jpg", "zone '99' 'S'"),
         ("@543331.40@4179325.38@10@I@@@.jpg", "zone '10' 'I'"),
-        ("@543331.40@4179325.38@10@@@@.jpg", "zone '10' ''"),
+        ("@543331.40@4179325.38@0@S@@@.jpg", "zone '0' 'S'"),
+        ("@543331.40@4179325.38@61@n@@@.jpg", "zone '61' 'n'"),
         ("@1e12@4179325.38@10@S@@@.jpg", "easting 1e\\+12 m is outside"),
         ("@50000@4179325.38@@@@@.jpg", "easting 50000 m is outside"),
         ("@543331.40@-5@10@S@@@.jpg", "northing -5 m is outside"),
@@ -241,3 +242,42 @@ def test_a_bad_name_in_an_sfxl_folder_suggests_the_sfxl_convention(tmp_path):
     (tmp_path / "db" / "IMG_1234.jpg").unlink()
     with pytest.raises(coords.CoordinateError, match=r"follows the SF-XL convention .* --convention sfxl"):
         load_image_set(tmp_path / "db", convention="flood")
+
+
+@pytest.mark.parametrize(
+    ("name", "zone", "latlon"),
+    [
+        # the full 15-field SF-XL form, zone claim valid
+        (SFXL, (10, "S"), (37.76022, -122.50806)),
+        (
+            "@0543331.40@4179325.38@10@s@037.76022@-122.50806@pano@@300@@@@201311@@.jpg",
+            (10, "S"),
+            (37.76022, -122.50806),
+        ),
+        # the full form with the zone fields empty
+        ("@0543331.40@4179325.38@@@037.76022@-122.50806@pano@@300@@@@201311@@.jpg", None, (37.76022, -122.50806)),
+        # the short form with free text after the northing: never a zone
+        ("@550408.00@4180244.00@db7@.jpg", None, None),
+        ("@550408.00@4180244.00@0001@.jpg", None, None),
+        ("@550408.00@4180244.00@street view 3@.jpg", None, None),
+        ("@550408.00@4180244.00@IMG_0042@copy@.jpg", None, None),
+        ("@550408.00@4180244.00@2023-07-01@10:32@.jpg", None, None),
+        ("@550408.00@4180244.00@10@@@@.jpg", None, None),
+        ("@550408.00@4180244.00@10@SS@.jpg", None, None),
+        ("@550408.00@4180244.00@S@10@.jpg", None, None),
+        ("@550408.00@4180244.00@.jpg", None, None),
+    ],
+)
+def test_zone_fields_are_a_zone_only_when_they_look_like_one(name, zone, latlon):
+    loc = coords.parse_location(f"/db/{name}")
+    assert loc.utm == (float(name.split("@")[1]), float(name.split("@")[2]))
+    assert loc.zone == zone
+    assert loc.latlon == latlon
+
+
+def test_short_form_database_evaluates_against_flood_queries_in_its_zone(tmp_path):
+    # free-text names carry no zone; the zone is computed from the queries' lat/lon (10S for San Francisco)
+    _touch_jpeg(tmp_path / "db" / "@543331.40@4179325.38@db7@.jpg")
+    _touch_jpeg(tmp_path / "q" / "37.76022_-122.50806@x.jpg")
+    pair = geo_pair(load_image_set(tmp_path / "db"), load_image_set(tmp_path / "q"))
+    np.testing.assert_allclose(pair.queries[0], pair.database[0], atol=0.01)

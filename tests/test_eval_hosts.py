@@ -250,3 +250,47 @@ def test_shares_and_log_names():
     assert sorted(sum(shares, [])) == pending
     assert log_file("out", "eval").name == "eval.log"  # one process: process 0's name
     assert gather_json("x", {"a": 1}) == [{"a": 1}]
+
+
+DELAY_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from attllm_jax.evaluation import hosts
+    hosts.initialize(hosts.HostSpec("env", sys.argv[1], 2, int(sys.argv[2])))
+    from attllm_jax.evaluation import EvalConfig
+    from attllm_jax.evaluation.pipeline import run_extraction
+
+    database, store, logs, checkpoint, delay = sys.argv[3:8]
+    if hosts.process_index() == 1:
+        time.sleep(float(delay))  # a host that starts late: process 0 loads its model and waits at a barrier
+    config = EvalConfig(database_folder=database, queries_folder=database, output_dir=".", image_size=64,
+                        chunk_size=3, batch_size=2, num_workers=1, store_dir=store, checkpoint=checkpoint).validated()
+    run_extraction(config, log_dir=logs)
+    print("DONE", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_process_delayed_40_s_before_its_model_load_still_extracts_the_one_process_store(
+    data, one_process_store, tmp_path
+):
+    """orbax's default multi-process restore met the other process in a 30 s gloo rendezvous and died."""
+    from attllm_jax.checkpoint import save_model
+
+    _, database, _ = data
+    model = random_cosplace_model(seed=0)
+    checkpoint = save_model(tmp_path / "model", model.net, model.spec)
+    store, logs = tmp_path / "store", tmp_path / "logs"
+    (tmp_path / "driver.py").write_text(DELAY_DRIVER)
+
+    def args(port: int, process: int) -> list[str]:
+        return [sys.executable, str(tmp_path / "driver.py"), f"127.0.0.1:{port}", str(process), str(database),
+                str(store), str(logs), str(checkpoint), "40"]  # fmt: skip
+
+    outputs = _finish(_start(args, tmp_path / "delayed"), tmp_path / "delayed")
+    assert all("DONE" in output for output in outputs)
+    descriptors, valid, paths = read_store(store)
+    ref_descriptors, _, ref_paths = one_process_store
+    assert paths == ref_paths and valid.all()
+    np.testing.assert_allclose(np.asarray(descriptors), np.asarray(ref_descriptors), rtol=0, atol=1e-6)

@@ -19,6 +19,7 @@ from attllm_jax.data.flood import (
     flood_pixels,
     level_name,
     procedural_method,
+    style_dict,
     validate_levels,
 )
 from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
@@ -182,12 +183,60 @@ def test_flood_folder_layout_names_masks_summary_and_resume(tmp_path):
     assert victim.read_bytes() == before
 
 
-def test_output_inside_the_image_folder_is_not_flooded_again(tmp_path):
+@pytest.mark.parametrize("inside", ["", "flooded", "a/b"])
+def test_an_output_folder_equal_to_or_inside_the_images_is_refused(tmp_path, inside):
     dry = _jpeg_folder(tmp_path)
-    out = dry / "flooded"
-    flood_folder(dry, out, [0.3], procedural_method(0), method_name="procedural", seed=0)
-    again = flood_folder(dry, out, [0.3], procedural_method(0), method_name="procedural", seed=0)
-    assert again["num_images"] == 5 and again["counts"]["level_0.3"]["existing"] == 4
+    out = dry / inside if inside else dry
+    before = sorted(p.relative_to(dry).as_posix() for p in dry.rglob("*"))
+    with pytest.raises(ValueError, match=r"--output_dir .* is (inside )?--images .*: a later run would read"):
+        flood_folder(dry, out, [0.3], procedural_method(0), method_name="procedural", seed=0)
+    assert sorted(p.relative_to(dry).as_posix() for p in dry.rglob("*")) == before  # nothing written
+
+
+def _images_of(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("level_*/**/*") if p.is_file()}
+
+
+def test_a_rerun_with_other_settings_keeps_no_image_of_the_previous_settings(tmp_path):
+    dry = _jpeg_folder(tmp_path)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    rainy = FloodStyle(rain=0.5)
+    flood_folder(dry, out, [0.3, 0.6], procedural_method(0), method_name="procedural", seed=0)
+    (out / "my_notes.txt").write_text("mine")
+    again = flood_folder(
+        dry, out, [0.3], procedural_method(1, rainy), method_name="procedural", seed=1, settings=style_dict(rainy)
+    )
+    flood_folder(dry, fresh, [0.3], procedural_method(1, rainy), method_name="procedural", seed=1)
+    assert again["counts"]["level_0.3"] == {"written": 4, "existing": 0, "failed": 1}
+    assert _images_of(out) == _images_of(fresh)  # no seed-0 image left, no level_0.6 left
+    assert not (out / "masks" / "level_0.6").exists()
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert json.loads((out / "flood_summary.json").read_text())["seed"] == 1
+    # the same settings again: everything is reused
+    third = flood_folder(
+        dry, out, [0.3], procedural_method(1, rainy), method_name="procedural", seed=1, settings=style_dict(rainy)
+    )
+    assert third["counts"]["level_0.3"] == {"written": 0, "existing": 4, "failed": 1}
+
+
+def test_images_of_a_killed_run_are_not_resumed_under_other_settings(tmp_path):
+    dry = _jpeg_folder(tmp_path)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    seed0 = procedural_method(0)
+    calls = []
+
+    def dies_on_the_second_image(image, rel, level):
+        calls.append(rel)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for the kill: not caught as a per-image failure
+        return seed0(image, rel, level)
+
+    with pytest.raises(KeyboardInterrupt):
+        flood_folder(dry, out, [0.3], dies_on_the_second_image, method_name="procedural", seed=0)
+    assert len(_images_of(out)) == 1 and json.loads((out / "flood_summary.json").read_text())["status"] == "running"
+    flood_folder(dry, out, [0.3], procedural_method(1), method_name="procedural", seed=1)
+    flood_folder(dry, fresh, [0.3], procedural_method(1), method_name="procedural", seed=1)
+    assert _images_of(out) == _images_of(fresh)
 
 
 def test_mask_name_collision_is_an_error(tmp_path):

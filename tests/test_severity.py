@@ -167,7 +167,10 @@ def test_attention_dir_needs_a_folder_per_flooded_level(tmp_path):
     from attllm_jax.evaluation.severity import SeverityConfig
 
     (tmp_path / "att" / "level_0.2").mkdir(parents=True)
-    ev = EvalConfig(database_folder=str(tmp_path), queries_folder=str(tmp_path), output_dir=str(tmp_path / "o"))
+    (tmp_path / "data").mkdir()
+    ev = EvalConfig(
+        database_folder=str(tmp_path / "data"), queries_folder=str(tmp_path / "data"), output_dir=str(tmp_path / "o")
+    )
     with pytest.raises(FileNotFoundError, match="level_0.5"):
         SeverityConfig(ev, levels=(0.2, 0.5), attention="dir", attention_dir=str(tmp_path / "att")).validated()
     with pytest.raises(ValueError, match="above 0"):

@@ -164,3 +164,34 @@ def test_objectives_and_their_errors():
         search.check_objective("r@5", (1, 10))
     with pytest.raises(ValueError, match="--objective must be one of"):
         search.check_objective("r@3", (1, 5))
+
+
+class PathDependentSource:
+    """Ranks that depend on how a point is computed, as float32 near-ties do: in a grid sweep (several alphas per
+    call) queries 0-1 miss everywhere except 0.81..0.83 where only query 0 misses; a point evaluated on its own
+    (one alpha per call) hits every query."""
+
+    recall_values = (1,)
+    num_queries = 4
+
+    def first_hits(self, alphas, sigma, blend):
+        alphas = np.atleast_1d(np.asarray(alphas, np.float64))
+        if len(alphas) == 1:
+            return np.zeros((1, self.num_queries), np.int64)
+        ranks = np.zeros((len(alphas), self.num_queries), np.int64)
+        ranks[:, :2] = -1
+        ranks[(alphas > 0.805) & (alphas < 0.835), 1] = 0
+        return ranks
+
+
+def test_the_grid_choice_is_reported_from_the_grid_rows_it_came_from():
+    source = PathDependentSource()
+    alphas = [0.0 + (1.0 - 0.0) * i / 100 for i in range(101)]  # as --alphas 0:1:101 parses
+    assert (alphas[81] + alphas[83]) / 2 != alphas[82]  # the plateau middle is one ulp off the grid point
+    ranks = search.grid_ranks(source, alphas, [0.2], ["native"])
+    grid = {a: search.recalls_dict(ranks[0, 0, k], source.recall_values) for k, a in enumerate(alphas)}
+    objective = search.Objective(source, np.arange(source.num_queries), "r@1")
+    choice = search.choose_on_grid(objective, ranks, alphas, [0.2], ["native"])
+    assert choice.setting.alpha == alphas[82] and choice.plateau == (0.81, 0.83) and choice.source == "grid"
+    assert choice.recalls == grid[choice.setting.alpha] == {"1": 75.0}
+    assert choice.objective == 75.0

@@ -3,7 +3,8 @@
 Two naming conventions are understood, always on the base name only (a directory may contain '@'):
 
 - SF-XL / VPR-methods-evaluation: ``@utm_east@utm_north@zone_number@zone_letter@lat@lon@...@.jpg``; only the
-  first two fields are required.
+  first two fields are required. Fields 3-4 are a zone only when they look like one (an integer, then a letter);
+  the short form ``@east@north@<free text>@.jpg`` many datasets use carries no zone.
 - Flood queries (the published VPR-AttLLM code's "dash" names): ``[name%]lat_lon[_more]@....jpg``, WGS84 degrees;
   an optional ``name%`` prefix is dropped.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,7 +76,8 @@ def parse_sfxl_name(name: str) -> Location | None:
 
     Raises:
         CoordinateError: naming the file when east/north lie outside the UTM ranges (easting 100,000-999,999 m,
-            northing 0-10,000,000 m) or the zone fields are not a zone number 1-60 and a UTM latitude band letter.
+            northing 0-10,000,000 m) or the zone fields claim a zone (:func:`is_zone_claim`) that is not a zone
+            number 1-60 and a UTM latitude band letter.
     """
     fields = _stem(name).split("@")
     if len(fields) < 3 or fields[0].strip():
@@ -85,7 +88,7 @@ def parse_sfxl_name(name: str) -> Location | None:
     problem = utm_range_problem(east, north)
     zone = None
     number, letter = (fields[3].strip(), fields[4].strip()) if len(fields) > 4 else ("", "")
-    if number or letter:
+    if is_zone_claim(number, letter):
         zone = _zone(number, letter)
         if zone is None:
             problem = problem or f"UTM zone {number!r} {letter!r} is not a zone number 1-60 and a band letter C-X"
@@ -113,6 +116,16 @@ def utm_range_problem(east: float, north: float) -> str | None:
     if not low <= north <= high:
         return f"northing {north:g} m is outside the UTM range {low:,.0f}-{high:,.0f} m"
     return None
+
+
+def is_zone_claim(number: str, letter: str) -> bool:
+    """Whether fields 3-4 of an SF-XL name claim a UTM zone: an integer, then one letter (e.g. ``10``, ``S``).
+
+    Only a claim is validated (zone 99 or band ``I`` is an error); anything else there (empty fields, free text
+    such as ``db7`` in the short form ``@east@north@db7@.jpg``, a lone number) is not a zone, as in the field's
+    tools, which read only east and north.
+    """
+    return re.fullmatch(r"[0-9]+", number) is not None and re.fullmatch(r"[A-Za-z]", letter) is not None
 
 
 def _zone(number: str, letter: str) -> tuple[int, str] | None:

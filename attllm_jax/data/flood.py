@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
 from attllm_jax.data.images import open_image
 from attllm_jax.files import atomic_write, atomic_write_json, list_image_files
+from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, refuse_output_inside, remove_outputs
 
 log = logging.getLogger("attllm_jax.flood")
 
@@ -374,9 +376,97 @@ def flood_folder(
     root, out = Path(images_dir), Path(output_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {images_dir} is not a folder")
-    images = list_image_files(root, exclude=out)
+    refuse_output_inside(out, {"--images": root})
+    images = list_image_files(root)
     _check_mask_collisions(images)
-    out.mkdir(parents=True, exist_ok=True)
+    key = {
+        "method": method_name,
+        "seed": int(seed),
+        "settings": dict(settings or {}),
+        "images_dir": str(root.resolve()),
+        "writes_masks": writes_masks,
+        "jpeg_quality": jpeg_quality,
+    }
+    with OutputLock(out, "flood") as lock:
+        lock.log_takeover()
+        planned = _start_keyed_run(out, key, images, levels, writes_masks)
+        summary = _flood_images(
+            root, out, images, levels, method, workers, jpeg_quality, max_listed_failures, writes_masks
+        )
+        summary = {
+            "method": method_name,
+            "levels": list(levels),
+            "level_folders": [level_name(v) for v in levels],
+            "seed": int(seed),
+            "settings": dict(settings or {}),
+            "masks": MASKS_DIR if writes_masks else None,
+            "images_dir": str(root),
+            "num_images": len(images),
+            **summary,
+            "wall_s": round(time.monotonic() - start, 3),
+            "key": key,
+            "status": "complete",
+            OUTPUTS_KEY: [rel for rel in planned if (out / rel).is_file()],
+        }
+        atomic_write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _targets(rel: str, level: float, writes_masks: bool) -> list[str]:
+    """The files one (image, level) pair writes, relative to the output folder."""
+    image = f"{level_name(level)}/{rel}"
+    mask = f"{MASKS_DIR}/{level_name(level)}/{Path(rel).with_suffix('.png').as_posix()}"
+    return [image, mask] if writes_masks else [image]
+
+
+def _start_keyed_run(out: Path, key: dict[str, Any], images: list[str], levels, writes_masks: bool) -> list[str]:
+    """Keys the folder's outputs by the run's settings, before any image is written.
+
+    Files a previous run wrote (listed in its flood_summary.json, which a run writes at its start too, so a killed
+    run's files are listed) are kept for resuming only when that run had the same settings and the pair is still
+    wanted; every other one is removed. Then the summary is written with this run's key and planned files.
+
+    Returns:
+        The relative paths this run may write.
+    """
+    planned = [t for rel in images for level in levels for t in _targets(rel, level, writes_masks)]
+    previous = _read_summary(out / SUMMARY_FILE)
+    if previous is not None:
+        listed = previous.get(OUTPUTS_KEY)
+        if not isinstance(listed, list):  # a summary of an older version: its levels' pairs of these images
+            old_levels = [float(v) for v in previous.get("levels", []) if isinstance(v, int | float)]
+            listed = [t for rel in images for level in old_levels for t in _targets(rel, level, True)]
+        keep = set(planned) if previous.get("key") == key else set()
+        stale = [rel for rel in listed if isinstance(rel, str) and rel not in keep]
+        why = "same settings, levels no longer wanted" if keep else "its flood settings differ from this run's"
+        remove_outputs(out, stale, why)
+    atomic_write_json(out / SUMMARY_FILE, {"key": key, "status": "running", OUTPUTS_KEY: planned})
+    return planned
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        log.warning("flood: cannot read the previous %s; its files are not reused", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _flood_images(
+    root: Path,
+    out: Path,
+    images: list[str],
+    levels: tuple[float, ...],
+    method: FloodMethod,
+    workers: int,
+    jpeg_quality: int,
+    max_listed_failures: int,
+    writes_masks: bool,
+) -> dict[str, Any]:
+    """Floods every (image, level) pair not already on disk; returns the summary's counts and failures."""
     tally = _Tally(levels)
     unreadable: set[str] = set()
 
@@ -435,15 +525,7 @@ def flood_folder(
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(process, images))
-    summary = {
-        "method": method_name,
-        "levels": list(levels),
-        "level_folders": [level_name(v) for v in levels],
-        "seed": int(seed),
-        "settings": dict(settings or {}),
-        "masks": MASKS_DIR if writes_masks else None,
-        "images_dir": str(root),
-        "num_images": len(images),
+    return {
         "counts": tally.counts,
         "num_failed": sum(c["failed"] for c in tally.counts.values()),
         "num_unreadable_images": len(unreadable),
@@ -453,10 +535,7 @@ def flood_folder(
         "mean_water_fraction_written": {
             k: (round(float(np.mean(v)), 4) if v else None) for k, v in tally.water_fraction.items()
         },
-        "wall_s": round(time.monotonic() - start, 3),
     }
-    atomic_write_json(out / SUMMARY_FILE, summary)
-    return summary
 
 
 def _fail(tally: _Tally, rel: str, level: float, error: str, max_listed: int) -> None:

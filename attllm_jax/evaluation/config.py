@@ -8,6 +8,7 @@ from pathlib import Path
 
 from attllm_jax.data.coordinates import CONVENTIONS
 from attllm_jax.models.precision import validate_precision
+from attllm_jax.outputs import refuse_output_inside
 from attllm_jax.retrieval.recall import validate_recall_values
 from attllm_jax.retrieval.search import SearchSpec
 
@@ -97,6 +98,13 @@ class EvalConfig:
         import jax
 
         return 256 if jax.default_backend() == "cpu" else 4096
+
+    def check_output_outside_inputs(self) -> None:
+        """Raises ValueError when --output_dir is, or lies inside, the database or queries folder (a later run
+        would read the result images as inputs). Called by the commands that write into --output_dir."""
+        refuse_output_inside(
+            self.output_dir, {"--database_folder": self.database_folder, "--queries_folder": self.queries_folder}
+        )
 
     def validated(self) -> EvalConfig:
         """Checks every setting that does not need the data; returns a normalized copy.

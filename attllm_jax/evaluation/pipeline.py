@@ -34,6 +34,7 @@ from attllm_jax.evaluation.report import (
     write_per_query_csv,
     write_published_csvs,
 )
+from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, relative_outputs, remove_previous_outputs
 from attllm_jax.retrieval.positives import find_positives, haversine_m
 from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
 from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
@@ -154,26 +155,48 @@ def run_evaluation(config: EvalConfig, model=None) -> EvalResult | None:
         The results and the arrays behind them (on process 0; None on the other processes).
 
     Raises:
-        ValueError / FileNotFoundError: bad settings; CoordinateError: a file name without coordinates.
+        ValueError / FileNotFoundError: bad settings (an output folder inside an input folder too);
+            CoordinateError: a file name without coordinates; OutputLockError: another run holds the output folder.
     """
     t_start = time.perf_counter()
     config = config.validated()
+    config.check_output_outside_inputs()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(hosts.log_file(out, Path(LOG_FILE).stem))
-    log.info("evaluation settings: %s", json.dumps(asdict(config), default=str))
-    log.info("hosts: %s", json.dumps(hosts.hosts_entry()))
-    inputs = prepare_inputs(config, model)
+    lock = OutputLock(out, "eval").acquire() if hosts.process_index() == 0 else None
     try:
-        if hosts.process_index() == 0:
-            result = _evaluate_with_store(config, inputs, out, t_start)
-        else:
-            log.info("process %d: database share done; process 0 searches, writes results", hosts.process_index())
-            result = None
+        setup_logging(hosts.log_file(out, Path(LOG_FILE).stem))
+        if lock is not None:
+            lock.log_takeover()
+            remove_previous_outputs(out, RESULTS_FILE, also=_legacy_outputs(out))
+        log.info("evaluation settings: %s", json.dumps(asdict(config), default=str))
+        log.info("hosts: %s", json.dumps(hosts.hosts_entry()))
+        inputs = prepare_inputs(config, model)
+        try:
+            if lock is not None:
+                result = _evaluate_with_store(config, inputs, out, t_start)
+            else:
+                log.info("process %d: database share done; process 0 searches, writes results", hosts.process_index())
+                result = None
+        finally:
+            inputs.store.close()
+        hosts.barrier("evaluation_done")
     finally:
-        inputs.store.close()
-    hosts.barrier("evaluation_done")
+        if lock is not None:
+            lock.release()
     return result
+
+
+def _legacy_outputs(out: Path) -> list[str]:
+    """What a run of a version whose results.json has no "outputs" list wrote (its alphas' CSVs, the figure)."""
+    try:
+        alphas = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")).get("alphas", [])
+        keys = [alpha_key(float(a)) for a in alphas]
+    except (OSError, ValueError, TypeError, AttributeError):
+        keys = []
+    csvs = [
+        f"csv_results/alpha_{k}/{name}" for k in keys for name in ("individual_results.csv", "aggregated_results.csv")
+    ]
+    return ["per_query.csv", "recall_vs_alpha.png", *csvs]
 
 
 def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_start: float) -> EvalResult:
@@ -215,6 +238,7 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
     timings["search"] = time.perf_counter() - t0
 
     kinds = [_applied_kind(a, applied) for a, applied in zip(attention.parsed, q.with_attention, strict=True)]
+    written = [out / "per_query.csv", out / "recall_vs_alpha.png"]
     write_per_query_csv(
         out / "per_query.csv",
         retrieval,
@@ -226,7 +250,7 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
         attention.point_counts(),
     )
     for k, alpha in enumerate(config.alphas):
-        write_published_csvs(
+        written += write_published_csvs(
             out / "csv_results" / f"alpha_{alpha_key(alpha)}",
             k,
             retrieval,
@@ -250,7 +274,9 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
         ],
     )
     if config.num_preds_to_save:
-        _save_strips(out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives, geo)
+        written += _save_strips(
+            out / "predictions", config, queries, database, attention.parsed, q, retrieval, positives, geo
+        )
 
     no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
     notes = list(config.notes)
@@ -305,6 +331,7 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
         "hosts": hosts.hosts_entry(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "notes": notes,
+        OUTPUTS_KEY: relative_outputs(out, written),
     }
     write_json(out / RESULTS_FILE, results)
     log.info(
@@ -494,8 +521,24 @@ def _distances_m(geo, query: int, database_indices: list[int]) -> np.ndarray:
     return np.hypot(db[:, 0] - qp[0], db[:, 1] - qp[1])
 
 
-def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives, geo) -> None:
+def strip_names(paths: list[str]) -> list[str]:
+    """The prediction strip of each query, relative to ``predictions/alpha_<a>/``: its relative path with ``.jpg``.
+
+    Queries ``a/X.jpg`` and ``b/X.jpg`` get ``a/X.jpg`` and ``b/X.jpg``; names that still meet (``X.jpg`` and
+    ``X.png``) keep their own suffix before ``.jpg`` (``X.jpg.jpg``, ``X.png.jpg``).
+    """
+    plain = [Path(p).with_suffix(".jpg").as_posix() for p in paths]
+    taken = {name: plain.count(name) for name in plain}
+    return [name if taken[name] == 1 else f"{p}.jpg" for name, p in zip(plain, paths, strict=True)]
+
+
+def _save_strips(
+    directory: Path, config: EvalConfig, queries, database, parsed, q, retrieval, positives, geo
+) -> list[Path]:
+    """Writes the prediction strips of every readable query and alpha; returns their paths."""
     k_preds = config.num_preds_to_save
+    names = strip_names(list(queries.paths))
+    written = []
     for qi in range(len(queries)):
         if not q.valid[qi]:
             continue
@@ -515,8 +558,9 @@ def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed,
             first = "no positive in the top results" if rank < 0 else f"first positive at rank {int(rank) + 1}"
             radius = f"positives within {config.positive_dist_threshold:g} m"
             title = f"alpha {alpha:g} | {queries.paths[qi]} | {first} | {radius}"
+            written.append(directory / f"alpha_{alpha_key(alpha)}" / names[qi])
             save_prediction_strip(
-                directory / f"alpha_{alpha_key(alpha)}" / (Path(queries.paths[qi]).stem + ".jpg"),
+                written[-1],
                 queries.absolute(qi),
                 [
                     Prediction(database.absolute(i), i in pos, float(score), float(dist))
@@ -526,3 +570,4 @@ def _save_strips(directory: Path, config: EvalConfig, queries, database, parsed,
                 title,
                 query_label=f"query, attention: {kind}",
             )
+    return written

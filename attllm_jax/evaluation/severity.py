@@ -33,6 +33,7 @@ from attllm_jax.evaluation.pipeline import load_eval_model, run_evaluation
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.spec import ModelSpec
+from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, relative_outputs, remove_previous_outputs
 from attllm_jax.retrieval.recall import recall_from_ranks
 
 log = logging.getLogger("attllm_jax.evaluation")
@@ -339,9 +340,17 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
     t_start = time.perf_counter()
     config = config.validated()
     ev = config.eval
+    ev.check_output_outside_inputs()
     out = Path(ev.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / "severity.log")
+    with OutputLock(out, "severity") as lock:
+        setup_logging(out / "severity.log")
+        lock.log_takeover()
+        remove_previous_outputs(out, SEVERITY_FILE, also=[HEATMAP_FILE])
+        return _sweep(config, out, model, t_start)
+
+
+def _sweep(config: SeverityConfig, out: Path, model, t_start: float) -> dict[str, Any]:
+    ev = config.eval
     log.info("severity settings: %s", json.dumps(asdict(config), default=str))
     dry = Path(ev.queries_folder)
     flooded_levels = [v for v in config.levels if v > 0]
@@ -359,7 +368,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
     model = model if model is not None else load_eval_model(ev)
     store_dir = ev.resolved_store_dir  # one store for every level (the sweep's output_dir/database_store by default)
 
-    results, level_queries, timings = [], [], {}
+    results, level_queries, timings, written = [], [], {}, [out / HEATMAP_FILE]
     for level in config.levels:
         queries_dir = dry if level == 0.0 else out / "flooded" / level_name(level)
         level_eval = replace(
@@ -370,6 +379,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
             store_dir=str(store_dir),
         )
         result = run_evaluation(level_eval, model=model)
+        written += _level_outputs(Path(level_eval.output_dir), result.results, level_eval.attention_dir, out)
         results.append(result.results)
         level_queries.append(_level_queries(queries_dir, result))
         timings[level_name(level)] = result.results["timings_s"]
@@ -435,6 +445,7 @@ def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
             _compared_note(compared),
         ],
     }
+    severity[OUTPUTS_KEY] = relative_outputs(out, written)
     atomic_write_json(out / SEVERITY_FILE, severity)
     log.info("severity sweep written to %s (%s)", out / SEVERITY_FILE, out / HEATMAP_FILE)
     return severity
@@ -457,6 +468,15 @@ def _compared_note(compared: CommonQueries) -> str:
         f"{dropped} per level were dropped (dropped_queries); levels/<level>/results.json score each level on its "
         "own readable queries"
     )
+
+
+def _level_outputs(folder: Path, results: dict[str, Any], attention_dir: str | None, out: Path) -> list[Path]:
+    """What the sweep wrote for one level: its eval folder's files and its mask-attention files."""
+    files = [folder / rel for rel in results[OUTPUTS_KEY]] + [folder / "results.json", folder / "eval.log"]
+    attention = Path(attention_dir) if attention_dir else None
+    if attention is not None and attention.resolve().is_relative_to((out / "attention_masks").resolve()):
+        files += sorted(attention.glob("*.json"))
+    return files
 
 
 def _fmt(level: float | None) -> str:

@@ -173,7 +173,8 @@ class CachedRetrieval:
 
     def first_hits(self, alphas: Sequence[float], sigma: float, blend: str) -> np.ndarray:
         """``[K, Q]`` first-hit ranks (-1 = miss), each new point aggregated and searched once (memoized)."""
-        alphas = [float(a) for a in np.asarray(alphas, np.float64).reshape(-1)]
+        # alphas within 1e-12 share a memo entry: a computed midpoint (0.81 + 0.83) / 2 reuses the grid's 0.82
+        alphas = [round(float(a), 12) for a in np.asarray(alphas, np.float64).reshape(-1)]
         keys = [(a, float(sigma), blend) for a in alphas]
         todo = sorted({a for a, key in zip(alphas, keys, strict=True) if key not in self._memo})
         dim = max(1, self.database.shape[1])

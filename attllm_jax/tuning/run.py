@@ -24,6 +24,7 @@ from attllm_jax.evaluation.pipeline import prepare_inputs
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
 from attllm_jax.ops.gem import ALPHA_OFF, BLENDS
+from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, remove_previous_outputs
 from attllm_jax.retrieval.recall import recall_from_ranks
 from attllm_jax.tuning import cv, search
 from attllm_jax.tuning.cache import cached_query_features
@@ -120,15 +121,18 @@ def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[s
     t_start = time.perf_counter()
     config = config.validated()
     settings = settings.validated(config.recall_values)
+    config.check_output_outside_inputs()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / LOG_FILE)
-    log.info("tuning settings: %s", json.dumps(asdict(settings), default=str))
-    inputs = prepare_inputs(config, model)
-    try:
-        return _run(config, settings, inputs, out, t_start)
-    finally:
-        inputs.store.close()
+    with OutputLock(out, "tune") as lock:
+        setup_logging(out / LOG_FILE)
+        lock.log_takeover()
+        remove_previous_outputs(out, TUNING_FILE, also=[FIGURE_FILE])
+        log.info("tuning settings: %s", json.dumps(asdict(settings), default=str))
+        inputs = prepare_inputs(config, model)
+        try:
+            return _run(config, settings, inputs, out, t_start)
+        finally:
+            inputs.store.close()
 
 
 def _run(config: EvalConfig, settings: TuneSettings, inputs, out: Path, t_start: float) -> dict[str, Any]:
@@ -224,6 +228,7 @@ def _run(config: EvalConfig, settings: TuneSettings, inputs, out: Path, t_start:
         "evaluations": source.evaluations,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "notes": list(config.notes) + list(settings.notes),
+        OUTPUTS_KEY: [FIGURE_FILE],
     }
     atomic_write_json(out / TUNING_FILE, result)
     log.info(

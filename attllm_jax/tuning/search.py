@@ -164,14 +164,25 @@ def choose_on_grid(
     blend, sigma = blends[b], float(sigmas[s])
     middle = (lo + hi) / 2.0
     grid_points = alphas[order][i : j + 1]
-    source = "grid"
-    if not np.any(grid_points == middle):
+    on_grid = np.flatnonzero(np.abs(grid_points - middle) <= ON_GRID_TOLERANCE)  # (0.81 + 0.83) / 2 != 0.82
+    if not len(on_grid):
         if objective(Setting(middle, sigma, blend)) >= best:
-            source = "grid-middle"
-        else:
-            middle = float(grid_points[np.argmin(np.abs(grid_points - middle))])
-    setting = Setting(float(middle), sigma, blend)
-    return _choice(objective, setting, (lo, hi), source)
+            return _choice(objective, Setting(float(middle), sigma, blend), (lo, hi), "grid-middle")
+        on_grid = [np.argmin(np.abs(grid_points - middle))]
+    k = int(order[i + on_grid[0]])
+    return _grid_choice(objective, ranks[b, s, k], Setting(float(alphas[k]), sigma, blend), (lo, hi))
+
+
+# A midpoint this close to a grid alpha is that grid point: it is reported from the grid's own ranks (another
+# evaluation of the same alpha may order float32 near-ties differently, and the best would disagree with its row).
+ON_GRID_TOLERANCE = 1e-9
+
+
+def _grid_choice(objective: Objective, ranks: np.ndarray, setting: Setting, plateau) -> Choice:
+    """A grid point's choice, from the grid's ranks ``[Q]`` of that point (the computation of the grid rows)."""
+    recalls = recalls_dict(ranks[objective.queries], objective.recall_values)
+    value = float(objective_value(np.array(list(recalls.values())), objective.recall_values, objective.objective))
+    return Choice(setting, value, recalls, tuple(plateau), "grid")
 
 
 def _choice(objective: Objective, setting: Setting, plateau, source: str) -> Choice:
