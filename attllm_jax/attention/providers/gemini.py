@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider, check_timeout, request_image
+from attllm_jax.attention.providers.http import guarded_client
 from attllm_jax.attention.request_policy import (
     ProviderError,
     RateLimiter,
@@ -25,6 +26,7 @@ from attllm_jax.attention.request_policy import (
 )
 
 GEMINI_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
 def _httpx_classes(name: str) -> tuple[type[Exception], ...]:
@@ -96,8 +98,12 @@ class GeminiProvider(Provider):
         self._transport_errors = _httpx_classes("TransportError")
         self._timeout_errors = _httpx_classes("TimeoutException")
         # retry_options=None: the SDK makes exactly one attempt; retries are ours (they honour RetryInfo).
+        # Our HTTP client sends only to the configured origin (never the key to a host that redirects elsewhere).
         http_options = types.HttpOptions(
-            base_url=base_url, api_version=api_version, timeout=int(round(timeout_s * 1000))
+            base_url=base_url,
+            api_version=api_version,
+            timeout=int(round(timeout_s * 1000)),
+            httpx_client=guarded_client(base_url or GEMINI_BASE_URL, timeout_s),
         )
         self._client = genai.Client(api_key=self._api_key, http_options=http_options)
         self._sampling = {

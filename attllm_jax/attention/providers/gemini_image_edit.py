@@ -30,7 +30,8 @@ import httpx
 import numpy as np
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
-from attllm_jax.attention.providers.gemini import GEMINI_KEY_VARIABLES
+from attllm_jax.attention.providers.gemini import GEMINI_BASE_URL, GEMINI_KEY_VARIABLES
+from attllm_jax.attention.providers.http import guarded_client
 from attllm_jax.attention.request_policy import (
     ProviderError,
     RateLimiter,
@@ -44,7 +45,7 @@ from attllm_jax.attention.request_policy import (
 )
 
 DEFAULT_EDIT_MODEL = "gemini-2.5-flash-image"
-DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+DEFAULT_BASE_URL = GEMINI_BASE_URL
 MASK_NOTE = (
     "ESTIMATED, not ground truth: the edit colour-matched to the dry photo (per-channel gain and offset, least "
     "squares, first on the top third of the frame, then on the best-matching half), the change smoothed and "
@@ -150,7 +151,7 @@ class GeminiImageEditor:
         self.timeout_s = float(timeout_s)
         self.policy = RequestPolicy(retry, limiter)
         self.redactor = Redactor([self.api_key])
-        self._client = httpx.Client(timeout=self.timeout_s)
+        self._client = guarded_client(self.url, self.timeout_s)  # sends only to base_url's origin
 
     def edit(
         self, image: Image.Image, level: float, label: str = "image", stop: threading.Event | None = None

@@ -12,6 +12,7 @@ import base64
 from typing import Any
 
 from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider, check_timeout, request_image
+from attllm_jax.attention.providers.http import guarded_client
 from attllm_jax.attention.request_policy import (
     ProviderError,
     RateLimiter,
@@ -66,7 +67,11 @@ class OpenAIProvider(Provider):
         self._api_key = api_key or api_key_from_env((OPENAI_KEY_VARIABLE,))
         self.timeout_s = timeout_s
         self._client = openai.OpenAI(
-            api_key=self._api_key or NO_KEY, base_url=base_url.rstrip("/"), timeout=timeout_s, max_retries=0
+            api_key=self._api_key or NO_KEY,
+            base_url=base_url.rstrip("/"),
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=guarded_client(base_url, timeout_s),  # sends only to base_url's origin
         )
         self._sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_output_tokens}
 
@@ -96,6 +101,12 @@ class OpenAIProvider(Provider):
         except openai.APIStatusError as e:
             raise _status_error(e) from None
         return _reply(completion, self.model)
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
 
 
 def _status_error(e: Any) -> ProviderError:
