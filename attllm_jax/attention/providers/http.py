@@ -74,6 +74,4 @@ def guarded_client(base_url: str, timeout_s: float) -> httpx.Client:
     """
     # trust_env=False: the environment's proxy is already in the transport; httpx would otherwise mount its own
     # proxy transports, which would bypass the origin check.
-    return httpx.Client(
-        transport=GuardedTransport(base_url), timeout=timeout_s, follow_redirects=True, trust_env=False
-    )
+    return httpx.Client(transport=GuardedTransport(base_url), timeout=timeout_s, follow_redirects=True, trust_env=False)
