@@ -1,12 +1,15 @@
 """What every provider's HTTP client guarantees, against real servers on 127.0.0.1 (tests/llm_server.py) and the
-real google-genai / openai clients: the key never goes to another origin."""
+real google-genai / openai clients: the key never goes to another origin, and no part of it reaches an output."""
+
+import json
+import subprocess
 
 import pytest
 from PIL import Image
 
-from attllm_jax.attention import providers
+from attllm_jax.attention import providers, runner
 from attllm_jax.attention.providers.gemini_image_edit import GeminiImageEditor
-from tests.llm_server import LLMServer, Reply, text_reply
+from tests.llm_server import LLMServer, Reply, error_reply, text_reply
 from tests.test_attention_providers import KEY, POINTS, make_provider, make_request
 
 NO_RETRY = providers.RetryPolicy(max_attempts=1)
@@ -61,3 +64,65 @@ def test_redirect_within_the_origin_is_followed(client):
             provider.close()
     assert response.text == POINTS and [s.path.startswith("/moved") for s in server.seen] == [False, True]
     assert all(carries_key(s) for s in server.seen)
+
+
+# A partly redacted key: the error body holds the key where the message used to be cut
+
+
+LONG_KEY = "sk-TEST-0123456789abcdefghijklmn"  # 32 characters
+GEMINI_PREFIX = "Gemini API error 400 INVALID_ARGUMENT: "  # how the Gemini provider words an error
+OPENAI_BODY_PREFIX = '{"error": {"message": "'  # how tests/llm_server.py writes an OpenAI error body
+
+
+def key_cut_messages(api: str) -> list[str]:
+    """Error messages that put the key across the old cut (500 characters of the Gemini message, 300 of the
+    OpenAI body) with 31, 20 and 8 of its characters before it, and one in the middle of a long message."""
+    cut, prefix = (500, GEMINI_PREFIX) if api == "gemini" else (300, OPENAI_BODY_PREFIX)
+    before = [cut - len(prefix) - kept for kept in (31, 20, 8)]
+    return ["x" * n + LONG_KEY + " trailing" for n in before] + ["y" * 2000 + LONG_KEY + "z" * 2000]
+
+
+def key_pieces(text: str, length: int = 8) -> list[str]:
+    """Every run of ``length`` characters of LONG_KEY found in ``text``."""
+    return [LONG_KEY[i : i + length] for i in range(len(LONG_KEY) - length + 1) if LONG_KEY[i : i + length] in text]
+
+
+def test_redactor_hides_every_long_fragment_and_nothing_else():
+    redactor = providers.Redactor([LONG_KEY])
+    assert redactor(f"a {LONG_KEY} b") == "a [REDACTED] b"
+    assert redactor(f"cut here: {LONG_KEY[:31]}") == "cut here: [REDACTED]"
+    assert redactor(f"tail {LONG_KEY[-12:]}, head {LONG_KEY[:8]}.") == "tail [REDACTED], head [REDACTED]."
+    assert redactor(f"{LONG_KEY[:20]}{LONG_KEY[10:]}") == "[REDACTED]"  # two overlapping pieces, one span
+    assert redactor(f"short {LONG_KEY[:7]} stays") == f"short {LONG_KEY[:7]} stays"  # 7 < 8 characters
+    assert redactor("0123456789 counts") == "[REDACTED] counts"  # a run of the key, wherever it comes from
+    assert providers.Redactor(["abc"])("xabcx ab") == "x[REDACTED]x ab"  # short keys: only whole
+    assert providers.Redactor(["a/b+c=d&e?f"])("q=a%2Fb%2Bc%3Dd%26e%3Ff") == "q=[REDACTED]"  # URL-encoded
+
+
+@pytest.mark.parametrize("api", ["gemini", "openai"])
+def test_key_near_the_cut_is_hidden_in_every_output_of_the_command(tmp_path, api):
+    from tests.test_attention_annotate import REPO, annotate_command, make_images, run_env
+
+    messages = key_cut_messages(api)
+    images = make_images(tmp_path / "images", range(len(messages)))
+    out = tmp_path / "out"
+    env = run_env()
+    with LLMServer(lambda seen: error_reply(seen, 400, messages[seen.image_id()])) as server:
+        command = annotate_command(images, out, server, "--workers=1")
+        if api == "openai":
+            command = [c for c in command if not c.startswith(("--provider", "--base_url"))]
+            command += ["--provider=openai", f"--base_url={server.url}/v1", "--model=qwen-vl"]
+            env["OPENAI_API_KEY"] = LONG_KEY
+        else:
+            env["GEMINI_API_KEY"] = LONG_KEY
+        result = subprocess.run(command, cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
+    assert len(server.seen) == len(messages)
+    summary = json.loads((out / runner.SUMMARY_FILE).read_text())
+    assert summary["failed"] == len(messages) and json.loads(result.stdout)["failed"] == len(messages)
+    outputs = {"stdout": result.stdout, "stderr": result.stderr, "log": (out / "annotate.log").read_text()}
+    outputs.update({p.name: p.read_text() for p in out.rglob("*.json")})
+    for name, text in outputs.items():
+        assert key_pieces(text) == [], name
+    errors = {failure["image"]: failure["error"] for failure in summary["failures"]}
+    # The marker itself may be clipped (q2, q3: the key lies past 500 characters once redacted), never the key.
+    assert all("[REDACTED]" in errors[f"q{i}.jpg"] for i in range(2))

@@ -166,7 +166,8 @@ class GeminiProvider(Provider):
         status = getattr(e, "status", None)
         text = f"Gemini API error {code} {status or ''}: {message}".replace("  ", " ")
         key_invalid = code == 400 and "API_KEY_INVALID" in json.dumps(getattr(e, "details", None), default=str)
-        return ProviderError.from_status(text[:500], code, delay, fatal=key_invalid)
+        # The whole text: the request policy redacts it, then clips it (a cut before redaction can leave part of a key).
+        return ProviderError.from_status(text, code, delay, fatal=key_invalid)
 
     def close(self) -> None:
         try:

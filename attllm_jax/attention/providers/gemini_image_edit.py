@@ -199,7 +199,7 @@ class GeminiImageEditor:
         try:
             payload = response.json()
         except ValueError:
-            raise ProviderError(f"the answer is not JSON: {response.text[:200]!r}") from None
+            raise ProviderError(f"the answer is not JSON: {response.text!r}") from None
         return _image_from_answer(payload)
 
     def close(self) -> None:
@@ -211,7 +211,7 @@ def _http_error(response: httpx.Response) -> ProviderError:
         body = response.json()
     except ValueError:
         body = None
-    message = response.text[:300]
+    message = response.text
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         message = str(body["error"].get("message", message))
     status = response.status_code
@@ -248,7 +248,7 @@ def _image_from_answer(payload: dict) -> tuple[Image.Image, str, str]:
     finish = candidates[0].get("finishReason") if candidates else None
     said = " ".join(texts).strip()
     if said:
-        raise ProviderError(f"the model answered text instead of an image: {said[:200]!r}")
+        raise ProviderError(f"the model answered text instead of an image: {said!r}")
     raise ProviderError(f"the answer holds no image (finish reason {finish})")
 
 

@@ -110,10 +110,11 @@ class OpenAIProvider(Provider):
 
 
 def _status_error(e: Any) -> ProviderError:
+    """The whole error body: the request policy redacts it, then clips it (never the other way round)."""
     response = e.response
     delay = server_delay(parse_retry_after(response.headers.get("retry-after")), parse_google_retry_delay(e.body))
     return ProviderError.from_status(
-        f"HTTP {e.status_code} from {response.request.url.path}: {response.text[:300]}", e.status_code, delay
+        f"HTTP {e.status_code} from {response.request.url.path}: {response.text}", e.status_code, delay
     )
 
 
@@ -121,7 +122,7 @@ def _reply(completion: Any, default_model: str) -> ModelReply:
     """The answer of a ``ChatCompletion``; raises ProviderError when it holds no choice."""
     choices = getattr(completion, "choices", None)
     if not choices:
-        raise ProviderError(f"unexpected chat-completions response without choices: {str(completion)[:300]}")
+        raise ProviderError(f"unexpected chat-completions response without choices: {completion}")
     choice = choices[0]
     message = choice.message
     content = message.content if message is not None else None
