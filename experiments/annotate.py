@@ -46,7 +46,9 @@ flags.DEFINE_enum("prompt", "axis_focus", sorted(prompts.PROMPTS), "Prompt id (r
 flags.DEFINE_integer("grid_size", 4, "n of the n x n grid prompt.", lower_bound=2, upper_bound=26)
 flags.DEFINE_integer("workers", 4, "Worker threads.", lower_bound=1)
 flags.DEFINE_float("qpm", 60.0, "Requests per minute, all workers and retries together (0: no limit).", lower_bound=0)
-flags.DEFINE_float("timeout_s", 60.0, "Per-request timeout in seconds.", lower_bound=0.001)
+flags.DEFINE_float(
+    "timeout_s", 60.0, "Total deadline of each request in seconds (connect to last byte).", lower_bound=0.001
+)
 flags.DEFINE_integer("max_attempts", 5, "Attempts per image on 429/5xx/timeouts/dropped connections.", lower_bound=1)
 flags.DEFINE_float("initial_backoff_s", 1.0, "First retry delay (doubles, with jitter).", lower_bound=0)
 flags.DEFINE_float("max_backoff_s", 60.0, "Longest backoff (a longer server retry delay is honoured).", lower_bound=0)

@@ -3,6 +3,7 @@ real google-genai / openai clients: the key never goes to another origin, and no
 
 import json
 import subprocess
+import time
 
 import pytest
 from PIL import Image
@@ -16,21 +17,23 @@ NO_RETRY = providers.RetryPolicy(max_attempts=1)
 CLIENTS = ["gemini", "openai", "image_edit"]
 
 
-def ask(client: str, server: LLMServer, **kwargs) -> None:
-    """One request from ``client`` to ``server``; raises ProviderError as the provider does."""
+def ask(client: str, server: LLMServer, **kwargs) -> float:
+    """One request from ``client`` to ``server``: its seconds (the client's construction not counted); raises
+    ProviderError as the provider does."""
     kwargs.setdefault("retry", NO_RETRY)
     if client == "image_edit":
         editor = GeminiImageEditor(base_url=server.url, api_key=KEY, **kwargs)
-        try:
-            editor.edit(Image.new("RGB", (32, 24), (90, 90, 90)), 0.3)
-        finally:
-            editor.close()
-        return
-    provider = make_provider(client, server, **kwargs)
+        photo = Image.new("RGB", (32, 24), (90, 90, 90))
+        call, close = lambda: editor.edit(photo, 0.3), editor.close
+    else:
+        provider, request = make_provider(client, server, **kwargs), make_request()
+        call, close = lambda: provider.generate(request), provider.close
+    start = time.monotonic()
     try:
-        provider.generate(make_request())
+        call()
+        return time.monotonic() - start
     finally:
-        provider.close()
+        close()
 
 
 def carries_key(seen) -> bool:
@@ -126,3 +129,33 @@ def test_key_near_the_cut_is_hidden_in_every_output_of_the_command(tmp_path, api
     errors = {failure["image"]: failure["error"] for failure in summary["failures"]}
     # The marker itself may be clipped (q2, q3: the key lies past 500 characters once redacted), never the key.
     assert all("[REDACTED]" in errors[f"q{i}.jpg"] for i in range(2))
+
+
+# A server that drips its answer: the timeout is a total deadline
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_dripping_server_is_cut_off_at_the_timeout(client):
+    """The answer comes a byte every 20 ms (about 10 s for the status line and headers alone, each read quick):
+    with ``timeout_s=1`` the request fails as a timeout within the second, not when the answer ends."""
+    start = [0.0]
+
+    def drip(seen):
+        start[0] = seen.time
+        return text_reply(seen, POINTS, drip_s=0.02)
+
+    with LLMServer(drip) as server:
+        with pytest.raises(providers.ProviderError, match="timed out after 1 s") as info:
+            ask(client, server, timeout_s=1.0)
+        elapsed = time.monotonic() - start[0]  # from the request's arrival
+    assert info.value.retriable and len(server.seen) == 1
+    assert elapsed < 2.5, elapsed  # one deadline and some slack for a loaded machine, not the ~10 s of the answer
+
+
+def test_every_attempt_gets_its_own_deadline():
+    retry = providers.RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.01, jitter=0.0)
+    with LLMServer(lambda seen: text_reply(seen, POINTS, drip_s=0.02)) as server:
+        with pytest.raises(providers.ProviderError, match="timed out"):
+            ask("openai", server, timeout_s=0.5, retry=retry)
+    times = [s.time for s in server.seen]
+    assert len(times) == 3 and all(0.45 <= b - a < 2.0 for a, b in zip(times, times[1:], strict=False)), times

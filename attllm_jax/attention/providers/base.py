@@ -103,7 +103,7 @@ class AnswerSource(Protocol):
 
 
 def check_timeout(timeout_s: float) -> float:
-    """A provider's per-attempt timeout in seconds; raises ValueError unless it is positive."""
+    """A provider's timeout, the total deadline of each attempt in seconds; raises ValueError unless it is positive."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     return timeout_s

@@ -56,7 +56,7 @@ class GeminiProvider(Provider):
         api_key: the key; default GEMINI_API_KEY, else GOOGLE_API_KEY.
         base_url: another endpoint (a proxy, a local test server); default Google's.
         api_version: the REST API version in the path (``/v1beta/models/...:generateContent``).
-        timeout_s: per-attempt timeout.
+        timeout_s: the total deadline of each attempt, seconds (connect to last byte: see :mod:`.http`).
         temperature: sampling temperature (None: the model's default).
         top_p: nucleus sampling (None: the model's default).
         thinking_budget: thinking tokens (0 turns thinking off on 2.5 Flash; None: the model's default).

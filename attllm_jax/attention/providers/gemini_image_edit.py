@@ -119,7 +119,7 @@ class GeminiImageEditor:
         model: The image model.
         base_url: The API root (default Google's; a local server for tests or a proxy).
         api_version: REST API version.
-        timeout_s: Per-request timeout.
+        timeout_s: The total deadline of each attempt, seconds (connect to last byte).
         retry: Retry policy.
         limiter: Rate limiter shared by all threads.
         prompt: The editing prompt.

@@ -1,17 +1,26 @@
-"""The HTTP client every provider sends through: one origin only.
+"""The HTTP client every provider sends through: one origin only, a total deadline per request.
 
 :func:`guarded_client` builds the ``httpx.Client`` that the google-genai SDK, the ``openai`` client and the Gemini
 image editor are given. Its transport refuses any request to an origin (scheme, host, port) other than the
 configured one, before a byte is sent: a redirect to another host is an error, never followed, because the
 clients would carry the API key there (httpx drops ``Authorization`` on such a redirect, but not Gemini's
-``x-goog-api-key``). Redirects within the configured origin are followed. A proxy set in the environment
+``x-goog-api-key``). Redirects within the configured origin are followed.
+
+The timeout is a total deadline for each HTTP request, from the first byte sent to the last byte of the answer
+read: httpx's own timeouts bound each network operation, so a server that drips its answer a byte at a time
+never trips them. Every connect, read and write here waits at most for what is left of the deadline, and fails
+with ``httpx.ReadTimeout`` (or ``ConnectTimeout``/``WriteTimeout``) once it is spent. A proxy set in the environment
 (``HTTPS_PROXY``, ``NO_PROXY``, ...) is used as the clients would use it.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.request
+from typing import Any
 
+import httpcore
 import httpx
 
 from attllm_jax.attention.request_policy import ProviderError
@@ -29,6 +38,74 @@ def _origin_text(parts: tuple[str, str, int | None]) -> str:
     return f"{scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
+class _Deadline(threading.local):
+    """When the HTTP request the current thread is making must be done (``time.monotonic()``), or None."""
+
+    at: float | None = None
+
+
+_DEADLINE = _Deadline()
+
+
+def _left(timeout: float | None, error: type[Exception]) -> float | None:
+    """The per-operation ``timeout`` shortened to what is left of this thread's deadline; raises ``error`` when
+    nothing is left."""
+    if _DEADLINE.at is None:
+        return timeout
+    left = _DEADLINE.at - time.monotonic()
+    if left <= 0:
+        raise error("the request's total deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write waits at most for what is left of the deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None):
+        tls = self._stream.start_tls(ssl_context, server_hostname, _left(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(tls)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """Opens :class:`_DeadlineStream` connections (the connect itself bounded by the deadline too)."""
+
+    def __init__(self, backend: httpcore.NetworkBackend):
+        self._backend = backend
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kwargs: Any) -> _DeadlineStream:
+        return _DeadlineStream(self._backend.connect_tcp(host, port, _left(timeout, httpcore.ConnectTimeout), **kwargs))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, **kwargs: Any) -> _DeadlineStream:
+        stream = self._backend.connect_unix_socket(path, _left(timeout, httpcore.ConnectTimeout), **kwargs)
+        return _DeadlineStream(stream)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _deadline_transport(proxy: str | None) -> httpx.HTTPTransport:
+    """httpx's transport, its connections opened through :class:`_DeadlineBackend`."""
+    transport = httpx.HTTPTransport(proxy=proxy)
+    pool = transport._pool  # noqa: SLF001 - httpx exposes no other way to give its pool a network backend
+    pool._network_backend = _DeadlineBackend(pool._network_backend)  # noqa: SLF001
+    return transport
+
+
 def environment_proxy(url: str) -> str | None:
     """The proxy the environment sets for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY``, unless ``NO_PROXY`` exempts
     its host), or None."""
@@ -43,12 +120,13 @@ class GuardedTransport(httpx.BaseTransport):
 
     Args:
         base_url: the configured address; its origin is the only one requests may go to.
-        inner: the transport that sends (default ``httpx.HTTPTransport``).
+        total_timeout_s: the deadline of each HTTP request, seconds (None: none).
     """
 
-    def __init__(self, base_url: str, inner: httpx.BaseTransport | None = None):
+    def __init__(self, base_url: str, total_timeout_s: float | None):
         self.origin = origin(base_url)
-        self._inner = inner or httpx.HTTPTransport(proxy=environment_proxy(base_url))
+        self.total_timeout_s = total_timeout_s
+        self._inner = _deadline_transport(environment_proxy(base_url))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Sends ``request``; raises a fatal :class:`ProviderError` (nothing sent) if it goes to another origin."""
@@ -59,6 +137,8 @@ class GuardedTransport(httpx.BaseTransport):
                 "key is only sent to the configured address; give the final address as --base_url)",
                 fatal=True,
             )
+        # The deadline holds until the next request of this thread: the answer's body is read after this returns.
+        _DEADLINE.at = None if self.total_timeout_s is None else time.monotonic() + self.total_timeout_s
         return self._inner.handle_request(request)
 
     def close(self) -> None:
@@ -66,12 +146,15 @@ class GuardedTransport(httpx.BaseTransport):
 
 
 def guarded_client(base_url: str, timeout_s: float) -> httpx.Client:
-    """An ``httpx.Client`` that sends only to the origin of ``base_url``, following redirects within it.
+    """An ``httpx.Client`` that sends only to the origin of ``base_url``, following redirects within it, each
+    HTTP request bounded by a total deadline of ``timeout_s``.
 
     Args:
         base_url: the API root the provider is configured with.
-        timeout_s: the client's per-operation timeout (connect, each read, each write), seconds.
+        timeout_s: the total deadline of each request, seconds (also httpx's per-operation timeout).
     """
     # trust_env=False: the environment's proxy is already in the transport; httpx would otherwise mount its own
     # proxy transports, which would bypass the origin check.
-    return httpx.Client(transport=GuardedTransport(base_url), timeout=timeout_s, follow_redirects=True, trust_env=False)
+    return httpx.Client(
+        transport=GuardedTransport(base_url, timeout_s), timeout=timeout_s, follow_redirects=True, trust_env=False
+    )

@@ -34,7 +34,7 @@ class OpenAIProvider(Provider):
         model: the served model's name, e.g. "Qwen/Qwen2.5-VL-7B-Instruct".
         base_url: the API root, e.g. "http://127.0.0.1:8000/v1" (``/chat/completions`` is appended).
         api_key: sent as a bearer token; default OPENAI_API_KEY, else the placeholder "EMPTY".
-        timeout_s: per-attempt timeout.
+        timeout_s: the total deadline of each attempt, seconds (connect to last byte: see :mod:`.http`).
         temperature, top_p, max_output_tokens: sampling (None: the server's default).
         retry: the retry policy.
         limiter: the rate limiter shared by all threads.
