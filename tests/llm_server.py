@@ -42,6 +42,7 @@ class Reply:
     delay_s: float = 0.0  # wait before answering
     drop: bool = False  # close the connection without answering
     drip_s: float = 0.0  # when > 0: send the response a byte at a time, this many seconds apart
+    no_length: bool = False  # send no Content-Length: the body ends when the connection closes
 
 
 @dataclasses.dataclass
@@ -255,13 +256,17 @@ class LLMServer:
                 try:
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
+                    if reply.no_length:
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
+                    else:
+                        self.send_header("Content-Length", str(len(payload)))
                     for name, value in reply.headers.items():
                         self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout)
+                    pass  # the client gave up (timeout, or an answer over its size cap)
 
             def _drip(self, reply: Reply, payload: bytes) -> None:
                 """The response a byte at a time, ``reply.drip_s`` apart, until sent, the client leaves or the

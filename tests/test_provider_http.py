@@ -1,5 +1,6 @@
 """What every provider's HTTP client guarantees, against real servers on 127.0.0.1 (tests/llm_server.py) and the
-real google-genai / openai clients: the key never goes to another origin, and no part of it reaches an output."""
+real google-genai / openai clients: the key never goes to another origin, and no part of it reaches an output; the
+timeout is a total deadline; answers are capped in size."""
 
 import json
 import subprocess
@@ -14,6 +15,7 @@ from tests.llm_server import LLMServer, Reply, error_reply, text_reply
 from tests.test_attention_providers import KEY, POINTS, make_provider, make_request
 
 NO_RETRY = providers.RetryPolicy(max_attempts=1)
+FAST_RETRY = providers.RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05)
 CLIENTS = ["gemini", "openai", "image_edit"]
 
 
@@ -159,3 +161,62 @@ def test_every_attempt_gets_its_own_deadline():
             ask("openai", server, timeout_s=0.5, retry=retry)
     times = [s.time for s in server.seen]
     assert len(times) == 3 and all(0.45 <= b - a < 2.0 for a, b in zip(times, times[1:], strict=False)), times
+
+
+# Oversized answers: refused at the cap
+
+
+def huge_answer(seen, no_length: bool = False) -> Reply:
+    """A valid answer whose text is 3 MB of prose before the points (over the 1 MiB cap)."""
+    return text_reply(seen, "words " * 500_000 + POINTS, no_length=no_length)
+
+
+@pytest.mark.parametrize("no_length", [False, True], ids=["content_length", "until_close"])
+@pytest.mark.parametrize("api", ["gemini", "openai"])
+def test_an_answer_over_the_cap_is_refused(api, no_length):
+    with LLMServer(lambda seen: huge_answer(seen, no_length)) as server:
+        with pytest.raises(providers.ProviderError, match="over the cap of 1048576 bytes") as info:
+            ask(api, server, retry=FAST_RETRY)
+    assert len(server.seen) == 1 and not info.value.retriable  # not asked again
+    assert ("more than 1048576" in str(info.value)) == no_length
+
+
+def test_an_edited_image_over_the_cap_is_refused():
+    with LLMServer(lambda seen: text_reply(seen, "x" * 300_000)) as server:
+        with pytest.raises(providers.ProviderError, match="over the cap of 100000 bytes"):
+            ask("image_edit", server, max_response_bytes=100_000)
+
+
+def test_an_answer_under_the_cap_is_read_whole():
+    text = "words " * 100_000 + POINTS  # 600 kB
+    with LLMServer(lambda seen: text_reply(seen, text, no_length=True)) as server:
+        provider = make_provider("openai", server)
+        try:
+            assert provider.generate(make_request()).text == text
+        finally:
+            provider.close()
+
+
+def test_an_oversized_answer_is_a_recorded_failure_not_a_file(tmp_path):
+    from tests.test_attention_annotate import REPO, annotate_command, make_images, run_env
+
+    images = make_images(tmp_path / "images", range(2))
+    out = tmp_path / "out"
+    with LLMServer(lambda seen: huge_answer(seen) if seen.image_id() == 0 else text_reply(seen, POINTS)) as server:
+        command = annotate_command(images, out, server, "--workers=1")
+        result = subprocess.run(command, cwd=REPO, env=run_env(), text=True, capture_output=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]  # the exit status of a run with failed images
+    summary = json.loads((out / runner.SUMMARY_FILE).read_text())
+    assert (summary["valid"], summary["failed"]) == (1, 1)
+    (failure,) = summary["failures"]
+    assert failure["image"] == "q0.jpg" and "over the cap of 1048576 bytes" in failure["error"]
+    assert "over the cap" in (out / "annotate.log").read_text()
+    assert max(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 100_000
+
+
+def test_a_compressed_answer_is_refused():
+    """Answers are asked uncompressed (so the cap bounds their memory); a server that compresses anyway is refused."""
+    with LLMServer(lambda seen: text_reply(seen, POINTS, headers={"Content-Encoding": "gzip"})) as server:
+        with pytest.raises(providers.ProviderError, match=r"compressed \(gzip\)"):
+            ask("gemini", server)
+    assert server.seen[0].headers["accept-encoding"] == "identity"

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from attllm_jax.attention.providers.gemini import GEMINI_BASE_URL, GEMINI_KEY_VARIABLES
-from attllm_jax.attention.providers.http import guarded_client
+from attllm_jax.attention.providers.http import MAX_IMAGE_ANSWER_BYTES, guarded_client
 from attllm_jax.attention.request_policy import (
     ProviderError,
     RateLimiter,
@@ -124,6 +124,7 @@ class GeminiImageEditor:
         limiter: Rate limiter shared by all threads.
         prompt: The editing prompt.
         api_key: The key (default: ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY``); optional with a ``base_url``.
+        max_response_bytes: The largest answer accepted (a larger one is refused, not retried).
 
     Raises:
         ValueError: without a key for Google's endpoint.
@@ -141,6 +142,7 @@ class GeminiImageEditor:
         limiter: RateLimiter | None = None,
         prompt: EditPrompt = FLOOD_EDIT_PROMPT,
         api_key: str | None = None,
+        max_response_bytes: int = MAX_IMAGE_ANSWER_BYTES,
     ):
         self.model = model
         self.prompt = prompt
@@ -151,7 +153,7 @@ class GeminiImageEditor:
         self.timeout_s = float(timeout_s)
         self.policy = RequestPolicy(retry, limiter)
         self.redactor = Redactor([self.api_key])
-        self._client = guarded_client(self.url, self.timeout_s)  # sends only to base_url's origin
+        self._client = guarded_client(self.url, self.timeout_s, max_response_bytes)  # sends only to base_url's origin
 
     def edit(
         self, image: Image.Image, level: float, label: str = "image", stop: threading.Event | None = None

@@ -1,4 +1,4 @@
-"""The HTTP client every provider sends through: one origin only, a total deadline per request.
+"""The HTTP client every provider sends through: one origin only, a total deadline per request, a size cap.
 
 :func:`guarded_client` builds the ``httpx.Client`` that the google-genai SDK, the ``openai`` client and the Gemini
 image editor are given. Its transport refuses any request to an origin (scheme, host, port) other than the
@@ -9,8 +9,15 @@ clients would carry the API key there (httpx drops ``Authorization`` on such a r
 The timeout is a total deadline for each HTTP request, from the first byte sent to the last byte of the answer
 read: httpx's own timeouts bound each network operation, so a server that drips its answer a byte at a time
 never trips them. Every connect, read and write here waits at most for what is left of the deadline, and fails
-with ``httpx.ReadTimeout`` (or ``ConnectTimeout``/``WriteTimeout``) once it is spent. A proxy set in the environment
-(``HTTPS_PROXY``, ``NO_PROXY``, ...) is used as the clients would use it.
+with ``httpx.ReadTimeout`` (or ``ConnectTimeout``/``WriteTimeout``) once it is spent.
+
+An answer larger than the client's cap (:data:`MAX_ANSWER_BYTES` for annotation answers,
+:data:`MAX_IMAGE_ANSWER_BYTES` for edited images) is refused: a ``Content-Length`` over it before the body is
+read, a body without one as soon as it passes the cap. Either is a :class:`ProviderError` naming the size and
+the cap, never retried (the run records it as a failed image). Answers are asked for uncompressed
+(``Accept-Encoding: identity``), so that the cap bounds the memory they take; a compressed answer is refused.
+
+A proxy set in the environment (``HTTPS_PROXY``, ``NO_PROXY``, ...) is used as the clients would use it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import httpcore
 import httpx
 
 from attllm_jax.attention.request_policy import ProviderError
+
+MAX_ANSWER_BYTES = 1 << 20  # 1 MiB: an annotation answer is a few KB of JSON
+MAX_IMAGE_ANSWER_BYTES = 64 << 20  # 64 MiB: an edited photo, base64 in JSON
 
 
 def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -121,15 +131,18 @@ class GuardedTransport(httpx.BaseTransport):
     Args:
         base_url: the configured address; its origin is the only one requests may go to.
         total_timeout_s: the deadline of each HTTP request, seconds (None: none).
+        max_response_bytes: the largest answer body accepted.
     """
 
-    def __init__(self, base_url: str, total_timeout_s: float | None):
+    def __init__(self, base_url: str, total_timeout_s: float | None, max_response_bytes: int = MAX_ANSWER_BYTES):
         self.origin = origin(base_url)
         self.total_timeout_s = total_timeout_s
+        self.max_response_bytes = max_response_bytes
         self._inner = _deadline_transport(environment_proxy(base_url))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        """Sends ``request``; raises a fatal :class:`ProviderError` (nothing sent) if it goes to another origin."""
+        """Sends ``request``; raises a fatal :class:`ProviderError` (nothing sent) if it goes to another origin, and
+        a :class:`ProviderError` for an answer over the size cap (see the module docstring)."""
         target = origin(request.url)
         if target != self.origin:
             raise ProviderError(
@@ -139,22 +152,68 @@ class GuardedTransport(httpx.BaseTransport):
             )
         # The deadline holds until the next request of this thread: the answer's body is read after this returns.
         _DEADLINE.at = None if self.total_timeout_s is None else time.monotonic() + self.total_timeout_s
-        return self._inner.handle_request(request)
+        request.headers["Accept-Encoding"] = "identity"
+        response = self._inner.handle_request(request)
+        try:
+            self._check_head(response)
+        except ProviderError:
+            response.close()
+            raise
+        stream = _CappedStream(response.stream, self.max_response_bytes, self._too_large)
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=stream, extensions=response.extensions
+        )
+
+    def _too_large(self, size: str) -> ProviderError:
+        return ProviderError(
+            f"the answer from {_origin_text(self.origin)} is {size} bytes, over the cap of {self.max_response_bytes} "
+            "bytes: refused (the caps are in attllm_jax.attention.providers.http)"
+        )
+
+    def _check_head(self, response: httpx.Response) -> None:
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ProviderError(f"the answer is compressed ({encoding}) although it was asked uncompressed: refused")
+        length = response.headers.get("Content-Length", "")
+        if length.strip().isdigit() and int(length) > self.max_response_bytes:
+            raise self._too_large(length.strip())
 
     def close(self) -> None:
         self._inner.close()
 
 
-def guarded_client(base_url: str, timeout_s: float) -> httpx.Client:
+class _CappedStream(httpx.SyncByteStream):
+    """An answer body that raises ``too_large("more than N")`` as soon as it passes ``cap`` bytes."""
+
+    def __init__(self, stream: Any, cap: int, too_large: Any):
+        self._stream, self._cap, self._too_large = stream, cap, too_large
+
+    def __iter__(self):
+        total = 0
+        for chunk in self._stream:
+            total += len(chunk)
+            if total > self._cap:
+                raise self._too_large(f"more than {self._cap}")
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def guarded_client(base_url: str, timeout_s: float, max_response_bytes: int = MAX_ANSWER_BYTES) -> httpx.Client:
     """An ``httpx.Client`` that sends only to the origin of ``base_url``, following redirects within it, each
-    HTTP request bounded by a total deadline of ``timeout_s``.
+    HTTP request bounded by a total deadline of ``timeout_s``, each answer by ``max_response_bytes``.
 
     Args:
         base_url: the API root the provider is configured with.
         timeout_s: the total deadline of each request, seconds (also httpx's per-operation timeout).
+        max_response_bytes: the largest answer body accepted.
     """
     # trust_env=False: the environment's proxy is already in the transport; httpx would otherwise mount its own
     # proxy transports, which would bypass the origin check.
     return httpx.Client(
-        transport=GuardedTransport(base_url, timeout_s), timeout=timeout_s, follow_redirects=True, trust_env=False
+        transport=GuardedTransport(base_url, timeout_s, max_response_bytes),
+        timeout=timeout_s,
+        follow_redirects=True,
+        trust_env=False,
     )
