@@ -21,6 +21,11 @@ so a stale store that another run is using is never wiped: the second run waits 
 refuses, naming the store. Runs of the same key share the store (chunks are deterministic, so two runs writing
 one chunk write the same bytes). A store at a URL has no lock: a stale one is never wiped automatically.
 An old npz store (format 1) is detected and rebuilt, with a log line saying so.
+
+Metadata is checked before it is used: a manifest of this key whose fields have the wrong type or value, or no
+longer match the key they were hashed from (an edited manifest), a marker of this key that is malformed, a zarr
+array whose shape is not the manifest's, or a malformed ``paths.json`` is a :class:`StoreError` naming the file
+(delete it, or the store, to recompute), never a traceback or a silently wrong layout.
 """
 
 from __future__ import annotations
@@ -303,7 +308,7 @@ class DescriptorStore:
         while True:
             manifest = _read_manifest(root)
             if manifest is not None and manifest.get("key_sha256") == digest:
-                store = cls(root, manifest, "resumed", lock_fd)
+                store = cls(root, _check_manifest(root, manifest), "resumed", lock_fd)
                 store.status = "reused" if not store.pending_chunks() else "resumed"
                 return store
             reason = _stale_reason(manifest, full_key)
@@ -369,7 +374,8 @@ class DescriptorStore:
         out = {}
         for name in self._root.list(f"{DONE}/"):
             base = name.rsplit("/", 1)[-1]
-            if not (base.startswith("chunk_") and base.endswith(".json")):
+            number = base[len("chunk_") : -len(".json")]
+            if not (base.startswith("chunk_") and base.endswith(".json") and number.isdigit()):
                 continue
             data = self._root.read(name)
             try:
@@ -377,7 +383,12 @@ class DescriptorStore:
             except ValueError:
                 continue  # a marker is written atomically; an unparsable one is not ours
             if isinstance(marker, dict) and marker.get("key_sha256") == self._digest:
-                out[int(marker["chunk"])] = marker
+                problem = _marker_problem(marker, int(number))
+                if problem is not None:
+                    raise StoreError(
+                        f"store marker {self._root}/{name} is malformed: {problem}; delete it to recompute that chunk"
+                    )
+                out[int(number)] = marker
         return out
 
     def pending_chunks(self) -> list[int]:
@@ -409,6 +420,12 @@ class DescriptorStore:
             array = ts.open(spec).result()
         except ValueError as error:
             raise StoreError(f"cannot open the {name} array of store {self._root}: {error}") from error
+        expected = (self.num_items, self.dim) if name == DESCRIPTORS else (self.num_items,)
+        if tuple(array.shape) != expected:
+            raise StoreError(
+                f"store array {self._root}/{name}/.zarray has shape {tuple(array.shape)}, but {MANIFEST} says "
+                f"{expected}; delete the store to recompute it"
+            )
         self._arrays[name] = array
         return array
 
@@ -516,6 +533,7 @@ def read_store(location: str | os.PathLike) -> tuple[StoreArray, np.ndarray, lis
         raise StoreError(f"{root} holds no descriptor store (no {MANIFEST})")
     if manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"{root} is a format-{manifest.get('format')} store; rerun the extraction to rebuild it")
+    _check_manifest(root, manifest)
     lock_fd = _lock_shared(root)
     try:
         store = DescriptorStore(root, manifest, "reused", None)
@@ -523,12 +541,25 @@ def read_store(location: str | os.PathLike) -> tuple[StoreArray, np.ndarray, lis
         paths_data = root.read(PATHS)
     finally:
         _unlock(lock_fd)
-    paths: list[str] = []
-    if paths_data is not None:
-        record = json.loads(paths_data)
-        if record.get("key_sha256") == manifest["key_sha256"]:
-            paths = list(record["paths"])
-    return contents.descriptors, contents.valid, paths
+    return contents.descriptors, contents.valid, _paths_of(root, paths_data, manifest)
+
+
+def _paths_of(root: _Root, data: bytes | None, manifest: dict) -> list[str]:
+    """The image list of ``paths.json`` when it belongs to this key, else []; StoreError when malformed."""
+    if data is None:
+        return []
+    try:
+        record = json.loads(data)
+    except ValueError as error:
+        raise StoreError(f"store image list {root}/{PATHS} is not JSON ({error}); delete it") from None
+    if not isinstance(record, dict) or record.get("key_sha256") != manifest["key_sha256"]:
+        return []
+    paths = record.get("paths")
+    if not isinstance(paths, list) or len(paths) != manifest["num_items"] or not all(isinstance(p, str) for p in paths):
+        raise StoreError(
+            f"store image list {root}/{PATHS} is malformed: expected {manifest['num_items']} path strings; delete it"
+        )
+    return paths
 
 
 # helpers --------------------------------------------------------------------------------------------------------
@@ -547,13 +578,58 @@ def _read_manifest(root: _Root) -> dict | None:
     return manifest
 
 
+_LAYOUT_INTS = ("num_items", "chunk_size", "dim")
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest of this format (wrong types or values, edited fields), or None."""
+    for name in _LAYOUT_INTS:
+        value = manifest.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{name} is {value!r}, expected an integer >= 1"
+    if manifest.get("dtype") not in STORE_DTYPES:
+        return f"dtype is {manifest.get('dtype')!r}, expected one of {STORE_DTYPES}"
+    key = manifest.get("key")
+    if not isinstance(key, dict) or not isinstance(manifest.get("key_sha256"), str):
+        return "key or key_sha256 is missing or of the wrong type"
+    if key_digest(key) != manifest["key_sha256"]:
+        return "key_sha256 does not match its key (edited?)"
+    changed = [name for name in (*_LAYOUT_INTS, "dtype", "format") if key.get(name) != manifest.get(name)]
+    if changed:
+        return f"{', '.join(changed)} differ from the key they were hashed with (edited?)"
+    return None
+
+
+def _check_manifest(root: _Root, manifest: dict) -> dict:
+    """``manifest``, or a StoreError naming the file when :func:`_manifest_problem` finds something wrong."""
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise StoreError(f"store manifest {root}/{MANIFEST} is invalid: {problem}; delete the store to recompute it")
+    return manifest
+
+
+def _marker_problem(marker: dict, chunk: int) -> str | None:
+    """What is wrong with a marker of this key read from ``done/chunk_<chunk>.json``, or None."""
+    number = marker.get("chunk")
+    if not isinstance(number, int) or isinstance(number, bool) or number != chunk:
+        return f"chunk is {number!r}, expected {chunk} (its file name)"
+    for name in ("sha256", "valid_sha256"):
+        if not isinstance(marker.get(name), str):
+            return f"{name} is {marker.get(name)!r}, expected a hex digest"
+    failures = marker.get("failures")
+    if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
+        return "failures is not a list of records"
+    return None
+
+
 def _stale_reason(manifest: dict | None, full_key: dict) -> str:
     if manifest is None:
         return "new"
     if manifest.get("format") != STORE_FORMAT:
         return f"in the old format {manifest.get('format')} (npz chunks), not the tensorstore format {STORE_FORMAT}"
     normalized = json.loads(json.dumps(full_key, default=str))
-    changed = sorted(_changed_fields(manifest.get("key", {}), normalized))
+    old_key = manifest.get("key")
+    changed = sorted(_changed_fields(old_key if isinstance(old_key, dict) else {}, normalized))
     return f"stale (changed: {', '.join(changed)})"
 
 
