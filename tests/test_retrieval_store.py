@@ -380,3 +380,54 @@ def test_an_edited_array_shape_or_image_list_is_one_error_naming_the_file(tmp_pa
     _edit_json(zarray, shape=[12, 4])
     with pytest.raises(StoreError, match=f"store array {tmp_path / 's'}/descriptors/.zarray has shape"):
         read_store(tmp_path / "s")
+
+
+# Store URLs: an unknown scheme, an unreachable bucket
+
+
+def test_an_unknown_url_scheme_is_one_error_naming_the_url():
+    with pytest.raises(StoreError, match=r"store URL foo://bucket/store/ cannot be used \(.*unsupported URL scheme"):
+        DescriptorStore.open("foo://bucket/store", KEY, num_items=3, dim=2)
+    with pytest.raises(StoreError, match="store URL foo://x/ cannot be used"):
+        read_store("foo://x")
+
+
+UNREACHABLE_SCRIPT = """
+import sys, time
+from attllm_jax.retrieval import store
+store.URL_TIMEOUT_S = 2.0
+for name, call in (("open", lambda: store.DescriptorStore.open("gs://flood-bucket/db", {}, 3, dim=2)),
+                   ("read", lambda: store.read_store("gs://flood-bucket/db"))):
+    start = time.monotonic()
+    try:
+        call()
+        print(name, "no error")
+    except store.StoreError as error:
+        print(name, round(time.monotonic() - start, 1), error)
+"""
+
+
+def test_an_unreachable_bucket_fails_within_the_stated_time(tmp_path):
+    """The GCS endpoint is a closed port on 127.0.0.1 (tensorstore's TENSORSTORE_GCS_HTTP_URL) and a fixed test
+    token stands in for credentials: no request leaves the machine. URL_TIMEOUT_S is shortened to 2 s; tensorstore
+    alone keeps retrying for minutes."""
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}"}
+    env.update(GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token", GCE_METADATA_ROOT=f"127.0.0.1:{port}")
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["open", "read"], result.stdout
+    for line in lines:
+        seconds = float(line.split()[1])
+        assert 1.9 <= seconds < 10, line  # the 2 s bound, plus slack for a loaded machine
+        assert "store URL gs://flood-bucket/db/ did not answer within 2 s (reading manifest.json)" in line
+    assert elapsed < 100  # and the process exits although tensorstore may still be retrying

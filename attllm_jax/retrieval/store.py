@@ -22,6 +22,12 @@ refuses, naming the store. Runs of the same key share the store (chunks are dete
 one chunk write the same bytes). A store at a URL has no lock: a stale one is never wiped automatically.
 An old npz store (format 1) is detected and rebuilt, with a log line saying so.
 
+A store URL is checked when the store is opened: a scheme tensorstore does not know (``foo://``) is a
+:class:`StoreError` naming the URL, and every small-file operation at a URL (manifest, markers, image list, array
+metadata) that gets no answer within :data:`URL_TIMEOUT_S` seconds is one too (an unreachable bucket otherwise
+retries for minutes). Reads and writes of the descriptor chunks themselves are not bounded (a large store over a
+slow link may take long).
+
 Metadata is checked before it is used: a manifest of this key whose fields have the wrong type or value, or no
 longer match the key they were hashed from (an edited manifest), a marker of this key that is malformed, a zarr
 array whose shape is not the manifest's, or a malformed ``paths.json`` is a :class:`StoreError` naming the file
@@ -56,6 +62,7 @@ DONE = "done"
 STORE_DTYPES = ("float32", "float16")
 _OUR_NAMES = {MANIFEST, PATHS, LOCK, DESCRIPTORS, VALID, DONE}
 _OLD_CHUNK_PREFIX = "chunk_"  # format 1: chunk_NNNNNN.npz
+URL_TIMEOUT_S = 30.0  # a store URL that does not answer a small-file operation within this is an error
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +94,39 @@ class _Root:
         if self.url:
             import tensorstore as ts
 
-            self._kv = ts.KvStore.open(self.url).result()
+            try:
+                self._kv = ts.KvStore.open(self.url).result(timeout=URL_TIMEOUT_S)
+            except ValueError as error:  # tensorstore: an unknown scheme or a malformed URL
+                raise StoreError(
+                    f"store URL {self.url} cannot be used ({str(error).splitlines()[0][:200]}); give a local "
+                    "directory or a tensorstore kvstore URL such as gs://bucket/path/"
+                ) from None
 
     def __str__(self) -> str:
         return self.url or str(self.path)
+
+    def answer(self, future: Any, what: str) -> Any:
+        """The result of a tensorstore operation on the store URL, within :data:`URL_TIMEOUT_S` seconds.
+
+        Raises:
+            StoreError: naming the URL, when it does not answer in time or refuses (no access, no bucket).
+        """
+        try:
+            return future.result(timeout=URL_TIMEOUT_S)
+        except TimeoutError:
+            raise StoreError(
+                f"store URL {self.url} did not answer within {URL_TIMEOUT_S:g} s ({what}): unreachable, or no "
+                "access? Check the URL, the network and the credentials"
+            ) from None
+        except ValueError as error:  # tensorstore reports refusals (permissions, missing bucket) as ValueError
+            raise StoreError(f"store URL {self.url}: {what} failed ({str(error).splitlines()[0][:200]})") from None
 
     def array_kvstore(self, name: str):
         return self.url + name + "/" if self.url else {"driver": "file", "path": str(self.path / name)}
 
     def read(self, name: str) -> bytes | None:
         if self.url:
-            result = self._kv.read(name).result()
+            result = self.answer(self._kv.read(name), f"reading {name}")
             return None if result.state == "missing" else bytes(result.value)
         try:
             return (self.path / name).read_bytes()
@@ -106,7 +135,7 @@ class _Root:
 
     def write(self, name: str, data: bytes) -> None:
         if self.url:
-            self._kv.write(name, data).result()
+            self.answer(self._kv.write(name, data), f"writing {name}")
         else:
             atomic_write_bytes(self.path / name, data)
 
@@ -114,7 +143,7 @@ class _Root:
         if self.url:
             import tensorstore as ts
 
-            keys = self._kv.list(ts.KvStore.KeyRange(prefix, prefix + "\xff")).result()
+            keys = self.answer(self._kv.list(ts.KvStore.KeyRange(prefix, prefix + "\xff")), f"listing {prefix}")
             return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
         folder = self.path / prefix.rstrip("/")
         return sorted(f"{prefix}{p.name}" for p in folder.iterdir()) if folder.is_dir() else []
@@ -417,7 +446,8 @@ class DescriptorStore:
         else:
             spec["open"] = True
         try:
-            array = ts.open(spec).result()
+            future = ts.open(spec)
+            array = self._root.answer(future, f"opening {name}") if self._root.url else future.result()
         except ValueError as error:
             raise StoreError(f"cannot open the {name} array of store {self._root}: {error}") from error
         expected = (self.num_items, self.dim) if name == DESCRIPTORS else (self.num_items,)
