@@ -136,8 +136,11 @@ class _Root:
     def write(self, name: str, data: bytes) -> None:
         if self.url:
             self.answer(self._kv.write(name, data), f"writing {name}")
-        else:
+            return
+        try:
             atomic_write_bytes(self.path / name, data)
+        except OSError as error:
+            raise StoreError(_write_failure(self.path / name, error.strerror or str(error))) from None
 
     def list(self, prefix: str) -> list[str]:
         if self.url:
@@ -231,6 +234,20 @@ class StoreArray:
     def __array__(self, dtype=None, copy=None):
         out = self._read_rows(0, self.shape[0])
         return out if dtype is None else out.astype(dtype)
+
+
+def _write_failure(where: str | os.PathLike, reason: str) -> str:
+    """The one line of a failed store write: where, why, and the flag to change."""
+    return f"cannot write the descriptor store at {where} ({reason}): free space there or give another --store_dir"
+
+
+def _ts_reason(error: Exception) -> str:
+    """The gist of a tensorstore error: the OS reason when it names one (``No space left on device``)."""
+    text = str(error).splitlines()[0]
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+        if reason in text:
+            return reason
+    return text[:200]
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -485,8 +502,11 @@ class DescriptorStore:
             )
         array = self._array(DESCRIPTORS)
         stored = descriptors.astype(array.dtype.numpy_dtype)
-        array[start:stop].write(stored).result()
-        self._array(VALID)[start:stop].write(valid).result()
+        try:
+            array[start:stop].write(stored).result()
+            self._array(VALID)[start:stop].write(valid).result()
+        except ValueError as error:  # tensorstore: a full disk, a read-only folder, a failing bucket
+            raise StoreError(_write_failure(f"{self._root} (chunk {chunk})", _ts_reason(error))) from None
         marker = {
             "chunk": int(chunk),
             "key_sha256": self._digest,
