@@ -220,3 +220,25 @@ def test_a_compressed_answer_is_refused():
         with pytest.raises(providers.ProviderError, match=r"compressed \(gzip\)"):
             ask("gemini", server)
     assert server.seen[0].headers["accept-encoding"] == "identity"
+
+
+# Closed clients: no socket left open
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_clients_used_in_a_with_block_leave_no_socket_open(client):
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with LLMServer(lambda seen: text_reply(seen, POINTS)) as server:
+            if client == "image_edit":
+                with GeminiImageEditor(base_url=server.url, api_key=KEY, retry=NO_RETRY) as editor:
+                    with pytest.raises(providers.ProviderError, match="text instead of an image"):
+                        editor.edit(Image.new("RGB", (32, 24), (90, 90, 90)), 0.3)
+            else:
+                with make_provider(client, server, retry=NO_RETRY) as provider:
+                    assert provider.generate(make_request()).text == POINTS
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

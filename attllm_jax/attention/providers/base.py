@@ -196,4 +196,10 @@ class Provider(abc.ABC):
         )
 
     def close(self) -> None:  # noqa: B027 - optional hook: most providers hold nothing to release
-        """Releases connections."""
+        """Releases connections (also on leaving a ``with`` block)."""
+
+    def __enter__(self) -> Provider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

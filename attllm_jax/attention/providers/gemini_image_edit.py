@@ -205,7 +205,14 @@ class GeminiImageEditor:
         return _image_from_answer(payload)
 
     def close(self) -> None:
+        """Closes the HTTP connections (also on leaving a ``with`` block)."""
         self._client.close()
+
+    def __enter__(self) -> GeminiImageEditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _http_error(response: httpx.Response) -> ProviderError:
