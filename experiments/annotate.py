@@ -29,6 +29,7 @@ from absl import app, flags
 
 from attllm_jax.attention import masks, prompts, providers, runner
 from attllm_jax.evaluation.progress import Progress
+from attllm_jax.logs import LogFileHandler
 
 FLAGS = flags.FLAGS
 _PROVIDERS = ("gemini", "openai", "files", "masks")
@@ -134,7 +135,7 @@ def main(argv):
     del argv
     output_dir = Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output_dir / "annotate.log", encoding="utf-8")
+    handler = LogFileHandler(output_dir / "annotate.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
@@ -168,6 +169,8 @@ def main(argv):
         summary = runner.annotate_folder(FLAGS.images, output_dir, provider, config, progress=ProgressLines(log))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"annotate: {e}")
+    except OSError as e:  # the summary cannot be written: a full disk, a read-only folder
+        sys.exit(f"annotate: cannot write {e.filename or output_dir} ({e.strerror or e}): {runner.OUTPUT_HINT}")
     finally:
         provider.close()
     log.info("summary: %s", runner.summarize_counts(summary))

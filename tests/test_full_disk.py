@@ -61,3 +61,26 @@ def test_a_full_disk_under_the_output_names_the_file_and_the_flag(tmp_path):
     assert _os_error_line(error, config) == (
         f"cannot write {target} (No space left on device): free space on that disk or give another --output_dir"
     )
+
+
+def test_a_full_disk_under_the_annotation_output_stops_the_run_naming_the_flag(tmp_path):
+    from attllm_jax.attention import prompts, providers, runner
+    from tests.llm_server import LLMServer, text_reply
+    from tests.test_attention_annotate import REPO, annotate_command, make_images, run_env
+
+    images = make_images(tmp_path / "images", range(6))
+    long_answer = '[{"center": [0.3, 0.6], "weight": 1.8, "reasoning": "' + "x" * 3000 + '"}]'
+    with tiny_disk(tmp_path / "disk", 12) as disk, LLMServer(lambda seen: text_reply(seen, long_answer)) as server:
+        out = disk / "out"
+        out.mkdir()
+        provider = providers.GeminiProvider(api_key="k" * 39, base_url=server.url, timeout_s=5.0)
+        config = runner.RunConfig(city="Rome", prompt=prompts.get_prompt("axis_focus"), workers=1)
+        with provider, pytest.raises(OSError) as info:  # the summary cannot be written either
+            runner.annotate_folder(images, out, provider, config)
+        command = annotate_command(images, disk / "out2", server, "--workers=1")
+        result = subprocess.run(command, cwd=REPO, env=run_env(), text=True, capture_output=True, timeout=120)
+    assert info.value.filename == str(out / runner.SUMMARY_FILE) and info.value.errno == errno.ENOSPC
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and last.startswith(f"annotate: cannot write {disk / 'out2'}"), result.stderr[-2000:]
+    assert "(No space left on device): free space there or give another --output_dir" in last
+    assert "Traceback" not in result.stderr and "cannot write the log file" in result.stderr  # one line for the log
