@@ -34,6 +34,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
     Returns:
         The destination path.
+
+    Raises:
+        OSError: from the write; one without a file name (``ENOSPC`` from ``write`` or ``fsync``) is raised again
+            with ``filename`` set to ``path``, so that the error line names the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,11 +48,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            # a full disk or a failing write says only "No space left on device": name the file it was writing
+            raise type(error)(error.errno, error.strerror, str(path)) from error
         raise
     return path
 

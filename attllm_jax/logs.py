@@ -10,6 +10,7 @@ and are not affected. This module imports nothing heavy, so calling it does not 
 from __future__ import annotations
 
 import logging
+import sys
 
 NOISY_LOGGERS = ("faiss", "faiss.loader", "jax._src.xla_bridge", "absl")
 
@@ -23,3 +24,21 @@ def quiet_library_logs(verbosity: int = 0) -> None:
     level = logging.NOTSET if verbosity >= 1 else logging.WARNING
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+
+
+class LogFileHandler(logging.FileHandler):
+    """A run's log file that, when it cannot be written (a full disk), says so in one line on stderr and stops
+    writing, instead of printing logging's traceback for every record; the run's own error line follows."""
+
+    _failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's naming
+        if not self._failed:
+            self._failed = True
+            error = sys.exc_info()[1]
+            reason = getattr(error, "strerror", None) or error
+            print(f"cannot write the log file {self.baseFilename} ({reason}); logging to stderr only", file=sys.stderr)

@@ -29,6 +29,7 @@ from absl import app, flags
 
 from attllm_jax.attention import masks, prompts, providers, runner
 from attllm_jax.evaluation.progress import Progress
+from attllm_jax.logs import LogFileHandler
 
 FLAGS = flags.FLAGS
 _PROVIDERS = ("gemini", "openai", "files", "masks")
@@ -46,7 +47,9 @@ flags.DEFINE_enum("prompt", "axis_focus", sorted(prompts.PROMPTS), "Prompt id (r
 flags.DEFINE_integer("grid_size", 4, "n of the n x n grid prompt.", lower_bound=2, upper_bound=26)
 flags.DEFINE_integer("workers", 4, "Worker threads.", lower_bound=1)
 flags.DEFINE_float("qpm", 60.0, "Requests per minute, all workers and retries together (0: no limit).", lower_bound=0)
-flags.DEFINE_float("timeout_s", 60.0, "Per-request timeout in seconds.", lower_bound=0.001)
+flags.DEFINE_float(
+    "timeout_s", 60.0, "Total deadline of each request in seconds (connect to last byte).", lower_bound=0.001
+)
 flags.DEFINE_integer("max_attempts", 5, "Attempts per image on 429/5xx/timeouts/dropped connections.", lower_bound=1)
 flags.DEFINE_float("initial_backoff_s", 1.0, "First retry delay (doubles, with jitter).", lower_bound=0)
 flags.DEFINE_float("max_backoff_s", 60.0, "Longest backoff (a longer server retry delay is honoured).", lower_bound=0)
@@ -132,7 +135,7 @@ def main(argv):
     del argv
     output_dir = Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(output_dir / "annotate.log", encoding="utf-8")
+    handler = LogFileHandler(output_dir / "annotate.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
@@ -166,6 +169,8 @@ def main(argv):
         summary = runner.annotate_folder(FLAGS.images, output_dir, provider, config, progress=ProgressLines(log))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"annotate: {e}")
+    except OSError as e:  # the summary cannot be written: a full disk, a read-only folder
+        sys.exit(f"annotate: cannot write {e.filename or output_dir} ({e.strerror or e}): {runner.OUTPUT_HINT}")
     finally:
         provider.close()
     log.info("summary: %s", runner.summarize_counts(summary))

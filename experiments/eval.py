@@ -18,6 +18,7 @@ results; process i logs to OUT/eval.process_i.log.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -233,6 +234,8 @@ def _os_error_line(error: OSError, config) -> str:
     else:
         if isinstance(error, FileNotFoundError):
             return f"{filename}: {reason}"
+    if error.errno == errno.ENOSPC:
+        return f"cannot write {filename} ({reason}): free space on that disk or give another {flag}"
     return f"cannot write {filename} ({reason}): give {what} ({flag})"
 
 

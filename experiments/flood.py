@@ -47,7 +47,9 @@ flags.DEFINE_string("api_version", "v1beta", "Gemini: REST API version.")
 flags.DEFINE_float(
     "qpm", 10.0, "Gemini: requests per minute, all workers and retries together (0: no limit).", lower_bound=0
 )
-flags.DEFINE_float("timeout_s", 120.0, "Gemini: per-request timeout in seconds.", lower_bound=0.001)
+flags.DEFINE_float(
+    "timeout_s", 120.0, "Gemini: total deadline of each request in seconds (connect to last byte).", lower_bound=0.001
+)
 flags.DEFINE_integer("max_attempts", 5, "Gemini: attempts per image on 429/5xx/timeouts.", lower_bound=1)
 flags.DEFINE_float("initial_backoff_s", 1.0, "Gemini: first retry delay (doubles, with jitter).", lower_bound=0)
 flags.DEFINE_float("max_backoff_s", 60.0, "Gemini: longest backoff (a longer server delay is honoured).", lower_bound=0)

@@ -10,7 +10,8 @@ It speaks the parts of two REST APIs that our providers use:
   ``text`` and ``image_url`` (a ``data:`` URL); answers ``{"choices": [...], "usage": {...}}``.
 
 Behaviour is scripted by a ``responder(seen) -> Reply`` function; a reply can be delayed (to exceed a
-client timeout) or dropped (the connection closed without a response). Every request is recorded
+client timeout), dripped (the whole response, status line included, sent a byte at a time: each read is quick, the
+answer never ends) or dropped (the connection closed without a response). Every request is recorded
 with the server-side arrival time, so tests can measure retries and request rates.
 """
 
@@ -40,6 +41,8 @@ class Reply:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     delay_s: float = 0.0  # wait before answering
     drop: bool = False  # close the connection without answering
+    drip_s: float = 0.0  # when > 0: send the response a byte at a time, this many seconds apart
+    no_length: bool = False  # send no Content-Length: the body ends when the connection closes
 
 
 @dataclasses.dataclass
@@ -247,15 +250,37 @@ class LLMServer:
                         pass
                     return
                 payload = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
+                if reply.drip_s:
+                    self._drip(reply, payload)
+                    return
                 try:
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
+                    if reply.no_length:
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
+                    else:
+                        self.send_header("Content-Length", str(len(payload)))
                     for name, value in reply.headers.items():
                         self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout)
+                    pass  # the client gave up (timeout, or an answer over its size cap)
+
+            def _drip(self, reply: Reply, payload: bytes) -> None:
+                """The response a byte at a time, ``reply.drip_s`` apart, until sent, the client leaves or the
+                server closes."""
+                head = [f"HTTP/1.1 {reply.status} OK", "Content-Type: application/json"]
+                head += [f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in reply.headers.items())]
+                data = ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+                self.close_connection = True
+                try:
+                    for i in range(len(data)):
+                        self.wfile.write(data[i : i + 1])
+                        if server._closing.wait(reply.drip_s):
+                            return
+                except OSError:
+                    pass  # the client gave up (its deadline)
 
         return Handler

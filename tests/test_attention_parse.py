@@ -139,3 +139,64 @@ def test_stack_attention_pads_and_rejects_overflow():
         parse.stack_attention([many], max_points=4)
     empty = parse.stack_attention([None, None])
     assert empty.centers.shape == (2, 8, 2) and not empty.has_attention.any()
+
+
+# Hostile answers: parsing is linear and bounded
+
+HOSTILE = {
+    "quote_brace": '"{' * 20_000,
+    "brace_quote": '{"' * 20_000,
+    "brace_apostrophe": "{'" * 20_000,
+    "fenced_quote_brace": "```json\n" + '"{' * 20_000,
+    "open_lists": "[" * 20_000 + "1",
+    "unclosed_objects": '{"a": [1, 2], "b": "x' * 2_000,
+}
+HOSTILE_SCRIPT = """
+import json, sys, time
+from attllm_jax.attention import parse
+from tests.test_attention_parse import HOSTILE
+times = {}
+for name, text in HOSTILE.items():
+    start = time.monotonic()
+    kind = parse.parse_answer(text).kind
+    times[name] = (time.monotonic() - start, kind)
+print(json.dumps(times))
+"""
+
+
+def test_hostile_answers_parse_in_linear_time():
+    """Each answer of ~40 KB parses in well under 2 s (it took 30 s per 10 KB when the bracket scan restarted at
+    every bracket). In a subprocess, killed at 60 s, so that a quadratic parser fails instead of hanging."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run(
+        [sys.executable, "-c", HOSTILE_SCRIPT], cwd=repo, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    times = json.loads(result.stdout)
+    assert set(times) == set(HOSTILE)
+    for name, (seconds, kind) in times.items():
+        assert kind == "invalid" and seconds < 2.0, (name, seconds)
+
+
+def test_truncated_list_offers_its_complete_entries_and_strings_stay_strings():
+    truncated = '[{"center": [0.2, 0.3], "weight": 1.8, "reasoning": "tower"}, {"center": [0.5, 0.'
+    parsed = parse.parse_answer(truncated)
+    assert parsed.kind == "points" and parsed.num_points == 1 and parsed.reasoning[0] == "tower"
+    # A triple inside a string of a value that never closes is prose, not a point.
+    assert parse.parse_answer('{"note": "see [0.1, 0.2, 1.5] for the tower", "more": ').kind == "invalid"
+    assert parse._bracket_spans('x {"a": [1]} y [2, {3: 4}] ] {5}') == [(2, 12), (15, 26), (29, 32)]
+
+
+def test_answers_over_the_size_cap_are_invalid_unread():
+    points = '[{"center": [0.2, 0.3], "weight": 1.8, "reasoning": "tower"}]'
+    padding = "Let me think. " * ((parse.MAX_ANSWER_CHARS - len(points) - 1) // 14)
+    assert parse.parse_answer(padding + points).num_points == 1  # just under the cap: read
+    over = parse.parse_answer(padding + "x" * 20 + points)
+    assert over.kind == "invalid" and "MAX_ANSWER_CHARS" in over.error
+    assert parse.parse_answer({"result": "y" * (parse.MAX_ANSWER_CHARS + 1)}).kind == "invalid"

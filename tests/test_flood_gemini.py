@@ -99,9 +99,8 @@ def test_edits_through_the_server_with_retries_and_no_key_in_the_outputs(tmp_pat
 
     out = tmp_path / "flooded"
     with LLMServer(responder) as server:
-        editor = GeminiImageEditor(base_url=server.url, retry=FAST)
-        summary = flood_folder(dry, out, [0.3, 0.6], gemini_method(editor), method_name="gemini", seed=0)
-        editor.close()
+        with GeminiImageEditor(base_url=server.url, retry=FAST) as editor:
+            summary = flood_folder(dry, out, [0.3, 0.6], gemini_method(editor), method_name="gemini", seed=0)
         seen = list(server.seen)
     assert summary["counts"]["level_0.3"] == {"written": 3, "existing": 0, "failed": 0}
     assert summary["method_totals"]["requests"] == len(seen) == 6 + 2  # two retries
@@ -118,8 +117,8 @@ def test_edits_through_the_server_with_retries_and_no_key_in_the_outputs(tmp_pat
             assert SECRET.encode() not in path.read_bytes(), path
     # resume: nothing is asked again
     with LLMServer(responder) as server:
-        editor = GeminiImageEditor(base_url=server.url, retry=FAST)
-        again = flood_folder(dry, out, [0.3, 0.6], gemini_method(editor), method_name="gemini", seed=0)
+        with GeminiImageEditor(base_url=server.url, retry=FAST) as editor:
+            again = flood_folder(dry, out, [0.3, 0.6], gemini_method(editor), method_name="gemini", seed=0)
         assert not server.seen and again["counts"]["level_0.6"]["existing"] == 3
 
 
@@ -131,8 +130,8 @@ def test_text_answers_errors_and_a_rejected_key(tmp_path, monkeypatch):
         return text_reply(seen, f"I cannot edit photos of people. ({SECRET})")  # the key echoed back
 
     with LLMServer(responder) as server:
-        editor = GeminiImageEditor(base_url=server.url, retry=FAST)
-        summary = flood_folder(dry, tmp_path / "o", [0.3], gemini_method(editor), method_name="gemini", seed=0)
+        with GeminiImageEditor(base_url=server.url, retry=FAST) as editor:
+            summary = flood_folder(dry, tmp_path / "o", [0.3], gemini_method(editor), method_name="gemini", seed=0)
         assert len(server.seen) == 3  # a text answer is not retried
     assert summary["num_failed"] == 3 and summary["counts"]["level_0.3"]["written"] == 0
     error = summary["failures"][0]["error"]
@@ -140,14 +139,14 @@ def test_text_answers_errors_and_a_rejected_key(tmp_path, monkeypatch):
     assert SECRET not in (tmp_path / "o" / "flood_summary.json").read_text()
 
     with LLMServer(lambda seen: error_reply(seen, 500, "boom")) as server:
-        editor = GeminiImageEditor(base_url=server.url, retry=FAST)
-        with pytest.raises(ProviderError, match="HTTP 500") as info:
-            editor.edit(Image.fromarray(_photo(0)), 0.3)
+        with GeminiImageEditor(base_url=server.url, retry=FAST) as editor:
+            with pytest.raises(ProviderError, match="HTTP 500") as info:
+                editor.edit(Image.fromarray(_photo(0)), 0.3)
         assert info.value.attempts == 4 and len(server.seen) == 4  # retried up to the policy's attempts
 
     with LLMServer(lambda seen: error_reply(seen, 403, f"API key not valid: {SECRET}")) as server:
-        editor = GeminiImageEditor(base_url=server.url, retry=FAST)
-        stopped = flood_folder(dry, tmp_path / "p", [0.3, 0.6], gemini_method(editor), method_name="gemini", seed=0)
+        with GeminiImageEditor(base_url=server.url, retry=FAST) as editor:
+            stopped = flood_folder(dry, tmp_path / "p", [0.3, 0.6], gemini_method(editor), method_name="gemini", seed=0)
         assert len(server.seen) == 1  # fatal: the run stops at once
     assert stopped["aborted"] and SECRET not in stopped["aborted"]
 

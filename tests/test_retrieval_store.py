@@ -294,3 +294,140 @@ def test_two_identical_writers_at_once_give_one_correct_store(tmp_path):
     descriptors, valid, _ = read_store(store)
     np.testing.assert_array_equal(np.asarray(descriptors), np.tile(np.arange(40, dtype=np.float32)[:, None], (1, 8)))
     assert valid.all() and len(os.listdir(store / "done")) == 10
+
+
+# Edited metadata: one StoreError naming the file, never a traceback or a wrong layout
+
+MANIFEST_EDITS = {
+    "num_items_text": ("num_items", "10"),
+    "num_items_zero": ("num_items", 0),
+    "chunk_size_zero": ("chunk_size", 0),  # was a ZeroDivisionError
+    "chunk_size_float": ("chunk_size", 4.5),
+    "chunk_size_other": ("chunk_size", 5),  # a valid number that is not the one the store was built with
+    "dim_missing": ("dim", None),
+    "dtype_unknown": ("dtype", "int8"),
+    "key_list": ("key", [1, 2]),
+    "digest_number": ("key_sha256", 7),
+}
+
+
+def _complete_store(path, num_items=10):
+    store = DescriptorStore.open(path, KEY, num_items=num_items, chunk_size=4, dim=4)
+    _fill(store)
+    store.write_paths([f"img{i}.jpg" for i in range(num_items)])
+    store.close()
+
+
+def _edit_json(path, **fields):
+    record = json.loads(path.read_text())
+    for name, value in fields.items():
+        if value is None:
+            record.pop(name, None)
+        else:
+            record[name] = value
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("edit", list(MANIFEST_EDITS), ids=list(MANIFEST_EDITS))
+def test_an_edited_manifest_is_one_error_naming_the_file(tmp_path, edit):
+    field, value = MANIFEST_EDITS[edit]
+    _complete_store(tmp_path / "s")
+    manifest = tmp_path / "s" / "manifest.json"
+    _edit_json(manifest, **{field: value})
+    with pytest.raises(StoreError, match=f"store manifest {manifest} is invalid") as info:
+        read_store(tmp_path / "s")
+    assert "\n" not in str(info.value)
+    if field != "key_sha256":  # the run's own key: opened as this store, then refused (nothing wiped)
+        edited = manifest.read_text()
+        with pytest.raises(StoreError, match=f"store manifest {manifest} is invalid"):
+            DescriptorStore.open(tmp_path / "s", KEY, num_items=10, chunk_size=4, dim=4)
+        assert manifest.read_text() == edited and len(list((tmp_path / "s" / "done").iterdir())) == 3
+
+
+MARKER_EDITS = {
+    "chunk_text": {"chunk": "1"},
+    "chunk_other": {"chunk": 0},  # the marker of chunk 1 claiming chunk 0
+    "chunk_missing": {"chunk": None},
+    "sha_missing": {"sha256": None},
+    "valid_sha_number": {"valid_sha256": 3},
+    "failures_text": {"failures": "none"},
+}
+
+
+@pytest.mark.parametrize("edit", list(MARKER_EDITS), ids=list(MARKER_EDITS))
+def test_an_edited_chunk_marker_is_one_error_naming_the_file(tmp_path, edit):
+    _complete_store(tmp_path / "s")
+    marker = tmp_path / "s" / "done" / "chunk_000001.json"
+    _edit_json(marker, **MARKER_EDITS[edit])
+    with pytest.raises(StoreError, match=f"store marker {marker} is malformed") as info:
+        read_store(tmp_path / "s")
+    assert "\n" not in str(info.value) and "delete it to recompute that chunk" in str(info.value)
+    with pytest.raises(StoreError, match=f"store marker {marker} is malformed"):
+        DescriptorStore.open(tmp_path / "s", KEY, num_items=10, chunk_size=4, dim=4)
+
+
+def test_an_edited_array_shape_or_image_list_is_one_error_naming_the_file(tmp_path):
+    _complete_store(tmp_path / "s")
+    paths = tmp_path / "s" / "paths.json"
+    _edit_json(paths, paths=["only-one.jpg"])
+    with pytest.raises(StoreError, match=f"store image list {paths} is malformed"):
+        read_store(tmp_path / "s")
+    paths.write_text("{broken")
+    with pytest.raises(StoreError, match=f"store image list {paths} is not JSON"):
+        read_store(tmp_path / "s")
+    paths.unlink()
+    zarray = tmp_path / "s" / "descriptors" / ".zarray"
+    _edit_json(zarray, shape=[12, 4])
+    with pytest.raises(StoreError, match=f"store array {tmp_path / 's'}/descriptors/.zarray has shape"):
+        read_store(tmp_path / "s")
+
+
+# Store URLs: an unknown scheme, an unreachable bucket
+
+
+def test_an_unknown_url_scheme_is_one_error_naming_the_url():
+    with pytest.raises(StoreError, match=r"store URL foo://bucket/store/ cannot be used \(.*unsupported URL scheme"):
+        DescriptorStore.open("foo://bucket/store", KEY, num_items=3, dim=2)
+    with pytest.raises(StoreError, match="store URL foo://x/ cannot be used"):
+        read_store("foo://x")
+
+
+UNREACHABLE_SCRIPT = """
+import sys, time
+from attllm_jax.retrieval import store
+store.URL_TIMEOUT_S = 2.0
+for name, call in (("open", lambda: store.DescriptorStore.open("gs://flood-bucket/db", {}, 3, dim=2)),
+                   ("read", lambda: store.read_store("gs://flood-bucket/db"))):
+    start = time.monotonic()
+    try:
+        call()
+        print(name, "no error")
+    except store.StoreError as error:
+        print(name, round(time.monotonic() - start, 1), error)
+"""
+
+
+def test_an_unreachable_bucket_fails_within_the_stated_time(tmp_path):
+    """The GCS endpoint is a closed port on 127.0.0.1 (tensorstore's TENSORSTORE_GCS_HTTP_URL) and a fixed test
+    token stands in for credentials: no request leaves the machine. URL_TIMEOUT_S is shortened to 2 s; tensorstore
+    alone keeps retrying for minutes."""
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}"}
+    env.update(GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token", GCE_METADATA_ROOT=f"127.0.0.1:{port}")
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["open", "read"], result.stdout
+    for line in lines:
+        seconds = float(line.split()[1])
+        assert 1.9 <= seconds < 10, line  # the 2 s bound, plus slack for a loaded machine
+        assert "store URL gs://flood-bucket/db/ did not answer within 2 s (reading manifest.json)" in line
+    assert elapsed < 100  # and the process exits although tensorstore may still be retrying

@@ -21,6 +21,9 @@ Accepted answers (DESIGN.md "Attention maps"):
   (the prompt asks for 3-8 regions, so these are re-asked by ``--retry_invalid``). ``error`` says why.
   Parsing never raises on LLM output.
 
+Parsing is linear in the answer's length, and bounded: an answer longer than :data:`MAX_ANSWER_CHARS` is invalid
+without being read (the prompt asks for a few regions; a real answer is a few KB).
+
 Text is cleaned the forgiving way: the content of a fenced (```json) block is preferred, prose around
 the JSON is ignored (the first bracketed span that parses wins), trailing commas, single quotes and
 Python literals (``True``/``None``/tuples) are accepted, and wrappers ``{"result": ...}``,
@@ -42,6 +45,7 @@ import numpy as np
 Kind = Literal["points", "grid", "none", "invalid"]
 
 DEFAULT_MAX_POINTS = 8
+MAX_ANSWER_CHARS = 100_000  # longer answers are invalid, unread: parsing stays well under a second
 MAX_GRID_SIZE = 26  # rows are letters A..Z
 _WRAPPER_KEYS = ("result", "regions", "points", "attention")
 _NONE_WORDS = ("none", "null")
@@ -223,47 +227,55 @@ def _loads(text: str) -> Any:
 
 
 def _bracket_spans(text: str) -> list[tuple[int, int]]:
-    """Balanced [...] / {...} spans (string-aware), outermost first, in order of their start."""
-    spans: list[tuple[int, int]] = []
+    """Balanced [...] / {...} spans (string-aware), outermost first, in order of their start; at most
+    ``_MAX_CANDIDATES``.
+
+    One pass, linear in ``len(text)``: outside brackets the text is prose (quotes not tracked); from an opening
+    bracket on, strings are tracked and brackets inside them ignored. A bracket that closes the wrong kind, or
+    the end of the text with brackets still open, abandons the open ones: the balanced spans found inside them
+    become the candidates instead (a truncated list still offers its complete entries), and the scan goes on
+    after the wrong bracket. A bracket inside a string of an abandoned value is not a candidate.
+    """
     pairs = {"[": "]", "{": "}"}
-    start = 0
-    while start < len(text) and len(spans) < _MAX_CANDIDATES:
-        open_at = min((i for i in (text.find("[", start), text.find("{", start)) if i >= 0), default=-1)
-        if open_at < 0:
-            break
-        stack: list[str] = []
-        quote: str | None = None
-        end = -1
-        i = open_at
-        while i < len(text):
+    spans: list[tuple[int, int]] = []
+    open_: list[tuple[str, int, list[tuple[int, int]]]] = []  # (closer, start, balanced spans found inside)
+
+    def abandon() -> None:
+        for _, _, inside in open_:
+            spans.extend(inside)
+        open_.clear()
+
+    quote: str | None = None
+    i = 0
+    while i < len(text) and len(spans) < _MAX_CANDIDATES:
+        if not open_:
+            i = min((j for j in (text.find("[", i), text.find("{", i)) if j >= 0), default=-1)
+            if i < 0:
+                break
+            open_.append((pairs[text[i]], i, []))
+            quote = None
+        else:
             ch = text[i]
             if quote:
                 if ch == "\\":
-                    i += 2
-                    continue
-                if ch == quote:
+                    i += 1
+                elif ch == quote:
                     quote = None
             elif ch in "\"'":
                 # An apostrophe inside prose ("it's") must not start a string: only after , : [ { or space.
-                prev = text[i - 1] if i > 0 else " "
-                if ch == '"' or prev in ",:[{( \t\r\n":
+                if ch == '"' or text[i - 1] in ",:[{( \t\r\n":
                     quote = ch
             elif ch in pairs:
-                stack.append(pairs[ch])
+                open_.append((pairs[ch], i, []))
             elif ch in "]}":
-                if not stack or ch != stack[-1]:
-                    break
-                stack.pop()
-                if not stack:
-                    end = i + 1
-                    break
-            i += 1
-        if end > 0:
-            spans.append((open_at, end))
-            start = end
-        else:
-            start = open_at + 1
-    return spans
+                if ch != open_[-1][0]:
+                    abandon()
+                else:
+                    _, start, _ = open_.pop()
+                    (open_[-1][2] if open_ else spans).append((start, i + 1))
+        i += 1
+    abandon()
+    return spans[:_MAX_CANDIDATES]
 
 
 def _candidates(text: str) -> Iterator[Any]:
@@ -438,6 +450,10 @@ def _interpret(value: Any, max_points: int, depth: int = 0) -> ParsedAttention:
 
 
 def _parse_text(text: str, max_points: int, depth: int = 0) -> ParsedAttention:
+    if len(text) > MAX_ANSWER_CHARS:
+        return invalid_attention(
+            f"answer of {len(text)} characters, over the {MAX_ANSWER_CHARS} read (parse.MAX_ANSWER_CHARS)", max_points
+        )
     if not text.strip():
         return invalid_attention("empty answer", max_points)
     first_invalid = None

@@ -11,8 +11,10 @@ dropped connections are retried with exponential backoff and jitter, waiting at 
 all worker threads, and is reported to the caller's ``on_attempt`` as it is made, so an interrupted run still counts it.
 
 API keys come from the environment and are never printed, logged or written: every error message that leaves
-:meth:`RequestPolicy.send` has been passed through the provider's :class:`Redactor`, and providers pass their
-successful answers through it as well (a server may echo the key inside an answer).
+:meth:`RequestPolicy.send` has been passed through the provider's :class:`Redactor` whole, and only then clipped to
+:data:`MAX_ERROR_CHARS` (clipping first could leave part of a key), and providers pass their successful answers through
+it as well (a server may echo the key inside an answer). The redactor hides any fragment of a key of
+:data:`MIN_SECRET_FRAGMENT` characters or more, not only the whole key.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from typing import Any, TypeVar
 RETRY_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
 FATAL_STATUS_CODES = frozenset({401, 403, 404})
 REDACTED = "[REDACTED]"
+MIN_SECRET_FRAGMENT = 8  # any run of this many characters of a key is hidden (shorter keys: only whole)
+MAX_ERROR_CHARS = 500  # error messages are clipped to this length, after redaction
 
 T = TypeVar("T")
 
 
 class Redactor:
-    """Replaces every secret, and its URL-encoded form, by ``[REDACTED]``.
+    """Replaces every secret, its URL-encoded form, and any fragment of them of :data:`MIN_SECRET_FRAGMENT`
+    characters or more (a key cut by someone else's truncation, a key split over two lines) by ``[REDACTED]``.
 
     Args:
         secrets: The strings to hide; empty and None entries are ignored.
@@ -48,13 +53,22 @@ class Redactor:
             if secret:
                 forms.add(secret)
                 forms.add(urllib.parse.quote(secret, safe=""))
-        self._forms = sorted(forms, key=len, reverse=True)  # longest first: no partial replacement
+        self._forms = sorted(forms, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
-        """``text`` with every secret replaced."""
-        for form in self._forms:
-            text = text.replace(form, REDACTED)
-        return text
+        """``text`` with every secret, and every long fragment of one, replaced."""
+        spans = sorted(span for form in self._forms for span in _fragment_spans(text, form))
+        if not spans:
+            return text
+        pieces, end = [], 0
+        for start, stop in spans:
+            if start > end:
+                pieces.extend((text[end:start], REDACTED))
+            elif not pieces:
+                pieces.append(REDACTED)
+            end = max(end, stop)
+        pieces.append(text[end:])
+        return "".join(pieces)
 
     def json(self, value: Any) -> Any:
         """A copy of a JSON-like value (dicts, lists, strings, numbers) with every string, keys included, redacted."""
@@ -67,6 +81,39 @@ class Redactor:
         if isinstance(value, list | tuple):
             return type(value)(self.json(v) for v in value)
         return value
+
+
+def _fragment_spans(text: str, secret: str) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every maximal run of ``text`` that is a substring of ``secret`` and at least
+    ``min(MIN_SECRET_FRAGMENT, len(secret))`` characters long.
+
+    Every such run begins with one of the secret's n-grams (n = that length), so the runs are found from the
+    n-grams' occurrences (``str.find``) and extended to the right while they stay inside the secret.
+    """
+    n = min(MIN_SECRET_FRAGMENT, len(secret))
+    starts = set()
+    for k in range(len(secret) - n + 1):
+        i = text.find(secret[k : k + n])
+        while i >= 0:
+            starts.add(i)
+            i = text.find(secret[k : k + n], i + 1)
+    spans, covered = [], -1
+    for start in sorted(starts):
+        stop = start + n
+        if start < covered:  # inside a run found: look only for one that reaches past it
+            if covered >= len(text) or text[start : covered + 1] not in secret:
+                continue
+            stop = covered + 1
+        while stop < len(text) and text[start : stop + 1] in secret:
+            stop += 1
+        spans.append((start, stop))
+        covered = stop
+    return spans
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut. Redact first: see the module docstring."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
@@ -310,7 +357,7 @@ class RequestPolicy:
             except Exception as e:  # noqa: BLE001 - client-library internals: wrap, never leak the key
                 error = ProviderError(f"{type(e).__name__}: {e}")
             error = ProviderError(
-                redactor(str(error)),
+                clip(redactor(str(error))),
                 retriable=error.retriable,
                 fatal=error.fatal,
                 status=error.status,

@@ -33,6 +33,7 @@ from attllm_jax.attention.request_policy import Interrupted, ProviderError
 from attllm_jax.files import atomic_write_bytes, atomic_write_json, list_image_files
 
 SUMMARY_FILE = store.SUMMARY_FILE
+OUTPUT_HINT = "free space there or give another --output_dir"
 MAX_LISTED = 200  # failures / invalid images named in the summary
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,10 @@ class _Run:
             except Exception as e:  # noqa: BLE001 - one bad image must not kill the run
                 self.record_failure(image, ProviderError(f"{type(e).__name__}: {e}"))
             else:
-                self.record_answer(image, response)
+                try:
+                    self.record_answer(image, response)
+                except OSError as e:  # the output folder cannot take the file: a full disk, a read-only folder
+                    self.abort(f"cannot write {e.filename or self.output_dir} ({e.strerror or e}): {OUTPUT_HINT}")
             on_done()
 
 

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from attllm_jax.logs import LogFileHandler
+
 LOGGER_NAME = "attllm_jax"
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -29,7 +31,7 @@ def setup_logging(log_file: str | Path | None, level: int = logging.INFO) -> log
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+        handlers.append(LogFileHandler(log_file, mode="a", encoding="utf-8"))
     for handler in handlers:
         handler._attllm_eval = True
         handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))

@@ -21,6 +21,17 @@ so a stale store that another run is using is never wiped: the second run waits 
 refuses, naming the store. Runs of the same key share the store (chunks are deterministic, so two runs writing
 one chunk write the same bytes). A store at a URL has no lock: a stale one is never wiped automatically.
 An old npz store (format 1) is detected and rebuilt, with a log line saying so.
+
+A store URL is checked when the store is opened: a scheme tensorstore does not know (``foo://``) is a
+:class:`StoreError` naming the URL, and every small-file operation at a URL (manifest, markers, image list, array
+metadata) that gets no answer within :data:`URL_TIMEOUT_S` seconds is one too (an unreachable bucket otherwise
+retries for minutes). Reads and writes of the descriptor chunks themselves are not bounded (a large store over a
+slow link may take long).
+
+Metadata is checked before it is used: a manifest of this key whose fields have the wrong type or value, or no
+longer match the key they were hashed from (an edited manifest), a marker of this key that is malformed, a zarr
+array whose shape is not the manifest's, or a malformed ``paths.json`` is a :class:`StoreError` naming the file
+(delete it, or the store, to recompute), never a traceback or a silently wrong layout.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ DONE = "done"
 STORE_DTYPES = ("float32", "float16")
 _OUR_NAMES = {MANIFEST, PATHS, LOCK, DESCRIPTORS, VALID, DONE}
 _OLD_CHUNK_PREFIX = "chunk_"  # format 1: chunk_NNNNNN.npz
+URL_TIMEOUT_S = 30.0  # a store URL that does not answer a small-file operation within this is an error
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +94,39 @@ class _Root:
         if self.url:
             import tensorstore as ts
 
-            self._kv = ts.KvStore.open(self.url).result()
+            try:
+                self._kv = ts.KvStore.open(self.url).result(timeout=URL_TIMEOUT_S)
+            except ValueError as error:  # tensorstore: an unknown scheme or a malformed URL
+                raise StoreError(
+                    f"store URL {self.url} cannot be used ({str(error).splitlines()[0][:200]}); give a local "
+                    "directory or a tensorstore kvstore URL such as gs://bucket/path/"
+                ) from None
 
     def __str__(self) -> str:
         return self.url or str(self.path)
+
+    def answer(self, future: Any, what: str) -> Any:
+        """The result of a tensorstore operation on the store URL, within :data:`URL_TIMEOUT_S` seconds.
+
+        Raises:
+            StoreError: naming the URL, when it does not answer in time or refuses (no access, no bucket).
+        """
+        try:
+            return future.result(timeout=URL_TIMEOUT_S)
+        except TimeoutError:
+            raise StoreError(
+                f"store URL {self.url} did not answer within {URL_TIMEOUT_S:g} s ({what}): unreachable, or no "
+                "access? Check the URL, the network and the credentials"
+            ) from None
+        except ValueError as error:  # tensorstore reports refusals (permissions, missing bucket) as ValueError
+            raise StoreError(f"store URL {self.url}: {what} failed ({str(error).splitlines()[0][:200]})") from None
 
     def array_kvstore(self, name: str):
         return self.url + name + "/" if self.url else {"driver": "file", "path": str(self.path / name)}
 
     def read(self, name: str) -> bytes | None:
         if self.url:
-            result = self._kv.read(name).result()
+            result = self.answer(self._kv.read(name), f"reading {name}")
             return None if result.state == "missing" else bytes(result.value)
         try:
             return (self.path / name).read_bytes()
@@ -101,15 +135,18 @@ class _Root:
 
     def write(self, name: str, data: bytes) -> None:
         if self.url:
-            self._kv.write(name, data).result()
-        else:
+            self.answer(self._kv.write(name, data), f"writing {name}")
+            return
+        try:
             atomic_write_bytes(self.path / name, data)
+        except OSError as error:
+            raise StoreError(_write_failure(self.path / name, error.strerror or str(error))) from None
 
     def list(self, prefix: str) -> list[str]:
         if self.url:
             import tensorstore as ts
 
-            keys = self._kv.list(ts.KvStore.KeyRange(prefix, prefix + "\xff")).result()
+            keys = self.answer(self._kv.list(ts.KvStore.KeyRange(prefix, prefix + "\xff")), f"listing {prefix}")
             return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
         folder = self.path / prefix.rstrip("/")
         return sorted(f"{prefix}{p.name}" for p in folder.iterdir()) if folder.is_dir() else []
@@ -197,6 +234,20 @@ class StoreArray:
     def __array__(self, dtype=None, copy=None):
         out = self._read_rows(0, self.shape[0])
         return out if dtype is None else out.astype(dtype)
+
+
+def _write_failure(where: str | os.PathLike, reason: str) -> str:
+    """The one line of a failed store write: where, why, and the flag to change."""
+    return f"cannot write the descriptor store at {where} ({reason}): free space there or give another --store_dir"
+
+
+def _ts_reason(error: Exception) -> str:
+    """The gist of a tensorstore error: the OS reason when it names one (``No space left on device``)."""
+    text = str(error).splitlines()[0]
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+        if reason in text:
+            return reason
+    return text[:200]
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -303,7 +354,7 @@ class DescriptorStore:
         while True:
             manifest = _read_manifest(root)
             if manifest is not None and manifest.get("key_sha256") == digest:
-                store = cls(root, manifest, "resumed", lock_fd)
+                store = cls(root, _check_manifest(root, manifest), "resumed", lock_fd)
                 store.status = "reused" if not store.pending_chunks() else "resumed"
                 return store
             reason = _stale_reason(manifest, full_key)
@@ -369,7 +420,8 @@ class DescriptorStore:
         out = {}
         for name in self._root.list(f"{DONE}/"):
             base = name.rsplit("/", 1)[-1]
-            if not (base.startswith("chunk_") and base.endswith(".json")):
+            number = base[len("chunk_") : -len(".json")]
+            if not (base.startswith("chunk_") and base.endswith(".json") and number.isdigit()):
                 continue
             data = self._root.read(name)
             try:
@@ -377,7 +429,12 @@ class DescriptorStore:
             except ValueError:
                 continue  # a marker is written atomically; an unparsable one is not ours
             if isinstance(marker, dict) and marker.get("key_sha256") == self._digest:
-                out[int(marker["chunk"])] = marker
+                problem = _marker_problem(marker, int(number))
+                if problem is not None:
+                    raise StoreError(
+                        f"store marker {self._root}/{name} is malformed: {problem}; delete it to recompute that chunk"
+                    )
+                out[int(number)] = marker
         return out
 
     def pending_chunks(self) -> list[int]:
@@ -406,9 +463,16 @@ class DescriptorStore:
         else:
             spec["open"] = True
         try:
-            array = ts.open(spec).result()
+            future = ts.open(spec)
+            array = self._root.answer(future, f"opening {name}") if self._root.url else future.result()
         except ValueError as error:
             raise StoreError(f"cannot open the {name} array of store {self._root}: {error}") from error
+        expected = (self.num_items, self.dim) if name == DESCRIPTORS else (self.num_items,)
+        if tuple(array.shape) != expected:
+            raise StoreError(
+                f"store array {self._root}/{name}/.zarray has shape {tuple(array.shape)}, but {MANIFEST} says "
+                f"{expected}; delete the store to recompute it"
+            )
         self._arrays[name] = array
         return array
 
@@ -438,8 +502,11 @@ class DescriptorStore:
             )
         array = self._array(DESCRIPTORS)
         stored = descriptors.astype(array.dtype.numpy_dtype)
-        array[start:stop].write(stored).result()
-        self._array(VALID)[start:stop].write(valid).result()
+        try:
+            array[start:stop].write(stored).result()
+            self._array(VALID)[start:stop].write(valid).result()
+        except ValueError as error:  # tensorstore: a full disk, a read-only folder, a failing bucket
+            raise StoreError(_write_failure(f"{self._root} (chunk {chunk})", _ts_reason(error))) from None
         marker = {
             "chunk": int(chunk),
             "key_sha256": self._digest,
@@ -516,6 +583,7 @@ def read_store(location: str | os.PathLike) -> tuple[StoreArray, np.ndarray, lis
         raise StoreError(f"{root} holds no descriptor store (no {MANIFEST})")
     if manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"{root} is a format-{manifest.get('format')} store; rerun the extraction to rebuild it")
+    _check_manifest(root, manifest)
     lock_fd = _lock_shared(root)
     try:
         store = DescriptorStore(root, manifest, "reused", None)
@@ -523,12 +591,25 @@ def read_store(location: str | os.PathLike) -> tuple[StoreArray, np.ndarray, lis
         paths_data = root.read(PATHS)
     finally:
         _unlock(lock_fd)
-    paths: list[str] = []
-    if paths_data is not None:
-        record = json.loads(paths_data)
-        if record.get("key_sha256") == manifest["key_sha256"]:
-            paths = list(record["paths"])
-    return contents.descriptors, contents.valid, paths
+    return contents.descriptors, contents.valid, _paths_of(root, paths_data, manifest)
+
+
+def _paths_of(root: _Root, data: bytes | None, manifest: dict) -> list[str]:
+    """The image list of ``paths.json`` when it belongs to this key, else []; StoreError when malformed."""
+    if data is None:
+        return []
+    try:
+        record = json.loads(data)
+    except ValueError as error:
+        raise StoreError(f"store image list {root}/{PATHS} is not JSON ({error}); delete it") from None
+    if not isinstance(record, dict) or record.get("key_sha256") != manifest["key_sha256"]:
+        return []
+    paths = record.get("paths")
+    if not isinstance(paths, list) or len(paths) != manifest["num_items"] or not all(isinstance(p, str) for p in paths):
+        raise StoreError(
+            f"store image list {root}/{PATHS} is malformed: expected {manifest['num_items']} path strings; delete it"
+        )
+    return paths
 
 
 # helpers --------------------------------------------------------------------------------------------------------
@@ -547,13 +628,58 @@ def _read_manifest(root: _Root) -> dict | None:
     return manifest
 
 
+_LAYOUT_INTS = ("num_items", "chunk_size", "dim")
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest of this format (wrong types or values, edited fields), or None."""
+    for name in _LAYOUT_INTS:
+        value = manifest.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{name} is {value!r}, expected an integer >= 1"
+    if manifest.get("dtype") not in STORE_DTYPES:
+        return f"dtype is {manifest.get('dtype')!r}, expected one of {STORE_DTYPES}"
+    key = manifest.get("key")
+    if not isinstance(key, dict) or not isinstance(manifest.get("key_sha256"), str):
+        return "key or key_sha256 is missing or of the wrong type"
+    if key_digest(key) != manifest["key_sha256"]:
+        return "key_sha256 does not match its key (edited?)"
+    changed = [name for name in (*_LAYOUT_INTS, "dtype", "format") if key.get(name) != manifest.get(name)]
+    if changed:
+        return f"{', '.join(changed)} differ from the key they were hashed with (edited?)"
+    return None
+
+
+def _check_manifest(root: _Root, manifest: dict) -> dict:
+    """``manifest``, or a StoreError naming the file when :func:`_manifest_problem` finds something wrong."""
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise StoreError(f"store manifest {root}/{MANIFEST} is invalid: {problem}; delete the store to recompute it")
+    return manifest
+
+
+def _marker_problem(marker: dict, chunk: int) -> str | None:
+    """What is wrong with a marker of this key read from ``done/chunk_<chunk>.json``, or None."""
+    number = marker.get("chunk")
+    if not isinstance(number, int) or isinstance(number, bool) or number != chunk:
+        return f"chunk is {number!r}, expected {chunk} (its file name)"
+    for name in ("sha256", "valid_sha256"):
+        if not isinstance(marker.get(name), str):
+            return f"{name} is {marker.get(name)!r}, expected a hex digest"
+    failures = marker.get("failures")
+    if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
+        return "failures is not a list of records"
+    return None
+
+
 def _stale_reason(manifest: dict | None, full_key: dict) -> str:
     if manifest is None:
         return "new"
     if manifest.get("format") != STORE_FORMAT:
         return f"in the old format {manifest.get('format')} (npz chunks), not the tensorstore format {STORE_FORMAT}"
     normalized = json.loads(json.dumps(full_key, default=str))
-    changed = sorted(_changed_fields(manifest.get("key", {}), normalized))
+    old_key = manifest.get("key")
+    changed = sorted(_changed_fields(old_key if isinstance(old_key, dict) else {}, normalized))
     return f"stale (changed: {', '.join(changed)})"
 
 

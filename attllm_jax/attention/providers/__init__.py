@@ -5,6 +5,8 @@
   the answer) and the checks every provider shares (``check_timeout``, ``request_image``).
 * :mod:`.gemini`: :class:`GeminiProvider` (google-genai SDK).
 * :mod:`.openai_compatible`: :class:`OpenAIProvider` (the ``openai`` client; vLLM, Ollama, LM Studio, ...).
+* :mod:`.http`: the HTTP client all of them send through (only to the configured origin: a redirect elsewhere is
+  refused, so the key never leaves).
 * :mod:`.files`: :class:`ExistingAnswers`, a reader of attention files already on disk (no request made).
 * :mod:`.gemini_image_edit`: the image-editing model that floods dry photos (``experiments.flood``); not an
   annotation source, but sent through the same policy. The water-mask oracle is

@@ -103,7 +103,7 @@ class AnswerSource(Protocol):
 
 
 def check_timeout(timeout_s: float) -> float:
-    """A provider's per-attempt timeout in seconds; raises ValueError unless it is positive."""
+    """A provider's timeout, the total deadline of each attempt in seconds; raises ValueError unless it is positive."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     return timeout_s
@@ -196,4 +196,10 @@ class Provider(abc.ABC):
         )
 
     def close(self) -> None:  # noqa: B027 - optional hook: most providers hold nothing to release
-        """Releases connections."""
+        """Releases connections (also on leaving a ``with`` block)."""
+
+    def __enter__(self) -> Provider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

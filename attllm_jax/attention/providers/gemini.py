@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider, check_timeout, request_image
+from attllm_jax.attention.providers.http import guarded_client
 from attllm_jax.attention.request_policy import (
     ProviderError,
     RateLimiter,
@@ -25,6 +26,7 @@ from attllm_jax.attention.request_policy import (
 )
 
 GEMINI_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
 def _httpx_classes(name: str) -> tuple[type[Exception], ...]:
@@ -54,7 +56,7 @@ class GeminiProvider(Provider):
         api_key: the key; default GEMINI_API_KEY, else GOOGLE_API_KEY.
         base_url: another endpoint (a proxy, a local test server); default Google's.
         api_version: the REST API version in the path (``/v1beta/models/...:generateContent``).
-        timeout_s: per-attempt timeout.
+        timeout_s: the total deadline of each attempt, seconds (connect to last byte: see :mod:`.http`).
         temperature: sampling temperature (None: the model's default).
         top_p: nucleus sampling (None: the model's default).
         thinking_budget: thinking tokens (0 turns thinking off on 2.5 Flash; None: the model's default).
@@ -96,8 +98,12 @@ class GeminiProvider(Provider):
         self._transport_errors = _httpx_classes("TransportError")
         self._timeout_errors = _httpx_classes("TimeoutException")
         # retry_options=None: the SDK makes exactly one attempt; retries are ours (they honour RetryInfo).
+        # Our HTTP client sends only to the configured origin (never the key to a host that redirects elsewhere).
         http_options = types.HttpOptions(
-            base_url=base_url, api_version=api_version, timeout=int(round(timeout_s * 1000))
+            base_url=base_url,
+            api_version=api_version,
+            timeout=int(round(timeout_s * 1000)),
+            httpx_client=guarded_client(base_url or GEMINI_BASE_URL, timeout_s),
         )
         self._client = genai.Client(api_key=self._api_key, http_options=http_options)
         self._sampling = {
@@ -160,7 +166,8 @@ class GeminiProvider(Provider):
         status = getattr(e, "status", None)
         text = f"Gemini API error {code} {status or ''}: {message}".replace("  ", " ")
         key_invalid = code == 400 and "API_KEY_INVALID" in json.dumps(getattr(e, "details", None), default=str)
-        return ProviderError.from_status(text[:500], code, delay, fatal=key_invalid)
+        # The whole text: the request policy redacts it, then clips it (a cut before redaction can leave part of a key).
+        return ProviderError.from_status(text, code, delay, fatal=key_invalid)
 
     def close(self) -> None:
         try:

@@ -30,7 +30,8 @@ import httpx
 import numpy as np
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
-from attllm_jax.attention.providers.gemini import GEMINI_KEY_VARIABLES
+from attllm_jax.attention.providers.gemini import GEMINI_BASE_URL, GEMINI_KEY_VARIABLES
+from attllm_jax.attention.providers.http import MAX_IMAGE_ANSWER_BYTES, guarded_client
 from attllm_jax.attention.request_policy import (
     ProviderError,
     RateLimiter,
@@ -45,7 +46,7 @@ from attllm_jax.attention.request_policy import (
 from attllm_jax.data.images import MAX_SOURCE_PIXELS, check_source_pixels, to_rgb8
 
 DEFAULT_EDIT_MODEL = "gemini-2.5-flash-image"
-DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+DEFAULT_BASE_URL = GEMINI_BASE_URL
 MASK_NOTE = (
     "ESTIMATED, not ground truth: the edit colour-matched to the dry photo (per-channel gain and offset, least "
     "squares, first on the top third of the frame, then on the best-matching half), the change smoothed and "
@@ -119,11 +120,12 @@ class GeminiImageEditor:
         model: The image model.
         base_url: The API root (default Google's; a local server for tests or a proxy).
         api_version: REST API version.
-        timeout_s: Per-request timeout.
+        timeout_s: The total deadline of each attempt, seconds (connect to last byte).
         retry: Retry policy.
         limiter: Rate limiter shared by all threads.
         prompt: The editing prompt.
         api_key: The key (default: ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY``); optional with a ``base_url``.
+        max_response_bytes: The largest answer accepted (a larger one is refused, not retried).
 
     Raises:
         ValueError: without a key for Google's endpoint.
@@ -141,6 +143,7 @@ class GeminiImageEditor:
         limiter: RateLimiter | None = None,
         prompt: EditPrompt = FLOOD_EDIT_PROMPT,
         api_key: str | None = None,
+        max_response_bytes: int = MAX_IMAGE_ANSWER_BYTES,
     ):
         self.model = model
         self.prompt = prompt
@@ -151,7 +154,7 @@ class GeminiImageEditor:
         self.timeout_s = float(timeout_s)
         self.policy = RequestPolicy(retry, limiter)
         self.redactor = Redactor([self.api_key])
-        self._client = httpx.Client(timeout=self.timeout_s)
+        self._client = guarded_client(self.url, self.timeout_s, max_response_bytes)  # sends only to base_url's origin
 
     def edit(
         self, image: Image.Image, level: float, label: str = "image", stop: threading.Event | None = None
@@ -199,11 +202,18 @@ class GeminiImageEditor:
         try:
             payload = response.json()
         except ValueError:
-            raise ProviderError(f"the answer is not JSON: {response.text[:200]!r}") from None
+            raise ProviderError(f"the answer is not JSON: {response.text!r}") from None
         return _image_from_answer(payload)
 
     def close(self) -> None:
+        """Closes the HTTP connections (also on leaving a ``with`` block)."""
         self._client.close()
+
+    def __enter__(self) -> GeminiImageEditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _http_error(response: httpx.Response) -> ProviderError:
@@ -211,7 +221,7 @@ def _http_error(response: httpx.Response) -> ProviderError:
         body = response.json()
     except ValueError:
         body = None
-    message = response.text[:300]
+    message = response.text
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         message = str(body["error"].get("message", message))
     status = response.status_code
@@ -250,7 +260,7 @@ def _image_from_answer(payload: dict) -> tuple[Image.Image, str, str]:
     finish = candidates[0].get("finishReason") if candidates else None
     said = " ".join(texts).strip()
     if said:
-        raise ProviderError(f"the model answered text instead of an image: {said[:200]!r}")
+        raise ProviderError(f"the model answered text instead of an image: {said!r}")
     raise ProviderError(f"the answer holds no image (finish reason {finish})")
 
 

@@ -12,6 +12,7 @@ import base64
 from typing import Any
 
 from attllm_jax.attention.providers.base import AnnotationRequest, ModelReply, Provider, check_timeout, request_image
+from attllm_jax.attention.providers.http import guarded_client
 from attllm_jax.attention.request_policy import (
     ProviderError,
     RateLimiter,
@@ -33,7 +34,7 @@ class OpenAIProvider(Provider):
         model: the served model's name, e.g. "Qwen/Qwen2.5-VL-7B-Instruct".
         base_url: the API root, e.g. "http://127.0.0.1:8000/v1" (``/chat/completions`` is appended).
         api_key: sent as a bearer token; default OPENAI_API_KEY, else the placeholder "EMPTY".
-        timeout_s: per-attempt timeout.
+        timeout_s: the total deadline of each attempt, seconds (connect to last byte: see :mod:`.http`).
         temperature, top_p, max_output_tokens: sampling (None: the server's default).
         retry: the retry policy.
         limiter: the rate limiter shared by all threads.
@@ -66,7 +67,11 @@ class OpenAIProvider(Provider):
         self._api_key = api_key or api_key_from_env((OPENAI_KEY_VARIABLE,))
         self.timeout_s = timeout_s
         self._client = openai.OpenAI(
-            api_key=self._api_key or NO_KEY, base_url=base_url.rstrip("/"), timeout=timeout_s, max_retries=0
+            api_key=self._api_key or NO_KEY,
+            base_url=base_url.rstrip("/"),
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=guarded_client(base_url, timeout_s),  # sends only to base_url's origin
         )
         self._sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_output_tokens}
 
@@ -97,12 +102,19 @@ class OpenAIProvider(Provider):
             raise _status_error(e) from None
         return _reply(completion, self.model)
 
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
 
 def _status_error(e: Any) -> ProviderError:
+    """The whole error body: the request policy redacts it, then clips it (never the other way round)."""
     response = e.response
     delay = server_delay(parse_retry_after(response.headers.get("retry-after")), parse_google_retry_delay(e.body))
     return ProviderError.from_status(
-        f"HTTP {e.status_code} from {response.request.url.path}: {response.text[:300]}", e.status_code, delay
+        f"HTTP {e.status_code} from {response.request.url.path}: {response.text}", e.status_code, delay
     )
 
 
@@ -110,7 +122,7 @@ def _reply(completion: Any, default_model: str) -> ModelReply:
     """The answer of a ``ChatCompletion``; raises ProviderError when it holds no choice."""
     choices = getattr(completion, "choices", None)
     if not choices:
-        raise ProviderError(f"unexpected chat-completions response without choices: {str(completion)[:300]}")
+        raise ProviderError(f"unexpected chat-completions response without choices: {completion}")
     choice = choices[0]
     message = choice.message
     content = message.content if message is not None else None
