@@ -41,7 +41,7 @@ EPS = 1e-6
 P = 3.0
 
 
-# --- PyTorch eager transcriptions of DESIGN.md's formulas (the baseline) --------------------------------------------
+# --- PyTorch eager transcriptions of docs/DESIGN.md formulas (the baseline) ---------------------------------------
 
 
 def torch_modulated_gem(torch, x, att, alpha: float):

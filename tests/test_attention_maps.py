@@ -1,4 +1,4 @@
-"""Tests for attllm_jax.attention.maps against a NumPy transcription of DESIGN.md "Attention maps"."""
+"""Tests for attllm_jax.attention.maps against a NumPy transcription of docs/DESIGN.md "Attention maps"."""
 
 import logging
 

@@ -3,7 +3,7 @@
 References: ``experiments.torch_baselines.TorchCosPlace`` (torchvision backbone truncated as upstream + the
 ``L2Norm -> GeM -> Linear -> L2Norm`` head with upstream's module names), seeded random weights with non-trivial
 BatchNorm statistics and GeM p != 3, saved with ``torch.save`` and read back by the production converter. The
-attention path is checked against a PyTorch transcription of DESIGN.md's modulated GeM. Tolerances (float32,
+attention path is checked against a PyTorch transcription of docs/DESIGN.md's modulated GeM. Tolerances (float32,
 highest matmul precision): descriptors max abs error <= 1e-4 and cosine >= 0.99999; intermediate maps (values
 of order 1) max abs error <= 1e-4 * max(1, max |reference|).
 """
@@ -102,7 +102,7 @@ def torch_stages(model: TorchCosPlace, x: torch.Tensor, stages: dict[str, int]) 
 
 
 def torch_modulated_gem(x, attention, alpha, p, eps=1e-6, blend="native"):
-    """DESIGN.md's modulated GeM in PyTorch. x [B, C, h, w] L2-normalized, attention [B, h', w']."""
+    """docs/DESIGN.md's modulated GeM in PyTorch. x [B, C, h, w] L2-normalized, attention [B, h', w']."""
     b, _, h, w = x.shape
     xp = x.clamp(min=eps).pow(p)
     hw = h * w

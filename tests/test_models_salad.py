@@ -1,7 +1,7 @@
 """DINOv2 + SALAD: parity with a PyTorch reference through the production converter, strictness, model directory.
 
 The reference (:mod:`experiments.torch_baselines`) is transformers' DINOv2 with upstream's position-embedding
-interpolation, its final norm, and a PyTorch SALAD head written from DESIGN.md and serizba/salad (with the
+interpolation, its final norm, and a PyTorch SALAD head written from docs/DESIGN.md and serizba/salad (with the
 query-side attention path). Its ``upstream_state_dict()`` has ``dino_salad.ckpt``'s keys (``backbone.model.*``,
 ``aggregator.*``) and is saved with ``torch.save`` and converted by :func:`attllm_jax.convert.salad.convert_salad`.
 Tolerances (float32, highest matmul precision): descriptors max abs error <= 1e-4 and cosine >= 0.99999; tokens
