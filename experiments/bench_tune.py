@@ -48,8 +48,9 @@ def main(argv):
 
     from attllm_jax.evaluation.demo import demo_config
     from attllm_jax.evaluation.extract import database_store_key, extract_queries
-    from attllm_jax.evaluation.pipeline import prepare_inputs, retrieve
+    from attllm_jax.evaluation.pipeline import prepare_inputs
     from attllm_jax.retrieval.recall import recall_from_ranks
+    from attllm_jax.retrieval.retrieve import retrieve
     from attllm_jax.tuning.cache import cached_query_features
     from attllm_jax.tuning.evaluate import CachedRetrieval
 

@@ -86,7 +86,7 @@ def test_format_1_salad_directory_loads_and_gives_the_0_1_descriptors(tmp_path):
 
 
 def test_random_demo_model_keeps_its_0_1_descriptors():
-    from attllm_jax.evaluation.pipeline import random_cosplace_model
+    from attllm_jax.evaluation.demo import random_cosplace_model
 
     model = random_cosplace_model(0)
     x = np.random.default_rng(5).normal(size=(2, 64, 96, 3)).astype(np.float32)

@@ -4,7 +4,7 @@
 descriptors (from the store) and the positives. For a grid of alphas it aggregates every cached batch in one
 vmapped call (``model.aggregate_sweep``) through the evaluation's own batch function
 (:func:`attllm_jax.evaluation.extract.aggregate_query_batch`), and searches with the evaluation's own
-:func:`attllm_jax.evaluation.pipeline.retrieve`, so its recalls are those of ``experiments.eval`` at the same
+:func:`attllm_jax.retrieval.retrieve.retrieve`, so its recalls are those of ``experiments.eval`` at the same
 settings. A new sigma only re-renders the attention maps; a new blend only swaps the aggregation head.
 """
 
@@ -24,8 +24,8 @@ from attllm_jax import ops
 from attllm_jax.attention.maps import attention_maps, attention_mask
 from attllm_jax.attention.parse import ParsedAttention, stack_attention
 from attllm_jax.evaluation.extract import aggregate_query_batch, combine_query_batch
-from attllm_jax.evaluation.pipeline import retrieve
 from attllm_jax.ops.gem import BLENDS
+from attllm_jax.retrieval.retrieve import retrieve
 from attllm_jax.tuning.cache import QueryFeatures
 
 DESCRIPTOR_BUDGET_BYTES = 512 * 2**20  # alphas are searched in chunks whose [k, Q, D] descriptors fit this
