@@ -31,7 +31,7 @@ ALLOWED = {
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:
-    """``{"pkg.sub.module": path}`` for every ``.py`` file of ``package`` under ``root`` (``__init__`` = the package)."""
+    """``{"pkg.sub.module": path}`` for every ``.py`` file of ``package`` (``__init__`` is the package)."""
     out = {}
     for path in sorted((root / package).rglob("*.py")):
         parts = list(path.relative_to(root).with_suffix("").parts)

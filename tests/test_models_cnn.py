@@ -1,6 +1,6 @@
 """CosPlace / EigenPlaces parity with PyTorch, converter strictness, the registry and VPRModel.
 
-References: ``experiments.torch_baselines.TorchCosPlace`` (torchvision backbone truncated as upstream + the
+References: ``benchmarks.torch_baselines.TorchCosPlace`` (torchvision backbone truncated as upstream + the
 ``L2Norm -> GeM -> Linear -> L2Norm`` head with upstream's module names), seeded random weights with non-trivial
 BatchNorm statistics and GeM p != 3, saved with ``torch.save`` and read back by the production converter. The
 attention path is checked against a PyTorch transcription of docs/DESIGN.md's modulated GeM. Tolerances (float32,
@@ -20,10 +20,11 @@ F = torch.nn.functional
 
 from attllm_jax.convert import convert_file  # noqa: E402
 from attllm_jax.convert.common import TensorSource  # noqa: E402
+from attllm_jax.convert.cosplace import CnnConvertOptions  # noqa: E402
 from attllm_jax.models.features import CnnFeatures  # noqa: E402
 from attllm_jax.models.spec import ModelSpec  # noqa: E402
 from attllm_jax.models.vpr import VPRModel  # noqa: E402
-from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_  # noqa: E402
+from benchmarks.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -57,7 +58,7 @@ def converted(backbone: str, tmp_path_factory, family: str = "cosplace"):
 
 
 def convert_cosplace(path, family: str = "cosplace", **options):
-    return convert_file(family, path, **options)
+    return convert_file(family, path, options=CnnConvertOptions(**options))
 
 
 def images(seed: int = 0, batch: int = 2, height: int = 64, width: int = 96) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """DINOv2 + SALAD: parity with a PyTorch reference through the production converter, strictness, model directory.
 
-The reference (:mod:`experiments.torch_baselines`) is transformers' DINOv2 with upstream's position-embedding
+The reference (:mod:`benchmarks.torch_baselines`) is transformers' DINOv2 with upstream's position-embedding
 interpolation, its final norm, and a PyTorch SALAD head written from docs/DESIGN.md and serizba/salad (with the
 query-side attention path). Its ``upstream_state_dict()`` has ``dino_salad.ckpt``'s keys (``backbone.model.*``,
 ``aggregator.*``) and is saved with ``torch.save`` and converted by :func:`attllm_jax.convert.salad.convert_salad`.
@@ -20,18 +20,19 @@ torch = pytest.importorskip("torch")
 from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
 
 from attllm_jax.convert import convert, convert_file  # noqa: E402
+from attllm_jax.convert.salad import SaladConvertOptions  # noqa: E402
 from attllm_jax.models.features import TokenFeatures  # noqa: E402
-from experiments.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad  # noqa: E402
+from benchmarks.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 
 def convert_salad(path, **options):
-    return convert_file("salad", path, **options)
+    return convert_file("salad", path, options=SaladConvertOptions(**options))
 
 
 def convert_salad_state_dict(state_dict, **options):
-    return convert("salad", state_dict, **options)
+    return convert("salad", state_dict, SaladConvertOptions(**options))
 
 
 DESC_ATOL, MIN_COSINE = 1e-4, 0.99999

@@ -35,6 +35,7 @@ from attllm_jax.evaluation.report import (
     write_per_query_csv,
     write_published_csvs,
 )
+from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.retrieval.positives import find_positives, haversine_m
 from attllm_jax.retrieval.retrieve import retrieve
 from attllm_jax.retrieval.search import MemoryPlan, plan_memory
@@ -50,7 +51,7 @@ class ModelLoadError(ValueError):
     """The --checkpoint directory does not hold a loadable converted model (bad config.json, state, fields)."""
 
 
-def load_eval_model(config: EvalConfig):
+def load_eval_model(config: EvalConfig) -> DescriptorModel:
     """The converted model of ``config.checkpoint``, or the random-weight ``config.random_model`` (CosPlace
     ResNet-18/512 by default; :func:`attllm_jax.evaluation.demo.random_model`).
 
@@ -91,10 +92,10 @@ class EvalResult:
     query_descriptors: np.ndarray
     positives: list[np.ndarray]
     output_dir: Path
-    model: Any = None
+    model: DescriptorModel | None = None
 
 
-def run_evaluation(config: EvalConfig, model=None) -> EvalResult | None:
+def run_evaluation(config: EvalConfig, model: DescriptorModel | None = None) -> EvalResult | None:
     """Evaluates flood-query geo-localization for every alpha and writes the result files.
 
     Writes into ``config.output_dir``: ``results.json``, ``per_query.csv``, ``csv_results/alpha_<a>/``
@@ -302,7 +303,7 @@ class EvalInputs:
     geo: GeoPair
     positives_all: list[np.ndarray]
     attention: QueryAttention
-    model: Any
+    model: DescriptorModel
     digest: str
     store: DescriptorStore
     db_run: DatabaseExtraction
@@ -311,7 +312,7 @@ class EvalInputs:
     plan: MemoryPlan
 
 
-def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
+def prepare_inputs(config: EvalConfig, model: DescriptorModel | None = None) -> EvalInputs:
     """Loads the datasets, positives, attention answers and model, plans the search and fills the database store.
 
     Args:
@@ -348,7 +349,7 @@ def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
     )
 
 
-def database_store(config: EvalConfig, model, database: ImageSet, digest: str | None = None):
+def database_store(config: EvalConfig, model: DescriptorModel, database: ImageSet, digest: str | None = None):
     """:func:`~attllm_jax.evaluation.extract.build_database_store` with the run's store and batch settings.
 
     Returns:
@@ -368,7 +369,9 @@ def database_store(config: EvalConfig, model, database: ImageSet, digest: str | 
     )
 
 
-def run_extraction(config: EvalConfig, model=None, log_dir: str | Path | None = None) -> tuple[str, DatabaseExtraction]:
+def run_extraction(
+    config: EvalConfig, model: DescriptorModel | None = None, log_dir: str | Path | None = None
+) -> tuple[str, DatabaseExtraction]:
     """Builds the database store of ``config`` on its own (``python -m experiments.extract``), every process its share.
 
     Args:

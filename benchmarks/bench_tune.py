@@ -1,6 +1,6 @@
 r"""Benchmark: a 101-alpha sweep from caches vs re-extracting the queries for every alpha (the published procedure).
 
-    python -m experiments.bench_tune [--cache_dir cache] [--reference_alphas 101] [--output_dir outputs/bench_tune]
+    python -m benchmarks.bench_tune [--cache_dir cache] [--reference_alphas 101] [--output_dir outputs/bench_tune]
 
 Both sides use the demo's synthetic flooded-street benchmark (124 database images, 40 queries at 288x384), its
 oracle attention and the same random-weight CosPlace ResNet-18/512, in one process on this machine; the database

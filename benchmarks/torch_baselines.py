@@ -13,7 +13,7 @@ These are written from docs/DESIGN.md and the upstream projects' documented sema
   query-side attention path of docs/DESIGN.md, and the DINOv2 + SALAD composite whose ``upstream_state_dict()`` has the
   keys of ``dino_salad.ckpt`` (``backbone.model.*`` and ``aggregator.*``).
 
-Import :mod:`experiments.torch_env` and call ``declare_missing_torchvision_ops()`` before importing this module in a
+Import :mod:`benchmarks.torch_env` and call ``declare_missing_torchvision_ops()`` before importing this module in a
 standalone script (pytest's conftest does it).
 """
 
