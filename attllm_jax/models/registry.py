@@ -30,8 +30,8 @@ class FamilyEntry:
         name: the ``family`` field of ``config.json``.
         architecture: the architecture spec class (``from_dict``, ``from_format_1``, ``default_preprocess``,
             ``build``, ``to_dict``; ``FORMAT_1_FIELDS``).
-        conversion: the module with ``convert_state_dict(state_dict, family, source_name, **options)`` and its
-            key table (imported only when converting).
+        conversion: the module with ``convert_state_dict(state_dict, family, source_name, options)``, its frozen
+            ``Options`` dataclass and its key table (imported only when converting).
     """
 
     name: str
@@ -282,7 +282,9 @@ def spec_parts_from_format_1(data: dict, source: str) -> tuple[str, Any, Preproc
 
     The family's architecture class takes its ``FORMAT_1_FIELDS`` (and checks the derived ones); ``gem_p`` and
     ``image_size`` are dropped (the weights and the preprocessing hold them); a missing ``preprocess`` is the
-    family default, as 0.1.0 used then.
+    family default, as 0.1.0 used then. 0.1.0 named the release in ``published_file`` from the file's name; that
+    field is derived again from the content here: the release whose published SHA-256 is ``source_sha256``
+    (:func:`published_by_sha256`), else None.
 
     Args:
         data: the parsed JSON object (consumed).
@@ -299,6 +301,9 @@ def spec_parts_from_format_1(data: dict, source: str) -> tuple[str, Any, Preproc
     family = family_name(data.pop("family"), source)
     arch_cls = family_entry(family).architecture
     provenance = {k: data.pop(k) for k in _FORMAT_1_PROVENANCE if k in data}
+    if "published_file" in provenance:  # 0.1.0 inferred it from the name: keep it only when the content says so
+        published = published_by_sha256(provenance.get("source_sha256"))
+        provenance["published_file"] = None if published is None else published.file_name
     for k in _FORMAT_1_DROPPED:
         data.pop(k, None)
     preprocess = data.pop("preprocess", None)
