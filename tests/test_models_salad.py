@@ -4,8 +4,9 @@ The reference (:mod:`benchmarks.torch_baselines`) is transformers' DINOv2 with u
 interpolation, its final norm, and a PyTorch SALAD head written from docs/DESIGN.md and serizba/salad (with the
 query-side attention path). Its ``upstream_state_dict()`` has ``dino_salad.ckpt``'s keys (``backbone.model.*``,
 ``aggregator.*``) and is saved with ``torch.save`` and converted by :func:`attllm_jax.convert.salad.convert_salad`.
-Tolerances (float32, highest matmul precision): descriptors max abs error <= 1e-4 and cosine >= 0.99999; tokens
-``atol 1e-4 + rtol 1e-5``.
+Tolerances (float32, highest matmul precision): descriptors max abs error <= 1e-6 and cosine >= 0.99999; tokens
+``atol 1e-5 + rtol 1e-5``. Measured on the 2-core development CPU (every comparison here, the full-size ViT-B/14
+included): descriptors <= 1e-7, tokens <= 2.1e-6 absolute; the bounds leave room for another CPU's kernels.
 """
 
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ def convert_salad_state_dict(state_dict, **options):
     return convert("salad", state_dict, SaladConvertOptions(**options))
 
 
-DESC_ATOL, MIN_COSINE = 1e-4, 0.99999
-TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
+DESC_ATOL, MIN_COSINE = 1e-6, 0.99999  # measured <= 1e-7
+TOKEN_ATOL, TOKEN_RTOL = 1e-5, 1e-5  # measured <= 2.1e-6 absolute
 
 
 def _assert_descriptors_close(ours, expected):
