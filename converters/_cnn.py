@@ -3,6 +3,7 @@
 from _front import convert_and_report
 from absl import app, flags
 
+from attllm_jax.convert.cosplace import CnnConvertOptions
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 
 flags.DEFINE_string("checkpoint", None, "Source .pth/.pt/.ckpt/.safetensors; omit to download the published file.")
@@ -23,4 +24,4 @@ def run(family: str) -> None:
 
 def _main(family: str) -> None:
     names = ("checkpoint", "output", "backbone", "fc_output_dim", "cache_dir")
-    convert_and_report(family, names, backbone=FLAGS.backbone, fc_output_dim=FLAGS.fc_output_dim)
+    convert_and_report(family, names, CnnConvertOptions(FLAGS.backbone, FLAGS.fc_output_dim))

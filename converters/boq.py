@@ -13,6 +13,7 @@ of the float image to 322x322 (DINOv2) or 384x384 (ResNet-50), as VPR-methods-ev
 from _front import convert_and_report
 from absl import app, flags
 
+from attllm_jax.convert.boq import BoQConvertOptions
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 
 BACKBONES = {"dinov2": "dinov2_vitb14", "dinov2_vitb14": "dinov2_vitb14", "resnet50": "resnet50"}
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> None:
     image_size = None if FLAGS.image_size is None else tuple(int(v) for v in FLAGS.image_size)
     backbone = None if FLAGS.backbone is None else BACKBONES[FLAGS.backbone]
     names = ("checkpoint", "output", "backbone", "image_size", "cache_dir")
-    convert_and_report("boq", names, backbone=backbone, image_size=image_size)
+    convert_and_report("boq", names, BoQConvertOptions(backbone=backbone, image_size=image_size))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from _front import convert_and_report
 from absl import app, flags
 
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
+from attllm_jax.convert.megaloc import MegaLocConvertOptions
 
 flags.DEFINE_string("checkpoint", None, "Source .safetensors/.torch/.pth; omit to download model.safetensors.")
 flags.DEFINE_string("output", None, "Output model directory.", required=True)
@@ -27,7 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     del argv
     names = ("checkpoint", "output", "backbone", "num_heads", "cache_dir")
-    convert_and_report("megaloc", names, backbone=FLAGS.backbone, num_heads=FLAGS.num_heads)
+    convert_and_report("megaloc", names, MegaLocConvertOptions(backbone=FLAGS.backbone, num_heads=FLAGS.num_heads))
 
 
 if __name__ == "__main__":

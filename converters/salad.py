@@ -13,6 +13,7 @@ from _front import convert_and_report
 from absl import app, flags
 
 from attllm_jax.convert.download import DEFAULT_CACHE_DIR
+from attllm_jax.convert.salad import SaladConvertOptions
 
 flags.DEFINE_string("checkpoint", None, "Source .ckpt/.pth/.pt/.safetensors; omit to download dino_salad.ckpt.")
 flags.DEFINE_string("output", None, "Output model directory.", required=True)
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> None:
     del argv
     names = ("checkpoint", "output", "backbone", "num_heads", "image_size", "cache_dir")
     image_size = [int(v) for v in FLAGS.image_size]
-    convert_and_report("salad", names, backbone=FLAGS.backbone, num_heads=FLAGS.num_heads, image_size=image_size)
+    options = SaladConvertOptions(backbone=FLAGS.backbone, num_heads=FLAGS.num_heads, image_size=image_size)
+    convert_and_report("salad", names, options)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ flags.register_validator("rain", lambda v: 0.0 <= v <= 1.0, "--rain must be in [
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from dataclasses import replace
+
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.data.flood import FloodStyle
     from attllm_jax.evaluation.config import EvalConfig
@@ -104,8 +106,12 @@ def main(argv):
             if FLAGS.database_csv:
                 raise app.UsageError("--database_csv needs --database_folder and --queries_folder")
             config = synthetic_severity_config(
-                FLAGS.cache_dir, FLAGS.output_dir or "outputs/severity", **overrides, **sweep
+                FLAGS.cache_dir,
+                FLAGS.output_dir or "outputs/severity",
+                checkpoint=FLAGS.checkpoint,
+                attention=FLAGS.attention,
             )
+            config = replace(config, eval=replace(config.eval, **overrides), **sweep)
         else:
             if FLAGS.database_folder is None or FLAGS.queries_folder is None or FLAGS.output_dir is None:
                 raise app.UsageError("give --database_folder, --queries_folder and --output_dir (or none of them)")

@@ -2,7 +2,7 @@
 
 import jax
 
-from experiments.torch_env import declare_missing_torchvision_ops
+from benchmarks.torch_env import declare_missing_torchvision_ops
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -196,7 +196,7 @@ def _run_converter(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_eigenplaces_converter_script_end_to_end(tmp_path):
     import torch
 
-    from experiments.torch_baselines import TorchCosPlace
+    from benchmarks.torch_baselines import TorchCosPlace
 
     torch.manual_seed(0)
     ckpt = tmp_path / "ResNet18_512_eigenplaces.pth"
@@ -222,7 +222,7 @@ def test_eigenplaces_converter_script_end_to_end(tmp_path):
 def test_converter_labels_the_file_it_downloaded_as_published_and_verbosity_shows_more(tmp_path):
     import torch
 
-    from experiments.torch_baselines import TorchCosPlace
+    from benchmarks.torch_baselines import TorchCosPlace
 
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -91,3 +91,16 @@ def test_attllm_convert_lists_the_families(installed):
     assert "cosplace" in proc.stdout and "salad" in proc.stdout
     bad = _run(installed, "attllm-convert", "nosuchfamily")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("convert: error: unknown family 'nosuchfamily'")
+
+
+def test_benchmarks_and_torch_references_are_not_installed(installed, tmp_path):
+    """The front ends are installed; the benchmarks and the PyTorch references stay in the checkout."""
+    probe = (
+        "import importlib.util as u\n"
+        "names = ['experiments.eval', 'benchmarks', 'experiments.bench_models', 'experiments.torch_zoo']\n"
+        "print(' '.join(str(u.find_spec(n) is not None) for n in names))\n"
+    )
+    proc = _run(installed, str(installed / "python"), "-c", probe, cwd=str(tmp_path))  # no checkout on sys.path
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False", "False", "False"]
+    assert (REPO / "benchmarks" / "bench_models.py").is_file() and (REPO / "benchmarks" / "torch_zoo.py").is_file()

@@ -62,7 +62,7 @@ def converted_checkpoint(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from attllm_jax.checkpoint import save_model
     from attllm_jax.convert import convert_file
-    from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
+    from benchmarks.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
 
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

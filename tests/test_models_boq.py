@@ -1,6 +1,6 @@
 """BoQ (DINOv2 and ResNet-50): parity with PyTorch through the production converter, attention, strictness.
 
-The reference (:mod:`experiments.torch_zoo`) follows amaralibey/Bag-of-Queries at HEAD: transformers' DINOv2
+The reference (:mod:`benchmarks.torch_zoo`) follows amaralibey/Bag-of-Queries at HEAD: transformers' DINOv2
 (upstream interpolation) WITHOUT its final norm, or torchvision's ResNet-50 cut after ``layer3``; the BoQ head from
 torch's own ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention``, whose returned head-averaged
 cross-attention weights are compared too. The query-side attention path is written there with torch's
@@ -19,13 +19,14 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
 
-from attllm_jax.convert.boq import convert_state_dict  # noqa: E402
+from attllm_jax.convert.boq import BoQConvertOptions, convert_state_dict  # noqa: E402
 from attllm_jax.convert.common import ConversionError, read_state_dict  # noqa: E402
 from attllm_jax.data.preprocess import PreprocessSpec  # noqa: E402
 from attllm_jax.models.features import CnnFeatures  # noqa: E402
-from experiments.torch_zoo import RELEASED_BOQ_ARCH, make_torch_boq  # noqa: E402
+from benchmarks.torch_zoo import RELEASED_BOQ_ARCH, make_torch_boq  # noqa: E402
 
 pytestmark = pytest.mark.torch
+HEADS_4 = BoQConvertOptions(backbone_num_heads=4)  # the tiny reference DINOv2 (width 64) has 4 heads
 
 DESC_ATOL = 1e-5
 MAP_ATOL, MAP_RTOL = 1e-4, 1e-5
@@ -50,7 +51,7 @@ def case(request, tmp_path_factory):
     reference = _reference(backbone)
     path = tmp_path_factory.mktemp("boq") / f"{backbone}_512.pth"
     torch.save(reference.upstream_state_dict(), path)
-    net, config = convert_state_dict(read_state_dict(path), "boq", str(path), backbone_num_heads=4)
+    net, config = convert_state_dict(read_state_dict(path), "boq", str(path), HEADS_4)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, *IMAGE_HW[backbone], generator=g)
     attention = 2.0 * torch.rand(2, 3, 4, generator=g)
@@ -252,9 +253,10 @@ def test_converter_script_and_load_without_torch(tmp_path):
     images, attention = torch.randn(2, 3, 70, 98, generator=g), 2.0 * torch.rand(2, 3, 4, generator=g)
     # Upstream's heads are d / 64; the tiny reference DINOv2 (width 64) has 4, which the weights do not say.
     prelude = (
+        "import dataclasses\n"
         "import attllm_jax.convert.boq as boq\n"
         "convert = boq.convert_state_dict\n"
-        "boq.convert_state_dict = lambda *a, **k: convert(*a, backbone_num_heads=4, **k)\n"
+        "boq.convert_state_dict = lambda s, f, n, o: convert(s, f, n, dataclasses.replace(o, backbone_num_heads=4))\n"
     )
     config, ours = convert_and_load_without_torch(
         tmp_path,
@@ -290,7 +292,7 @@ def test_missing_extra_and_misshapen_tensors_are_all_named():
     state["aggregator.boqs.0.extra"] = np.zeros((3, 2), np.float32)
     state["aggregator.fc.bias"] = np.zeros((5,), np.float32)
     with pytest.raises(ConversionError) as info:
-        convert_state_dict(state, "boq", backbone_num_heads=4)
+        convert_state_dict(state, "boq", options=HEADS_4)
     message = str(info.value)
     assert "'aggregator.boqs.1.cross_attn.in_proj_bias'" in message
     assert "'aggregator.boqs.0.extra' [3, 2]" in message

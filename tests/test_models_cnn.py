@@ -1,11 +1,13 @@
 """CosPlace / EigenPlaces parity with PyTorch, converter strictness, the registry and VPRModel.
 
-References: ``experiments.torch_baselines.TorchCosPlace`` (torchvision backbone truncated as upstream + the
+References: ``benchmarks.torch_baselines.TorchCosPlace`` (torchvision backbone truncated as upstream + the
 ``L2Norm -> GeM -> Linear -> L2Norm`` head with upstream's module names), seeded random weights with non-trivial
 BatchNorm statistics and GeM p != 3, saved with ``torch.save`` and read back by the production converter. The
-attention path is checked against a PyTorch transcription of DESIGN.md's modulated GeM. Tolerances (float32,
-highest matmul precision): descriptors max abs error <= 1e-4 and cosine >= 0.99999; intermediate maps (values
-of order 1) max abs error <= 1e-4 * max(1, max |reference|).
+attention path is checked against a PyTorch transcription of docs/DESIGN.md's modulated GeM. Tolerances (float32,
+highest matmul precision): descriptors max abs error <= 2e-6 and cosine >= 0.99999; intermediate maps (values
+of order 1) max abs error <= 1e-5 * max(1, max |reference|). Measured on the 2-core development CPU (every parity
+comparison here, ResNet-101/152 included): descriptors <= 3.5e-7, maps <= 2.7e-6 (relative as above); the bounds
+leave room for another CPU's kernels (tests/round_off.py: ~3e-7 between CPUs on unit descriptors).
 """
 
 import numpy as np
@@ -20,14 +22,16 @@ F = torch.nn.functional
 
 from attllm_jax.convert import convert_file  # noqa: E402
 from attllm_jax.convert.common import TensorSource  # noqa: E402
+from attllm_jax.convert.cosplace import CnnConvertOptions  # noqa: E402
 from attllm_jax.models.features import CnnFeatures  # noqa: E402
 from attllm_jax.models.spec import ModelSpec  # noqa: E402
 from attllm_jax.models.vpr import VPRModel  # noqa: E402
-from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_  # noqa: E402
+from benchmarks.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-DESC_ATOL = 1e-4
+DESC_ATOL = 2e-6  # measured <= 3.5e-7
+MAP_RTOL = 1e-5  # x max(1, max |reference|); measured <= 2.7e-6
 MIN_COSINE = 0.99999
 GEM_P = {"ResNet18": 3.7, "ResNet50": 2.6, "VGG16": 4.1, "ResNet101": 3.3, "ResNet152": 2.8}
 # torch Sequential index after which each of our stages ends
@@ -57,7 +61,7 @@ def converted(backbone: str, tmp_path_factory, family: str = "cosplace"):
 
 
 def convert_cosplace(path, family: str = "cosplace", **options):
-    return convert_file(family, path, **options)
+    return convert_file(family, path, options=CnnConvertOptions(**options))
 
 
 def images(seed: int = 0, batch: int = 2, height: int = 64, width: int = 96) -> torch.Tensor:
@@ -80,7 +84,7 @@ def assert_map_close(ours, ref_nchw, name):
     ref = nhwc(ref_nchw)
     ours = np.asarray(ours)
     assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
-    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    tol = MAP_RTOL * max(1.0, float(np.abs(ref).max()))
     assert np.abs(ours - ref).max() <= tol, (name, np.abs(ours - ref).max())
 
 
@@ -102,7 +106,7 @@ def torch_stages(model: TorchCosPlace, x: torch.Tensor, stages: dict[str, int]) 
 
 
 def torch_modulated_gem(x, attention, alpha, p, eps=1e-6, blend="native"):
-    """DESIGN.md's modulated GeM in PyTorch. x [B, C, h, w] L2-normalized, attention [B, h', w']."""
+    """docs/DESIGN.md's modulated GeM in PyTorch. x [B, C, h, w] L2-normalized, attention [B, h', w']."""
     b, _, h, w = x.shape
     xp = x.clamp(min=eps).pow(p)
     hw = h * w

@@ -3,7 +3,7 @@
 The reference is transformers' ``Dinov2Model`` with its position-embedding interpolation replaced by upstream's
 (``scale_factor=((h0 + 0.1) / M, (w0 + 0.1) / M)``), or ``Dinov2WithRegistersModel`` whose own interpolation
 already equals upstream's register models' (``size=``, antialias). Its transformers keys are mapped to torch.hub
-keys in :func:`experiments.torch_baselines.hf_dinov2_to_hub` and converted by the production converter.
+keys in :func:`benchmarks.torch_baselines.hf_dinov2_to_hub` and converted by the production converter.
 Tolerances (float32, highest matmul precision): tokens ``atol 1e-4 + rtol 1e-5``; resizes ``1e-5``.
 """
 
@@ -77,7 +77,7 @@ def _random_module(factory, seed: int = 0):
 def test_pos_embed_interpolation_matches_upstream(offset, antialias, grid_hw):
     """37x37 stored grid (the released models) resized as upstream; 37x37 itself is returned unchanged."""
     torch = pytest.importorskip("torch")
-    from experiments.torch_baselines import upstream_interpolate_pos_encoding
+    from benchmarks.torch_baselines import upstream_interpolate_pos_encoding
 
     vit = _small_vit(37, offset=offset, antialias=antialias)
     pos = np.random.default_rng(1).normal(size=(1, 1 + 37 * 37, 16)).astype(np.float32)
@@ -111,7 +111,7 @@ def converted():
     """Per variant: (transformers reference, our converted module), built once."""
     torch = pytest.importorskip("torch")
     from attllm_jax.convert.salad import convert_dinov2_state_dict
-    from experiments.torch_baselines import hf_dinov2_to_hub, make_hf_dinov2, randomize_
+    from benchmarks.torch_baselines import hf_dinov2_to_hub, make_hf_dinov2, randomize_
 
     cache = {}
 

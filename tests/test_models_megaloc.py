@@ -1,6 +1,6 @@
 """MegaLoc: parity with a PyTorch reference through the production converter, its input resize, attention, strictness.
 
-The reference (:mod:`experiments.torch_zoo`) follows gmberton/MegaLoc at HEAD: torchvision's antialiased resize to
+The reference (:mod:`benchmarks.torch_zoo`) follows gmberton/MegaLoc at HEAD: torchvision's antialiased resize to
 the nearest multiples of 14, transformers' DINOv2 with upstream's position-embedding interpolation (rows from the
 image height, the argument order fixed upstream on 2026-01-21), the SALAD head, ``aggregator.linear`` and an L2
 norm. Its ``upstream_state_dict()`` has ``model.safetensors``' keys or, with ``legacy=True``, ``megaloc.torch``'s.
@@ -19,13 +19,14 @@ from flax import nnx  # noqa: E402
 from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
 
 from attllm_jax.convert.common import ConversionError, read_state_dict  # noqa: E402
-from attllm_jax.convert.megaloc import convert_state_dict  # noqa: E402
+from attllm_jax.convert.megaloc import MegaLocConvertOptions, convert_state_dict  # noqa: E402
 from attllm_jax.data.preprocess import PreprocessSpec  # noqa: E402
 from attllm_jax.models.megaloc import patch_multiple_size  # noqa: E402
 from attllm_jax.ops.resize import antialiased_bilinear_matrix, antialiased_bilinear_resize  # noqa: E402
-from experiments.torch_zoo import RELEASED_MEGALOC_ARCH, make_torch_megaloc, megaloc_resize  # noqa: E402
+from benchmarks.torch_zoo import RELEASED_MEGALOC_ARCH, make_torch_megaloc, megaloc_resize  # noqa: E402
 
 pytestmark = pytest.mark.torch
+HEADS_4 = MegaLocConvertOptions(num_heads=4)  # the tiny reference DINOv2 (width 64) has 4 heads
 
 DESC_ATOL = 1e-5
 TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
@@ -46,7 +47,7 @@ def converted(reference, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("megaloc") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in reference.upstream_state_dict().items()}, str(path))
-    return convert_state_dict(read_state_dict(path), "megaloc", str(path), num_heads=4)
+    return convert_state_dict(read_state_dict(path), "megaloc", str(path), HEADS_4)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_legacy_release_converts_to_the_same_network(reference, converted, input
     torch.save(reference.upstream_state_dict(legacy=True), path)
     state = read_state_dict(path)
     assert "backbone.model.mask_token" in state
-    legacy, spec = convert_state_dict(state, "megaloc", num_heads=4)
+    legacy, spec = convert_state_dict(state, "megaloc", options=HEADS_4)
     assert spec == converted[1]
     x = jnp.asarray(nhwc(inputs[0]))
     np.testing.assert_array_equal(_describe(legacy, x), _describe(converted[0], x))
@@ -270,7 +271,7 @@ def test_missing_extra_and_misshapen_tensors_are_all_named(reference):
     state["aggregator.agg.extra"] = np.zeros((3, 2), np.float32)
     state["backbone.blocks.1.ls2.gamma"] = np.zeros((65,), np.float32)
     with pytest.raises(ConversionError) as info:
-        convert_state_dict(state, "megaloc", num_heads=4)
+        convert_state_dict(state, "megaloc", options=HEADS_4)
     message = str(info.value)
     assert "'aggregator.linear.bias'" in message
     assert "'aggregator.agg.extra' [3, 2]" in message
@@ -282,13 +283,13 @@ def test_mask_token_is_an_error_in_the_safetensors_layout(reference):
     state = _state(reference)
     state["backbone.mask_token"] = np.zeros((1, 64), np.float32)
     with pytest.raises(ConversionError, match=r"unused source tensor 'backbone\.mask_token'"):
-        convert_state_dict(state, "megaloc", num_heads=4)
+        convert_state_dict(state, "megaloc", options=HEADS_4)
 
 
 def test_other_families_are_rejected_with_a_hint(reference):
     salad_like = {k.replace("aggregator.agg.", "aggregator."): v for k, v in _state(reference, legacy=True).items()}
     with pytest.raises(ConversionError, match="not a MegaLoc checkpoint.*SALAD"):
-        convert_state_dict(salad_like, "megaloc", num_heads=4)
+        convert_state_dict(salad_like, "megaloc", options=HEADS_4)
 
 
 def test_truncated_file_is_rejected(reference, tmp_path):

@@ -1,11 +1,12 @@
 """DINOv2 + SALAD: parity with a PyTorch reference through the production converter, strictness, model directory.
 
-The reference (:mod:`experiments.torch_baselines`) is transformers' DINOv2 with upstream's position-embedding
-interpolation, its final norm, and a PyTorch SALAD head written from DESIGN.md and serizba/salad (with the
+The reference (:mod:`benchmarks.torch_baselines`) is transformers' DINOv2 with upstream's position-embedding
+interpolation, its final norm, and a PyTorch SALAD head written from docs/DESIGN.md and serizba/salad (with the
 query-side attention path). Its ``upstream_state_dict()`` has ``dino_salad.ckpt``'s keys (``backbone.model.*``,
 ``aggregator.*``) and is saved with ``torch.save`` and converted by :func:`attllm_jax.convert.salad.convert_salad`.
-Tolerances (float32, highest matmul precision): descriptors max abs error <= 1e-4 and cosine >= 0.99999; tokens
-``atol 1e-4 + rtol 1e-5``.
+Tolerances (float32, highest matmul precision): descriptors max abs error <= 1e-6 and cosine >= 0.99999; tokens
+``atol 1e-5 + rtol 1e-5``. Measured on the 2-core development CPU (every comparison here, the full-size ViT-B/14
+included): descriptors <= 1e-7, tokens <= 2.1e-6 absolute; the bounds leave room for another CPU's kernels.
 """
 
 import jax.numpy as jnp
@@ -20,22 +21,23 @@ torch = pytest.importorskip("torch")
 from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
 
 from attllm_jax.convert import convert, convert_file  # noqa: E402
+from attllm_jax.convert.salad import SaladConvertOptions  # noqa: E402
 from attllm_jax.models.features import TokenFeatures  # noqa: E402
-from experiments.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad  # noqa: E402
+from benchmarks.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 
 def convert_salad(path, **options):
-    return convert_file("salad", path, **options)
+    return convert_file("salad", path, options=SaladConvertOptions(**options))
 
 
 def convert_salad_state_dict(state_dict, **options):
-    return convert("salad", state_dict, **options)
+    return convert("salad", state_dict, SaladConvertOptions(**options))
 
 
-DESC_ATOL, MIN_COSINE = 1e-4, 0.99999
-TOKEN_ATOL, TOKEN_RTOL = 1e-4, 1e-5
+DESC_ATOL, MIN_COSINE = 1e-6, 0.99999  # measured <= 1e-7
+TOKEN_ATOL, TOKEN_RTOL = 1e-5, 1e-5  # measured <= 2.1e-6 absolute
 
 
 def _assert_descriptors_close(ours, expected):

@@ -10,6 +10,7 @@ on these unit-norm descriptors (``tests/round_off.py``). Hence ``CROSS_MACHINE_A
 and re-loaded models are compared bit for bit.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def test_format_1_cosplace_config_reads_and_gives_the_0_1_descriptors():
         spec.provenance,
     )
     assert spec.provenance.source_file == "ResNet18_64_cosplace.pth" and spec.provenance.converter_version == "1.0"
-    assert spec.provenance.published_file == "ResNet18_64_cosplace.pth" and len(spec.provenance.source_sha256) == 64
+    # 0.1.0 wrote published_file from the name; the weights are random, so the content names no release
+    assert spec.provenance.published_file is None and len(spec.provenance.source_sha256) == 64
     legacy = json.loads((LEGACY / "cosplace_resnet18_64" / "config.json").read_text())
     model = VPRModel(fill_like_0_1_fixture(nnx.eval_shape(spec.build), 0, legacy["gem_p"]), spec)
     expected = np.load(LEGACY / "cosplace_resnet18_64" / "expected.npz")
@@ -86,7 +88,7 @@ def test_format_1_salad_directory_loads_and_gives_the_0_1_descriptors(tmp_path):
 
 
 def test_random_demo_model_keeps_its_0_1_descriptors():
-    from attllm_jax.evaluation.pipeline import random_cosplace_model
+    from attllm_jax.evaluation.demo import random_cosplace_model
 
     model = random_cosplace_model(0)
     x = np.random.default_rng(5).normal(size=(2, 64, 96, 3)).astype(np.float32)
@@ -168,3 +170,14 @@ def test_every_family_has_a_spec_class_and_a_conversion_module():
         assert callable(module.convert_state_dict) and module.KEYS.rules
         for method in ("from_dict", "from_format_1", "default_preprocess", "build", "to_dict"):
             assert callable(getattr(entry.architecture, method))
+
+
+def test_format_1_published_file_comes_from_the_content(monkeypatch):
+    """A 0.1.0 config keeps a release label only when its source_sha256 is that release's published SHA-256."""
+    data = json.loads((LEGACY / "cosplace_resnet18_64" / "config.json").read_text())
+    assert data["published_file"] == "ResNet18_64_cosplace.pth"  # what 0.1.0 wrote, from the file's name
+    assert ModelSpec.from_dict(dict(data)).provenance.published_file is None
+    release = registry.lookup("cosplace", "resnet18", 64)
+    entries = [dataclasses.replace(e, sha256=data["source_sha256"]) if e == release else e for e in registry.PUBLISHED]
+    monkeypatch.setattr(registry, "PUBLISHED", tuple(entries))
+    assert ModelSpec.from_dict(dict(data)).provenance.published_file == "ResNet18_64_cosplace.pth"

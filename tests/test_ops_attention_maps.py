@@ -21,7 +21,7 @@ def _points(key: int, batch: int = 3, num: int = 5):
 
 
 def _ref_rbf(centers, weights, h, w, sigma=0.2, valid=None):
-    """DESIGN.md "Attention maps" in float64, one pixel and one image at a time over the valid points."""
+    """docs/DESIGN.md "Attention maps" in float64, one pixel and one image at a time over the valid points."""
     centers = np.clip(np.asarray(centers, np.float64), 0.0, 1.0)
     weights = np.clip(np.asarray(weights, np.float64), 0.0, 2.0)
     valid = np.ones(weights.shape, bool) if valid is None else np.asarray(valid)

@@ -1,4 +1,4 @@
-"""Tests of attllm_jax.ops.gem against float64 NumPy transcriptions of DESIGN.md's formulas."""
+"""Tests of attllm_jax.ops.gem against float64 NumPy transcriptions of docs/DESIGN.md's formulas."""
 
 import functools
 import importlib
@@ -31,7 +31,7 @@ def _ref_gem(x, p=3.0, eps=1e-6):
 
 
 def _ref_modulated_gem(x, att, alpha, p=3.0, eps=1e-6, blend="native"):
-    """DESIGN.md "Modulated GeM", one image at a time, float64; att already of the feature-grid size."""
+    """docs/DESIGN.md "Modulated GeM", one image at a time, float64; att already of the feature-grid size."""
     x = np.asarray(x, np.float64)
     att = np.clip(np.asarray(att, np.float64), 0.0, 2.0)
     alpha = np.broadcast_to(np.asarray(alpha, np.float64), (x.shape[0],))

@@ -2,7 +2,7 @@
 
 The reference follows serizba/salad ``models/aggregators/salad.py`` (SuperGlue's log-space Sinkhorn with a
 dustbin, then the repeat / multiply / sum aggregation and the three normalizations), rewritten here in
-float64 PyTorch; the attention path follows DESIGN.md's SALAD section.
+float64 PyTorch; the attention path follows docs/DESIGN.md's SALAD section.
 """
 
 import functools

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attllm_jax.retrieval.jax_search import ShardedExactIndex, jax_exact_search
+from tests.compile_log import logged_compiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,29 +152,15 @@ def test_one_device_equals_brute_force(name):
 
 
 def test_the_index_reuses_one_compiled_program_per_block_shape():
-    import jax
-
     rng = np.random.default_rng(1)
     index = ShardedExactIndex(_unit(rng, 300, 8))
     index.search(_unit(rng, 10, 8), 5, block_size=4)
-    before = jax.config.jax_log_compiles
-    compiled = []
-    import logging
-
-    class Catch(logging.Handler):
-        def emit(self, record):
-            if "Compiling" in record.getMessage():
-                compiled.append(record.getMessage())
-
-    handler = Catch()
-    logging.getLogger("jax").addHandler(handler)
-    jax.config.update("jax_log_compiles", True)
-    try:
+    with logged_compiles() as compiled:
         index.search(_unit(rng, 7, 8), 5, block_size=4)  # same block shape, another query count
-    finally:
-        jax.config.update("jax_log_compiles", before)
-        logging.getLogger("jax").removeHandler(handler)
     assert compiled == []
+    with logged_compiles() as compiled:  # positive control: a new block shape compiles, and the check sees it
+        index.search(_unit(rng, 7, 8), 5, block_size=6)
+    assert compiled
 
 
 def test_bad_inputs_are_named():

@@ -101,16 +101,9 @@ def _recompute_breaking_points(severity):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("severity")
-    config = synthetic_severity_config(
-        root / "cache",
-        root / "out",
-        synthetic=SMALL,
-        levels=(0.5, 0.9, 0.0),
-        alphas=(0.0, 0.5, 1.0),
-        recall_values=(1, 5),
-        image_size=72,
-        bootstrap=300,
-    )
+    config = synthetic_severity_config(root / "cache", root / "out", synthetic=SMALL)
+    ev = replace(config.eval, alphas=(0.0, 0.5, 1.0), recall_values=(1, 5), image_size=72)
+    config = replace(config, eval=ev, levels=(0.5, 0.9, 0.0), bootstrap=300)
     return root, config, run_severity(config)
 
 

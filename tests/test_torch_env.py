@@ -17,7 +17,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_import_torchvision_works_next_to_the_cpu_torch_wheel():
     proc = _python(
-        "from experiments.torch_env import import_torchvision\n"
+        "from benchmarks.torch_env import import_torchvision\n"
         "tv = import_torchvision()\n"
         "import torch\n"
         "print(tv.models.resnet18(weights=None).eval()(torch.zeros(1, 3, 32, 32)).shape)"
@@ -31,7 +31,7 @@ def test_the_reason_is_documented_where_users_meet_it():
     if bare.returncode == 0:
         pytest.skip("this torchvision imports cleanly: nothing to work around")
     assert "torchvision::nms" in bare.stderr
-    from experiments.torch_env import WHY
+    from benchmarks.torch_env import WHY
 
     readme = (REPO / "README.md").read_text()
     assert "import_torchvision" in readme and "torch==2.14.1 torchvision==0.29.1" in readme

@@ -43,7 +43,7 @@ def oracle_grid(mask: np.ndarray, n: int = ORACLE_GRID, water_weight: float = OR
 
     Args:
         mask: ``[H, W]`` bool, True = water.
-        n: Grid size (labels A1 .. <n-th letter><n>); cells follow DESIGN.md's Python-round convention.
+        n: Grid size (labels A1 .. <n-th letter><n>); cells follow docs/DESIGN.md's Python-round convention.
         water_weight: Weight of an all-water cell, in [0, 2].
 
     Returns:

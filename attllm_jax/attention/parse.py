@@ -1,6 +1,6 @@
 """Turns raw LLM answers into fixed-size padded arrays, on the host, before anything is jitted.
 
-Accepted answers (DESIGN.md "Attention maps"):
+Accepted answers (docs/DESIGN.md "Attention maps"):
 
 * points: a list of ``{"center": [x, y], "weight": w, "reasoning": "..."}`` (``(0, 0)`` top-left,
   ``(1, 1)`` bottom-right); ``[x, y, w]`` triples are accepted too. Centers are clamped to ``[0, 1]``,

@@ -2,9 +2,12 @@
 
 One path for every family::
 
-    net, spec = convert(family, state_dict, **options)        # in memory; the family's key table
-    net, spec = convert_file(family, path, **options)         # + reading the file and its provenance
+    net, spec = convert(family, state_dict, options)          # in memory; the family's key table
+    net, spec = convert_file(family, path, options=options)   # + reading the file and its provenance
     spec = convert_to_directory(family, output, checkpoint)   # + the published file when none is given, + saving
+
+``options`` is the family's own frozen dataclass (``CnnConvertOptions``, ``SaladConvertOptions``,
+``MegaLocConvertOptions``, ``BoQConvertOptions``; :func:`options_class` finds it), or None for its defaults.
 
 Each family's module (:mod:`~attllm_jax.convert.cosplace` for CosPlace and EigenPlaces, :mod:`~attllm_jax.convert.
 salad` for SALAD and CliqueMining, :mod:`~attllm_jax.convert.megaloc`, :mod:`~attllm_jax.convert.boq`) holds its key
@@ -22,26 +25,51 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any, Protocol
 
 from flax import nnx
 
 from attllm_jax.models import registry
 from attllm_jax.models.spec import ModelSpec
 
-__all__ = ["convert", "convert_file", "convert_to_directory", "resolve_checkpoint"]
+__all__ = ["ConvertOptions", "convert", "convert_file", "convert_to_directory", "options_class", "resolve_checkpoint"]
+
+
+class ConvertOptions(Protocol):
+    """What every family's options dataclass provides (to find the published file when no checkpoint is given)."""
+
+    @property
+    def backbone(self) -> str | None: ...
+
+    @property
+    def descriptor_dim(self) -> int | None: ...
+
+
+def options_class(family: str) -> type:
+    """The frozen options dataclass of ``family``'s conversion (e.g. ``CnnConvertOptions`` for ``"cosplace"``)."""
+    return registry.family_entry(family).conversion_module().Options
+
+
+def _checked_options(family: str, options: Any) -> ConvertOptions:
+    cls = options_class(family)
+    if options is None:
+        return cls()
+    if not isinstance(options, cls):
+        raise TypeError(f"a {family} conversion takes {cls.__name__} options, got {type(options).__name__}")
+    return options
 
 
 def convert(
-    family: str, state_dict: dict, source_name: str = "<state dict>", **options
+    family: str, state_dict: dict, options: ConvertOptions | None = None, *, source_name: str = "<state dict>"
 ) -> tuple[nnx.Module, ModelSpec]:
     """Converts an in-memory state dict of ``family`` with that family's key table.
 
     Args:
         family: ``"cosplace"``, ``"eigenplaces"``, ``"salad"`` (see ``registry.FAMILIES``).
         state_dict: ``{key: array}``.
+        options: the family's expectations and settings (its options dataclass, see :func:`options_class`), or
+            None for its defaults.
         source_name: the file name for messages.
-        **options: the family's expectations and settings, e.g. ``backbone``, ``fc_output_dim`` (CNN);
-            ``backbone``, ``num_heads``, ``image_size`` (SALAD).
 
     Returns:
         ``(net, spec)``.
@@ -49,13 +77,18 @@ def convert(
     Raises:
         ConversionError: the checkpoint does not fit the family (every problem listed).
         ValueError: unknown family or option values.
+        TypeError: ``options`` of another family.
     """
     entry = registry.family_entry(family)
-    return entry.conversion_module().convert_state_dict(state_dict, entry.name, source_name, **options)
+    options = _checked_options(entry.name, options)
+    return entry.conversion_module().convert_state_dict(state_dict, entry.name, source_name, options)
 
 
 def convert_file(
-    family: str, path: str | os.PathLike, downloaded: registry.PublishedCheckpoint | None = None, **options
+    family: str,
+    path: str | os.PathLike,
+    downloaded: registry.PublishedCheckpoint | None = None,
+    options: ConvertOptions | None = None,
 ) -> tuple[nnx.Module, ModelSpec]:
     """Reads a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.bin``/``.safetensors``) and converts it.
 
@@ -68,12 +101,12 @@ def convert_file(
         family: the model family.
         path: the checkpoint file.
         downloaded: the published entry ``path`` was fetched as (:func:`resolve_checkpoint`), if any.
-        **options: passed to the family's converter.
+        options: the family's options dataclass (None: its defaults).
     """
     from attllm_jax.convert.common import read_state_dict, sha256_file
 
     path = Path(path)
-    net, spec = convert(family, read_state_dict(path), source_name=str(path), **options)
+    net, spec = convert(family, read_state_dict(path), options, source_name=str(path))
     digest = sha256_file(path)
     published = downloaded or registry.published_by_sha256(digest)
     provenance = dataclasses.replace(
@@ -115,25 +148,25 @@ def convert_to_directory(
     output: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
-    **options,
+    options: ConvertOptions | None = None,
 ) -> ModelSpec:
     """What every script in ``converters/`` does: resolve (download if needed), convert, save.
 
     Args:
         family: the model family.
         output: model directory to write (orbax state + ``config.json``).
-        checkpoint: source file; None downloads the published one that ``options`` (``backbone`` and
-            ``fc_output_dim`` for the CNN families) name.
+        checkpoint: source file; None downloads the published one that ``options`` (``backbone`` and, for the CNN
+            families, ``fc_output_dim``) name.
         cache_dir: download cache (default ``$ATTLLM_JAX_CACHE`` or ``~/.cache/attllm_jax``).
-        **options: passed to the family's converter (and used to find the published file).
+        options: the family's options dataclass (None: its defaults), also used to find the published file.
 
     Returns:
         The spec written to ``output/config.json``.
     """
     from attllm_jax.checkpoint import save_model
 
-    dim = options.get("fc_output_dim", options.get("descriptor_dim"))
-    path, downloaded = resolve_checkpoint(family, checkpoint, options.get("backbone"), dim, cache_dir)
-    net, spec = convert_file(family, path, downloaded, **options)
+    options = _checked_options(family, options)
+    path, downloaded = resolve_checkpoint(family, checkpoint, options.backbone, options.descriptor_dim, cache_dir)
+    net, spec = convert_file(family, path, downloaded, options)
     save_model(output, net, spec)
     return spec

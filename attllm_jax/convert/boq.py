@@ -39,6 +39,28 @@ from attllm_jax.models.spec import ModelSpec
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "boq"
+
+
+@dataclasses.dataclass(frozen=True)
+class BoQConvertOptions:
+    """What a BoQ conversion is told besides the checkpoint.
+
+    Attributes:
+        options: expected backbone, heads and evaluation size (default :class:`BoQConvertOptions`).
+    """
+
+    backbone: str | None = None
+    num_heads: int | None = None
+    backbone_num_heads: int | None = None
+    image_size: tuple[int, int] | None = None
+
+    @property
+    def descriptor_dim(self) -> None:
+        """BoQ's dimension follows from the checkpoint; nothing to expect."""
+        return None
+
+
+Options = BoQConvertOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
 DINO_PREFIX = "backbone.dino."
 RESNET_PREFIX = "backbone.net."
 IGNORED = ("num_batches_tracked", "backbone.dino.mask_token")
@@ -136,10 +158,7 @@ def convert_state_dict(
     state_dict: dict,
     family: str = FAMILY,
     source_name: str = "<state dict>",
-    backbone: str | None = None,
-    num_heads: int | None = None,
-    backbone_num_heads: int | None = None,
-    image_size: tuple[int, int] | None = None,
+    options: BoQConvertOptions | None = None,
 ) -> tuple[nnx.Module, ModelSpec]:
     """Converts an in-memory BoQ state dict strictly.
 
@@ -147,11 +166,7 @@ def convert_state_dict(
         state_dict: ``{key: array}``.
         family: ``"boq"``.
         source_name: the file name used in messages.
-        backbone: optional expected backbone (``"dinov2_vitb14"`` or ``"resnet50"``), checked against the shapes.
-        num_heads: attention heads of the BoQ blocks (default ``proj_channels // 64``, as upstream).
-        backbone_num_heads: DINOv2 attention heads, only for widths that are not a multiple of 64.
-        image_size: evaluation ``(height, width)``; default 322x322 (DINOv2) or 384x384 (ResNet-50), as
-            VPR-methods-evaluation.
+        options: expected backbone, heads and evaluation size (default :class:`BoQConvertOptions`).
 
     Returns:
         ``(net, spec)``: the filled :class:`~attllm_jax.models.boq.BoQNet` and its spec (preprocessing: normalize,
@@ -162,11 +177,12 @@ def convert_state_dict(
             tensor (all listed).
     """
     check_family(family, FAMILY)
+    options = BoQConvertOptions() if options is None else options
     source = TensorSource(state_dict, ignore=IGNORED)
-    arch = infer_boq_spec(source, source_name, num_heads, backbone_num_heads)
-    check_expected_backbone(source_name, backbone, arch)
+    arch = infer_boq_spec(source, source_name, options.num_heads, options.backbone_num_heads)
+    check_expected_backbone(source_name, options.backbone, arch)
     preprocess = arch.default_preprocess()
-    if image_size is not None:
+    if options.image_size is not None:
         patch = arch.dinov2.patch_size if arch.dinov2 is not None else 1
-        preprocess = dataclasses.replace(preprocess, size=checked_image_size(image_size, patch))
+        preprocess = dataclasses.replace(preprocess, size=checked_image_size(options.image_size, patch))
     return convert_with_table(FAMILY, arch, KEYS, source, preprocess, CONVERTER_VERSION)

@@ -10,6 +10,7 @@ strictly both ways by :func:`fill_module`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from flax import nnx
@@ -23,6 +24,27 @@ from attllm_jax.models.spec import ModelSpec
 from attllm_jax.models.vgg import VGG16_CFG, vgg_layer_plan
 
 CONVERTER_VERSION = "1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class CnnConvertOptions:
+    """What a CosPlace / EigenPlaces conversion is told besides the checkpoint (each checked against the shapes).
+
+    Attributes:
+        backbone: expected backbone (``"ResNet50"``, ``"resnet50"``, ``"VGG16"`` ...), or None.
+        fc_output_dim: expected descriptor dimension, or None.
+    """
+
+    backbone: str | None = None
+    fc_output_dim: int | None = None
+
+    @property
+    def descriptor_dim(self) -> int | None:
+        """The expected descriptor dimension (finds the published file to download)."""
+        return self.fc_output_dim
+
+
+Options = CnnConvertOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
 _REQUIRED = ("backbone.0.weight", "aggregation.1.p", "aggregation.3.weight", "aggregation.3.bias")
 
 # Target path (our GeoLocalizationNet) -> upstream key. ResNet children are numbered in upstream's Sequential
@@ -88,8 +110,7 @@ def convert_state_dict(
     state_dict: dict,
     family: str = "cosplace",
     source_name: str = "<state dict>",
-    backbone: str | None = None,
-    fc_output_dim: int | None = None,
+    options: CnnConvertOptions | None = None,
 ) -> tuple[nnx.Module, ModelSpec]:
     """Converts an in-memory CosPlace / EigenPlaces state dict (upstream's ``GeoLocalizationNet``).
 
@@ -97,8 +118,7 @@ def convert_state_dict(
         state_dict: ``{key: array}``.
         family: ``"cosplace"`` or ``"eigenplaces"`` (the layouts are identical; this labels the spec).
         source_name: the file name for messages.
-        backbone: optional expected backbone (``"ResNet50"``, ``"resnet50"``, ``"VGG16"`` ...).
-        fc_output_dim: optional expected descriptor dimension.
+        options: the expected backbone and descriptor dimension (default: none expected).
 
     Returns:
         ``(net, spec)``: the filled :class:`GeoLocalizationNet` and its spec (provenance: converter version).
@@ -108,6 +128,8 @@ def convert_state_dict(
             (all listed in one message).
     """
     family = family.lower()
+    options = CnnConvertOptions() if options is None else options
+    backbone, fc_output_dim = options.backbone, options.fc_output_dim
     if family not in registry.CNN_FAMILIES:
         raise ValueError(f"family must be one of {registry.CNN_FAMILIES}, got {family!r}")
     source = TensorSource(state_dict)

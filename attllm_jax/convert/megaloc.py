@@ -15,6 +15,8 @@ inferred from the shapes (the head count from DINOv2's 64-channel heads unless g
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax import nnx
 
 from attllm_jax.convert.common import ConversionError, TensorSource, as_conversion_error, describe_keys
@@ -32,6 +34,27 @@ from attllm_jax.models.spec import ModelSpec
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "megaloc"
+
+
+@dataclasses.dataclass(frozen=True)
+class MegaLocConvertOptions:
+    """What a MegaLoc conversion is told besides the checkpoint.
+
+    Attributes:
+        backbone: optional expected DINOv2 preset (``"dinov2_vitb14"``), checked against the shapes.
+        num_heads: attention heads, only for widths that are not a multiple of 64.
+    """
+
+    backbone: str | None = None
+    num_heads: int | None = None
+
+    @property
+    def descriptor_dim(self) -> None:
+        """MegaLoc's dimension follows from the checkpoint; nothing to expect."""
+        return None
+
+
+Options = MegaLocConvertOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
 PREFIXES = {"backbone.": "model.safetensors", "backbone.model.": "megaloc.torch"}
 IGNORED = ("num_batches_tracked", "backbone.model.mask_token")
 
@@ -104,8 +127,7 @@ def convert_state_dict(
     state_dict: dict,
     family: str = FAMILY,
     source_name: str = "<state dict>",
-    backbone: str | None = None,
-    num_heads: int | None = None,
+    options: MegaLocConvertOptions | None = None,
 ) -> tuple[nnx.Module, ModelSpec]:
     """Converts an in-memory MegaLoc state dict (either release) strictly.
 
@@ -113,8 +135,7 @@ def convert_state_dict(
         state_dict: ``{key: array}``.
         family: ``"megaloc"``.
         source_name: the file name used in messages.
-        backbone: optional expected DINOv2 preset (``"dinov2_vitb14"``), checked against the shapes.
-        num_heads: attention heads, only for widths that are not a multiple of 64.
+        options: expected backbone and heads (default: none expected).
 
     Returns:
         ``(net, spec)``: the filled :class:`~attllm_jax.models.megaloc.MegaLocNet` and its spec (evaluation at the
@@ -125,9 +146,10 @@ def convert_state_dict(
             misshapen tensor (all listed).
     """
     check_family(family, FAMILY)
+    options = MegaLocConvertOptions() if options is None else options
     source = TensorSource(state_dict, ignore=IGNORED)
     prefix = backbone_prefix(source, source_name)
-    arch = infer_megaloc_spec(source, prefix, num_heads)
-    check_expected_backbone(source_name, backbone, arch)
+    arch = infer_megaloc_spec(source, prefix, options.num_heads)
+    check_expected_backbone(source_name, options.backbone, arch)
     table = KEYS if prefix == "backbone." else LEGACY_KEYS
     return convert_with_table(FAMILY, arch, table, source, arch.default_preprocess(), CONVERTER_VERSION)

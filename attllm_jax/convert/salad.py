@@ -14,6 +14,7 @@ pre-training) is the one tensor deliberately dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -38,6 +39,33 @@ from attllm_jax.models.spec import ModelSpec
 
 CONVERTER_VERSION = "1.0"
 FAMILY = "salad"
+
+
+@dataclasses.dataclass(frozen=True)
+class SaladConvertOptions:
+    """What a SALAD (or CliqueMining) conversion is told besides the checkpoint.
+
+    Attributes:
+        backbone: optional expected torch.hub name (``"dinov2_vitb14"``), checked against the shapes.
+        num_heads: attention heads, when the width is not a multiple of 64 (custom models).
+        image_size: evaluation ``(height, width)``, multiples of the patch size (322x322 upstream).
+        interpolate_offset: position-embedding interpolation offset (default: as the torch.hub model).
+        interpolate_antialias: antialiased position-embedding interpolation (default: as the torch.hub model).
+    """
+
+    backbone: str | None = None
+    num_heads: int | None = None
+    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE
+    interpolate_offset: float | None = None
+    interpolate_antialias: bool | None = None
+
+    @property
+    def descriptor_dim(self) -> None:
+        """SALAD's dimension follows from the checkpoint; nothing to expect."""
+        return None
+
+
+Options = SaladConvertOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
 BACKBONE_PREFIX = "backbone.model."
 AGGREGATOR_PREFIX = "aggregator."
 IGNORED = ("num_batches_tracked", "mask_token")  # also matches "backbone.model.mask_token"
@@ -216,11 +244,7 @@ def convert_state_dict(
     state_dict: dict,
     family: str = FAMILY,
     source_name: str = "<state dict>",
-    backbone: str | None = None,
-    num_heads: int | None = None,
-    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
-    interpolate_offset: float | None = None,
-    interpolate_antialias: bool | None = None,
+    options: SaladConvertOptions | None = None,
 ) -> tuple[nnx.Module, ModelSpec]:
     """Converts an in-memory DINOv2 + SALAD state dict (upstream's ``VPRModel``, plain or Lightning-wrapped).
 
@@ -228,11 +252,7 @@ def convert_state_dict(
         state_dict: ``{key: array}``.
         family: ``"salad"``.
         source_name: the file name for messages.
-        backbone: optional expected torch.hub name (``"dinov2_vitb14"``), checked against the shapes.
-        num_heads: attention heads, when the width is not a multiple of 64 (custom models).
-        image_size: evaluation ``(height, width)``, multiples of the patch size (322x322 upstream).
-        interpolate_offset: position-embedding interpolation offset (default: as the torch.hub model).
-        interpolate_antialias: antialiased position-embedding interpolation (default: as the torch.hub model).
+        options: expected backbone, heads, evaluation size, interpolation (default :class:`SaladConvertOptions`).
 
     Returns:
         ``(net, spec)``: the filled :class:`SaladNet` and its spec.
@@ -242,11 +262,15 @@ def convert_state_dict(
             tensor (all listed in one message).
     """
     check_family(family, FAMILY)
+    options = SaladConvertOptions() if options is None else options
+    backbone, num_heads = options.backbone, options.num_heads
     source = TensorSource(state_dict, ignore=IGNORED)
     _check_salad_family(source, source_name)
     if num_heads is None and backbone in DINOV2_PRESETS:
         num_heads = dinov2_config(backbone).num_heads
-    dinov2 = infer_dinov2_config(source, BACKBONE_PREFIX, num_heads, interpolate_offset, interpolate_antialias)
+    dinov2 = infer_dinov2_config(
+        source, BACKBONE_PREFIX, num_heads, options.interpolate_offset, options.interpolate_antialias
+    )
     arch = infer_salad_config(source, dinov2)
     if backbone is not None and backbone != arch.backbone:
         raise ConversionError(
@@ -254,5 +278,5 @@ def convert_state_dict(
             f"{dinov2.embed_dim}, depth {dinov2.depth}, {dinov2.ffn_layer} feed-forward, "
             f"{dinov2.num_register_tokens} registers)"
         )
-    preprocess = PreprocessSpec.exact(checked_image_size(image_size, dinov2.patch_size))
+    preprocess = PreprocessSpec.exact(checked_image_size(options.image_size, dinov2.patch_size))
     return convert_with_table(FAMILY, arch, KEYS, source, preprocess, CONVERTER_VERSION)

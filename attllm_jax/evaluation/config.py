@@ -9,7 +9,7 @@ from pathlib import Path
 from attllm_jax.data.coordinates import CONVENTIONS
 from attllm_jax.models.precision import validate_precision
 from attllm_jax.outputs import refuse_output_inside
-from attllm_jax.retrieval.recall import validate_recall_values
+from attllm_jax.retrieval.recall import alpha_key, validate_recall_values  # noqa: F401  (alpha_key: public here)
 from attllm_jax.retrieval.search import SearchSpec
 
 DISTANCES = ("utm", "haversine")
@@ -207,8 +207,3 @@ def _validate_image_size(value) -> int | tuple[int, int] | None:
     if int(value) != value or int(value) < 1:
         raise ValueError(f"--image_size must be a positive integer, got {value!r}")
     return int(value)
-
-
-def alpha_key(alpha: float) -> str:
-    """The results.json key of an alpha: ``str(float(alpha))`` ("0.0", "0.5")."""
-    return str(float(alpha))

@@ -7,7 +7,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from attllm_jax.attention.masks import oracle_grid
@@ -16,6 +18,10 @@ from attllm_jax.attention.store import make_record
 from attllm_jax.data.synthetic import SyntheticBenchmark, SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation.config import EvalConfig
 from attllm_jax.files import atomic_write_json
+from attllm_jax.models.boq import BoQSpec
+from attllm_jax.models.megaloc import MegaLocSpec
+from attllm_jax.models.spec import ModelSpec, Provenance
+from attllm_jax.models.vpr import VPRModel
 
 DEMO_IMAGE_SIZE = 288  # the synthetic views' own height: evaluated without resizing, fast on a CPU
 # The random-weight models of --random_model (EvalConfig.random_model) and how the notes name them.
@@ -36,7 +42,7 @@ DEMO_NOTES = (
 def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float32"):
     """A random-weight model without torch or a download (``name`` in :data:`RANDOM_MODEL_NAMES`).
 
-    ``"cosplace"`` is :func:`~attllm_jax.evaluation.pipeline.random_cosplace_model` (NumPy-drawn weights). The
+    ``"cosplace"`` is :func:`random_cosplace_model` (NumPy-drawn weights). The
     others are the released architectures (MegaLoc; BoQ with its DINOv2 or ResNet-50 backbone, at its 322x322 /
     384x384 evaluation size) with the modules' own initializers under ``nnx.Rngs(seed)`` (some tens of seconds
     to initialize on a CPU).
@@ -49,14 +55,6 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
     Returns:
         A :class:`~attllm_jax.models.vpr.VPRModel` whose provenance says ``"random (seed N)"``.
     """
-    from flax import nnx
-
-    from attllm_jax.evaluation.pipeline import random_cosplace_model
-    from attllm_jax.models.boq import BoQSpec
-    from attllm_jax.models.megaloc import MegaLocSpec
-    from attllm_jax.models.spec import ModelSpec, Provenance
-    from attllm_jax.models.vpr import VPRModel
-
     if name == "cosplace":
         return random_cosplace_model(seed, precision=precision)
     architectures = {
@@ -69,6 +67,39 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
     family, arch = architectures[name]
     spec = ModelSpec(family, arch, arch.default_preprocess(), Provenance(weights=f"random (seed {seed})"))
     return VPRModel(spec.build(nnx.Rngs(seed)), spec, precision)
+
+
+def random_cosplace_model(
+    seed: int = 0, backbone: str = "resnet18", descriptor_dim: int = 512, precision: str = "float32"
+):
+    """A CosPlace network with random weights, deterministic in ``seed`` (no torch, no download).
+
+    The weights are drawn on the host with NumPy into the abstract network (He-normal kernels, zero biases,
+    identity BatchNorm statistics, GeM p = 3): initializing through the modules' JAX initializers compiles one
+    program per parameter shape, which takes tens of seconds on a small CPU.
+
+    Returns:
+        A :class:`~attllm_jax.models.vpr.VPRModel`.
+    """
+    spec = ModelSpec.cosplace(backbone, descriptor_dim, weights=f"random (seed {seed})")
+    abstract = nnx.eval_shape(lambda: spec.build(nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    state = jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(path, leaf, rng), state)
+    return VPRModel(nnx.merge(graphdef, state), spec, precision)
+
+
+_CONSTANT_LEAVES = {"bias": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0, "p": 3.0}
+
+
+def _random_leaf(path, leaf, rng: np.random.Generator) -> jax.Array:
+    name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
+    if name == "kernel":
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jax.device_put(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(leaf.dtype))
+    if name in _CONSTANT_LEAVES:
+        return jax.device_put(np.full(leaf.shape, _CONSTANT_LEAVES[name], leaf.dtype))
+    raise ValueError(f"no random initializer for parameter {jax.tree_util.keystr(path)}")
 
 
 def write_oracle_attention(benchmark: SyntheticBenchmark, directory: str | os.PathLike) -> Path:

@@ -31,6 +31,7 @@ from attllm_jax.data.images import DECODING
 from attllm_jax.data.loading import Batch, LoadFailure, batch_pixel_budget, load_batches
 from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.progress import Progress
+from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.retrieval.store import DescriptorStore
 
 log = logging.getLogger("attllm_jax.evaluation")
@@ -40,27 +41,6 @@ def data_sharding() -> NamedSharding:
     """Batch-dimension sharding over every local device (a 1-D mesh named "data")."""
     mesh = Mesh(np.array(jax.local_devices()), ("data",))
     return NamedSharding(mesh, PartitionSpec("data"))
-
-
-def replicate_on_mesh(model, sharding: NamedSharding) -> None:
-    """Places the model's parameters and statistics replicated on every device of ``sharding``'s mesh, once.
-
-    Without it the parameters stay on device 0 and every sharded call copies them to the other devices. The
-    update goes through ``model.net``: the state that :class:`~attllm_jax.models.vpr.VPRModel` passes to its jitted
-    functions holds the same NNX variables, so the forward sees the replicated arrays (checked by
-    ``tests/test_eval_devices.py``, which records the arrays the jitted forward receives).
-    """
-    from flax import nnx
-
-    mesh = sharding.mesh
-    if mesh.devices.size == 1 or getattr(model, "_replicated_on", None) == mesh:
-        return
-    state = nnx.state(model.net)
-    nnx.update(model.net, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
-    try:
-        model._replicated_on = mesh
-    except AttributeError:  # a read-only wrapper: the placement is still done
-        pass
 
 
 def database_batch_size(batch_size: int, chunk_size: int) -> int:
@@ -79,7 +59,7 @@ def device_batch_size(batch_size: int) -> int:
     return -(-int(batch_size) // n) * n
 
 
-def weights_digest(model) -> str:
+def weights_digest(model: DescriptorModel) -> str:
     """sha256 over the model's parameter and statistic arrays (with their paths), keys descriptor stores."""
     from flax import nnx
 
@@ -92,7 +72,7 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def _preprocess_fn(model, image_size) -> Callable:
+def _preprocess_fn(model: DescriptorModel, image_size) -> Callable:
     return lambda image: model.preprocess(image, image_size=image_size)
 
 
@@ -205,7 +185,7 @@ class DatabaseExtraction:
 
 
 def extract_database(
-    model,
+    model: DescriptorModel,
     images: ImageSet,
     store: DescriptorStore,
     *,
@@ -248,7 +228,7 @@ def extract_database(
     max_batch_pixels = batch_pixel_budget(batch_size, max_batch_pixels)  # the budget of the batch size asked for
     batch_size = database_batch_size(batch_size, store.chunk_size)
     sharding = data_sharding()
-    replicate_on_mesh(model, sharding)
+    model.replicate(sharding.mesh)
     dim = model.spec.descriptor_dim
     buffers: dict[int, _ChunkBuffer] = {}
     for c in pending:
@@ -319,7 +299,9 @@ def _buffer_rows(batch: Batch, descriptors, finite, buffers: dict, store, images
     return touched
 
 
-def database_store_key(model, database: ImageSet, image_size=None, weights_sha256: str | None = None) -> dict:
+def database_store_key(
+    model: DescriptorModel, database: ImageSet, image_size=None, weights_sha256: str | None = None
+) -> dict:
     """What database descriptors depend on: the model and its precision, its weights, the resize override, how
     images are decoded (:data:`~attllm_jax.data.images.DECODING`) and the image list."""
     return {
@@ -333,7 +315,7 @@ def database_store_key(model, database: ImageSet, image_size=None, weights_sha25
 
 
 def build_database_store(
-    model,
+    model: DescriptorModel,
     database: ImageSet,
     location,
     *,
@@ -466,7 +448,7 @@ class QueryDescriptors:
 
 
 def extract_queries(
-    model,
+    model: DescriptorModel,
     images: ImageSet,
     attention: Sequence[ParsedAttention | None],
     alphas: Sequence[float],
@@ -507,7 +489,7 @@ def extract_queries(
     max_batch_pixels = batch_pixel_budget(batch_size, max_batch_pixels)
     batch_size = device_batch_size(min(int(batch_size), max(1, len(images))))  # never more rows than queries
     sharding = data_sharding()
-    replicate_on_mesh(model, sharding)
+    model.replicate(sharding.mesh)
     failures: list[LoadFailure] = []
     out: np.ndarray | None = None
     valid = np.zeros(len(images), dtype=bool)
@@ -557,7 +539,7 @@ def extract_queries(
 
 
 def aggregate_query_batch(
-    model,
+    model: DescriptorModel,
     feats,
     rows: Sequence[ParsedAttention | None],
     real: np.ndarray,

@@ -22,6 +22,7 @@ from attllm_jax.data.dataset import GeoPair, ImageSet, geo_pair, load_image_set
 from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.attention_source import QueryAttention, load_query_attention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
+from attllm_jax.evaluation.demo import random_model
 from attllm_jax.evaluation.extract import DatabaseExtraction, build_database_store, extract_queries, weights_digest
 from attllm_jax.evaluation.figures import Prediction, plot_recall_vs_alpha, save_prediction_strip, shorten_path
 from attllm_jax.evaluation.progress import setup_logging
@@ -34,10 +35,11 @@ from attllm_jax.evaluation.report import (
     write_per_query_csv,
     write_published_csvs,
 )
+from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, relative_outputs, remove_previous_outputs
 from attllm_jax.retrieval.positives import find_positives, haversine_m
-from attllm_jax.retrieval.recall import first_hit_ranks, recall_from_ranks
-from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
+from attllm_jax.retrieval.retrieve import retrieve
+from attllm_jax.retrieval.search import MemoryPlan, plan_memory
 from attllm_jax.retrieval.store import DescriptorStore
 
 log = logging.getLogger("attllm_jax.evaluation")
@@ -46,49 +48,11 @@ RESULTS_FILE = "results.json"
 LOG_FILE = "eval.log"
 
 
-def random_cosplace_model(
-    seed: int = 0, backbone: str = "resnet18", descriptor_dim: int = 512, precision: str = "float32"
-):
-    """A CosPlace network with random weights, deterministic in ``seed`` (no torch, no download).
-
-    The weights are drawn on the host with NumPy into the abstract network (He-normal kernels, zero biases,
-    identity BatchNorm statistics, GeM p = 3): initializing through the modules' JAX initializers compiles one
-    program per parameter shape, which takes tens of seconds on a small CPU.
-
-    Returns:
-        A :class:`~attllm_jax.models.vpr.VPRModel`.
-    """
-    from flax import nnx
-
-    from attllm_jax.models.spec import ModelSpec
-    from attllm_jax.models.vpr import VPRModel
-
-    spec = ModelSpec.cosplace(backbone, descriptor_dim, weights=f"random (seed {seed})")
-    abstract = nnx.eval_shape(lambda: spec.build(nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-    state = jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(path, leaf, rng), state)
-    return VPRModel(nnx.merge(graphdef, state), spec, precision)
-
-
-_CONSTANT_LEAVES = {"bias": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0, "p": 3.0}
-
-
-def _random_leaf(path, leaf, rng: np.random.Generator) -> jax.Array:
-    name = next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
-    if name == "kernel":
-        fan_in = int(np.prod(leaf.shape[:-1]))
-        return jax.device_put(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(leaf.dtype))
-    if name in _CONSTANT_LEAVES:
-        return jax.device_put(np.full(leaf.shape, _CONSTANT_LEAVES[name], leaf.dtype))
-    raise ValueError(f"no random initializer for parameter {jax.tree_util.keystr(path)}")
-
-
 class ModelLoadError(ValueError):
     """The --checkpoint directory does not hold a loadable converted model (bad config.json, state, fields)."""
 
 
-def load_eval_model(config: EvalConfig):
+def load_eval_model(config: EvalConfig) -> DescriptorModel:
     """The converted model of ``config.checkpoint``, or the random-weight ``config.random_model`` (CosPlace
     ResNet-18/512 by default; :func:`attllm_jax.evaluation.demo.random_model`).
 
@@ -96,8 +60,6 @@ def load_eval_model(config: EvalConfig):
         ModelLoadError: naming the checkpoint directory, when its config or state cannot be loaded.
     """
     if config.checkpoint is None:
-        from attllm_jax.evaluation.demo import random_model
-
         return random_model(config.random_model, config.model_seed, precision=config.precision)
     from attllm_jax.checkpoint import load_model
 
@@ -131,10 +93,10 @@ class EvalResult:
     query_descriptors: np.ndarray
     positives: list[np.ndarray]
     output_dir: Path
-    model: Any = None
+    model: DescriptorModel | None = None
 
 
-def run_evaluation(config: EvalConfig, model=None) -> EvalResult | None:
+def run_evaluation(config: EvalConfig, model: DescriptorModel | None = None) -> EvalResult | None:
     """Evaluates flood-query geo-localization for every alpha and writes the result files.
 
     Writes into ``config.output_dir``: ``results.json``, ``per_query.csv``, ``csv_results/alpha_<a>/``
@@ -368,7 +330,7 @@ class EvalInputs:
     geo: GeoPair
     positives_all: list[np.ndarray]
     attention: QueryAttention
-    model: Any
+    model: DescriptorModel
     digest: str
     store: DescriptorStore
     db_run: DatabaseExtraction
@@ -377,7 +339,7 @@ class EvalInputs:
     plan: MemoryPlan
 
 
-def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
+def prepare_inputs(config: EvalConfig, model: DescriptorModel | None = None) -> EvalInputs:
     """Loads the datasets, positives, attention answers and model, plans the search and fills the database store.
 
     Args:
@@ -414,7 +376,7 @@ def prepare_inputs(config: EvalConfig, model=None) -> EvalInputs:
     )
 
 
-def database_store(config: EvalConfig, model, database: ImageSet, digest: str | None = None):
+def database_store(config: EvalConfig, model: DescriptorModel, database: ImageSet, digest: str | None = None):
     """:func:`~attllm_jax.evaluation.extract.build_database_store` with the run's store and batch settings.
 
     Returns:
@@ -434,7 +396,9 @@ def database_store(config: EvalConfig, model, database: ImageSet, digest: str | 
     )
 
 
-def run_extraction(config: EvalConfig, model=None, log_dir: str | Path | None = None) -> tuple[str, DatabaseExtraction]:
+def run_extraction(
+    config: EvalConfig, model: DescriptorModel | None = None, log_dir: str | Path | None = None
+) -> tuple[str, DatabaseExtraction]:
     """Builds the database store of ``config`` on its own (``python -m experiments.extract``), every process its share.
 
     Args:
@@ -453,56 +417,6 @@ def run_extraction(config: EvalConfig, model=None, log_dir: str | Path | None = 
     store, summary = database_store(config, model, database)
     store.close()
     return str(store.directory), summary
-
-
-def retrieve(
-    database: np.ndarray,
-    database_valid: np.ndarray,
-    queries: np.ndarray,
-    queries_valid: np.ndarray,
-    positives: list[np.ndarray],
-    alphas: tuple[float, ...],
-    recall_values: tuple[int, ...],
-    top_m: int,
-    *,
-    spec: SearchSpec | None = None,
-    plan: MemoryPlan | None = None,
-    devices: list | None = None,
-) -> Retrieval:
-    """Top-M search of every alpha's query descriptors in one call, then recall@N.
-
-    Args:
-        database: ``[N, D]``; only rows with ``database_valid`` are indexed.
-        database_valid: ``[N]`` bool.
-        queries: ``[K, Q, D]``.
-        queries_valid: ``[Q]`` bool; unreadable queries get no prediction (a miss).
-        positives: Q arrays of positive database indices.
-        alphas: ``[K]``.
-        recall_values: The N.
-        top_m: Predictions kept per query.
-        spec: The search method (default exact faiss Flat).
-        plan: The memory plan (default: :func:`~attllm_jax.retrieval.search.plan_memory` of ``spec``).
-        devices: Devices of ``exact_jax`` (default every device of every process: then every process must call).
-
-    Returns:
-        The retrieval of every alpha; its ``search_info`` is the results.json ``search`` entry.
-    """
-    k_alphas, n_queries, dim = queries.shape
-    spec = SearchSpec(method="faiss_flat") if spec is None else spec
-    database_valid = np.asarray(database_valid, dtype=bool)
-    predictions = np.full((k_alphas, n_queries, top_m), -1, dtype=np.int64)
-    scores = np.full((k_alphas, n_queries, top_m), -np.inf, dtype=np.float32)
-    info = {"method": spec.resolved_method(), "requested": spec.method, "exact": spec.is_exact(), "searched": 0}
-    if database_valid.any() and queries_valid.any():
-        flat = queries[:, queries_valid].reshape(-1, dim)
-        plan = plan_memory(spec, len(database_valid), dim, len(flat), top_m) if plan is None else plan
-        found = search_database(database, database_valid, flat, top_m, spec, plan, recall_values, devices=devices)
-        predictions[:, queries_valid] = found.indices.reshape(k_alphas, -1, top_m)
-        scores[:, queries_valid] = found.scores.reshape(k_alphas, -1, top_m)
-        info = {**found.info, "searched": len(flat)}
-    first_hit = np.stack([first_hit_ranks(predictions[k], positives) for k in range(k_alphas)])
-    recalls = np.stack([recall_from_ranks(first_hit[k], recall_values) for k in range(k_alphas)])
-    return Retrieval(tuple(alphas), predictions, scores, first_hit, recalls, tuple(recall_values), info)
 
 
 def _applied_kind(parsed, applied: bool) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,36 +12,7 @@ import numpy as np
 
 from attllm_jax.evaluation.config import alpha_key
 from attllm_jax.files import atomic_write_json
-
-
-@dataclass(frozen=True)
-class Retrieval:
-    """Retrieval outcome of every alpha.
-
-    Attributes:
-        alphas: ``[K]`` blend factors.
-        predictions: ``[K, Q, M]`` database indices, best first (-1 = none).
-        scores: ``[K, Q, M]`` inner products.
-        first_hit: ``[K, Q]`` 0-based rank of the first positive, -1 for a miss.
-        recalls: ``[K, len(recall_values)]`` percentages.
-        recall_values: The N of recall@N.
-        search_info: How the neighbours were found (results.json ``search``: method, exact, recall vs exact).
-    """
-
-    alphas: tuple[float, ...]
-    predictions: np.ndarray
-    scores: np.ndarray
-    first_hit: np.ndarray
-    recalls: np.ndarray
-    recall_values: tuple[int, ...]
-    search_info: dict[str, Any] = field(default_factory=dict)
-
-    def recalls_dict(self) -> dict[str, dict[str, float]]:
-        """``{"<alpha>": {"<N>": percent}}`` with the contract's key spelling."""
-        return {
-            alpha_key(a): {str(int(n)): float(r) for n, r in zip(self.recall_values, row, strict=True)}
-            for a, row in zip(self.alphas, self.recalls, strict=True)
-        }
+from attllm_jax.retrieval.retrieve import Retrieval
 
 
 def preprocessing_used(model_preprocess: dict, image_size: int | tuple[int, int] | None) -> dict[str, Any]:

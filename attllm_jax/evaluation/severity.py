@@ -28,11 +28,14 @@ import numpy as np
 
 from attllm_jax.data.dataset import list_images
 from attllm_jax.data.flood import FloodStyle, flood_folder, level_name, procedural_method, style_dict, validate_levels
+from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
+from attllm_jax.evaluation.demo import DEMO_IMAGE_SIZE, DEMO_NOTES
 from attllm_jax.evaluation.pipeline import load_eval_model, run_evaluation
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.spec import ModelSpec
+from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, relative_outputs, remove_previous_outputs
 from attllm_jax.retrieval.recall import recall_from_ranks
 
@@ -321,7 +324,7 @@ def _level_attention(config: SeverityConfig, out: Path, level: float, queries_di
     return str(target)
 
 
-def run_severity(config: SeverityConfig, model=None) -> dict[str, Any]:
+def run_severity(config: SeverityConfig, model: DescriptorModel | None = None) -> dict[str, Any]:
     """Runs the sweep and writes ``severity.json``, ``severity_r1.png`` and one eval folder per level.
 
     Layout of ``config.eval.output_dir``: ``flooded/`` (the flooded queries and masks, as ``experiments.flood``
@@ -504,37 +507,42 @@ def severity_table(severity: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def synthetic_severity_config(cache_dir: str | Path, output_dir: str | Path, **overrides) -> SeverityConfig:
+def synthetic_severity_config(
+    cache_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    synthetic: SyntheticConfig | None = None,
+    checkpoint: str | None = None,
+    attention: str = "masks",
+) -> SeverityConfig:
     """The sweep on the built-in synthetic streets: dry queries, a random-weight model, mask attention.
 
     The queries are the synthetic benchmark's query views generated with flood level 0 (at most a one-pixel sliver
     of water along the bottom edge, where the waterline's sinusoid dips below the last row); the database and the
-    model are the demo's.
+    model are the demo's. The notes name the weights and the attention, so those two are set here; change any
+    other field of the result with :func:`dataclasses.replace` (``levels``, ``bootstrap`` ... on the sweep,
+    ``alphas``, ``recall_values``, ``image_size`` ... on its ``eval``).
 
     Args:
         cache_dir: Where the benchmark is generated and cached.
         output_dir: The sweep's folder.
-        **overrides: Fields of :class:`SeverityConfig` (``levels``, ``attention``, ...) or of the
-            :class:`EvalConfig` (``alphas``, ``checkpoint``, ``image_size``, ...).
+        synthetic: The benchmark (default: the demo's streets, dry queries).
+        checkpoint: A converted model directory (default: the demo's random-weight model).
+        attention: "masks", "dir" or "none" (see :class:`SeverityConfig`).
     """
-    from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
-    from attllm_jax.evaluation.demo import DEMO_IMAGE_SIZE, DEMO_NOTES
-
-    synthetic = overrides.pop("synthetic", None) or SyntheticConfig(flood_min=0.0, flood_max=0.0)
-    bench = generate_benchmark(cache_dir, synthetic)
-    sweep_fields = {f for f in SeverityConfig.__dataclass_fields__ if f != "eval"}
-    sweep = {k: overrides.pop(k) for k in list(overrides) if k in sweep_fields}
+    bench = generate_benchmark(cache_dir, synthetic or SyntheticConfig(flood_min=0.0, flood_max=0.0))
     notes = (DEMO_NOTES[0].replace("synthetic water", "procedural water at each level"),)
-    if overrides.get("checkpoint") is None:
+    if checkpoint is None:
         notes += (DEMO_NOTES[1],)
-    if sweep.get("attention", "masks") == "masks":
+    if attention == "masks":
         notes += ("DEMO: attention is an ORACLE built from the flood masks (water cells weight 0.1), not an LLM.",)
     ev = EvalConfig(
         database_folder=str(bench.database),
         queries_folder=str(bench.queries),
         output_dir=str(output_dir),
+        checkpoint=checkpoint,
         alphas=tuple(round(0.1 * k, 1) for k in range(11)),
         image_size=DEMO_IMAGE_SIZE,
         notes=notes,
     )
-    return SeverityConfig(eval=replace(ev, **overrides), **sweep)
+    return SeverityConfig(eval=ev, attention=attention)

@@ -48,8 +48,7 @@ from attllm_jax.models.dinov2 import (
     preset_name,
 )
 from attllm_jax.models.features import CnnFeatures
-from attllm_jax.models.resnet import ResNet, ResNetConfig
-from attllm_jax.models.spec import (
+from attllm_jax.models.fields import (
     ConfigError,
     check_dinov2,
     check_positive_ints,
@@ -57,6 +56,7 @@ from attllm_jax.models.spec import (
     scalar_dataclass,
     strict_fields,
 )
+from attllm_jax.models.resnet import ResNet, ResNetConfig
 from attllm_jax.ops.attention_maps import MAX_WEIGHT
 from attllm_jax.ops.gem import ALPHA_OFF
 from attllm_jax.ops.normalize import l2_normalize

@@ -17,8 +17,8 @@ from flax import nnx
 from attllm_jax import ops
 from attllm_jax.data.preprocess import PreprocessSpec
 from attllm_jax.models.features import CnnFeatures
+from attllm_jax.models.fields import ConfigError, scalar_dataclass
 from attllm_jax.models.resnet import ResNet, resnet_config
-from attllm_jax.models.spec import ConfigError, scalar_dataclass
 from attllm_jax.models.vgg import VGG, VGGConfig
 
 GEM_EPS = 1e-6

@@ -31,8 +31,8 @@ from flax import nnx
 from attllm_jax.data.preprocess import PreprocessSpec
 from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config
 from attllm_jax.models.features import TokenFeatures
+from attllm_jax.models.fields import ConfigError, DinoV2HeadSpec
 from attllm_jax.models.salad import SaladAggregator
-from attllm_jax.models.spec import ConfigError, DinoV2HeadSpec
 from attllm_jax.ops.normalize import l2_normalize
 from attllm_jax.ops.resize import antialiased_bilinear_resize
 

@@ -3,7 +3,8 @@
 A family entry names the family's architecture spec class (which parses its part of ``config.json`` and builds the
 network) and the module holding its conversion key table. Adding a family means: a model module with its
 architecture spec class, a conversion module with its key table, and one entry in :data:`FAMILY_ENTRIES` (plus its
-published files in :data:`PUBLISHED`).
+published files in :data:`PUBLISHED`). The registry also reads release 0.1.0's flat ``config.json``
+(:func:`spec_parts_from_format_1`). It sits above the family modules and below :mod:`~attllm_jax.models.spec`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from types import ModuleType
+from typing import Any
 
+from attllm_jax.data.preprocess import PreprocessSpec
 from attllm_jax.models.boq import BoQSpec
+from attllm_jax.models.fields import ConfigError, Provenance, preprocess_from_dict, scalar_dataclass
 from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
 from attllm_jax.models.megaloc import MegaLocSpec
 from attllm_jax.models.salad import SaladSpec
@@ -26,8 +30,8 @@ class FamilyEntry:
         name: the ``family`` field of ``config.json``.
         architecture: the architecture spec class (``from_dict``, ``from_format_1``, ``default_preprocess``,
             ``build``, ``to_dict``; ``FORMAT_1_FIELDS``).
-        conversion: the module with ``convert_state_dict(state_dict, family, source_name, **options)`` and its
-            key table (imported only when converting).
+        conversion: the module with ``convert_state_dict(state_dict, family, source_name, options)``, its frozen
+            ``Options`` dataclass and its key table (imported only when converting).
     """
 
     name: str
@@ -254,3 +258,65 @@ def find_published(family: str, backbone: str | None = None, dim: int | None = N
         f"give --checkpoint, or the backbone and descriptor dimension of a published {family} model; valid "
         f"(family/backbone/dim): {', '.join(valid_combinations(fam if fam in FAMILIES else None))}"
     )
+
+
+def family_name(value: Any, source: str) -> str:
+    """The ``family`` field of ``source`` in lower case.
+
+    Raises:
+        ConfigError: not one of :data:`FAMILIES` (the message names ``source`` and lists them).
+    """
+    if not isinstance(value, str) or value.lower() not in FAMILIES:
+        raise ConfigError(f"{source}: field 'family' must be one of {', '.join(FAMILIES)}, got {value!r}")
+    return value.lower()
+
+
+# Release 0.1.0 wrote one flat dict per model: the family's architecture fields (``FORMAT_1_FIELDS`` of its
+# architecture class, which checks the derived ones), provenance fields, and two redundant ones dropped here.
+_FORMAT_1_PROVENANCE = ("source_file", "source_sha256", "published_file", "converter_version", "weights")
+_FORMAT_1_DROPPED = ("image_size", "gem_p")  # the preprocessing holds the size; the weights hold GeM's p
+
+
+def spec_parts_from_format_1(data: dict, source: str) -> tuple[str, Any, PreprocessSpec, Provenance]:
+    """Reads a release-0.1.0 ``config.json`` (a flat object without ``format``) into the parts of a ``ModelSpec``.
+
+    The family's architecture class takes its ``FORMAT_1_FIELDS`` (and checks the derived ones); ``gem_p`` and
+    ``image_size`` are dropped (the weights and the preprocessing hold them); a missing ``preprocess`` is the
+    family default, as 0.1.0 used then. 0.1.0 named the release in ``published_file`` from the file's name; that
+    field is derived again from the content here: the release whose published SHA-256 is ``source_sha256``
+    (:func:`published_by_sha256`), else None.
+
+    Args:
+        data: the parsed JSON object (consumed).
+        source: the file name used in messages.
+
+    Returns:
+        ``(family, architecture, preprocess, provenance)``.
+
+    Raises:
+        ConfigError: a missing ``family``, an unknown field (the valid ones listed) or a value the spec rejects.
+    """
+    if "family" not in data:
+        raise ConfigError(f"{source}: missing field 'family'")
+    family = family_name(data.pop("family"), source)
+    arch_cls = family_entry(family).architecture
+    provenance = {k: data.pop(k) for k in _FORMAT_1_PROVENANCE if k in data}
+    if "published_file" in provenance:  # 0.1.0 inferred it from the name: keep it only when the content says so
+        published = published_by_sha256(provenance.get("source_sha256"))
+        provenance["published_file"] = None if published is None else published.file_name
+    for k in _FORMAT_1_DROPPED:
+        data.pop(k, None)
+    preprocess = data.pop("preprocess", None)
+    arch_fields = {k: data.pop(k) for k in arch_cls.FORMAT_1_FIELDS if k in data}
+    if data:
+        valid = ("family", "preprocess") + arch_cls.FORMAT_1_FIELDS + _FORMAT_1_PROVENANCE + _FORMAT_1_DROPPED
+        raise ConfigError(
+            f"{source}: unknown field {sorted(data)[0]!r} for a {family} model (format 1, release 0.1.0); "
+            f"valid fields: {', '.join(valid)}"
+        )
+    arch = arch_cls.from_format_1(arch_fields, source)
+    if preprocess is None:
+        preprocess = arch_cls.default_preprocess()
+    else:
+        preprocess = preprocess_from_dict(preprocess, f"{source}: preprocess")
+    return family, arch, preprocess, scalar_dataclass(Provenance, provenance, f"{source}: provenance")

@@ -24,7 +24,7 @@ from attllm_jax import ops
 from attllm_jax.data.preprocess import PreprocessSpec
 from attllm_jax.models.dinov2 import DinoV2Config, DinoVisionTransformer, dinov2_config
 from attllm_jax.models.features import TokenFeatures
-from attllm_jax.models.spec import ConfigError, DinoV2HeadSpec
+from attllm_jax.models.fields import ConfigError, DinoV2HeadSpec
 
 DEFAULT_IMAGE_SIZE = (322, 322)
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from attllm_jax import ops
@@ -29,6 +31,27 @@ from attllm_jax.models.precision import (
     validate_precision,
 )
 from attllm_jax.models.spec import ModelSpec
+
+
+class DescriptorModel(Protocol):
+    """What the pipeline, the extraction, the tuning and the severity sweep need of a model (``VPRModel`` and any
+    wrapper of it, e.g. the tests' slow-preprocess model)."""
+
+    spec: ModelSpec
+    precision: str
+    net: nnx.Module  # read for the weights digest and the tuning's blend switch
+
+    def preprocess(self, pil_image: Image.Image, image_size: int | Sequence[int] | None = None) -> np.ndarray: ...
+
+    def features(self, images: jax.Array | np.ndarray) -> Features: ...
+
+    def aggregate(
+        self, feats: Features, attention: jax.Array | None = None, alpha: float | jax.Array = 0.0
+    ) -> jax.Array: ...
+
+    def aggregate_sweep(self, feats: Features, attention: jax.Array, alphas: Sequence[float]) -> jax.Array: ...
+
+    def replicate(self, mesh: Mesh) -> None: ...
 
 
 class VPRModel:
@@ -60,6 +83,7 @@ class VPRModel:
         self._jit_features = jax.jit(self._pure_features)
         self._jit_aggregate = jax.jit(self._pure_aggregate)
         self._jit_sweep = jax.jit(self._pure_sweep)
+        self._replicated_on: Mesh | None = None
 
     def __repr__(self) -> str:
         spec = self.spec
@@ -146,6 +170,19 @@ class VPRModel:
         if alphas.ndim != 1:
             raise ValueError(f"alphas must be a 1-D grid [K], got shape {alphas.shape}")
         return self._jit_sweep(self._state, _check_features(feats), jnp.asarray(attention, jnp.float32), alphas)
+
+    def replicate(self, mesh: Mesh) -> None:
+        """Places the parameters and statistics replicated on every device of ``mesh``, once per mesh.
+
+        Without it the parameters stay on device 0 and every sharded call copies them to the other devices. The
+        split state the jitted functions receive holds the same NNX variables as ``net``, so updating ``net``
+        reaches them (``tests/test_eval_devices.py`` records the arrays the jitted forward receives).
+        """
+        if mesh.devices.size == 1 or self._replicated_on == mesh:
+            return
+        state = nnx.state(self.net)
+        nnx.update(self.net, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+        self._replicated_on = mesh
 
     def feature_grid(self, feats: Features) -> tuple[int, int]:
         """The ``(h, w)`` grid of :meth:`features` output, the resolution attention maps are resized to."""

@@ -127,7 +127,7 @@ def grid_cell_bounds(size: int, cells: int) -> list[int]:
     """Edges of ``cells`` grid cells over ``size`` pixels: cell k spans ``bounds[k] .. bounds[k + 1]``.
 
     ``bounds[k] = round(k * size / cells)`` (Python's round, half to even) and the last cell runs to the edge:
-    the grid-answer convention of DESIGN.md, shared by the sharp grid map and the water-mask oracle.
+    the grid-answer convention of docs/DESIGN.md, shared by the sharp grid map and the water-mask oracle.
     """
     return [round(k * size / cells) for k in range(cells)] + [size]
 

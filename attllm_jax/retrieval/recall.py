@@ -74,3 +74,8 @@ def recall_from_ranks(ranks: np.ndarray, recall_values: Sequence[int]) -> np.nda
     hit = ranks >= 0
     # 100 * count / total (not count / total * 100): the correctly rounded percentage, so 11 of 20 is 55.0.
     return np.array([100.0 * np.count_nonzero(hit & (ranks < n)) / len(ranks) for n in recall_values])
+
+
+def alpha_key(alpha: float) -> str:
+    """The results.json key of an alpha: ``str(float(alpha))`` ("0.0", "0.5")."""
+    return str(float(alpha))

@@ -31,6 +31,7 @@ from attllm_jax.data.loading import LoadFailure, batch_pixel_budget, decode_stre
 from attllm_jax.evaluation.extract import data_sharding, device_batch_size, output_size_fn
 from attllm_jax.evaluation.progress import Progress
 from attllm_jax.files import atomic_write, atomic_write_json
+from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.retrieval.store import key_digest
 
 CACHE_FORMAT = 1
@@ -85,7 +86,7 @@ class QueryFeatures:
 
 
 def cached_query_features(
-    model,
+    model: DescriptorModel,
     queries: ImageSet,
     directory: str | os.PathLike,
     key: dict[str, Any],

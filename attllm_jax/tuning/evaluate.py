@@ -4,7 +4,7 @@
 descriptors (from the store) and the positives. For a grid of alphas it aggregates every cached batch in one
 vmapped call (``model.aggregate_sweep``) through the evaluation's own batch function
 (:func:`attllm_jax.evaluation.extract.aggregate_query_batch`), and searches with the evaluation's own
-:func:`attllm_jax.evaluation.pipeline.retrieve`, so its recalls are those of ``experiments.eval`` at the same
+:func:`attllm_jax.retrieval.retrieve.retrieve`, so its recalls are those of ``experiments.eval`` at the same
 settings. A new sigma only re-renders the attention maps; a new blend only swaps the aggregation head.
 """
 
@@ -24,8 +24,9 @@ from attllm_jax import ops
 from attllm_jax.attention.maps import attention_maps, attention_mask
 from attllm_jax.attention.parse import ParsedAttention, stack_attention
 from attllm_jax.evaluation.extract import aggregate_query_batch, combine_query_batch
-from attllm_jax.evaluation.pipeline import retrieve
+from attllm_jax.models.vpr import DescriptorModel, VPRModel
 from attllm_jax.ops.gem import BLENDS
+from attllm_jax.retrieval.retrieve import retrieve
 from attllm_jax.tuning.cache import QueryFeatures
 
 DESCRIPTOR_BUDGET_BYTES = 512 * 2**20  # alphas are searched in chunks whose [k, Q, D] descriptors fit this
@@ -63,7 +64,7 @@ class SurrogateProblem:
     compiled: dict = field(default_factory=dict)
 
 
-def with_blend(model, blend: str):
+def with_blend(model: DescriptorModel, blend: str) -> DescriptorModel:
     """The same model (same weights, no copy) aggregating with another blend ("native" or "uniform").
 
     Only the CosPlace / EigenPlaces GeM head has a choice of blend; SALAD's token weighting is native only.
@@ -71,8 +72,6 @@ def with_blend(model, blend: str):
     Raises:
         ValueError: for an unknown blend or one the model's family does not offer.
     """
-    from attllm_jax.models.vpr import VPRModel
-
     if blend not in BLENDS:
         raise ValueError(f"unknown blend {blend!r}; valid: {', '.join(BLENDS)}")
     arch = model.spec.architecture
@@ -107,7 +106,7 @@ class CachedRetrieval:
 
     def __init__(
         self,
-        model,
+        model: DescriptorModel,
         features: QueryFeatures,
         attention: Sequence[ParsedAttention | None],
         database: np.ndarray,

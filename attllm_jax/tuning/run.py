@@ -23,6 +23,7 @@ from attllm_jax.evaluation.extract import database_store_key
 from attllm_jax.evaluation.pipeline import prepare_inputs
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
+from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.ops.gem import ALPHA_OFF, BLENDS
 from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, remove_previous_outputs
 from attllm_jax.retrieval.recall import recall_from_ranks
@@ -107,7 +108,7 @@ class TuneSettings:
         return TuneSettings(**{**asdict(self), "alphas": alphas, "sigmas": sigmas, "blends": blends})
 
 
-def run_tuning(config: EvalConfig, settings: TuneSettings, model=None) -> dict[str, Any]:
+def run_tuning(config: EvalConfig, settings: TuneSettings, model: DescriptorModel | None = None) -> dict[str, Any]:
     """Tunes (alpha, sigma, blend) on a dataset and writes tuning.json, the fold figure and the log.
 
     Args:

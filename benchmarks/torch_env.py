@@ -38,7 +38,7 @@ def declare_missing_torchvision_ops() -> None:
 WHY = (
     "torchvision from PyPI is built against the CUDA build of torch; next to the CPU torch 2.13.0 wheel its C "
     "extension does not load and 'import torchvision' fails with \"operator torchvision::nms does not exist\". "
-    "Call experiments.torch_env.declare_missing_torchvision_ops() before importing torchvision (the tests do, in "
+    "Call benchmarks.torch_env.declare_missing_torchvision_ops() before importing torchvision (the tests do, in "
     "tests/conftest.py), or install a pair that imports cleanly: pip install torch==2.14.1 torchvision==0.29.1 "
     "(a CUDA build, about 5.5 GB)"
 )

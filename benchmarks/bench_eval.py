@@ -1,6 +1,6 @@
 r"""Benchmark: our evaluation vs a PyTorch reference pipeline written the way the published code works.
 
-    python -m experiments.bench_eval [--cache_dir cache] [--num_queries 40] [--image_size 288]
+    python -m benchmarks.bench_eval [--cache_dir cache] [--num_queries 40] [--image_size 288]
 
 Both sides evaluate the demo's synthetic flooded-street benchmark with the SAME weights (a seeded random
 torchvision ResNet-18 + CosPlace GeM head, 512-d, saved with torch.save and converted with our converter) and the
@@ -44,7 +44,7 @@ RECALL_VALUES = (1, 5, 10, 20)
 def _torch_model(path: Path):
     import torch
 
-    from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
+    from benchmarks.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
 
     torch.manual_seed(0)
     model = TorchCosPlace("ResNet18", fc_output_dim=512, gem_p=3.0)
@@ -59,7 +59,7 @@ def _reference_run(pth: Path, database, queries, attention_dir: Path, alphas, po
     import torchvision.transforms as T
     from PIL import Image
 
-    from experiments.torch_baselines import (
+    from benchmarks.torch_baselines import (
         TorchCosPlace,
         torch_cosplace_with_attention,
         torch_grid_attention_map,
@@ -113,7 +113,7 @@ def _recalls(predictions, positives) -> dict[str, float]:
 
 def main(argv):
     del argv
-    from experiments.torch_env import declare_missing_torchvision_ops
+    from benchmarks.torch_env import declare_missing_torchvision_ops
 
     declare_missing_torchvision_ops()
     import torch

@@ -1,6 +1,6 @@
 r"""Benchmark: a 101-alpha sweep from caches vs re-extracting the queries for every alpha (the published procedure).
 
-    python -m experiments.bench_tune [--cache_dir cache] [--reference_alphas 101] [--output_dir outputs/bench_tune]
+    python -m benchmarks.bench_tune [--cache_dir cache] [--reference_alphas 101] [--output_dir outputs/bench_tune]
 
 Both sides use the demo's synthetic flooded-street benchmark (124 database images, 40 queries at 288x384), its
 oracle attention and the same random-weight CosPlace ResNet-18/512, in one process on this machine; the database
@@ -48,8 +48,9 @@ def main(argv):
 
     from attllm_jax.evaluation.demo import demo_config
     from attllm_jax.evaluation.extract import database_store_key, extract_queries
-    from attllm_jax.evaluation.pipeline import prepare_inputs, retrieve
+    from attllm_jax.evaluation.pipeline import prepare_inputs
     from attllm_jax.retrieval.recall import recall_from_ranks
+    from attllm_jax.retrieval.retrieve import retrieve
     from attllm_jax.tuning.cache import cached_query_features
     from attllm_jax.tuning.evaluate import CachedRetrieval
 

@@ -1,6 +1,6 @@
 r"""Benchmark: exact search of a synthetic unit-norm database, against this machine's measured limits.
 
-    python -m experiments.bench_search [--sizes 100000] [--large] [--num_queries 1000] [--k 20] \
+    python -m benchmarks.bench_search [--sizes 100000] [--large] [--num_queries 1000] [--k 20] \
         [--single_queries 20] [--repeats 3] [--output_json outputs/bench_search.json]
 
 In one process on the CPU (2 virtual XLA devices, set before JAX starts), for each database size N x 512:

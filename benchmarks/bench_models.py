@@ -2,9 +2,9 @@
 and bfloat16 autocast) on the same machine, inputs and run, with achieved GFLOP/s against a matmul peak measured in
 the same run.
 
-    python -m experiments.bench_models                                   # every model, float32, B=8
-    python -m experiments.bench_models --precision float32,bfloat16      # issue 12's table
-    python -m experiments.bench_models --models=cosplace,salad --batch_size=4 --repeats=2 --output=bench.json
+    python -m benchmarks.bench_models                                   # every model, float32, B=8
+    python -m benchmarks.bench_models --precision float32,bfloat16      # issue 12's table
+    python -m benchmarks.bench_models --models=cosplace,salad --batch_size=4 --repeats=2 --output=bench.json
 
 Models (``--models`` selects rows), with seeded random weights (the published checkpoints are not needed; every
 model goes through the production converter):
@@ -13,8 +13,8 @@ model goes through the production converter):
 - ``salad``: DINOv2 ViT-B/14 + SALAD (transformers' DINOv2 with upstream's interpolation as the PyTorch model) at
   322x322;
 - ``megaloc`` (322x322) and ``megaloc_photo`` (a 480x640 photo, which both models resize to 476x644 themselves):
-  MegaLoc against :class:`experiments.torch_zoo.TorchMegaLoc`;
-- ``boq_dinov2`` (322x322) and ``boq_resnet50`` (384x384): BoQ against :class:`experiments.torch_zoo.TorchBoQ`
+  MegaLoc against :class:`benchmarks.torch_zoo.TorchMegaLoc`;
+- ``boq_dinov2`` (322x322) and ``boq_resnet50`` (384x384): BoQ against :class:`benchmarks.torch_zoo.TorchBoQ`
   (torch's own ``TransformerEncoderLayer`` / ``MultiheadAttention``).
 
 Inputs are database views of the demo's synthetic benchmark resized to the model's size (photo-like, so the
@@ -188,14 +188,15 @@ def _cosplace_pair(seed: int):
     import torch
 
     from attllm_jax.convert import convert
+    from attllm_jax.convert.cosplace import CnnConvertOptions
     from attllm_jax.models.vpr import VPRModel
-    from experiments.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
+    from benchmarks.torch_baselines import TorchCosPlace, randomize_batchnorm_stats_
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     reference = randomize_batchnorm_stats_(TorchCosPlace("ResNet50", 2048, gem_p=3.0), generator).eval()
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
-    net, spec = convert("cosplace", state, backbone="ResNet50", fc_output_dim=2048)
+    net, spec = convert("cosplace", state, CnnConvertOptions("ResNet50", 2048))
     return reference, VPRModel(net, spec), (512, 683)
 
 
@@ -204,12 +205,13 @@ def _salad_pair(seed: int):
     import torch
 
     from attllm_jax.convert import convert
+    from attllm_jax.convert.salad import SaladConvertOptions
     from attllm_jax.models.vpr import VPRModel
-    from experiments.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad
+    from benchmarks.torch_baselines import RELEASED_SALAD_ARCH, make_torch_dino_salad
 
     reference = make_torch_dino_salad(torch.Generator().manual_seed(seed), **RELEASED_SALAD_ARCH)
     state = {k: v.numpy() for k, v in reference.upstream_state_dict().items()}
-    net, spec = convert("salad", state, backbone="dinov2_vitb14")
+    net, spec = convert("salad", state, SaladConvertOptions(backbone="dinov2_vitb14"))
     return reference, VPRModel(net, spec), (322, 322)
 
 
@@ -218,12 +220,13 @@ def _megaloc_pair(seed: int, size: tuple[int, int]):
     import torch
 
     from attllm_jax.convert import convert
+    from attllm_jax.convert.megaloc import MegaLocConvertOptions
     from attllm_jax.models.vpr import VPRModel
-    from experiments.torch_zoo import RELEASED_MEGALOC_ARCH, make_torch_megaloc
+    from benchmarks.torch_zoo import RELEASED_MEGALOC_ARCH, make_torch_megaloc
 
     reference = make_torch_megaloc(torch.Generator().manual_seed(seed), **RELEASED_MEGALOC_ARCH)
     state = {k: v.numpy() for k, v in reference.upstream_state_dict().items()}
-    net, spec = convert("megaloc", state, backbone="dinov2_vitb14")
+    net, spec = convert("megaloc", state, MegaLocConvertOptions(backbone="dinov2_vitb14"))
     return reference, VPRModel(net, spec), size
 
 
@@ -233,7 +236,7 @@ def _boq_pair(seed: int, backbone: str):
 
     from attllm_jax.convert import convert
     from attllm_jax.models.vpr import VPRModel
-    from experiments.torch_zoo import RELEASED_BOQ_ARCH, make_torch_boq
+    from benchmarks.torch_zoo import RELEASED_BOQ_ARCH, make_torch_boq
 
     reference = make_torch_boq(torch.Generator().manual_seed(seed), **RELEASED_BOQ_ARCH[backbone])
     state = {k: v.numpy() for k, v in reference.upstream_state_dict().items()}
@@ -317,7 +320,7 @@ def bench_model(
 
 def main(argv: list[str]) -> None:
     del argv
-    from experiments.torch_env import declare_missing_torchvision_ops
+    from benchmarks.torch_env import declare_missing_torchvision_ops
 
     declare_missing_torchvision_ops()
     import jax

@@ -1,6 +1,6 @@
 r"""Benchmark: procedural flooding throughput, and the severity sweep against one eval run per (level, alpha).
 
-    python -m experiments.bench_flood [--num_images 8] [--levels 0.3,0.6] [--alphas 0,0.25,0.5,0.75,1]
+    python -m benchmarks.bench_flood [--num_images 8] [--levels 0.3,0.6] [--alphas 0,0.25,0.5,0.75,1]
 
 1. Flooding, on one thread (images/s per core), at 640x480 and 1024x768: ``flood_pixels`` alone (array in, array
    out), and the whole file step of ``flood_folder`` (decode the JPEG, flood, encode the JPEG and the mask PNG),
@@ -122,8 +122,9 @@ def bench_severity(levels: list[float], alphas: list[float], num_queries: int) -
     model = random_cosplace_model(0, precision=FLAGS.precision)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = synthetic_severity_config(
-            root / "cache", root / "sweep", synthetic=small, levels=tuple(levels), alphas=tuple(alphas), bootstrap=200
+        config = synthetic_severity_config(root / "cache", root / "sweep", synthetic=small)
+        config = replace(
+            config, eval=replace(config.eval, alphas=tuple(alphas)), levels=tuple(levels), bootstrap=200
         ).validated()
         run_evaluation(replace(config.eval, output_dir=str(root / "warm"), alphas=(0.0,)), model=model)  # compile
         t0 = time.perf_counter()

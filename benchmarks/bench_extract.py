@@ -1,6 +1,6 @@
 r"""Benchmark: where the database extraction's time goes, on 1 and 8 virtual CPU devices.
 
-    python -m experiments.bench_extract [--num_images 64] [--image_size 288] [--batch_size 8] [--devices 1,8] \
+    python -m benchmarks.bench_extract [--num_images 64] [--image_size 288] [--batch_size 8] [--devices 1,8] \
         [--repeats 3] [--output_json outputs/bench_extract.json]
 
 On the demo's synthetic database (generated under --cache_dir; 384 x 288 JPEGs) with the random-weight CosPlace
@@ -86,7 +86,7 @@ def child(devices: int, output: str) -> None:
     from PIL import Image
 
     from attllm_jax.evaluation import random_cosplace_model
-    from attllm_jax.evaluation.extract import build_database_store, data_sharding, device_batch_size, replicate_on_mesh
+    from attllm_jax.evaluation.extract import build_database_store, data_sharding, device_batch_size
 
     assert jax.device_count() == devices, jax.devices()
     images = _database(FLAGS.num_images)
@@ -96,7 +96,7 @@ def child(devices: int, output: str) -> None:
         [model.preprocess(Image.open(images.absolute(i % len(images))), FLAGS.image_size) for i in range(batch)]
     )
     sharding = data_sharding()
-    replicate_on_mesh(model, sharding)
+    model.replicate(sharding.mesh)
     x = jax.device_put(pixels, sharding)
     forward = lambda: model.aggregate(model.features(x)).block_until_ready()  # noqa: E731
     forward()  # compile
@@ -148,7 +148,7 @@ def main(argv):
             out = Path(tmp) / "child.json"
             env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
             env.setdefault("JAX_PLATFORMS", "cpu")
-            args = [sys.executable, "-m", "experiments.bench_extract", f"--child_devices={devices}",
+            args = [sys.executable, "-m", "benchmarks.bench_extract", f"--child_devices={devices}",
                     f"--child_output={out}", *sys.argv[1:]]  # fmt: skip
             subprocess.run(args, env=env, check=True, timeout=3600)
             row = json.loads(out.read_text())

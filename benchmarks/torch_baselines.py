@@ -1,6 +1,6 @@
 """PyTorch reference modules shared by the parity tests and the benchmarks (never imported by the library).
 
-These are written from DESIGN.md and the upstream projects' documented semantics, not copied from them:
+These are written from docs/DESIGN.md and the upstream projects' documented semantics, not copied from them:
 
 - CosPlace / EigenPlaces: a torchvision backbone truncated as upstream does, followed by the
   ``L2Norm -> GeM -> Flatten -> Linear -> L2Norm`` head; module names match upstream's ``GeoLocalizationNet`` so
@@ -10,10 +10,10 @@ These are written from DESIGN.md and the upstream projects' documented semantics
   replaced by facebookresearch/dinov2's (``scale_factor=((h0 + 0.1) / M, (w0 + 0.1) / M)``), and a key mapping from
   transformers' names to the torch.hub names that SALAD checkpoints carry.
 - SALAD: the aggregation head of serizba/salad (token / cluster / score MLPs, dust bin, log-space Sinkhorn) plus the
-  query-side attention path of DESIGN.md, and the DINOv2 + SALAD composite whose ``upstream_state_dict()`` has the
+  query-side attention path of docs/DESIGN.md, and the DINOv2 + SALAD composite whose ``upstream_state_dict()`` has the
   keys of ``dino_salad.ckpt`` (``backbone.model.*`` and ``aggregator.*``).
 
-Import :mod:`experiments.torch_env` and call ``declare_missing_torchvision_ops()`` before importing this module in a
+Import :mod:`benchmarks.torch_env` and call ``declare_missing_torchvision_ops()`` before importing this module in a
 standalone script (pytest's conftest does it).
 """
 
@@ -328,7 +328,7 @@ def torch_log_sinkhorn(scores: torch.Tensor, dustbin: torch.Tensor, num_iters: i
 
 
 class TorchSaladHead(nn.Module):
-    """SALAD aggregation (upstream module names) with DESIGN.md's query-side attention path.
+    """SALAD aggregation (upstream module names) with docs/DESIGN.md's query-side attention path.
 
     ``forward(x, t, attention=None, alpha=0.0)``: ``x`` [B, C, h, w] patch tokens, ``t`` [B, C] class token,
     ``attention`` [B, h', w'] resized bilinearly (align_corners=False) to ``h x w``, ``alpha`` a float or [B].
@@ -460,7 +460,7 @@ def make_torch_dino_salad(generator: torch.Generator, **arch) -> TorchDinoSalad:
 
 
 def torch_grid_attention_map(grid: dict, height: int, width: int, interpolate: bool = False) -> torch.Tensor:
-    """A grid answer ``{"A1": w, ...}`` as an ``[height, width]`` map (DESIGN.md "Attention maps").
+    """A grid answer ``{"A1": w, ...}`` as an ``[height, width]`` map (docs/DESIGN.md "Attention maps").
 
     Sharp cells span rows ``round(r * height / n)`` .. ``round((r + 1) * height / n)`` (Python's round, the last
     cell to the edge; unspecified cells 1.0, weights clamped to [0, 2]), or the n x n grid upsampled bilinearly

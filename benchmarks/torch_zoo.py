@@ -5,7 +5,7 @@ Written from the upstream code at HEAD (gmberton/MegaLoc ``megaloc_model.py``, a
 
 - MegaLoc: the input resize of its forward (torchvision's antialiased ``resize`` to the nearest multiples of 14),
   transformers' DINOv2 with upstream's position-embedding interpolation and its final norm, the SALAD head of
-  :mod:`experiments.torch_baselines` (64 clusters of 256 channels upstream), ``aggregator.linear`` and an L2 norm;
+  :mod:`benchmarks.torch_baselines` (64 clusters of 256 channels upstream), ``aggregator.linear`` and an L2 norm;
   ``upstream_state_dict()`` has ``model.safetensors``' keys (``backbone.*`` without ``mask_token``,
   ``aggregator.agg.*``, ``aggregator.linear.*``) or, with ``legacy=True``, ``megaloc.torch``'s
   (``backbone.model.*`` with ``mask_token``).
@@ -15,7 +15,7 @@ Written from the upstream code at HEAD (gmberton/MegaLoc ``megaloc_model.py``, a
   :mod:`attllm_jax.models.boq` is written with torch's ``MultiheadAttention`` too: the log token weights go in as
   its additive float ``attn_mask``.
 
-Import :mod:`experiments.torch_env` and call ``declare_missing_torchvision_ops()`` before importing this module in a
+Import :mod:`benchmarks.torch_env` and call ``declare_missing_torchvision_ops()`` before importing this module in a
 standalone script (pytest's conftest does it).
 """
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.torch_baselines import (
+from benchmarks.torch_baselines import (
     RELEASED_SALAD_ARCH,
     RELEASED_VITB14,
     TorchSaladHead,
@@ -57,7 +57,7 @@ class TorchMegaLoc(nn.Module):
     """DINOv2 (final norm) -> SALAD head -> ``aggregator.linear`` -> L2 norm, with MegaLoc's input resize.
 
     ``forward(images, attention=None, alpha=0.0)``; ``attention`` [B, h', w'] goes to the SALAD head's
-    query-side path (see :class:`experiments.torch_baselines.TorchSaladHead`).
+    query-side path (see :class:`benchmarks.torch_baselines.TorchSaladHead`).
     """
 
     def __init__(self, backbone: nn.Module, agg: TorchSaladHead, descriptor_dim: int):
@@ -100,7 +100,7 @@ RELEASED_MEGALOC_ARCH = dict(RELEASED_SALAD_ARCH, cluster_dim=256, descriptor_di
 
 
 def make_torch_megaloc(generator: torch.Generator, descriptor_dim: int = 40, **arch) -> TorchMegaLoc:
-    """A seeded random MegaLoc reference in eval mode (``arch``: :func:`~experiments.torch_baselines.
+    """A seeded random MegaLoc reference in eval mode (``arch``: :func:`~benchmarks.torch_baselines.
     make_dino_salad_parts`; small by default, for tests)."""
     backbone, agg = make_dino_salad_parts(**arch)
     model = TorchMegaLoc(backbone, agg, descriptor_dim)
@@ -231,7 +231,7 @@ class TorchBoQ(nn.Module):
 
 
 def _randomize_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
-    from experiments.torch_baselines import randomize_batchnorm_stats_
+    from benchmarks.torch_baselines import randomize_batchnorm_stats_
 
     randomize_batchnorm_stats_(module, generator)
 

@@ -1,4 +1,4 @@
-r"""Benchmark the jitted ops against straightforward eager PyTorch: ``python -m experiments.bench_ops``.
+r"""Benchmark the jitted ops against straightforward eager PyTorch: ``python -m benchmarks.bench_ops``.
 
 Times, on the same inputs and in one process, each op of :mod:`attllm_jax.ops` (wrapped in ``jax.jit``, compiled
 first, ``block_until_ready``) against an eager PyTorch CPU transcription of the same formulas:
@@ -12,7 +12,7 @@ Prints a table of medians (op, torch ms, ours ms, torch/ours) and writes it as J
 loaded 2-core machine PyTorch's default 2 threads contend badly; ``--torch_threads 1`` gives it its best case.
 Example:
 
-    python -m experiments.bench_ops --repeats 20 --output outputs/bench_ops.json
+    python -m benchmarks.bench_ops --repeats 20 --output outputs/bench_ops.json
 """
 
 import json
@@ -41,7 +41,7 @@ EPS = 1e-6
 P = 3.0
 
 
-# --- PyTorch eager transcriptions of DESIGN.md's formulas (the baseline) --------------------------------------------
+# --- PyTorch eager transcriptions of docs/DESIGN.md formulas (the baseline) ---------------------------------------
 
 
 def torch_modulated_gem(torch, x, att, alpha: float):
@@ -177,7 +177,7 @@ def main(argv: list[str]) -> None:
     del argv
     resolved = {name: FLAGS[name].value for name in _FLAG_NAMES}
     print(f"flags: {resolved}")
-    from experiments.torch_env import declare_missing_torchvision_ops
+    from benchmarks.torch_env import declare_missing_torchvision_ops
 
     declare_missing_torchvision_ops()
     import torch
