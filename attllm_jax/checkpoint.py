@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from attllm_jax.errors import CoordinationError
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.precision import DEFAULT_PRECISION, validate_precision
 from attllm_jax.models.spec import ConfigError, ModelSpec
@@ -148,8 +149,6 @@ def load_model(directory: str | os.PathLike, precision: str = DEFAULT_PRECISION,
             state = checkpointer.restore(state_path, abstract_state)
         except Exception as e:  # corrupt or truncated array data
             if _is_coordination_failure(e):
-                from attllm_jax.evaluation.hosts import CoordinationError
-
                 raise CoordinationError(
                     f"restoring {state_path} on process {jax.process_index()} met a failure of the multi-process "
                     f"coordination, not of the checkpoint ({_first_line(e)})"

@@ -17,17 +17,45 @@ PACKAGE = "attllm_jax"
 # docs/DESIGN.md "Layers and what each may import": a new sub-package goes into both tables.
 ALLOWED = {
     "files": set(),
+    "outputs": set(),
+    "errors": set(),
     "logs": set(),
     "ops": set(),
-    "data": {"ops", "files"},
+    "data": {"ops", "files", "outputs"},
     "attention": {"ops", "data", "files"},
     "retrieval": {"files"},
     "models": {"ops", "data"},
     "checkpoint": {"models", "files"},
     "convert": {"models", "checkpoint", "data", "files"},
-    "evaluation": {"ops", "data", "attention", "retrieval", "models", "checkpoint", "files", "logs"},
-    "tuning": {"ops", "data", "attention", "retrieval", "models", "checkpoint", "files", "logs", "evaluation"},
+    "evaluation": {"ops", "data", "attention", "retrieval", "models", "checkpoint", "files", "logs", "outputs"},
+    "tuning": {
+        "ops",
+        "data",
+        "attention",
+        "retrieval",
+        "models",
+        "checkpoint",
+        "files",
+        "logs",
+        "evaluation",
+        "outputs",
+    },
+    "localization": {
+        "ops",
+        "data",
+        "attention",
+        "retrieval",
+        "models",
+        "checkpoint",
+        "files",
+        "logs",
+        "evaluation",
+        "outputs",
+    },
 }
+for _allowed in ALLOWED.values():  # errors.py sits below every layer
+    _allowed.add("errors")
+ALLOWED["errors"] = set()
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:

@@ -44,14 +44,12 @@ from typing import Any
 
 import jax
 
+from attllm_jax.evaluation.rendezvous import CoordinationError, rendezvous
+
 DISTRIBUTED_MODES = ("env", "auto", "off")
 BARRIER_TIMEOUT_ENV = "ATTLLM_JAX_BARRIER_TIMEOUT_S"
 DEFAULT_BARRIER_TIMEOUT_S = 24 * 3600.0
 DEFAULT_JOIN_TIMEOUT_S = 120.0
-
-
-class CoordinationError(RuntimeError):
-    """The processes of a run did not meet: one is late, gone, or started with other flags (the message says which)."""
 
 
 def _barrier_timeout_from_env() -> float:
@@ -186,8 +184,6 @@ def initialize(spec: HostSpec) -> bool:
     if jax.config.jax_cpu_collectives_implementation in (None, "none", ""):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if spec.explicit:
-        from attllm_jax.evaluation.rendezvous import rendezvous
-
         rendezvous(spec)
         jax.distributed.initialize(
             spec.coordinator_address,
