@@ -4,12 +4,12 @@ By default a conversion prints two lines (what was written, and where the weight
 also shows the resolved flags, the full ``config.json`` and the libraries' INFO lines.
 """
 
-import sys
+from collections.abc import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from attllm_jax.convert import convert_to_directory
-from attllm_jax.logs import quiet_library_logs
+from experiments import cli
 
 FLAGS = flags.FLAGS
 
@@ -22,16 +22,27 @@ def convert_and_report(family: str, flag_names: tuple[str, ...], **options) -> N
         flag_names: the script's flags, logged at INFO.
         **options: the family converter's options (``backbone``, ``fc_output_dim``, ``image_size``, ...).
 
-    A bad input ends the script with one ``error: ...`` line and exit status 1.
+    A bad input ends the script with one ``convert: error: ...`` line and exit status 1.
     """
-    quiet_library_logs(FLAGS.verbosity)
     logging.info("flags: %s", {k: FLAGS[k].value for k in flag_names})
     try:
         spec = convert_to_directory(family, FLAGS.output, FLAGS.checkpoint, FLAGS.cache_dir, **options)
     except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")  # one message naming the bad input, no traceback
+        cli.fail("convert", str(e))  # one message naming the bad input, no traceback
     logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
     source = spec.provenance
     origin = f"published file {source.published_file}" if source.published_file else "not a published file"
     print(f"wrote {FLAGS.output}: {spec.describe()}")
     print(f"weights: {source.source_file} (sha256 {source.source_sha256[:12]}..., {origin})")
+
+
+def run(main: Callable[[list[str]], None], doc: str) -> None:
+    """Runs a converter script's ``main`` (the script is ``__main__``) with the commands' conventions
+    (:mod:`experiments.cli`): ``--help`` lists its flags and exits 0, a flag error is one ``convert: error:`` line."""
+
+    def checked(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        main(argv)
+
+    cli.run_command("convert", checked, cli.module_help(doc, "__main__"))

@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, flagdefs
 from experiments import eval as eval_cli
 
 FLAGS = flags.FLAGS
@@ -47,7 +47,7 @@ def _valid_sigmas(values) -> bool:
     if values is None:
         return True
     try:
-        sigmas = eval_cli.parse_values(values)
+        sigmas = flagdefs.parse_values(values)
     except ValueError:
         return False
     return bool(sigmas) and all(math.isfinite(s) and s > 0 for s in sigmas) and len(set(sigmas)) == len(sigmas)
@@ -74,9 +74,8 @@ def main(argv):
             "tune runs in one process: extract the database store with several hosts first "
             "(experiments.extract), then tune with --store_dir on one"
         )
-    alphas = tuple(eval_cli.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
-    config = eval_cli.config_from_flags("outputs/tune_demo", command="tune", alphas=alphas)
-    sigmas = tuple(eval_cli.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
+    alphas = tuple(flagdefs.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
+    sigmas = tuple(flagdefs.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
     settings = TuneSettings(
         alphas=alphas,
         sigmas=sigmas,
@@ -93,11 +92,12 @@ def main(argv):
         optax_learning_rate=FLAGS.optax_learning_rate,
         temperature=FLAGS.temperature,
     )
-    try:
-        settings = settings.validated(config.recall_values)
+    try:  # before any work: the settings alone decide, e.g. --sigmas too small for --method both
+        settings = settings.validated(flagdefs.recall_values())
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    eval_cli.print_runtime("tune", config.precision)
+    config = eval_cli.config_from_flags("outputs/tune_demo", command="tune", alphas=alphas)
+    cli.print_runtime("tune", config.precision)
     try:
         result = run_tuning(config, settings)
     except (CoordinateError, StoreError, SearchMemoryError, CacheError, FileNotFoundError, ValueError) as error:
@@ -128,8 +128,7 @@ def main(argv):
 
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point (``attllm-tune``, also ``python -m experiments.tune``); ``--help`` exits 0."""
-    module = sys.argv[0] if __name__ == "__main__" else __name__
-    cli.run_command("tune", main, lambda: cli.help_text(__doc__, module, eval_cli.__name__), argv)
+    cli.run_command("tune", main, cli.module_help(__doc__, __name__, eval_cli.__name__), argv)
 
 
 if __name__ == "__main__":
