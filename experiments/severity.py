@@ -70,21 +70,11 @@ flags.register_multi_flags_validator(
 )
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from attllm_jax.data.coordinates import CoordinateError
+def _config():
+    """The validated SeverityConfig of the flags (the synthetic streets without dataset flags)."""
     from attllm_jax.data.flood import FloodStyle
     from attllm_jax.evaluation.config import EvalConfig
-    from attllm_jax.evaluation.severity import (
-        HEATMAP_FILE,
-        SEVERITY_FILE,
-        SeverityConfig,
-        run_severity,
-        severity_table,
-        synthetic_severity_config,
-    )
-    from attllm_jax.retrieval.store import StoreError
+    from attllm_jax.evaluation.severity import SeverityConfig, synthetic_severity_config
 
     overrides = {
         "checkpoint": FLAGS.checkpoint,
@@ -125,9 +115,19 @@ def main(argv):
                 **overrides,
             )
             config = SeverityConfig(eval=ev, **sweep)
-        config = config.validated()
+        return config.validated()
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from attllm_jax.data.coordinates import CoordinateError
+    from attllm_jax.evaluation.severity import HEATMAP_FILE, SEVERITY_FILE, run_severity, severity_table
+    from attllm_jax.retrieval.store import StoreError
+
+    config = _config()
     cli.print_runtime("severity", config.eval.precision)
     try:
         severity = run_severity(config)
