@@ -13,6 +13,15 @@ from experiments import cli
 
 FLAGS = flags.FLAGS
 
+flags.DEFINE_bool(
+    "random_weights",
+    False,
+    "Offline trial: convert an upstream-shaped state dict with random weights (CNN families: --backbone, default "
+    "ResNet18, and --fc_output_dim, default 512; the others as released) instead of --checkpoint or a download. "
+    "The model's provenance says its weights are random.",
+)
+flags.DEFINE_integer("random_seed", 0, "Seed of --random_weights.")
+
 
 def convert_and_report(family: str, flag_names: tuple[str, ...], **options) -> None:
     """Converts ``--checkpoint`` (or the published file ``options`` name) of ``family`` into ``--output``.
@@ -24,15 +33,24 @@ def convert_and_report(family: str, flag_names: tuple[str, ...], **options) -> N
 
     A bad input ends the script with one ``convert: error: ...`` line and exit status 1.
     """
-    logging.info("flags: %s", {k: FLAGS[k].value for k in flag_names})
+    if FLAGS.random_weights and FLAGS.checkpoint:
+        raise app.UsageError("give --checkpoint or --random_weights, not both")
+    logging.info("flags: %s", {k: FLAGS[k].value for k in (*flag_names, "random_weights", "random_seed")})
     try:
-        spec = convert_to_directory(family, FLAGS.output, FLAGS.checkpoint, FLAGS.cache_dir, **options)
+        if FLAGS.random_weights:
+            from attllm_jax.convert.random_weights import convert_random
+
+            spec = convert_random(family, FLAGS.output, FLAGS.random_seed, **options)
+        else:
+            spec = convert_to_directory(family, FLAGS.output, FLAGS.checkpoint, FLAGS.cache_dir, **options)
     except (ValueError, OSError, RuntimeError) as e:
         cli.fail("convert", str(e))  # one message naming the bad input, no traceback
     logging.info("wrote %s: %s", FLAGS.output, spec.to_dict())
     source = spec.provenance
     origin = f"published file {source.published_file}" if source.published_file else "not a published file"
     print(f"wrote {FLAGS.output}: {spec.describe()}")
+    if source.weights:
+        origin = f"{origin}; weights {source.weights}"
     print(f"weights: {source.source_file} (sha256 {source.source_sha256[:12]}..., {origin})")
 
 
@@ -45,4 +63,4 @@ def run(main: Callable[[list[str]], None], doc: str) -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         main(argv)
 
-    cli.run_command("convert", checked, cli.module_help(doc, "__main__"))
+    cli.run_command("convert", checked, cli.module_help(doc, "__main__", __name__))
