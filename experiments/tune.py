@@ -10,7 +10,8 @@ demo's synthetic flooded streets (random-weight CosPlace ResNet-18/512, oracle a
         --folds 5 --group_radius 50 --method both --output_dir OUT
 
 writes OUT/tuning.json (best, grid, folds, cv, optax), OUT/recall_vs_alpha_folds.png and OUT/tune.log
-(see attllm_jax.tuning.run.run_tuning). --alphas and --sigmas take lists and start:stop:count ranges.
+(see attllm_jax.tuning.run.run_tuning). --alphas and --sigmas take lists and start:stop:count ranges; --alphas
+defaults to 0:1:101 (0, 0.01, ..., 1), --sigmas to --sigma.
 """
 
 from __future__ import annotations
