@@ -20,6 +20,12 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
+def default_cache_dir() -> Path:
+    """The package's cache folder (downloaded checkpoints, the demo's synthetic benchmark): ``$ATTLLM_JAX_CACHE``,
+    else ``~/.cache/attllm_jax``."""
+    return Path(os.environ.get("ATTLLM_JAX_CACHE") or Path.home() / ".cache" / "attllm_jax")
+
+
 def is_image_name(name: str) -> bool:
     """Whether a base name is an image the package lists: a known suffix (any case), not a hidden file."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)

@@ -1,6 +1,6 @@
 r"""Benchmark: our evaluation vs a PyTorch reference pipeline written the way the published code works.
 
-    python -m benchmarks.bench_eval [--cache_dir cache] [--num_queries 40] [--image_size 288]
+    python -m benchmarks.bench_eval [--num_queries 40] [--image_size 288]
 
 Both sides evaluate the demo's synthetic flooded-street benchmark with the SAME weights (a seeded random
 torchvision ResNet-18 + CosPlace GeM head, 512-d, saved with torch.save and converted with our converter) and the
@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import cli
+from experiments import flagdefs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("cache_dir", "cache", "Where the synthetic benchmark is generated and cached.")
+flagdefs.define("cache_dir")
 flags.DEFINE_integer("num_queries", 40, "Synthetic queries (the database has 124 images).")
 flags.DEFINE_integer("image_size", 288, "Shorter side both pipelines resize to (the synthetic views are 288x384).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
 flags.DEFINE_string("output_json", None, "Optional path for the table as JSON.")
-cli.define_precision_flag()
+flagdefs.define("precision")
 
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
 RECALL_VALUES = (1, 5, 10, 20)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import flagdefs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 64, "Database images used (the first ones of the synthetic database).")
@@ -40,8 +40,8 @@ flags.DEFINE_integer("batch_size", 8, "Images per batch (rounded up to a multipl
 flags.DEFINE_integer("num_workers", None, "Decode threads of the multi-threaded host measurement (default: cores).")
 flags.DEFINE_list("devices", ["1", "8"], "Virtual CPU device counts (one subprocess each).")
 flags.DEFINE_integer("repeats", 3, "Timings are the best of this many runs.")
-cli.define_precision_flag()
-flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
+flagdefs.define("precision")
+flagdefs.define("cache_dir")
 flags.DEFINE_string("output_json", "outputs/bench_extract.json", "Where the numbers are written.")
 flags.DEFINE_integer("child_devices", None, "Internal: run the device measurements in this process.")
 flags.DEFINE_string("child_output", None, "Internal: where the child writes its JSON.")

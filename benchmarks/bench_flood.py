@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import cli
+from experiments import flagdefs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 8, "Images per size for the flooding throughput.")
@@ -35,7 +35,7 @@ flags.DEFINE_list("levels", ["0.3", "0.6"], "Flooded levels of the severity comp
 flags.DEFINE_list("alphas", ["0", "0.25", "0.5", "0.75", "1"], "Alphas of the severity comparison.")
 flags.DEFINE_integer("num_queries", 12, "Synthetic queries of the severity comparison.")
 flags.DEFINE_string("output_json", None, "Optional path for the numbers as JSON.")
-cli.define_precision_flag()
+flagdefs.define("precision")
 
 SIZES = ((480, 640), (768, 1024))
 

@@ -53,6 +53,9 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from attllm_jax.models.precision import PRECISIONS
+from experiments import flagdefs
+
 MODELS = ("cosplace", "salad", "megaloc", "megaloc_photo", "boq_dinov2", "boq_resnet50")
 
 flags.DEFINE_list("models", list(MODELS), f"Models to benchmark: {', '.join(MODELS)}.")
@@ -61,12 +64,12 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls before timing (the first JAX ca
 flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
-flags.DEFINE_list("precision", ["float32"], "Our precisions to time: float32, tf32, bfloat16 (comma-separated).")
+flags.DEFINE_list("precision", ["float32"], f"Our precisions to time: {', '.join(PRECISIONS)} (comma-separated).")
 flags.DEFINE_bool("torch_bf16", True, "Also time PyTorch under torch.autocast('cpu', dtype=torch.bfloat16).")
 flags.DEFINE_integer(
     "peak_size", 2048, "Side of the square matmul whose GFLOP/s is reported as the peak.", lower_bound=64
 )
-flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark (the input images) is cached.")
+flagdefs.define("cache_dir")
 FLAGS = flags.FLAGS
 
 
@@ -77,7 +80,7 @@ def _check_models(value: list[str]) -> bool:
 
 @flags.validator("precision", message="--precision must list float32, tf32 and/or bfloat16")
 def _check_precision(value: list[str]) -> bool:
-    return bool(value) and all(v in ("float32", "tf32", "bfloat16") for v in value) and len(set(value)) == len(value)
+    return bool(value) and all(v in PRECISIONS for v in value) and len(set(value)) == len(value)
 
 
 def _time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> tuple[dict, dict]:

@@ -1,6 +1,6 @@
 r"""Benchmark: a 101-alpha sweep from caches vs re-extracting the queries for every alpha (the published procedure).
 
-    python -m benchmarks.bench_tune [--cache_dir cache] [--reference_alphas 101] [--output_dir outputs/bench_tune]
+    python -m benchmarks.bench_tune [--reference_alphas 101] [--output_dir outputs/bench_tune]
 
 Both sides use the demo's synthetic flooded-street benchmark (124 database images, 40 queries at 288x384), its
 oracle attention and the same random-weight CosPlace ResNet-18/512, in one process on this machine; the database
@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import cli
+from experiments import flagdefs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("cache_dir", "cache", "Where the synthetic benchmark is generated and cached.")
+flagdefs.define("cache_dir")
 flags.DEFINE_integer("reference_alphas", 101, "Alphas the per-alpha reference runs (<101: extrapolated to 101).")
 flags.DEFINE_string("output_dir", "outputs/bench_tune", "Scratch folder (database store, feature cache, JSON).")
-cli.define_precision_flag()
+flagdefs.define("precision")
 
 ALPHAS = tuple(i / 100 for i in range(101))
 

@@ -10,11 +10,11 @@ of the float image to 322x322 (DINOv2) or 384x384 (ResNet-50), as VPR-methods-ev
 ``attllm_jax.load_model(DIR)``.
 """
 
-from _front import convert_and_report
-from absl import app, flags
+from _front import convert_and_report, run
+from absl import flags
 
 from attllm_jax.convert.boq import BoQConvertOptions
-from attllm_jax.convert.download import DEFAULT_CACHE_DIR
+from experiments import flagdefs
 
 BACKBONES = {"dinov2": "dinov2_vitb14", "dinov2_vitb14": "dinov2_vitb14", "resnet50": "resnet50"}
 
@@ -24,7 +24,7 @@ flags.DEFINE_enum(
     "backbone", None, list(BACKBONES), "Expected backbone, checked against the shapes; needed to download."
 )
 flags.DEFINE_list("image_size", None, "Evaluation HEIGHT,WIDTH (default 322,322 for DINOv2, 384,384 for ResNet-50).")
-flags.DEFINE_string("cache_dir", str(DEFAULT_CACHE_DIR), "Where downloaded checkpoints are kept.")
+flagdefs.define("cache_dir")
 FLAGS = flags.FLAGS
 
 
@@ -42,4 +42,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main, __doc__)

@@ -13,4 +13,4 @@ from absl import flags
 flags.adopt_module_key_flags(_cnn)  # --help lists the flags _cnn defines
 
 if __name__ == "__main__":
-    _cnn.run("eigenplaces")
+    _cnn.run("eigenplaces", __doc__)

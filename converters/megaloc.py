@@ -9,11 +9,11 @@ when given, is checked against them. The model evaluates images at their own siz
 of 14 itself, as upstream). Load the result with ``attllm_jax.load_model(DIR)``.
 """
 
-from _front import convert_and_report
-from absl import app, flags
+from _front import convert_and_report, run
+from absl import flags
 
-from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 from attllm_jax.convert.megaloc import MegaLocConvertOptions
+from experiments import flagdefs
 
 flags.DEFINE_string("checkpoint", None, "Source .safetensors/.torch/.pth; omit to download model.safetensors.")
 flags.DEFINE_string("output", None, "Output model directory.", required=True)
@@ -21,7 +21,7 @@ flags.DEFINE_string("backbone", None, "Expected DINOv2 backbone (e.g. dinov2_vit
 flags.DEFINE_integer(
     "num_heads", None, "Attention heads, only for widths that are not a multiple of 64.", lower_bound=1
 )
-flags.DEFINE_string("cache_dir", str(DEFAULT_CACHE_DIR), "Where downloaded checkpoints are kept.")
+flagdefs.define("cache_dir")
 FLAGS = flags.FLAGS
 
 
@@ -32,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main, __doc__)

@@ -9,11 +9,11 @@ The DINOv2 architecture and the SALAD head sizes are inferred from the tensor sh
 checked against them. Load the result with ``attllm_jax.load_model(DIR)``.
 """
 
-from _front import convert_and_report
-from absl import app, flags
+from _front import convert_and_report, run
+from absl import flags
 
-from attllm_jax.convert.download import DEFAULT_CACHE_DIR
 from attllm_jax.convert.salad import SaladConvertOptions
+from experiments import flagdefs
 
 flags.DEFINE_string("checkpoint", None, "Source .ckpt/.pth/.pt/.safetensors; omit to download dino_salad.ckpt.")
 flags.DEFINE_string("output", None, "Output model directory.", required=True)
@@ -22,7 +22,7 @@ flags.DEFINE_integer(
     "num_heads", None, "Attention heads, only for widths that are not a multiple of 64.", lower_bound=1
 )
 flags.DEFINE_list("image_size", ["322", "322"], "Evaluation HEIGHT,WIDTH (multiples of 14).")
-flags.DEFINE_string("cache_dir", str(DEFAULT_CACHE_DIR), "Where downloaded checkpoints are kept.")
+flagdefs.define("cache_dir")
 FLAGS = flags.FLAGS
 
 
@@ -40,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main, __doc__)

@@ -22,7 +22,6 @@ aborted (bad key, unknown model, too many failures in a row); 130 interrupted.
 import json
 import logging
 import signal
-import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -30,6 +29,7 @@ from absl import app, flags
 from attllm_jax.attention import masks, prompts, providers, runner
 from attllm_jax.evaluation.progress import Progress
 from attllm_jax.logs import LogFileHandler
+from experiments import cli
 
 FLAGS = flags.FLAGS
 _PROVIDERS = ("gemini", "openai", "files", "masks")
@@ -69,6 +69,26 @@ flags.DEFINE_integer("max_consecutive_failures", 20, "Abort after this many fail
 flags.register_validator("ruler_step", lambda v: v is None or 0 < v <= 1, "--ruler_step must be in (0, 1]")
 flags.register_validator("temperature", lambda v: v is None or 0 <= v <= 2, "--temperature must be in [0, 2]")
 flags.register_validator("top_p", lambda v: v is None or 0 < v <= 1, "--top_p must be in (0, 1]")
+flags.register_multi_flags_validator(
+    ["city", "provider"],
+    lambda v: bool(v["city"]) or v["provider"] in ("files", "masks"),
+    "--city is required (the city named in the prompt)",
+)
+flags.register_multi_flags_validator(
+    ["model", "provider"],
+    lambda v: bool(v["model"]) or v["provider"] != "openai",
+    "--provider openai needs --model (the served model's name)",
+)
+flags.register_multi_flags_validator(
+    ["masks", "provider"],
+    lambda v: bool(v["masks"]) or v["provider"] != "masks",
+    "--provider masks needs --masks (the folder of water masks, e.g. O/masks/level_0.4)",
+)
+flags.register_multi_flags_validator(
+    ["source_dir", "provider"],
+    lambda v: bool(v["source_dir"]) or v["provider"] != "files",
+    "--provider files needs --source_dir (the folder of attention files to read)",
+)
 
 
 def make_provider() -> providers.AnswerSource:
@@ -132,7 +152,8 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     output_dir = Path(FLAGS.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     handler = LogFileHandler(output_dir / "annotate.log", encoding="utf-8")
@@ -142,11 +163,9 @@ def main(argv):
     for noisy in ("httpx", "httpx2", "httpcore", "google_genai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger("annotate")
-    log.info("flags: %s", json.dumps({f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}))
+    log.info("flags: %s", cli.flag_values(__name__))
 
     city = FLAGS.city
-    if not city and FLAGS.provider not in ("files", "masks"):
-        raise app.UsageError("--city is required (the city named in the prompt)")
     try:
         provider = make_provider()
         config = runner.RunConfig(
@@ -163,14 +182,14 @@ def main(argv):
             max_consecutive_failures=FLAGS.max_consecutive_failures,
         )
     except (ValueError, KeyError) as e:
-        sys.exit(f"annotate: {e}")
+        cli.fail("annotate", str(e))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         summary = runner.annotate_folder(FLAGS.images, output_dir, provider, config, progress=ProgressLines(log))
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"annotate: {e}")
+        cli.fail("annotate", str(e))
     except OSError as e:  # the summary cannot be written: a full disk, a read-only folder
-        sys.exit(f"annotate: cannot write {e.filename or output_dir} ({e.strerror or e}): {runner.OUTPUT_HINT}")
+        cli.fail("annotate", f"cannot write {e.filename or output_dir} ({e.strerror or e}): {runner.OUTPUT_HINT}")
     finally:
         provider.close()
     log.info("summary: %s", runner.summarize_counts(summary))
@@ -182,9 +201,9 @@ def main(argv):
     return 3 if summary.failed else 0
 
 
-def run() -> None:
-    """Console-script entry point (``attllm-annotate``)."""
-    app.run(main)
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-annotate``, also ``python -m experiments.annotate``)."""
+    cli.run_command("annotate", main, cli.module_help(__doc__, __name__), argv)
 
 
 if __name__ == "__main__":

@@ -1,60 +1,30 @@
-"""The command-line conventions every ``experiments`` command shares (eval, tune, extract).
+"""The command-line conventions every ``experiments`` command and converter shares.
 
 - a usage error (a bad flag value, a missing required flag, an extra argument, inconsistent flags) is ONE line
-  ``<command>: error: <what> (see --help for the flags)`` on stderr and exit status 2, not absl's usage text;
+  ``<command>: error: <what> (see --help for the flags)`` on stderr and exit status 2, before any work and before
+  the log records the flags; never absl's usage text or its ``FATAL Flags parsing error``;
 - an error of the input found while working is one ``<command>: error: ...`` line and exit status 1;
-- ``--help`` prints the command's docstring and its own flags and exits 0 (``--helpfull``: every flag);
+- a JAX backend that cannot start (``JAX_PLATFORMS=tpu`` without a TPU) is one line saying so (exit status 1);
+- ``--help`` prints the command's docstring, its own flags and the shared flags it uses, and exits 0
+  (``--helpfull``: every flag);
 - the libraries' INFO lines (faiss, JAX, orbax) are hidden unless ``--verbosity 1``.
+
+The shared flags themselves are defined once, in :mod:`experiments.flagdefs`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from absl import app, flags
 
+from experiments.flagdefs import module_key
+
 FLAGS = flags.FLAGS
 HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
-# attllm_jax.models.precision.PRECISIONS, spelled out so that defining flags does not import JAX (fast --help)
-PRECISIONS = ("float32", "tf32", "bfloat16")
-
-
-def define_image_size_flag() -> None:
-    """``--image_size N`` (shorter side) or ``--image_size H,W``, validated (one usage line when malformed)."""
-    flags.DEFINE_list("image_size", None, "Resize override: shorter side (one int) or height,width.")
-    flags.register_validator("image_size", _valid_image_size, "--image_size must be one or two integers >= 1")
-
-
-def _valid_image_size(values) -> bool:
-    if values is None:
-        return True
-    try:
-        ints = [int(v) for v in values]
-    except ValueError:
-        return False
-    return len(ints) in (1, 2) and all(v >= 1 for v in ints)
-
-
-def image_size_from_flag() -> int | tuple[int, int] | None:
-    """The parsed ``--image_size``: None, the shorter side, or ``(height, width)``."""
-    if not FLAGS.image_size:
-        return None
-    sizes = [int(v) for v in FLAGS.image_size]
-    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
-
-
-def define_precision_flag() -> None:
-    """``--precision float32|tf32|bfloat16`` for a command that runs a model (README, Precision)."""
-    flags.DEFINE_enum(
-        "precision",
-        "float32",
-        list(PRECISIONS),
-        "float32: highest matmul precision on every backend; tf32: the backend's fast float32 products; "
-        "bfloat16: bfloat16 backbone, float32 norms and aggregation (see README, Precision). Part of the descriptor "
-        "store's key.",
-    )
 
 
 def fail(command: str, message: str, usage: bool = False) -> NoReturn:
@@ -64,19 +34,51 @@ def fail(command: str, message: str, usage: bool = False) -> NoReturn:
 
 
 def help_text(doc: str, *modules: str) -> str:
-    """A command's ``--help``: its docstring and the flags ``modules`` define (absl keys them by module name, or
-    by the script path under ``python -m``)."""
+    """A command's ``--help``: its docstring and the key flags of ``modules`` (each module's own flags and the shared
+    ones it declared with :func:`experiments.flagdefs.define`); pass module names through
+    :func:`~experiments.flagdefs.module_key`."""
     more = "--verbosity 1 also shows the libraries' INFO lines; all flags: --helpfull"
     listed = "\n".join(FLAGS.module_help(m) for m in modules)
     return f"{doc.strip()}\n\nflags:\n{listed}\n\n{more}"
 
 
-def run_command(command: str, main: Callable[[list[str]], None], help: Callable[[], str], argv=None) -> None:
+def module_help(doc: str, name: str, *more: str) -> Callable[[], str]:
+    """The ``help`` argument of :func:`run_command` for the module ``name`` (its ``__name__``) and ``more``."""
+    return lambda: help_text(doc, module_key(name), *more)
+
+
+def flag_values(name: str) -> str:
+    """The key flags of module ``name`` (its ``__name__``) and their values, as JSON for a log line."""
+    return json.dumps({f.name: f.value for f in FLAGS.get_key_flags_for_module(module_key(name))})
+
+
+def backend_error() -> str | None:
+    """None when JAX's default backend starts, else one line: what ``JAX_PLATFORMS`` asked for and what to do."""
+    from attllm_jax.models.precision import backend_problem
+
+    return backend_problem()
+
+
+def print_runtime(command: str, precision: str) -> None:
+    """One stderr line at the start of a command: backend, devices and precision (is the accelerator used?).
+
+    A backend that cannot start ends the run with one ``<command>: error:`` line instead.
+    """
+    from attllm_jax.models.precision import runtime_summary
+
+    problem = backend_error()
+    if problem:
+        fail(command, problem)
+    print(f"{command}: {runtime_summary(precision)}", file=sys.stderr, flush=True)
+
+
+def run_command(command: str, main: Callable[[list[str]], int | None], help: Callable[[], str], argv=None) -> None:
     """``absl.app.run(main)`` with the conventions above.
 
     Args:
         command: the name in error lines (``"tune"``).
-        main: the absl main function; an ``app.UsageError`` it raises becomes one usage line.
+        main: the absl main function; an ``app.UsageError`` it raises becomes one usage line; its return value is
+            the exit status.
         help: returns the ``--help`` text.
         argv: the command line (default ``sys.argv``).
     """
@@ -91,14 +93,19 @@ def run_command(command: str, main: Callable[[list[str]], None], help: Callable[
         except flags.Error as error:
             fail(command, "; ".join(str(error).splitlines()), usage=True)
 
-    def guarded(args: list[str]) -> None:
+    def guarded(args: list[str]) -> int | None:
         from attllm_jax.logs import quiet_library_logs
 
         quiet_library_logs(FLAGS.verbosity)  # before main imports faiss / JAX
         try:
-            main(args)
+            return main(args)
         except app.UsageError as error:
             fail(command, str(error), usage=True)
+        except (RuntimeError, AssertionError):
+            problem = _backend_error_if_jax_loaded()
+            if problem:  # e.g. JAX_PLATFORMS=cuda without a GPU: JAX's own error is an AssertionError
+                fail(command, problem)
+            raise
 
     try:
         app.run(guarded, argv=argv, flags_parser=parse)
@@ -106,3 +113,7 @@ def run_command(command: str, main: Callable[[list[str]], None], help: Callable[
         if done.code == 1 and "--helpfull" in argv[1:]:
             raise SystemExit(0) from None
         raise
+
+
+def _backend_error_if_jax_loaded() -> str | None:
+    return backend_error() if "jax" in sys.modules else None

@@ -5,6 +5,10 @@
 
 Prints one ``name: value`` line per item. A GPU or TPU install whose backend prints ``cpu`` did not find its
 plugin (wrong CUDA driver, jax and plugin versions that do not match, ``JAX_PLATFORMS`` set): see the README.
+
+When the backend cannot start at all (``JAX_PLATFORMS=tpu`` on a machine without a TPU, ``JAX_PLATFORMS=cuda``
+without the CUDA plugin), the report says so in its ``backend`` line, names what JAX finds without
+``JAX_PLATFORMS`` (checked in a child process), still lists the versions, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import subprocess
 import sys
 
 from absl import app, flags
+
+from experiments import cli
 
 flags.DEFINE_bool("check", False, "Also time one [1024 x 1024] matmul per precision and report its error.")
 FLAGS = flags.FLAGS
@@ -33,6 +40,35 @@ def versions() -> dict[str, str]:
             continue
         out[name] = str(getattr(module, "__version__", "unknown"))
     return out
+
+
+def without_jax_platforms(timeout_s: float = 120.0) -> str:
+    """What JAX finds when ``JAX_PLATFORMS`` is unset: ``"backend cpu, 1 device (cpu)"``, from a child process
+    (a backend that failed to start cannot be retried in this one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME")}
+    code = (
+        "import jax; d = jax.devices(); "
+        "print(f'backend {jax.default_backend()}, {len(d)} device(s) ({d[0].device_kind})')"
+    )
+    try:
+        child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {timeout_s:g} s"
+    if child.returncode != 0:
+        return "JAX cannot start any backend either: " + (child.stderr.strip().splitlines() or ["?"])[-1]
+    return child.stdout.strip()
+
+
+def broken_backend_report(problem: str) -> list[tuple[str, str]]:
+    """The report when the backend cannot start: the problem, what would run instead, the environment, versions."""
+    return [
+        ("python", f"{sys.version.split()[0]} ({platform.machine()}, {os.cpu_count()} cores)"),
+        ("backend", f"CANNOT START: {problem}"),
+        ("without JAX_PLATFORMS", without_jax_platforms()),
+        ("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "(unset)")),
+        ("XLA_FLAGS", os.environ.get("XLA_FLAGS", "(unset)")),
+        *versions().items(),
+    ]
 
 
 def report() -> list[tuple[str, str]]:
@@ -95,14 +131,24 @@ def matmul_check(size: int = 1024) -> list[tuple[str, str]]:
     return lines
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    lines = report() + (matmul_check() if FLAGS.check else [])
+    problem = cli.backend_error()
+    if problem:
+        lines = broken_backend_report(problem)
+    else:
+        lines = report() + (matmul_check() if FLAGS.check else [])
     width = max(len(name) for name, _ in lines)
     for name, value in lines:
         print(f"{name + ':':<{width + 1}} {value}")
+    return 1 if problem else 0
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-doctor``, also ``python -m experiments.doctor``)."""
+    cli.run_command("doctor", main, cli.module_help(__doc__, __name__), argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

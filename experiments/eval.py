@@ -1,8 +1,9 @@
 r"""Evaluate flood-query geo-localization for every alpha: ``attllm-eval`` (or ``python -m experiments.eval``).
 
 With no dataset flags it runs the self-contained demo (a synthetic flooded-street benchmark generated and cached
-under --cache_dir, oracle attention from the flood masks, a random-weight CosPlace ResNet-18/512) in a few minutes
-on a CPU. A real evaluation:
+under --cache_dir, by default $ATTLLM_JAX_CACHE or ~/.cache/attllm_jax; oracle attention from the flood masks; a
+random-weight CosPlace ResNet-18/512) in a few minutes on a CPU, into outputs/demo (--output_dir). --alphas
+defaults to 0,0.25,0.5,0.75,1. A real evaluation:
 
     python -m experiments.eval --checkpoint DIR --database_folder D --queries_folder Q \
         --attention_dir A --alphas 0,0.25,0.5,1 --positive_dist_threshold 25 \
@@ -26,59 +27,45 @@ import tempfile
 
 from absl import flags
 
-from experiments import cli, multihost
+from experiments import cli, flagdefs, multihost
 from experiments.cli import fail
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("checkpoint", None, "Converted model directory; default: random-weight CosPlace ResNet-18/512.")
-flags.DEFINE_string("database_folder", None, "Database images (names @utm_east@utm_north@...@.jpg or a CSV).")
-flags.DEFINE_string("queries_folder", None, "Query images (names lat_lon@....jpg, @east@north@...@.jpg or a CSV).")
-flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
-flags.DEFINE_list(
+flagdefs.define(
+    "checkpoint",
+    "random_model",
+    "database_folder",
+    "queries_folder",
+    "database_csv",
+    "convention",
+    "image_size",
+    "precision",
+    "batch_size",
+    "num_workers",
+    "store_dir",
+    "chunk_size",
+    "store_dtype",
+    "model_seed",
+    "cache_dir",
     "alphas",
-    None,
-    "Blend factors in [0, 1], e.g. 0,0.25,0.5,1 or 0:1:11 (start:stop:count); default 0,0.25,0.5,0.75,1.",
+    "recall_values",
+    "positive_dist_threshold",
 )
-flags.DEFINE_float("positive_dist_threshold", 25.0, "Positive radius in metres (boundary included).")
-flags.DEFINE_list("recall_values", ["1", "5", "10", "20"], "The N of recall@N.")
+flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/demo for the demo; required otherwise).")
 flags.DEFINE_enum("distance", "utm", ["utm", "haversine"], "Euclidean in one UTM zone, or great circle on lat/lon.")
-flags.DEFINE_string("database_csv", None, "Optional CSV path,lat,lon or path,utm_east,utm_north for the database.")
 flags.DEFINE_string("queries_csv", None, "Optional coordinates CSV for the queries.")
-flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name coordinate convention.")
-cli.define_image_size_flag()
-flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
 flags.DEFINE_integer(
     "max_batch_pixels",
     None,
     "Pixel budget of one batch (default: batch_size megapixels); larger shapes get fewer rows, and an image whose "
     "preprocessed size alone exceeds it is skipped and counted.",
 )
-flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
-flags.DEFINE_string(
-    "store_dir", None, "Database descriptor store: a directory or a kvstore URL (default OUTPUT_DIR/database_store)."
-)
-flags.DEFINE_integer(
-    "chunk_size", None, "Database images per store chunk, the resume granularity (default 256 on CPU, 4096 else)."
-)
-flags.DEFINE_enum(
-    "store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype (float16: half the bytes)."
-)
 flags.DEFINE_float("sigma", 0.2, "RBF width of point attention maps.")
 flags.DEFINE_bool("grid_interpolate", False, "Bilinear upsampling of grid answers instead of sharp cells.")
 flags.DEFINE_integer("max_points", 8, "Point slots per attention answer.")
 flags.DEFINE_integer("num_preds_to_save", 0, "Save, per query and alpha, a strip with the top-K predictions.")
-flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
-flags.DEFINE_enum(
-    "random_model",
-    "cosplace",
-    ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50"],
-    "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released MegaLoc / BoQ "
-    "architecture with random weights.",
-)
-cli.define_precision_flag()
-flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.DEFINE_enum(
     "search",
     "auto",
@@ -104,53 +91,11 @@ flags.DEFINE_string(
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
-def parse_values(values) -> list[float]:
-    """Numbers of a list flag: each entry a number or ``start:stop:count`` (``count`` evenly spaced, both ends).
-
-    Raises:
-        ValueError: for an entry that is neither.
-    """
-    out = []
-    for value in values:
-        parts = str(value).split(":")
-        if len(parts) == 1:
-            out.append(float(parts[0]))
-        elif len(parts) == 3 and parts[2].strip().isdigit() and int(parts[2]) >= 1:
-            start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
-            out.extend([start] if count == 1 else [start + (stop - start) * i / (count - 1) for i in range(count)])
-        else:
-            raise ValueError(f"{value!r} is neither a number nor start:stop:count")
-    return out
+parse_values = flagdefs.parse_values  # the list / start:stop:count forms of --alphas, --sigmas
 
 
-def _valid_alphas(values) -> bool:
-    if values is None:
-        return True
-    try:
-        alphas = parse_values(values)
-    except ValueError:
-        return False
-    return (
-        bool(alphas) and all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in alphas) and len(set(alphas)) == len(alphas)
-    )
-
-
-def _valid_recall_values(values) -> bool:
-    try:
-        ints = [int(v) for v in values]
-    except ValueError:
-        return False
-    return bool(ints) and all(n >= 1 for n in ints) and len(set(ints)) == len(ints)
-
-
-flags.register_validator("alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1] (or start:stop:count)")
-flags.register_validator("recall_values", _valid_recall_values, "--recall_values must be distinct integers >= 1")
-flags.register_validator(
-    "positive_dist_threshold", lambda v: math.isfinite(v) and v > 0, "--positive_dist_threshold must be > 0 metres"
-)
-for _name in ("batch_size", "chunk_size", "max_points", "nprobe", "hnsw_m", "ef_search"):
+for _name in ("max_points", "nprobe", "hnsw_m", "ef_search"):
     flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
-flags.register_validator("num_workers", lambda v: v is None or v >= 1, "--num_workers must be >= 1")
 flags.register_validator("max_batch_pixels", lambda v: v is None or v >= 1, "--max_batch_pixels must be >= 1")
 for _name in ("nlist", "pq_m"):
     flags.register_validator(_name, lambda v: v >= 0, f"--{_name} must be >= 0")
@@ -161,10 +106,10 @@ flags.register_validator("sigma", lambda v: math.isfinite(v) and v > 0, "--sigma
 
 
 def _overrides() -> dict:
-    image_size = cli.image_size_from_flag()
+    image_size = flagdefs.image_size()
     overrides = {
         "checkpoint": FLAGS.checkpoint,
-        "recall_values": tuple(int(v) for v in FLAGS.recall_values),
+        "recall_values": flagdefs.recall_values(),
         "positive_dist_threshold": FLAGS.positive_dist_threshold,
         "distance": FLAGS.distance,
         "convention": FLAGS.convention,
@@ -209,13 +154,6 @@ def _search_spec():
 def _fail(message: str, usage: bool = False) -> None:
     """Ends the run with one ``eval: error: ...`` line on stderr (and a pointer to --help for usage errors)."""
     fail("eval", message, usage)
-
-
-def print_runtime(command: str, precision: str) -> None:
-    """One stderr line at the start of a command: backend, devices and precision (is the accelerator used?)."""
-    from attllm_jax.models.precision import runtime_summary
-
-    print(f"{command}: {runtime_summary(precision)}", file=sys.stderr, flush=True)
 
 
 def _os_error_line(error: OSError, config) -> str:
@@ -287,9 +225,35 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eva
     try:
         config = config.validated()
         config.check_output_outside_inputs()
-        return config
     except (ValueError, FileNotFoundError) as error:
         fail(command, str(error), usage=True)
+    if demo:
+        print(
+            f"{command}: the demo: synthetic benchmark cached under {os.path.abspath(FLAGS.cache_dir)} "
+            f"(--cache_dir), outputs in {os.path.abspath(config.output_dir)} (--output_dir)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return config
+
+
+def _discard_failed_log(output_dir: str, created: bool) -> None:
+    """After a failed run: removes the eval.log it wrote, and the output folder when the run created it and it is
+    now empty, so that a failure leaves nothing behind (its one error line says what went wrong)."""
+    import logging
+
+    log_file = os.path.abspath(os.path.join(output_dir, "eval.log"))
+    for logger in (logging.getLogger(), logging.getLogger("attllm_jax")):
+        for handler in list(logger.handlers):
+            if getattr(handler, "baseFilename", None) == log_file:
+                logger.removeHandler(handler)
+                handler.close()
+    try:
+        os.remove(log_file)
+        if created:
+            os.rmdir(output_dir)  # only when empty
+    except OSError:
+        pass
 
 
 def main(argv):
@@ -317,6 +281,9 @@ def main(argv):
     from attllm_jax.retrieval.store import StoreError
 
     config = config_from_flags()
+    if cli.backend_error():  # before the output folder is created
+        cli.print_runtime("eval", config.precision)
+    created = not os.path.exists(config.output_dir)
     try:
         _check_writable(config.output_dir)
         if process_index() == 0:  # process 0 takes the folder for the run; the others only log into it
@@ -325,7 +292,7 @@ def main(argv):
         _fail(_os_error_line(error, config))
     except OutputLockError as error:
         _fail(str(error))
-    print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
+    cli.print_runtime("eval", config.precision)  # after the checks: a run that fails them prints only its error line
     try:
         result = run_evaluation(config)
     except (
@@ -338,8 +305,10 @@ def main(argv):
         OutputLockError,
         CoordinationError,
     ) as error:
+        _discard_failed_log(config.output_dir, created)
         _fail(str(error))
     except OSError as error:  # read-only or full output / store folder, a file vanished during the run
+        _discard_failed_log(config.output_dir, created)
         _fail(_os_error_line(error, config))
     if result is None:  # a process other than 0 of a multi-process run
         print(f"database share done; process 0 wrote {os.path.join(config.output_dir, 'results.json')}")
@@ -379,8 +348,8 @@ def _write_calibration(config) -> None:
 
 
 def help_text() -> str:
-    """This module's docstring and its flags."""
-    return cli.help_text(__doc__, sys.argv[0] if __name__ == "__main__" else __name__, multihost.__name__)
+    """This module's docstring and its flags (its own and the shared ones it uses)."""
+    return cli.help_text(__doc__, flagdefs.module_key(__name__), multihost.__name__)
 
 
 def run(argv: list[str] | None = None) -> None:

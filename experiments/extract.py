@@ -1,6 +1,7 @@
 r"""Build a database descriptor store on its own: ``python -m experiments.extract``.
 
     python -m experiments.extract --checkpoint DIR --database_folder D --store_dir S [--store_dtype float16]
+    python -m experiments.extract --store_dir S     # the demo's database, as attllm-eval's demo extracts it
 
 A large database is extracted once and evaluated many times: ``python -m experiments.eval --store_dir S ...``
 with the same model, database and --image_size reuses the store (its key is the model config, the weights digest,
@@ -19,26 +20,67 @@ import time
 
 from absl import app, flags
 
-from experiments import cli, multihost
+from experiments import cli, flagdefs, multihost
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("checkpoint", None, "Converted model directory; default: random-weight CosPlace ResNet-18/512.")
-flags.DEFINE_string("database_folder", None, "Database images (names @utm_east@utm_north@...@.jpg or a CSV).")
-flags.DEFINE_string("database_csv", None, "Optional CSV path,lat,lon or path,utm_east,utm_north for the database.")
-flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name coordinate convention.")
-cli.define_image_size_flag()
-flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
-flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
-flags.DEFINE_string("store_dir", None, "The store: a directory or a tensorstore kvstore URL (required).")
-flags.DEFINE_integer("chunk_size", None, "Images per store chunk (default 256 on CPU, 4096 on an accelerator).")
-flags.DEFINE_enum("store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype.")
-flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
+flagdefs.define(
+    "checkpoint",
+    "random_model",
+    "database_folder",
+    "database_csv",
+    "convention",
+    "image_size",
+    "precision",
+    "batch_size",
+    "num_workers",
+    "store_dir",
+    "chunk_size",
+    "store_dtype",
+    "model_seed",
+    "cache_dir",
+)
 flags.DEFINE_string("logs_dir", None, "Per-process log files go here (default: stderr only).")
-cli.define_precision_flag()
-flags.mark_flags_as_required(["database_folder", "store_dir"])
-for _name in ("batch_size", "chunk_size", "num_workers"):
-    flags.register_validator(_name, lambda v: v is None or v >= 1, f"--{_name} must be >= 1")
+flags.mark_flag_as_required("store_dir")
+
+
+def _config():
+    """The validated EvalConfig of the flags: the demo's database (its image size and model) without
+    --database_folder, so that ``attllm-eval --store_dir S`` on the demo reuses the store."""
+    from attllm_jax.evaluation.config import EvalConfig
+    from attllm_jax.evaluation.demo import demo_config
+
+    settings = {
+        "checkpoint": FLAGS.checkpoint,
+        "random_model": FLAGS.random_model,
+        "convention": FLAGS.convention,
+        "batch_size": FLAGS.batch_size,
+        "num_workers": FLAGS.num_workers,
+        "store_dir": FLAGS.store_dir,
+        "chunk_size": FLAGS.chunk_size,
+        "store_dtype": FLAGS.store_dtype,
+        "model_seed": FLAGS.model_seed,
+        "precision": FLAGS.precision,
+    }
+    if flagdefs.image_size() is not None:
+        settings["image_size"] = flagdefs.image_size()
+    if FLAGS.database_folder is None:
+        if FLAGS.database_csv:
+            raise app.UsageError("--database_csv needs --database_folder")
+        config = demo_config(FLAGS.cache_dir, ".", **settings)
+        print(f"extract: the demo's database ({config.database_folder})", file=sys.stderr, flush=True)
+    else:
+        config = EvalConfig(
+            database_folder=FLAGS.database_folder,
+            queries_folder=FLAGS.database_folder,  # not used: the extraction reads the database only
+            output_dir=".",
+            database_csv=FLAGS.database_csv,
+            **settings,
+        )
+    try:
+        return config.validated()
+    except (ValueError, FileNotFoundError) as error:
+        raise app.UsageError(str(error)) from None
 
 
 def main(argv):
@@ -54,34 +96,12 @@ def main(argv):
         cli.fail("extract", str(error))
     from attllm_jax.data.coordinates import CoordinateError
     from attllm_jax.evaluation import hosts
-    from attllm_jax.evaluation.config import EvalConfig
     from attllm_jax.evaluation.extract import NonFiniteDescriptorError
     from attllm_jax.evaluation.pipeline import run_extraction
     from attllm_jax.retrieval.store import StoreError
 
-    config = EvalConfig(
-        database_folder=FLAGS.database_folder,
-        queries_folder=FLAGS.database_folder,  # not used: the extraction reads the database only
-        output_dir=".",
-        checkpoint=FLAGS.checkpoint,
-        database_csv=FLAGS.database_csv,
-        convention=FLAGS.convention,
-        image_size=cli.image_size_from_flag(),
-        batch_size=FLAGS.batch_size,
-        num_workers=FLAGS.num_workers,
-        store_dir=FLAGS.store_dir,
-        chunk_size=FLAGS.chunk_size,
-        store_dtype=FLAGS.store_dtype,
-        model_seed=FLAGS.model_seed,
-        precision=FLAGS.precision,
-    )
-    try:
-        config = config.validated()
-    except (ValueError, FileNotFoundError) as error:
-        raise app.UsageError(str(error)) from None
-    from attllm_jax.models.precision import runtime_summary
-
-    print(f"extract: {runtime_summary(config.precision)}", file=sys.stderr, flush=True)
+    config = _config()
+    cli.print_runtime("extract", config.precision)
     t0 = time.perf_counter()
     try:
         directory, summary = run_extraction(config, log_dir=FLAGS.logs_dir)
@@ -106,8 +126,7 @@ def main(argv):
 
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point (``attllm-extract``, also ``python -m experiments.extract``); ``--help`` exits 0."""
-    module = sys.argv[0] if __name__ == "__main__" else __name__
-    cli.run_command("extract", main, lambda: cli.help_text(__doc__, module, multihost.__name__), argv)
+    cli.run_command("extract", main, cli.module_help(__doc__, __name__, multihost.__name__), argv)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ stopped; unreadable images are skipped, listed and counted in the summary (exit 
 
 import json
 import logging
-import sys
 
 from absl import app, flags
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 _METHODS = ("procedural", "gemini")
@@ -94,7 +95,7 @@ def main(argv):
         sys.exit(f"flood: {e}")
     _setup_log(out)
     log = logging.getLogger("flood")
-    log.info("flags: %s", json.dumps({f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}))
+    log.info("flags: %s", cli.flag_values(__name__))
     levels = [float(v) for v in FLAGS.levels]
     editor = None
     writes_masks = True
@@ -126,7 +127,7 @@ def main(argv):
             method = flood.procedural_method(FLAGS.seed, style)
             settings = {**flood.style_dict(style), "jpeg_quality": FLAGS.jpeg_quality}
     except ValueError as e:
-        sys.exit(f"flood: {e}")
+        cli.fail("flood", str(e))
     try:
         summary = flood.flood_folder(
             FLAGS.images,
@@ -141,7 +142,7 @@ def main(argv):
             writes_masks=writes_masks,
         )
     except (FileNotFoundError, ValueError, OutputLockError) as e:
-        sys.exit(f"flood: {e}")
+        cli.fail("flood", str(e))
     finally:
         if editor is not None:
             editor.close()
@@ -154,5 +155,10 @@ def main(argv):
     return 3 if summary["num_failed"] else 0
 
 
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-flood``, also ``python -m experiments.flood``)."""
+    cli.run_command("flood", main, cli.module_help(__doc__, __name__), argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -6,11 +6,10 @@ their weights and reasoning.
 Reads our attention files and the published code's per-image format alike.
 """
 
-import sys
-
 from absl import app, flags
 
 from attllm_jax.attention import overlay, store, visualize
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("image", None, "The photo.", required=True)
@@ -23,12 +22,13 @@ flags.DEFINE_integer("max_side", 1024, "Longest side of the photo drawn.", lower
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         photo = overlay.load_photo(FLAGS.image)
         attention = store.read_attention(FLAGS.attention, max_points=FLAGS.max_points)
     except (OSError, ValueError) as e:
-        sys.exit(f"show_attention: {e}")
+        cli.fail("show_attention", str(e))
     parsed = attention.parsed
     model = attention.field("model") or "?"
     prompt = attention.field("prompt_id")
@@ -45,5 +45,10 @@ def main(argv):
     print(f"wrote {FLAGS.output} ({parsed.kind})")
 
 
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``attllm-show-attention``, also ``python -m experiments.show_attention``)."""
+    cli.run_command("show_attention", main, cli.module_help(__doc__, __name__), argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -10,7 +10,8 @@ demo's synthetic flooded streets (random-weight CosPlace ResNet-18/512, oracle a
         --folds 5 --group_radius 50 --method both --output_dir OUT
 
 writes OUT/tuning.json (best, grid, folds, cv, optax), OUT/recall_vs_alpha_folds.png and OUT/tune.log
-(see attllm_jax.tuning.run.run_tuning). --alphas and --sigmas take lists and start:stop:count ranges.
+(see attllm_jax.tuning.run.run_tuning). --alphas and --sigmas take lists and start:stop:count ranges; --alphas
+defaults to 0:1:101 (0, 0.01, ..., 1), --sigmas to --sigma.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, flagdefs
 from experiments import eval as eval_cli
 
 FLAGS = flags.FLAGS
@@ -47,7 +48,7 @@ def _valid_sigmas(values) -> bool:
     if values is None:
         return True
     try:
-        sigmas = eval_cli.parse_values(values)
+        sigmas = flagdefs.parse_values(values)
     except ValueError:
         return False
     return bool(sigmas) and all(math.isfinite(s) and s > 0 for s in sigmas) and len(set(sigmas)) == len(sigmas)
@@ -75,9 +76,8 @@ def main(argv):
             "tune runs in one process: extract the database store with several hosts first "
             "(experiments.extract), then tune with --store_dir on one"
         )
-    alphas = tuple(eval_cli.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
-    config = eval_cli.config_from_flags("outputs/tune_demo", command="tune", alphas=alphas)
-    sigmas = tuple(eval_cli.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
+    alphas = tuple(flagdefs.parse_values(FLAGS.alphas or [DEFAULT_ALPHAS]))
+    sigmas = tuple(flagdefs.parse_values(FLAGS.sigmas)) if FLAGS.sigmas else (FLAGS.sigma,)
     settings = TuneSettings(
         alphas=alphas,
         sigmas=sigmas,
@@ -94,15 +94,16 @@ def main(argv):
         optax_learning_rate=FLAGS.optax_learning_rate,
         temperature=FLAGS.temperature,
     )
-    try:
-        settings = settings.validated(config.recall_values)
+    try:  # before any work: the settings alone decide, e.g. --sigmas too small for --method both
+        settings = settings.validated(flagdefs.recall_values())
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    config = eval_cli.config_from_flags("outputs/tune_demo", command="tune", alphas=alphas)
     try:
         check_free(config.output_dir, "tune")
     except OutputLockError as error:
         cli.fail("tune", str(error))
-    eval_cli.print_runtime("tune", config.precision)
+    cli.print_runtime("tune", config.precision)
     try:
         result = run_tuning(config, settings)
     except (
@@ -141,8 +142,7 @@ def main(argv):
 
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point (``attllm-tune``, also ``python -m experiments.tune``); ``--help`` exits 0."""
-    module = sys.argv[0] if __name__ == "__main__" else __name__
-    cli.run_command("tune", main, lambda: cli.help_text(__doc__, module, eval_cli.__name__), argv)
+    cli.run_command("tune", main, cli.module_help(__doc__, __name__, eval_cli.__name__), argv)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,10 @@ def test_converter_script_reports_bad_input_in_one_line(tmp_path):
         "cosplace.py", "--checkpoint", str(tmp_path / "absent.pth"), "--output", str(tmp_path / "o")
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"error: checkpoint file not found: {tmp_path / 'absent.pth'}"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"convert: error: checkpoint file not found: {tmp_path / 'absent.pth'}"
+    )
     assert not (tmp_path / "o").exists()
     result = _run_converter("cosplace.py", "--output", str(tmp_path / "o"), "--backbone", "ResNet18")
     assert result.returncode == 1 and "valid (family/backbone/dim): cosplace/vgg16/64" in result.stderr
@@ -281,7 +284,9 @@ def test_converter_without_torch_says_how_to_install_it(tmp_path):
     )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: reading model.pth needs PyTorch") and 'pip install -e ".[convert]"' in last, last
+    assert (
+        last.startswith("convert: error: reading model.pth needs PyTorch") and 'pip install -e ".[convert]"' in last
+    ), last
 
 
 def test_load_is_quiet_and_closes_orbax_cleanly(saved, recwarn, caplog):

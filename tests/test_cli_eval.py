@@ -159,7 +159,7 @@ def test_a_corrupt_store_chunk_is_one_line_naming_the_store_and_what_to_do(folde
         ("tune", ["stray"], "unexpected arguments: ['stray']"),
         ("tune", ["--queries_folder", "/q"], "give both --database_folder and --queries_folder"),
         ("tune", ["--coordinator_address", "127.0.0.1:9", "--num_processes", "2", "--process_id", "0"], "one process"),
-        ("extract", ["--store_dir", "S"], "--database_folder must have a value"),
+        ("extract", ["--database_folder", "/tmp"], "--store_dir must have a value"),
         ("extract", ["--database_folder", "/nope", "--store_dir", "S"], "'/nope' is not a directory"),
         ("extract", ["--database_folder", "/tmp", "--store_dir", "S", "--image_size", "abc"], "one or two integers"),
         ("eval", ["--alphas", "2"], "--alphas must be distinct numbers in [0, 1]"),

@@ -10,7 +10,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("attllm-eval", "attllm-annotate", "attllm-convert", "attllm-extract", "attllm-tune", "attllm-localize")
+# script -> flags its --help must list: its own and the shared ones the README tells users to pass
+SCRIPT_FLAGS = {
+    "attllm-eval": ("--queries_folder", "--image_size", "--precision", "--alphas", "--cache_dir", "--process_id"),
+    "attllm-annotate": ("--images", "--city", "--provider"),
+    "attllm-extract": ("--store_dir", "--image_size", "--precision", "--database_folder", "--random_model"),
+    "attllm-tune": ("--sigmas", "--method", "--image_size", "--precision", "--queries_folder"),
+    "attllm-flood": ("--levels", "--method", "--rain"),
+    "attllm-severity": ("--levels", "--alphas", "--image_size", "--recall_values", "--precision"),
+    "attllm-show-attention": ("--image", "--attention", "--sigma"),
+    "attllm-doctor": ("--check",),
+    "attllm-localize": ("--images", "--alpha", "--top_k", "--estimator"),
+}
+SCRIPTS = (*SCRIPT_FLAGS, "attllm-convert")
 
 
 def _tracked_files() -> list[str]:
@@ -104,3 +116,49 @@ def test_benchmarks_and_torch_references_are_not_installed(installed, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False", "False", "False"]
     assert (REPO / "benchmarks" / "bench_models.py").is_file() and (REPO / "benchmarks" / "torch_zoo.py").is_file()
+
+
+def _command(script: str) -> str:
+    return script.removeprefix("attllm-").replace("-", "_")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_console_script_follows_the_convention(installed, script):
+    """--help exits 0 and lists the flags; a bogus flag is one ``<command>: error:`` line, exit 2, nothing else."""
+    proc = _run(installed, script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in SCRIPT_FLAGS.get(script, ()):
+        assert flag in proc.stdout, (script, flag)
+    bad = _run(installed, script, "--no_such_flag=1")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2, bad.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{_command(script)}: error: "), bad.stderr
+    assert "no_such_flag" in lines[0] and "FATAL" not in bad.stderr and bad.stdout == "", bad.stderr
+
+
+@pytest.mark.parametrize("family", ["cosplace", "salad"])
+def test_a_converter_follows_the_convention(installed, family):
+    proc = _run(installed, "attllm-convert", family, "--help")
+    assert proc.returncode == 0 and "--output" in proc.stdout and "--cache_dir" in proc.stdout, proc.stderr
+    bad = _run(installed, "attllm-convert", family, "--no_such_flag=1")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("convert: error: "), bad.stderr
+    missing = _run(installed, "attllm-convert", family)
+    [line] = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and line.startswith("convert: error: ") and "--output must have a value" in line
+
+
+def test_annotate_logs_its_flags_through_the_console_script(installed, tmp_path):
+    """The log's ``flags:`` line holds the command's flags (it was ``{}`` through the console script)."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "src").mkdir()
+    out = tmp_path / "a"
+    args = ["--images", str(tmp_path / "q"), "--output_dir", str(out), "--provider", "files"]
+    proc = _run(installed, "attllm-annotate", *args, "--source_dir", str(tmp_path / "src"))
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in (out / "annotate.log").read_text().splitlines() if " flags: " in x]
+    assert f'"images": "{tmp_path / "q"}"' in line and '"provider": "files"' in line, line
+    usage = _run(installed, "attllm-annotate", "--images", str(tmp_path / "q"), "--output_dir", str(tmp_path / "b"))
+    [line] = usage.stderr.strip().splitlines()
+    assert usage.returncode == 2 and line.startswith("annotate: error: ") and "--city is required" in line, line
+    assert not (tmp_path / "b").exists()  # refused before any work: no folder, no log

@@ -81,6 +81,8 @@ def test_a_full_disk_under_the_annotation_output_stops_the_run_naming_the_flag(t
         result = subprocess.run(command, cwd=REPO, env=run_env(), text=True, capture_output=True, timeout=120)
     assert info.value.filename == str(out / runner.SUMMARY_FILE) and info.value.errno == errno.ENOSPC
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and last.startswith(f"annotate: cannot write {disk / 'out2'}"), result.stderr[-2000:]
+    assert result.returncode == 1 and last.startswith(f"annotate: error: cannot write {disk / 'out2'}"), result.stderr[
+        -2000:
+    ]
     assert "(No space left on device): free space there or give another --output_dir" in last
     assert "Traceback" not in result.stderr and "cannot write the log file" in result.stderr  # one line for the log

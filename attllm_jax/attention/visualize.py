@@ -15,6 +15,14 @@ from attllm_jax.attention.parse import ParsedAttention
 from attllm_jax.files import atomic_write
 
 
+def wrap_title(lines: list[str], fig_width_in: float, fontsize: float = 11.0) -> str:
+    """Title lines wrapped to the figure's width (a long photo name, e.g. a crowdsourced file's, would otherwise run
+    past both edges of the figure: the title is centred over the axes). Long names break anywhere."""
+    max_chars = max(20, int(fig_width_in * 72 / (0.6 * fontsize) * 0.85))  # ~0.6 em per character, a margin
+    wrapped = [textwrap.fill(line, max_chars, break_long_words=True, break_on_hyphens=False) for line in lines]
+    return "\n".join(wrapped)
+
+
 def render_attention(
     photo: Image.Image,
     parsed: ParsedAttention,
@@ -105,7 +113,7 @@ def render_attention(
     }[parsed.kind]
     if parsed.num_dropped:
         summary += f", {parsed.num_dropped} entries dropped"
-    ax.set_title("\n".join(t for t in (title, summary) if t), fontsize=11)
+    ax.set_title(wrap_title([t for t in (title, summary) if t], fig_w), fontsize=11)
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_yticks(np.linspace(0, 1, 6))
     if notes:

@@ -15,9 +15,10 @@ from typing import TextIO
 import httpx
 
 from attllm_jax.convert.common import sha256_file
+from attllm_jax.files import default_cache_dir
 from attllm_jax.models.registry import PublishedCheckpoint
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("ATTLLM_JAX_CACHE", Path.home() / ".cache" / "attllm_jax"))
+DEFAULT_CACHE_DIR = default_cache_dir()
 _CHUNK = 1 << 20
 
 

@@ -176,10 +176,17 @@ def parse_location(name: str, convention: str = "auto") -> Location:
         convention = "sfxl" if base.startswith("@") else "flood"
     location = parse_sfxl_name(base) if convention == "sfxl" else parse_flood_name(base)
     if location is None:
-        expected = "@utm_east@utm_north@...@.jpg" if convention == "sfxl" else "[name%]lat_lon@....jpg"
-        raise CoordinateError(f"cannot read coordinates from file name {name!r}: expected {expected}")
+        raise CoordinateError(f"cannot read coordinates from file name {name!r}: expected {NAME_EXAMPLES[convention]}")
     return location
 
+
+# Real example names of each convention, for error messages (what a user can compare a failing name with).
+NAME_EXAMPLES = {
+    "sfxl": "a name like @0551294.51@4177187.54@10@S@037.74054@-122.41781@6ndRH0-kf_BJq0ZASDu5ZQ@@300@@@@201311@@.jpg "
+    "(@utm_east@utm_north@zone@band@lat@lon@...; only east and north are required: @551294.51@4177187.54@@.jpg)",
+    "flood": "a name like 37.77930_-122.41930@flood.jpg (latitude_longitude@anything; an optional prefix ending in %: "
+    "street%37.77930_-122.41930@flood.jpg)",
+}
 
 _LATLON_HEADERS = (("lat", "lon"), ("latitude", "longitude"))
 _UTM_HEADERS = (("utm_east", "utm_north"), ("easting", "northing"), ("east", "north"))

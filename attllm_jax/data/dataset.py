@@ -187,8 +187,8 @@ def load_image_set(
 
 
 _CONVENTION_NAMES = {
-    "sfxl": "the SF-XL convention @utm_east@utm_north@zone@letter@lat@lon@...@.jpg",
-    "flood": "the lat/lon convention [name%]lat_lon@....jpg",
+    "sfxl": "the SF-XL convention (e.g. @0551294.51@4177187.54@10@S@037.74054@-122.41781@@.jpg)",
+    "flood": "the lat/lon convention (e.g. 37.77930_-122.41930@flood.jpg)",
 }
 
 

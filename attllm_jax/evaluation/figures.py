@@ -146,6 +146,20 @@ class Prediction:
     distance_m: float | None = None
 
 
+def score_labels(scores, min_digits: int = 3, max_digits: int = 8) -> list[str]:
+    """The scores written with the fewest decimals (at least ``min_digits``) that tell neighbouring scores apart.
+
+    The top scores of a random-weight model differ by ~1e-4, so a fixed ``0.997`` would print one number three
+    times. Scores that are equal to ``max_digits`` decimals are printed with ``max_digits``.
+    """
+    values = [float(v) for v in scores]
+    for digits in range(min_digits, max_digits + 1):
+        labels = [f"{v:.{digits}f}" for v in values]
+        if all(a != b for a, b, x, y in zip(labels, labels[1:], values, values[1:], strict=False) if x != y):
+            return labels
+    return [f"{v:.{max_digits}f}" for v in values]
+
+
 def save_prediction_strip(
     path: str | os.PathLike,
     query_path: str | os.PathLike,
@@ -172,10 +186,11 @@ def save_prediction_strip(
     line = 18
     tiles = [ImageOps.expand(overlay_attention(_thumbnail(query_path, height), attention), border, fill=GREY)]
     labels = [[query_label, "(attention overlay)" if attention is not None else "(no overlay)"]]
+    scores = score_labels([pred.score for pred in predictions])
     for rank, pred in enumerate(predictions, start=1):
         tiles.append(ImageOps.expand(_thumbnail(pred.path, height), border, fill=GREEN if pred.correct else RED))
         distance = "distance ?" if pred.distance_m is None else f"{pred.distance_m:,.0f} m away"
-        labels.append([f"#{rank}  score {pred.score:.3f}", f"{distance}, {'positive' if pred.correct else 'wrong'}"])
+        labels.append([f"#{rank}  score {scores[rank - 1]}", f"{distance}, {'positive' if pred.correct else 'wrong'}"])
     gap, top = 8, 2 * line + 8
     key = colour_key(min(tiles[0].width, 260)) if attention is not None else None
     below = 2 * line + 6 + (key.height + 4 if key is not None else 0)

@@ -242,6 +242,8 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
 
     no_positive = [queries.paths[i] for i, p in enumerate(positives) if len(p) == 0]
     notes = list(config.notes)
+    if config.checkpoint is not None and (model.spec.provenance.weights or "").startswith("random"):
+        notes.append(f"NOTE: the model's weights are {model.spec.provenance.weights}: results say nothing of a release")
     beyond = recall_beyond_database_note(config.recall_values, int(db_valid.sum()))
     if beyond:
         log.warning("%s", beyond)

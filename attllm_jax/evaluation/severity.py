@@ -268,6 +268,11 @@ def analyse(
     }
 
 
+def cell_label(value: float) -> str:
+    """A heatmap cell's R@1 as the severity table writes it (one decimal: 57.5 stays 57.5, not 58)."""
+    return f"{value:.1f}"
+
+
 def plot_heatmap(path: str | Path, levels, alphas, r1: np.ndarray, best_alphas, title: str) -> None:
     """A PNG of R@1 (%) over (level rows, alpha columns), values written in the cells, best alphas framed."""
     import matplotlib
@@ -281,7 +286,7 @@ def plot_heatmap(path: str | Path, levels, alphas, r1: np.ndarray, best_alphas, 
     for i in range(len(levels)):
         for j in range(len(alphas)):
             value = r1[i, j]
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="w" if value < 60 else "k")
+            ax.text(j, i, cell_label(value), ha="center", va="center", fontsize=6, color="w" if value < 60 else "k")
         j = list(alphas).index(best_alphas[i])
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=7)

@@ -155,3 +155,26 @@ def runtime_summary(precision: str | None = None) -> str:
     if precision is None:
         return f"{line}, default matmul precision {jax.config.jax_default_matmul_precision or 'backend default'}"
     return f"{line}, precision {precision} (matmul {MATMUL_PRECISION[validate_precision(precision)]})"
+
+
+def backend_problem() -> str | None:
+    """Whether JAX's default backend starts: None if it does, else one line naming ``JAX_PLATFORMS`` and the fix.
+
+    ``JAX_PLATFORMS=tpu`` without a TPU raises JAX's RuntimeError ("Unable to initialize backend 'tpu'"),
+    ``JAX_PLATFORMS=cuda`` without the CUDA plugin a bare AssertionError; both become this line.
+    """
+    import os
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as error:
+        asked = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME")
+        reason = str(error).splitlines()[0] if str(error).strip() else "no such backend is installed"
+        reason = reason.split(" (set JAX_PLATFORMS")[0]
+        what = f"JAX_PLATFORMS={asked}" if asked else "JAX's default backend"
+        fix = (
+            "unset JAX_PLATFORMS (or set it to cpu), or install the accelerator's jax build "
+            '(pip install -e ".[cuda]" or ".[tpu]"); python -m experiments.doctor shows what JAX finds'
+        )
+        return f"{what}: the backend cannot start ({reason}): {fix}"
+    return None

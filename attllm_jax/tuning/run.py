@@ -31,7 +31,7 @@ from attllm_jax.tuning import cv, search
 from attllm_jax.tuning.cache import cached_query_features
 from attllm_jax.tuning.evaluate import CachedRetrieval, RankSource, with_blend
 from attllm_jax.tuning.figures import plot_folds
-from attllm_jax.tuning.surrogate import optimize
+from attllm_jax.tuning.surrogate import SIGMA_MIN, optimize
 
 log = logging.getLogger("attllm_jax.tuning")
 
@@ -105,7 +105,17 @@ class TuneSettings:
             raise ValueError(f"--refine_iterations must be >= 0, got {self.refine_iterations}")
         if not (self.optax_learning_rate > 0 and self.temperature > 0):
             raise ValueError("--optax_learning_rate and --temperature must be > 0")
+        if self.method != "grid" and optax_start_sigma(sigmas) <= SIGMA_MIN:
+            raise ValueError(
+                f"--method {self.method} starts Adam at the median of --sigmas ({optax_start_sigma(sigmas):g}), "
+                f"which must be > {SIGMA_MIN:g} (the surrogate's smallest sigma); give larger --sigmas or --method grid"
+            )
         return TuneSettings(**{**asdict(self), "alphas": alphas, "sigmas": sigmas, "blends": blends})
+
+
+def optax_start_sigma(sigmas) -> float:
+    """Where the optax search starts sigma: the median of the searched sigmas."""
+    return float(np.median(sigmas))
 
 
 def run_tuning(config: EvalConfig, settings: TuneSettings, model: DescriptorModel | None = None) -> dict[str, Any]:
@@ -310,7 +320,7 @@ def _optax(source, fold_of, groups, grid_cv_ranks, baseline, settings, n_primary
     exact training objective is kept; then the held-out recall, compared with the grid search's on the same folds.
     """
     alpha0 = 0.5
-    sigma0 = float(np.median(settings.sigmas))
+    sigma0 = optax_start_sigma(settings.sigmas)
     problems = {b: source.surrogate(b) for b in settings.blends}
     recall_values = source.recall_values
 

@@ -1,0 +1,248 @@
+"""The flags several commands take, each defined once here (eval, extract, tune, severity, the converters, benches).
+
+A command asks for the ones it uses with :func:`define`; they become key flags of the calling module, so its
+``--help`` lists them beside its own flags. A flag already defined (``tune`` imports ``eval``'s) is only declared
+again as a key flag of the caller. Values are validated at parse time: a bad one is a usage error (one line).
+
+    flagdefs.define("checkpoint", "database_folder", "image_size", "precision")
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+from absl import flags
+
+from attllm_jax.files import default_cache_dir
+from attllm_jax.models.precision import PRECISIONS
+
+FLAGS = flags.FLAGS
+
+
+def parse_values(values) -> list[float]:
+    """Numbers of a list flag: each entry a number or ``start:stop:count`` (``count`` evenly spaced, both ends).
+
+    Raises:
+        ValueError: for an entry that is neither.
+    """
+    out = []
+    for value in values:
+        parts = str(value).split(":")
+        if len(parts) == 1:
+            out.append(float(parts[0]))
+        elif len(parts) == 3 and parts[2].strip().isdigit() and int(parts[2]) >= 1:
+            start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+            out.extend([start] if count == 1 else [start + (stop - start) * i / (count - 1) for i in range(count)])
+        else:
+            raise ValueError(f"{value!r} is neither a number nor start:stop:count")
+    return out
+
+
+def _valid_alphas(values) -> bool:
+    if values is None:
+        return True
+    try:
+        alphas = parse_values(values)
+    except ValueError:
+        return False
+    return (
+        bool(alphas) and all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in alphas) and len(set(alphas)) == len(alphas)
+    )
+
+
+def _valid_recall_values(values) -> bool:
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        return False
+    return bool(ints) and all(n >= 1 for n in ints) and len(set(ints)) == len(ints)
+
+
+def _valid_image_size(values) -> bool:
+    if values is None:
+        return True
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        return False
+    return len(ints) in (1, 2) and all(v >= 1 for v in ints)
+
+
+def _at_least_one(name: str) -> tuple[Callable, str]:
+    return (lambda v: v is None or v >= 1), f"--{name} must be >= 1"
+
+
+def _define_checkpoint() -> None:
+    flags.DEFINE_string("checkpoint", None, "Converted model directory; default: random-weight CosPlace ResNet-18/512.")
+
+
+def _define_random_model() -> None:
+    flags.DEFINE_enum(
+        "random_model",
+        "cosplace",
+        ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50"],
+        "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released MegaLoc / BoQ "
+        "architecture with random weights.",
+    )
+
+
+def _define_database_folder() -> None:
+    flags.DEFINE_string("database_folder", None, "Database images (names @utm_east@utm_north@...@.jpg or a CSV).")
+
+
+def _define_queries_folder() -> None:
+    flags.DEFINE_string("queries_folder", None, "Query images (names lat_lon@....jpg, @east@north@...@.jpg or a CSV).")
+
+
+def _define_database_csv() -> None:
+    flags.DEFINE_string("database_csv", None, "Optional CSV path,lat,lon or path,utm_east,utm_north for the database.")
+
+
+def _define_convention() -> None:
+    flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "File-name coordinate convention.")
+
+
+def _define_image_size() -> None:
+    flags.DEFINE_list(
+        "image_size",
+        None,
+        "Resize override: shorter side (one int) or height,width; default: the model's own (the demo: 288). "
+        "Part of the descriptor store's key.",
+    )
+    flags.register_validator("image_size", _valid_image_size, "--image_size must be one or two integers >= 1")
+
+
+def _define_batch_size() -> None:
+    flags.DEFINE_integer("batch_size", 8, "Images per device batch (rounded up to a multiple of the device count).")
+    flags.register_validator("batch_size", *_at_least_one("batch_size"))
+
+
+def _define_num_workers() -> None:
+    flags.DEFINE_integer("num_workers", None, "Image decode threads (default: cores, at most 8).")
+    flags.register_validator("num_workers", *_at_least_one("num_workers"))
+
+
+def _define_store_dir() -> None:
+    flags.DEFINE_string(
+        "store_dir",
+        None,
+        "Database descriptor store: a directory or a kvstore URL (eval, tune, severity: default "
+        "OUTPUT_DIR/database_store; extract: required).",
+    )
+
+
+def _define_chunk_size() -> None:
+    flags.DEFINE_integer(
+        "chunk_size", None, "Database images per store chunk, the resume granularity (default 256 on CPU, 4096 else)."
+    )
+    flags.register_validator("chunk_size", *_at_least_one("chunk_size"))
+
+
+def _define_store_dtype() -> None:
+    flags.DEFINE_enum(
+        "store_dtype", "float32", ["float32", "float16"], "Stored descriptor dtype (float16: half the bytes)."
+    )
+
+
+def _define_model_seed() -> None:
+    flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without --checkpoint).")
+
+
+def _define_precision() -> None:
+    flags.DEFINE_enum(
+        "precision",
+        "float32",
+        list(PRECISIONS),
+        "float32: highest matmul precision on every backend; tf32: the backend's fast float32 products; "
+        "bfloat16: bfloat16 backbone, float32 norms and aggregation (see README, Precision). Part of the descriptor "
+        "store's key.",
+    )
+
+
+def _define_cache_dir() -> None:
+    flags.DEFINE_string(
+        "cache_dir",
+        str(default_cache_dir()),
+        "attllm_jax's cache: downloaded checkpoints and the demo's synthetic benchmark (default $ATTLLM_JAX_CACHE, "
+        "else ~/.cache/attllm_jax).",
+    )
+
+
+def _define_alphas() -> None:
+    flags.DEFINE_list(
+        "alphas",
+        None,
+        "Blend factors in [0, 1]: a list (0,0.25,0.5,1) or start:stop:count (0:1:11 is 0, 0.1, ..., 1), or both "
+        "(0,0.5:1:6); the default is in the command's description.",
+    )
+    flags.register_validator(
+        "alphas", _valid_alphas, "--alphas must be distinct numbers in [0, 1] (a list, or start:stop:count)"
+    )
+
+
+def _define_recall_values() -> None:
+    flags.DEFINE_list("recall_values", ["1", "5", "10", "20"], "The N of recall@N.")
+    flags.register_validator("recall_values", _valid_recall_values, "--recall_values must be distinct integers >= 1")
+
+
+def _define_positive_dist_threshold() -> None:
+    flags.DEFINE_float("positive_dist_threshold", 25.0, "Positive radius in metres (boundary included).")
+    flags.register_validator(
+        "positive_dist_threshold", lambda v: math.isfinite(v) and v > 0, "--positive_dist_threshold must be > 0 metres"
+    )
+
+
+_DEFINITIONS: dict[str, Callable[[], None]] = {
+    "checkpoint": _define_checkpoint,
+    "random_model": _define_random_model,
+    "database_folder": _define_database_folder,
+    "queries_folder": _define_queries_folder,
+    "database_csv": _define_database_csv,
+    "convention": _define_convention,
+    "image_size": _define_image_size,
+    "batch_size": _define_batch_size,
+    "num_workers": _define_num_workers,
+    "store_dir": _define_store_dir,
+    "chunk_size": _define_chunk_size,
+    "store_dtype": _define_store_dtype,
+    "model_seed": _define_model_seed,
+    "precision": _define_precision,
+    "cache_dir": _define_cache_dir,
+    "alphas": _define_alphas,
+    "recall_values": _define_recall_values,
+    "positive_dist_threshold": _define_positive_dist_threshold,
+}
+NAMES = tuple(_DEFINITIONS)
+
+
+def module_key(name: str) -> str:
+    """How absl names the module ``name`` (a script run as ``__main__`` is keyed by its path, ``sys.argv[0]``)."""
+    return sys.argv[0] if name == "__main__" else name
+
+
+def define(*names: str) -> None:
+    """Defines the shared flags ``names`` (once per process) as key flags of the calling module.
+
+    Raises:
+        KeyError: a name that is not shared here.
+    """
+    caller = module_key(sys._getframe(1).f_globals["__name__"])
+    for name in names:
+        if name not in FLAGS:
+            _DEFINITIONS[name]()
+        FLAGS.register_key_flag_for_module(caller, FLAGS[name])
+
+
+def image_size() -> int | tuple[int, int] | None:
+    """The parsed ``--image_size``: None, the shorter side, or ``(height, width)``."""
+    if not FLAGS.image_size:
+        return None
+    sizes = [int(v) for v in FLAGS.image_size]
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def recall_values() -> tuple[int, ...]:
+    """The parsed ``--recall_values`` (validated at parse time)."""
+    return tuple(int(v) for v in FLAGS.recall_values)
