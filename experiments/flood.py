@@ -92,7 +92,7 @@ def main(argv):
         refuse_output_inside(out, {"--images": FLAGS.images})
         check_free(out, "flood")
     except (ValueError, OutputLockError) as e:
-        sys.exit(f"flood: {e}")
+        cli.fail("flood", str(e))
     _setup_log(out)
     log = logging.getLogger("flood")
     log.info("flags: %s", cli.flag_values(__name__))

@@ -19,29 +19,17 @@ import sys
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, flagdefs
 from experiments.cli import fail
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("images", None, "Folder of photos to localize (nested folders allowed); default: the demo's.")
-flags.DEFINE_string("database_folder", None, "Database images (coordinates in names, or --database_csv).")
-flags.DEFINE_string("database_csv", None, "Optional CSV path,lat,lon or path,utm_east,utm_north of the database.")
-flags.DEFINE_string(
-    "store_dir", None, "Database descriptor store (e.g. from attllm-extract); default OUT/database_store."
-)
 flags.DEFINE_string("utm_zone", None, "UTM zone of plain-UTM database names, e.g. 10S.")
-flags.DEFINE_enum("convention", "auto", ["auto", "sfxl", "flood"], "Database file-name coordinate convention.")
-flags.DEFINE_string("checkpoint", None, "Converted model directory; default: random-weight CosPlace ResNet-18/512.")
-flags.DEFINE_enum(
-    "random_model",
-    "cosplace",
-    ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50"],
-    "Random-weight model without --checkpoint.",
+flagdefs.define(
+    "database_folder", "database_csv", "store_dir", "convention", "checkpoint", "random_model", "model_seed",
+    "precision", "image_size", "batch_size", "cache_dir",
 )
-flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model.")
-cli.define_precision_flag()
-cli.define_image_size_flag()
 flags.DEFINE_string(
     "attention_dir", None, "Attention files of the photos (annotate's <stem>.json); none = no attention."
 )
@@ -63,7 +51,6 @@ flags.DEFINE_string(
     "Fit the calibration from this eval output folder first (results.json, "
     "per_query.csv), write it to OUT/calibration.json and use it.",
 )
-flags.DEFINE_integer("batch_size", 8, "Photos per device batch.")
 flags.DEFINE_integer("chunk_photos", 32, "Photos searched and written before the next ones are read (resume unit).")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/localize_demo for the demo; required else).")
 flags.DEFINE_string(
@@ -80,12 +67,10 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_float("poll", 1.0, "--watch: seconds between looks at the folder.")
 flags.DEFINE_float("settle", 2.0, "--watch: seconds a new file must stay unchanged before it is read.")
-flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")
 flags.register_validator(
     "alpha", lambda v: v is None or (math.isfinite(v) and 0 <= v <= 1), "--alpha must lie in [0, 1]"
 )
 flags.register_validator("top_k", lambda v: v >= 1, "--top_k must be >= 1")
-flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
 flags.register_validator("chunk_photos", lambda v: v >= 1, "--chunk_photos must be >= 1")
 for _name in ("cluster_radius", "radius", "sigma"):
     flags.register_validator(_name, lambda v: math.isfinite(v) and v > 0, f"--{_name} must be > 0")
@@ -104,11 +89,11 @@ def settings_from_flags():
             fail("localize", "--attention_dir / --database_csv need --images and --database_folder", usage=True)
         database, images, attention = (str(p) for p in prepare_localize_demo(FLAGS.cache_dir))
         output = output or "outputs/localize_demo"
-        image_size = cli.image_size_from_flag() or DEMO_IMAGE_SIZE
+        image_size = flagdefs.image_size() or DEMO_IMAGE_SIZE
     elif images is None or database is None or output is None:
         fail("localize", "give --images, --database_folder and --output_dir (or none of them, for the demo)", True)
     else:
-        image_size = cli.image_size_from_flag()
+        image_size = flagdefs.image_size()
     alpha = FLAGS.alpha if FLAGS.alpha is not None else (0.5 if attention else 0.0)
     return LocalizeSettings(
         images=images,
@@ -222,7 +207,7 @@ def _watch(settings, out) -> None:
 
 def help_text() -> str:
     """This module's docstring and its flags."""
-    return cli.help_text(__doc__, sys.argv[0] if __name__ == "__main__" else __name__)
+    return cli.help_text(__doc__, flagdefs.module_key(__name__))
 
 
 def run(argv: list[str] | None = None) -> None:

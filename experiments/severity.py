@@ -19,6 +19,7 @@ ResNet-18/512, oracle mask attention) in a few minutes on a CPU, into outputs/se
 
 import math
 import sys
+from dataclasses import replace
 
 from absl import app, flags
 
