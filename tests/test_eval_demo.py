@@ -7,8 +7,10 @@ from attllm_jax.evaluation.demo import DEMO_IMAGE_SIZE, DEMO_NOTES, demo_config,
 
 
 def test_an_unknown_random_model_is_an_error_naming_the_flag(tmp_path):
-    config = EvalConfig(str(tmp_path), str(tmp_path), str(tmp_path / "out"), random_model="netvlad")
-    with pytest.raises(ValueError, match="--random_model must be one of cosplace, megaloc, boq_dinov2, boq_resnet50"):
+    config = EvalConfig(str(tmp_path), str(tmp_path), str(tmp_path / "out"), random_model="vlad9")
+    with pytest.raises(
+        ValueError, match="--random_model must be one of cosplace, megaloc, boq_dinov2, boq_resnet50, mixvpr"
+    ):
         config.validated()
 
 
@@ -27,5 +29,5 @@ def test_random_boq_resnet50_is_the_released_architecture_with_random_weights():
     spec = model.spec
     assert (spec.family, spec.backbone, spec.descriptor_dim) == ("boq", "resnet50", 16384)
     assert spec.preprocess.size == (384, 384) and spec.provenance.weights == "random (seed 1)"
-    with pytest.raises(ValueError, match="unknown random model 'netvlad'"):
-        random_model("netvlad")
+    with pytest.raises(ValueError, match="unknown random model 'vlad9'"):
+        random_model("vlad9")
