@@ -39,8 +39,8 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
 
     ``"cosplace"`` is :func:`~attllm_jax.evaluation.pipeline.random_cosplace_model` (NumPy-drawn weights). The
     others are the released architectures (MegaLoc; BoQ with its DINOv2 or ResNet-50 backbone, at its 322x322 /
-    384x384 evaluation size; MixVPR 4096-d at 320x320) with the modules' own initializers under ``nnx.Rngs(seed)`` (some tens of seconds
-    to initialize on a CPU).
+    384x384 evaluation size; MixVPR 4096-d at 320x320) with the modules' own initializers under
+    ``nnx.Rngs(seed)`` (some tens of seconds to initialize on a CPU).
 
     Args:
         name: the architecture.
