@@ -9,7 +9,7 @@ from attllm_jax.evaluation.demo import DEMO_IMAGE_SIZE, DEMO_NOTES, demo_config,
 def test_an_unknown_random_model_is_an_error_naming_the_flag(tmp_path):
     config = EvalConfig(str(tmp_path), str(tmp_path), str(tmp_path / "out"), random_model="vlad9")
     with pytest.raises(
-        ValueError, match="--random_model must be one of cosplace, megaloc, boq_dinov2, boq_resnet50, mixvpr"
+        ValueError, match="--random_model must be one of cosplace, megaloc, boq_dinov2, boq_resnet50, mixvpr, netvlad"
     ):
         config.validated()
 

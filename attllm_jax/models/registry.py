@@ -16,6 +16,7 @@ from attllm_jax.models.boq import BoQSpec
 from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
 from attllm_jax.models.megaloc import MegaLocSpec
 from attllm_jax.models.mixvpr import MixVPRSpec
+from attllm_jax.models.netvlad import NetVLADSpec
 from attllm_jax.models.salad import SaladSpec
 
 
@@ -46,6 +47,7 @@ FAMILY_ENTRIES: dict[str, FamilyEntry] = {
     "megaloc": FamilyEntry("megaloc", MegaLocSpec, "attllm_jax.convert.megaloc"),
     "boq": FamilyEntry("boq", BoQSpec, "attllm_jax.convert.boq"),
     "mixvpr": FamilyEntry("mixvpr", MixVPRSpec, "attllm_jax.convert.mixvpr"),
+    "netvlad": FamilyEntry("netvlad", NetVLADSpec, "attllm_jax.convert.netvlad"),
 }
 FAMILIES = tuple(FAMILY_ENTRIES)
 CNN_FAMILIES = tuple(name for name, e in FAMILY_ENTRIES.items() if e.architecture is CnnSpec)
@@ -123,6 +125,7 @@ _MIXVPR_FILES = {
     512: ("1khiTUNzZhfV2UUupZoIsPIbsMRBYVDqj", 256, 2),
     4096: ("1vuz3PvnR7vxnDDLQrdHJaOA04SQrtk5L", 1024, 4),
 }
+_HLOC_NETVLAD = "https://cvg-data.inf.ethz.ch/hloc/netvlad"
 _RELEASES = {
     "cosplace": "https://github.com/gmberton/CosPlace/releases/download/v1.0",
     "eigenplaces": "https://github.com/gmberton/EigenPlaces/releases/download/v1.0",
@@ -157,6 +160,21 @@ PUBLISHED: tuple[PublishedCheckpoint, ...] = tuple(
     + _cnn_entries("eigenplaces", _EIGENPLACES_DIMS)
     + _mixvpr_entries()
     + [
+        # NetVLAD (hloc extractors/netvlad.py; VPR-methods-evaluation vpr_models/netvlad.py): one MATLAB struct file
+        # gives the 4096-d (PCA-whitened) and the 32768-d descriptor. TokyoTM is hloc's second network.
+        *(
+            PublishedCheckpoint("netvlad", "vgg16", dim, "Pitts30K_struct.mat", f"{_HLOC_NETVLAD}/Pitts30K_struct.mat")
+            for dim in (4096, 32768)
+        ),
+        PublishedCheckpoint(
+            "netvlad",
+            "vgg16",
+            4096,
+            "TokyoTM_struct.mat",
+            f"{_HLOC_NETVLAD}/TokyoTM_struct.mat",
+            auto_download=False,
+            method="netvlad-tokyotm",
+        ),
         PublishedCheckpoint(
             "salad",
             "dinov2_vitb14",
