@@ -1,13 +1,13 @@
 """MixVPR: parity with PyTorch through the production converter, the attention formula, strictness, the script.
 
-The reference (:mod:`torch_mixvpr`, test-only) follows amaralibey/MixVPR and VPR-methods-evaluation's
-``MixVPRModel``: the input resize to S x S (antialiased), torchvision's ResNet cut after ``layer3``, the Feature-Mixer
-layers, ``channel_proj``, ``row_proj``, flatten, L2. Its state dict is saved with ``torch.save`` as a ``.ckpt`` and
-read by :func:`attllm_jax.convert.convert_file`. Small sizes in the default suite: ResNet blocks (1, 1, 1), S = 64
-(a 4 x 4 grid, 16 positions), 2 mixer layers of ratio 2, 32 channels x 3 rows (96-d), images 60 x 90 (so the resize
-scales both ways). The attention path is checked against a NumPy transcription of the formula applied to the
-reference's backbone map. Tolerances (float32, highest matmul precision): descriptors 1e-5 max abs; maps ``atol 1e-4
-* max(1, max |ref|)``.
+The reference (:mod:`experiments.torch_mixvpr`, shared with the benchmark) follows amaralibey/MixVPR and
+VPR-methods-evaluation's ``MixVPRModel``: the input resize to S x S (antialiased), torchvision's ResNet cut after
+``layer3``, the Feature-Mixer layers, ``channel_proj``, ``row_proj``, flatten, L2. Its state dict is saved with
+``torch.save`` as a ``.ckpt`` and read by :func:`attllm_jax.convert.convert_file`. Small sizes in the default suite:
+ResNet blocks (1, 1, 1), S = 64 (a 4 x 4 grid, 16 positions), 2 mixer layers of ratio 2, 32 channels x 3 rows (96-d),
+images 60 x 90 (so the resize scales both ways). The attention path is checked against a NumPy transcription of the
+formula applied to the reference's backbone map. Tolerances (float32, highest matmul precision): descriptors 1e-5 max
+abs; maps ``atol 1e-4 * max(1, max |ref|)``.
 """
 
 import numpy as np
@@ -20,7 +20,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from torch_helpers import convert_and_load_without_torch, nhwc  # noqa: E402
-from torch_mixvpr import make_torch_mixvpr  # noqa: E402
 
 from attllm_jax.convert import convert_file  # noqa: E402
 from attllm_jax.convert.common import ConversionError  # noqa: E402
@@ -29,6 +28,7 @@ from attllm_jax.data.preprocess import PreprocessSpec  # noqa: E402
 from attllm_jax.models import registry  # noqa: E402
 from attllm_jax.models.features import CnnFeatures  # noqa: E402
 from attllm_jax.models.mixvpr import MixVPRSpec  # noqa: E402
+from experiments.torch_mixvpr import make_torch_mixvpr  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

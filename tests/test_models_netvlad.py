@@ -1,12 +1,12 @@
 """NetVLAD: a random release file in hloc's MATLAB struct format, converted by the production converter, against
 the harness's PyTorch NetVLAD loaded from the same file; the attention formula; strictness; the script.
 
-:mod:`torch_netvlad` (test-only) writes the file with ``scipy.io.savemat`` and loads it as hloc does. Default suite:
-the real VGG-16 with 8 clusters and a 4096 -> 64 whitening (and the 4096-d unwhitened variant), images 64 x 80
-(a 4 x 5 conv5_3 grid) whose normalized values run slightly outside [0, 1] so that the harness's clamps act. The
-attention path is checked against a NumPy transcription of the formula applied in the reference's residual sum.
-Tolerances (float32, highest matmul precision): descriptors 1e-5 max abs; the conv5_3 map ``atol 1e-4 * max(1,
-max |ref|)``.
+:mod:`experiments.torch_netvlad` (shared with the benchmark) writes the file with ``scipy.io.savemat`` and loads it as
+hloc does. Default suite: the real VGG-16 with 8 clusters and a 4096 -> 64 whitening (and the 4096-d unwhitened
+variant), images 64 x 80 (a 4 x 5 conv5_3 grid) whose normalized values run slightly outside [0, 1] so that the
+harness's clamps act. The attention path is checked against a NumPy transcription of the formula applied in the
+reference's residual sum. Tolerances (float32, highest matmul precision): descriptors 1e-5 max abs; the conv5_3 map
+``atol 1e-4 * max(1, max |ref|)``.
 """
 
 import numpy as np
@@ -19,13 +19,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from torch_helpers import REPO, nhwc  # noqa: E402
-from torch_netvlad import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TorchNetVLAD,
-    random_netvlad_weights,
-    write_netvlad_struct,
-)
 
 from attllm_jax.convert import convert_file  # noqa: E402
 from attllm_jax.convert.common import ConversionError  # noqa: E402
@@ -34,6 +27,13 @@ from attllm_jax.data.preprocess import PreprocessSpec  # noqa: E402
 from attllm_jax.models import registry  # noqa: E402
 from attllm_jax.models.features import CnnFeatures  # noqa: E402
 from attllm_jax.models.netvlad import NetVLADSpec  # noqa: E402
+from experiments.torch_netvlad import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TorchNetVLAD,
+    random_netvlad_weights,
+    write_netvlad_struct,
+)
 
 pytestmark = pytest.mark.torch
 

@@ -1,5 +1,6 @@
-"""NetVLAD for the parity tests (test-only code): a random release file in hloc's MATLAB struct format, and a
-PyTorch NetVLAD loaded from it the way VPR-methods-evaluation / hloc load ``Pitts30K_struct.mat``.
+"""NetVLAD for the parity tests and the benchmark (never imported by the library): a random release file in hloc's
+MATLAB struct format, and a PyTorch NetVLAD loaded from it the way VPR-methods-evaluation / hloc load
+``Pitts30K_struct.mat``.
 
 Written from hloc ``hloc/extractors/netvlad.py`` and VPR-methods-evaluation ``vpr_models/netvlad.py``, not copied:
 

@@ -1,4 +1,4 @@
-"""A PyTorch MixVPR for the parity tests (test-only code; never imported by the library).
+"""A PyTorch MixVPR for the parity tests and the benchmark (never imported by the library).
 
 Written from amaralibey/MixVPR ``models/aggregators/mixvpr.py`` and VPR-methods-evaluation ``vpr_models/mixvpr.py``
 (``MixVPRModel``), not copied: torchvision's ResNet-50 with ``layer4``, ``avgpool`` and ``fc`` replaced by
