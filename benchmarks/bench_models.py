@@ -15,7 +15,11 @@ model goes through the production converter):
 - ``megaloc`` (322x322) and ``megaloc_photo`` (a 480x640 photo, which both models resize to 476x644 themselves):
   MegaLoc against :class:`benchmarks.torch_zoo.TorchMegaLoc`;
 - ``boq_dinov2`` (322x322) and ``boq_resnet50`` (384x384): BoQ against :class:`benchmarks.torch_zoo.TorchBoQ`
-  (torch's own ``TransformerEncoderLayer`` / ``MultiheadAttention``).
+  (torch's own ``TransformerEncoderLayer`` / ``MultiheadAttention``);
+- ``mixvpr`` (320x320, the size the network resizes to): MixVPR 4096-d against
+  :class:`benchmarks.torch_mixvpr.TorchMixVPR`;
+- ``netvlad`` (a 480x640 photo, evaluated at its own size): NetVLAD 4096-d against
+  :class:`benchmarks.torch_netvlad.TorchNetVLAD`, both loaded from the same random ``*_struct.mat`` file.
 
 Inputs are database views of the demo's synthetic benchmark resized to the model's size (photo-like, so the
 descriptor cosines between precisions mean something; not real photos). For every variant the table gives seconds
@@ -56,7 +60,7 @@ from absl import app, flags, logging
 from attllm_jax.models.precision import PRECISIONS
 from experiments import flagdefs
 
-MODELS = ("cosplace", "salad", "megaloc", "megaloc_photo", "boq_dinov2", "boq_resnet50")
+MODELS = ("cosplace", "salad", "megaloc", "megaloc_photo", "boq_dinov2", "boq_resnet50", "mixvpr", "netvlad")
 
 flags.DEFINE_list("models", list(MODELS), f"Models to benchmark: {', '.join(MODELS)}.")
 flags.DEFINE_integer("batch_size", 8, "Images per call.", lower_bound=1)
@@ -247,6 +251,38 @@ def _boq_pair(seed: int, backbone: str):
     return reference, VPRModel(net, spec), spec.preprocess.size
 
 
+def _mixvpr_pair(seed: int):
+    """(torch model, our VPRModel, image size) for the released 4096-d MixVPR architecture."""
+    import torch
+
+    from attllm_jax.convert import convert
+    from attllm_jax.models.vpr import VPRModel
+    from benchmarks.torch_mixvpr import make_torch_mixvpr
+
+    reference = make_torch_mixvpr(torch.Generator().manual_seed(seed))
+    net, spec = convert("mixvpr", {k: v.numpy() for k, v in reference.state_dict().items()})
+    return reference, VPRModel(net, spec), spec.preprocess.size
+
+
+def _netvlad_pair(seed: int):
+    """(torch model, our VPRModel, image size) for NetVLAD 4096-d, both read from one random struct file."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from attllm_jax.convert import convert_file
+    from attllm_jax.models.vpr import VPRModel
+    from benchmarks.torch_netvlad import TorchNetVLAD, random_netvlad_weights, write_netvlad_struct
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "random_struct.mat"
+        write_netvlad_struct(path, random_netvlad_weights(np.random.default_rng(seed)))
+        net, spec = convert_file("netvlad", path)
+        reference = TorchNetVLAD(path)
+    return reference, VPRModel(net, spec), (480, 640)
+
+
 _PAIRS = {
     "cosplace": _cosplace_pair,
     "salad": _salad_pair,
@@ -254,6 +290,8 @@ _PAIRS = {
     "megaloc_photo": lambda seed: _megaloc_pair(seed, (480, 640)),
     "boq_dinov2": lambda seed: _boq_pair(seed, "dinov2"),
     "boq_resnet50": lambda seed: _boq_pair(seed, "resnet50"),
+    "mixvpr": _mixvpr_pair,
+    "netvlad": _netvlad_pair,
 }
 
 

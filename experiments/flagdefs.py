@@ -78,13 +78,17 @@ def _define_checkpoint() -> None:
     flags.DEFINE_string("checkpoint", None, "Converted model directory; default: random-weight CosPlace ResNet-18/512.")
 
 
+# EvalConfig.RANDOM_MODELS, written out so that --help needs no JAX import (tests/test_eval_demo.py holds them equal)
+RANDOM_MODEL_CHOICES = ("cosplace", "megaloc", "boq_dinov2", "boq_resnet50", "mixvpr", "netvlad")
+
+
 def _define_random_model() -> None:
     flags.DEFINE_enum(
         "random_model",
         "cosplace",
-        ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50"],
-        "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released MegaLoc / BoQ "
-        "architecture with random weights.",
+        list(RANDOM_MODEL_CHOICES),
+        "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released architecture "
+        "(MegaLoc, BoQ, MixVPR, NetVLAD, ...) with random weights.",
     )
 
 

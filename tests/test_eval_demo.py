@@ -8,8 +8,10 @@ from attllm_jax.evaluation.pipeline import run_evaluation
 
 
 def test_an_unknown_random_model_is_an_error_naming_the_flag(tmp_path):
-    config = EvalConfig(str(tmp_path), str(tmp_path), str(tmp_path / "out"), random_model="netvlad")
-    with pytest.raises(ValueError, match="--random_model must be one of cosplace, megaloc, boq_dinov2, boq_resnet50"):
+    config = EvalConfig(str(tmp_path), str(tmp_path), str(tmp_path / "out"), random_model="vlad9")
+    with pytest.raises(
+        ValueError, match="--random_model must be one of cosplace, megaloc, boq_dinov2, boq_resnet50, mixvpr, netvlad"
+    ):
         config.validated()
 
 
@@ -28,8 +30,8 @@ def test_random_boq_resnet50_is_the_released_architecture_with_random_weights():
     spec = model.spec
     assert (spec.family, spec.backbone, spec.descriptor_dim) == ("boq", "resnet50", 16384)
     assert spec.preprocess.size == (384, 384) and spec.provenance.weights == "random (seed 1)"
-    with pytest.raises(ValueError, match="unknown random model 'netvlad'"):
-        random_model("netvlad")
+    with pytest.raises(ValueError, match="unknown random model 'vlad9'"):
+        random_model("vlad9")
 
 
 @pytest.mark.slow
@@ -43,3 +45,11 @@ def test_oracle_attention_beats_alpha_0_on_the_synthetic_streets(seed, tmp_path)
     config = demo_config(tmp_path / "cache", tmp_path / "out", alphas=(0.0, 0.5, 0.75, 1.0), model_seed=seed)
     r1 = run_evaluation(config).retrieval.recalls[:, 0]  # [K] R@1 per alpha
     assert r1[1:].max() >= r1[0] + 10.0, r1
+
+
+def test_the_random_model_flag_offers_every_random_model():
+    from attllm_jax.evaluation.config import RANDOM_MODELS
+    from attllm_jax.evaluation.demo import RANDOM_MODEL_NAMES
+    from experiments.flagdefs import RANDOM_MODEL_CHOICES
+
+    assert RANDOM_MODEL_CHOICES == RANDOM_MODELS and set(RANDOM_MODEL_NAMES) == set(RANDOM_MODELS)

@@ -90,7 +90,8 @@ def convert_file(
     downloaded: registry.PublishedCheckpoint | None = None,
     options: ConvertOptions | None = None,
 ) -> tuple[nnx.Module, ModelSpec]:
-    """Reads a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.bin``/``.safetensors``) and converts it.
+    """Reads a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.bin``/``.safetensors``; a family whose release is
+    another format reads it with its conversion module's ``read_checkpoint``, e.g. NetVLAD's ``.mat``) and converts it.
 
     The spec's provenance records the file name and its SHA-256, and names the published release only when the
     content is that release: the file was downloaded from the release's URL (``downloaded``), or its SHA-256 is
@@ -106,7 +107,8 @@ def convert_file(
     from attllm_jax.convert.common import read_state_dict, sha256_file
 
     path = Path(path)
-    net, spec = convert(family, read_state_dict(path), options, source_name=str(path))
+    reader = getattr(registry.family_entry(family).conversion_module(), "read_checkpoint", read_state_dict)
+    net, spec = convert(family, reader(path), options, source_name=str(path))
     digest = sha256_file(path)
     published = downloaded or registry.published_by_sha256(digest)
     provenance = dataclasses.replace(

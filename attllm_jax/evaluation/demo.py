@@ -20,6 +20,8 @@ from attllm_jax.evaluation.config import EvalConfig
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.boq import BoQSpec
 from attllm_jax.models.megaloc import MegaLocSpec
+from attllm_jax.models.mixvpr import MixVPRSpec
+from attllm_jax.models.netvlad import NetVLADSpec
 from attllm_jax.models.spec import ModelSpec, Provenance
 from attllm_jax.models.vpr import VPRModel
 
@@ -30,6 +32,8 @@ RANDOM_MODEL_NAMES = {
     "megaloc": "MegaLoc DINOv2 ViT-B/14 8448-d",
     "boq_dinov2": "BoQ DINOv2 ViT-B/14 12288-d",
     "boq_resnet50": "BoQ ResNet-50 16384-d",
+    "mixvpr": "MixVPR ResNet-50 4096-d",
+    "netvlad": "NetVLAD VGG-16 4096-d",
 }
 DEMO_NOTES = (
     "DEMO: synthetic flooded streets (procedural facades, synthetic water); not real photographs.",
@@ -44,8 +48,8 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
 
     ``"cosplace"`` is :func:`random_cosplace_model` (NumPy-drawn weights). The
     others are the released architectures (MegaLoc; BoQ with its DINOv2 or ResNet-50 backbone, at its 322x322 /
-    384x384 evaluation size) with the modules' own initializers under ``nnx.Rngs(seed)`` (some tens of seconds
-    to initialize on a CPU).
+    384x384 evaluation size; MixVPR 4096-d at 320x320; NetVLAD 4096-d at the image's own size) with the modules'
+    own initializers under ``nnx.Rngs(seed)`` (some tens of seconds to initialize on a CPU).
 
     Args:
         name: the architecture.
@@ -61,6 +65,8 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
         "megaloc": ("megaloc", MegaLocSpec.released()),
         "boq_dinov2": ("boq", BoQSpec.released("dinov2")),
         "boq_resnet50": ("boq", BoQSpec.released("resnet50")),
+        "mixvpr": ("mixvpr", MixVPRSpec.released(4096)),
+        "netvlad": ("netvlad", NetVLADSpec.released(4096)),
     }
     if name not in architectures:
         raise ValueError(f"unknown random model {name!r}; valid: {', '.join(RANDOM_MODEL_NAMES)}")

@@ -19,6 +19,8 @@ from attllm_jax.models.boq import BoQSpec
 from attllm_jax.models.fields import ConfigError, Provenance, preprocess_from_dict, scalar_dataclass
 from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
 from attllm_jax.models.megaloc import MegaLocSpec
+from attllm_jax.models.mixvpr import MixVPRSpec
+from attllm_jax.models.netvlad import NetVLADSpec
 from attllm_jax.models.salad import SaladSpec
 
 
@@ -48,6 +50,8 @@ FAMILY_ENTRIES: dict[str, FamilyEntry] = {
     "salad": FamilyEntry("salad", SaladSpec, "attllm_jax.convert.salad"),
     "megaloc": FamilyEntry("megaloc", MegaLocSpec, "attllm_jax.convert.megaloc"),
     "boq": FamilyEntry("boq", BoQSpec, "attllm_jax.convert.boq"),
+    "mixvpr": FamilyEntry("mixvpr", MixVPRSpec, "attllm_jax.convert.mixvpr"),
+    "netvlad": FamilyEntry("netvlad", NetVLADSpec, "attllm_jax.convert.netvlad"),
 }
 FAMILIES = tuple(FAMILY_ENTRIES)
 CNN_FAMILIES = tuple(name for name, e in FAMILY_ENTRIES.items() if e.architecture is CnnSpec)
@@ -118,10 +122,32 @@ _EIGENPLACES_DIMS = {
     "resnet50": (128, 256, 512, 1024, 2048),
     "resnet101": (128, 256, 512, 1024, 2048),
 }
+# MixVPR (amaralibey/MixVPR README; VPR-methods-evaluation vpr_models/mixvpr.py MODELS_INFO): plain state dicts on
+# Google Drive; download them by hand. descriptor -> (Drive file id, channels, rows).
+_MIXVPR_FILES = {
+    128: ("1DQnefjk1hVICOEYPwE4-CZAZOvi1NSJz", 64, 2),
+    512: ("1khiTUNzZhfV2UUupZoIsPIbsMRBYVDqj", 256, 2),
+    4096: ("1vuz3PvnR7vxnDDLQrdHJaOA04SQrtk5L", 1024, 4),
+}
+_HLOC_NETVLAD = "https://cvg-data.inf.ethz.ch/hloc/netvlad"
 _RELEASES = {
     "cosplace": "https://github.com/gmberton/CosPlace/releases/download/v1.0",
     "eigenplaces": "https://github.com/gmberton/EigenPlaces/releases/download/v1.0",
 }
+
+
+def _mixvpr_entries() -> list[PublishedCheckpoint]:
+    return [
+        PublishedCheckpoint(
+            "mixvpr",
+            "resnet50",
+            dim,
+            f"resnet50_MixVPR_{dim}_channels({channels})_rows({rows}).ckpt",
+            f"https://drive.google.com/file/d/{file_id}/view",
+            auto_download=False,
+        )
+        for dim, (file_id, channels, rows) in _MIXVPR_FILES.items()
+    ]
 
 
 def _cnn_entries(family: str, dims: dict[str, tuple[int, ...]]) -> list[PublishedCheckpoint]:
@@ -136,7 +162,23 @@ def _cnn_entries(family: str, dims: dict[str, tuple[int, ...]]) -> list[Publishe
 PUBLISHED: tuple[PublishedCheckpoint, ...] = tuple(
     _cnn_entries("cosplace", _COSPLACE_DIMS)
     + _cnn_entries("eigenplaces", _EIGENPLACES_DIMS)
+    + _mixvpr_entries()
     + [
+        # NetVLAD (hloc extractors/netvlad.py; VPR-methods-evaluation vpr_models/netvlad.py): one MATLAB struct file
+        # gives the 4096-d (PCA-whitened) and the 32768-d descriptor. TokyoTM is hloc's second network.
+        *(
+            PublishedCheckpoint("netvlad", "vgg16", dim, "Pitts30K_struct.mat", f"{_HLOC_NETVLAD}/Pitts30K_struct.mat")
+            for dim in (4096, 32768)
+        ),
+        PublishedCheckpoint(
+            "netvlad",
+            "vgg16",
+            4096,
+            "TokyoTM_struct.mat",
+            f"{_HLOC_NETVLAD}/TokyoTM_struct.mat",
+            auto_download=False,
+            method="netvlad-tokyotm",
+        ),
         PublishedCheckpoint(
             "salad",
             "dinov2_vitb14",
@@ -238,8 +280,8 @@ def find_published(family: str, backbone: str | None = None, dim: int | None = N
     """The one auto-downloadable published checkpoint of ``family`` matching ``backbone`` and ``dim`` (each optional).
 
     Raises:
-        ValueError: none or several match (e.g. a CNN family without backbone and dimension); the message lists
-            the valid combinations.
+        ValueError: none or several match (e.g. a CNN family without backbone and dimension; the message lists the
+            valid combinations), or the match is a file to download by hand (the message gives its URL).
     """
     fam = family.strip().lower()
     matches = [
@@ -252,8 +294,12 @@ def find_published(family: str, backbone: str | None = None, dim: int | None = N
     ]
     if len(matches) == 1:
         return matches[0]
-    if backbone is not None and dim is not None:
-        return lookup(family, backbone, dim)  # raises with the valid combinations
+    if backbone is not None and dim is not None and not matches:
+        entry = lookup(family, backbone, dim)  # raises with the valid combinations
+        raise ValueError(
+            f"{entry.file_name} is not downloaded automatically: download it by hand from {entry.url} and give "
+            "--checkpoint"
+        )
     raise ValueError(
         f"give --checkpoint, or the backbone and descriptor dimension of a published {family} model; valid "
         f"(family/backbone/dim): {', '.join(valid_combinations(fam if fam in FAMILIES else None))}"
