@@ -24,6 +24,7 @@ RANDOM_MODEL_NAMES = {
     "megaloc": "MegaLoc DINOv2 ViT-B/14 8448-d",
     "boq_dinov2": "BoQ DINOv2 ViT-B/14 12288-d",
     "boq_resnet50": "BoQ ResNet-50 16384-d",
+    "supervlad": "SuperVLAD DINOv2 ViT-B/14 3072-d",
 }
 DEMO_NOTES = (
     "DEMO: synthetic flooded streets (procedural facades, synthetic water); not real photographs.",
@@ -55,6 +56,7 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
     from attllm_jax.models.boq import BoQSpec
     from attllm_jax.models.megaloc import MegaLocSpec
     from attllm_jax.models.spec import ModelSpec, Provenance
+    from attllm_jax.models.supervlad import SuperVLADSpec
     from attllm_jax.models.vpr import VPRModel
 
     if name == "cosplace":
@@ -63,6 +65,7 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
         "megaloc": ("megaloc", MegaLocSpec.released()),
         "boq_dinov2": ("boq", BoQSpec.released("dinov2")),
         "boq_resnet50": ("boq", BoQSpec.released("resnet50")),
+        "supervlad": ("supervlad", SuperVLADSpec.released()),
     }
     if name not in architectures:
         raise ValueError(f"unknown random model {name!r}; valid: {', '.join(RANDOM_MODEL_NAMES)}")

@@ -16,6 +16,7 @@ from attllm_jax.models.boq import BoQSpec
 from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
 from attllm_jax.models.megaloc import MegaLocSpec
 from attllm_jax.models.salad import SaladSpec
+from attllm_jax.models.supervlad import SuperVLADSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ FAMILY_ENTRIES: dict[str, FamilyEntry] = {
     "salad": FamilyEntry("salad", SaladSpec, "attllm_jax.convert.salad"),
     "megaloc": FamilyEntry("megaloc", MegaLocSpec, "attllm_jax.convert.megaloc"),
     "boq": FamilyEntry("boq", BoQSpec, "attllm_jax.convert.boq"),
+    "supervlad": FamilyEntry("supervlad", SuperVLADSpec, "attllm_jax.convert.supervlad"),
 }
 FAMILIES = tuple(FAMILY_ENTRIES)
 CNN_FAMILIES = tuple(name for name, e in FAMILY_ENTRIES.items() if e.architecture is CnnSpec)
@@ -182,6 +184,26 @@ PUBLISHED: tuple[PublishedCheckpoint, ...] = tuple(
             16384,
             "resnet50_16384.pth",
             "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/resnet50_16384.pth",
+        ),
+        # SuperVLAD (Lu-Feng/SuperVLAD README; VPR-methods-evaluation vpr_models/supervlad.py MODELS_INFO, which
+        # saves them as trained_models/supervlad/<name>.pth): Google Drive files, download them by hand.
+        # 1-ClusterVLAD needs --ghost_clusters 2. SuperVLAD-CrossImage is not supported (batch-dependent encoder).
+        PublishedCheckpoint(
+            "supervlad",
+            "dinov2_vitb14",
+            3072,
+            "SuperVLAD.pth",
+            "https://drive.google.com/file/d/1wRkUO4E8s5hNRNNIWcuA8RUvlGob3Tbf/view",
+            auto_download=False,
+        ),
+        PublishedCheckpoint(
+            "supervlad",
+            "dinov2_vitb14",
+            768,
+            "1-ClusterVLAD.pth",
+            "https://drive.google.com/file/d/1pQcJx9n2-keAh9TttssZkz6D0vjpFWU6/view",
+            auto_download=False,
+            method="1-clustervlad",
         ),
     ]
 )
