@@ -72,9 +72,9 @@ flags.DEFINE_integer("model_seed", 0, "Seed of the random-weight model (without 
 flags.DEFINE_enum(
     "random_model",
     "cosplace",
-    ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50", "supervlad"],
+    ["cosplace", "megaloc", "boq_dinov2", "boq_resnet50", "supervlad", "image4vpr"],
     "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released MegaLoc / BoQ / "
-    "SuperVLAD architecture with random weights.",
+    "SuperVLAD / ImAge architecture with random weights.",
 )
 cli.define_precision_flag()
 flags.DEFINE_string("cache_dir", "cache", "Where the demo's synthetic benchmark is generated and cached.")

@@ -8,7 +8,7 @@ from attllm_jax.evaluation.demo import DEMO_IMAGE_SIZE, DEMO_NOTES, demo_config,
 
 def test_an_unknown_random_model_is_an_error_naming_the_flag(tmp_path):
     config = EvalConfig(str(tmp_path), str(tmp_path), str(tmp_path / "out"), random_model="netvlad")
-    names = "cosplace, megaloc, boq_dinov2, boq_resnet50, supervlad"
+    names = "cosplace, megaloc, boq_dinov2, boq_resnet50, supervlad, image4vpr"
     with pytest.raises(ValueError, match=f"--random_model must be one of {names}"):
         config.validated()
 
@@ -37,4 +37,12 @@ def test_random_supervlad_is_the_released_architecture_with_random_weights():
     model = random_model("supervlad", seed=1)
     spec = model.spec
     assert (spec.family, spec.backbone, spec.descriptor_dim) == ("supervlad", "dinov2_vitb14", 3072)
+    assert spec.preprocess.size == (322, 322) and spec.provenance.weights == "random (seed 1)"
+
+
+@pytest.mark.slow
+def test_random_image4vpr_is_the_released_architecture_with_random_weights():
+    model = random_model("image4vpr", seed=1)
+    spec = model.spec
+    assert (spec.family, spec.backbone, spec.descriptor_dim) == ("image4vpr", "dinov2_vitb14_reg", 6144)
     assert spec.preprocess.size == (322, 322) and spec.provenance.weights == "random (seed 1)"

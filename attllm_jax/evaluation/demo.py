@@ -25,6 +25,7 @@ RANDOM_MODEL_NAMES = {
     "boq_dinov2": "BoQ DINOv2 ViT-B/14 12288-d",
     "boq_resnet50": "BoQ ResNet-50 16384-d",
     "supervlad": "SuperVLAD DINOv2 ViT-B/14 3072-d",
+    "image4vpr": "ImAge DINOv2 ViT-B/14-reg 6144-d",
 }
 DEMO_NOTES = (
     "DEMO: synthetic flooded streets (procedural facades, synthetic water); not real photographs.",
@@ -54,6 +55,7 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
 
     from attllm_jax.evaluation.pipeline import random_cosplace_model
     from attllm_jax.models.boq import BoQSpec
+    from attllm_jax.models.image4vpr import ImAgeSpec
     from attllm_jax.models.megaloc import MegaLocSpec
     from attllm_jax.models.spec import ModelSpec, Provenance
     from attllm_jax.models.supervlad import SuperVLADSpec
@@ -66,6 +68,7 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
         "boq_dinov2": ("boq", BoQSpec.released("dinov2")),
         "boq_resnet50": ("boq", BoQSpec.released("resnet50")),
         "supervlad": ("supervlad", SuperVLADSpec.released()),
+        "image4vpr": ("image4vpr", ImAgeSpec.released()),
     }
     if name not in architectures:
         raise ValueError(f"unknown random model {name!r}; valid: {', '.join(RANDOM_MODEL_NAMES)}")

@@ -14,6 +14,7 @@ from types import ModuleType
 
 from attllm_jax.models.boq import BoQSpec
 from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
+from attllm_jax.models.image4vpr import ImAgeSpec
 from attllm_jax.models.megaloc import MegaLocSpec
 from attllm_jax.models.salad import SaladSpec
 from attllm_jax.models.supervlad import SuperVLADSpec
@@ -46,6 +47,7 @@ FAMILY_ENTRIES: dict[str, FamilyEntry] = {
     "megaloc": FamilyEntry("megaloc", MegaLocSpec, "attllm_jax.convert.megaloc"),
     "boq": FamilyEntry("boq", BoQSpec, "attllm_jax.convert.boq"),
     "supervlad": FamilyEntry("supervlad", SuperVLADSpec, "attllm_jax.convert.supervlad"),
+    "image4vpr": FamilyEntry("image4vpr", ImAgeSpec, "attllm_jax.convert.image4vpr"),
 }
 FAMILIES = tuple(FAMILY_ENTRIES)
 CNN_FAMILIES = tuple(name for name, e in FAMILY_ENTRIES.items() if e.architecture is CnnSpec)
@@ -204,6 +206,23 @@ PUBLISHED: tuple[PublishedCheckpoint, ...] = tuple(
             "https://drive.google.com/file/d/1pQcJx9n2-keAh9TttssZkz6D0vjpFWU6/view",
             auto_download=False,
             method="1-clustervlad",
+        ),
+        # ImAge (Lu-Feng/ImAge hubconf.py; the README also links the same files on huggingface.co/fenglu96/ImAge4VPR).
+        # Merged is hubconf's default training set.
+        PublishedCheckpoint(
+            "image4vpr",
+            "dinov2_vitb14_reg",
+            6144,
+            "ImAge_Merged.pth",
+            "https://github.com/Lu-Feng/ImAge/releases/download/v1.0.0/ImAge_Merged.pth",
+        ),
+        PublishedCheckpoint(
+            "image4vpr",
+            "dinov2_vitb14_reg",
+            6144,
+            "ImAge_GSV.pth",
+            "https://github.com/Lu-Feng/ImAge/releases/download/v1.0.0/ImAge_GSV.pth",
+            auto_download=False,
         ),
     ]
 )
