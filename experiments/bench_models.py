@@ -15,7 +15,9 @@ model goes through the production converter):
 - ``megaloc`` (322x322) and ``megaloc_photo`` (a 480x640 photo, which both models resize to 476x644 themselves):
   MegaLoc against :class:`experiments.torch_zoo.TorchMegaLoc`;
 - ``boq_dinov2`` (322x322) and ``boq_resnet50`` (384x384): BoQ against :class:`experiments.torch_zoo.TorchBoQ`
-  (torch's own ``TransformerEncoderLayer`` / ``MultiheadAttention``).
+  (torch's own ``TransformerEncoderLayer`` / ``MultiheadAttention``);
+- ``supervlad`` and ``image4vpr`` (322x322): SuperVLAD and ImAge against the test references
+  ``tests/torch_supervlad.py`` / ``tests/torch_image4vpr.py`` (transformers' DINOv2; run from the repository root).
 
 Inputs are database views of the demo's synthetic benchmark resized to the model's size (photo-like, so the
 descriptor cosines between precisions mean something; not real photos). For every variant the table gives seconds
@@ -53,7 +55,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-MODELS = ("cosplace", "salad", "megaloc", "megaloc_photo", "boq_dinov2", "boq_resnet50")
+MODELS = ("cosplace", "salad", "megaloc", "megaloc_photo", "boq_dinov2", "boq_resnet50", "supervlad", "image4vpr")
 
 flags.DEFINE_list("models", list(MODELS), f"Models to benchmark: {', '.join(MODELS)}.")
 flags.DEFINE_integer("batch_size", 8, "Images per call.", lower_bound=1)
@@ -241,6 +243,31 @@ def _boq_pair(seed: int, backbone: str):
     return reference, VPRModel(net, spec), spec.preprocess.size
 
 
+def _dinozoo_pair(seed: int, family: str):
+    """(torch model, our VPRModel, image size) for SuperVLAD (K=4, G=1) or ImAge (8 tokens before block 8)."""
+    import sys
+
+    import torch
+
+    from attllm_jax.convert import convert
+    from attllm_jax.models.vpr import VPRModel
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from torch_image4vpr import make_torch_image4vpr
+    from torch_supervlad import make_torch_supervlad
+
+    vitb = dict(embed_dim=768, depth=12, num_heads=12, image_size=518)
+    g = torch.Generator().manual_seed(seed)
+    reference = (
+        make_torch_supervlad(g, **vitb)
+        if family == "supervlad"
+        else make_torch_image4vpr(g, **vitb, num_tokens=8, insertion=8)
+    )
+    state = {k.removeprefix("module."): v.detach().numpy() for k, v in reference.upstream_state_dict().items()}
+    net, spec = convert(family, state)
+    return reference, VPRModel(net, spec), spec.preprocess.size
+
+
 _PAIRS = {
     "cosplace": _cosplace_pair,
     "salad": _salad_pair,
@@ -248,6 +275,8 @@ _PAIRS = {
     "megaloc_photo": lambda seed: _megaloc_pair(seed, (480, 640)),
     "boq_dinov2": lambda seed: _boq_pair(seed, "dinov2"),
     "boq_resnet50": lambda seed: _boq_pair(seed, "resnet50"),
+    "supervlad": lambda seed: _dinozoo_pair(seed, "supervlad"),
+    "image4vpr": lambda seed: _dinozoo_pair(seed, "image4vpr"),
 }
 
 
