@@ -19,7 +19,9 @@ model goes through the production converter):
 - ``mixvpr`` (320x320, the size the network resizes to): MixVPR 4096-d against
   :class:`benchmarks.torch_mixvpr.TorchMixVPR`;
 - ``netvlad`` (a 480x640 photo, evaluated at its own size): NetVLAD 4096-d against
-  :class:`benchmarks.torch_netvlad.TorchNetVLAD`, both loaded from the same random ``*_struct.mat`` file.
+  :class:`benchmarks.torch_netvlad.TorchNetVLAD`, both loaded from the same random ``*_struct.mat`` file;
+- ``supervlad`` and ``image4vpr`` (322x322): SuperVLAD and ImAge against the test references
+  ``tests/torch_supervlad.py`` / ``tests/torch_image4vpr.py`` (transformers' DINOv2; run from the repository root).
 
 Inputs are database views of the demo's synthetic benchmark resized to the model's size (photo-like, so the
 descriptor cosines between precisions mean something; not real photos). For every variant the table gives seconds
@@ -60,7 +62,18 @@ from absl import app, flags, logging
 from attllm_jax.models.precision import PRECISIONS
 from experiments import flagdefs
 
-MODELS = ("cosplace", "salad", "megaloc", "megaloc_photo", "boq_dinov2", "boq_resnet50", "mixvpr", "netvlad")
+MODELS = (
+    "cosplace",
+    "salad",
+    "megaloc",
+    "megaloc_photo",
+    "boq_dinov2",
+    "boq_resnet50",
+    "mixvpr",
+    "netvlad",
+    "supervlad",
+    "image4vpr",
+)
 
 flags.DEFINE_list("models", list(MODELS), f"Models to benchmark: {', '.join(MODELS)}.")
 flags.DEFINE_integer("batch_size", 8, "Images per call.", lower_bound=1)
@@ -283,6 +296,32 @@ def _netvlad_pair(seed: int):
     return reference, VPRModel(net, spec), (480, 640)
 
 
+def _dinozoo_pair(seed: int, family: str):
+    """(torch model, our VPRModel, image size) for SuperVLAD (K=4, G=1) or ImAge (8 tokens before block 8)."""
+    import os
+    import sys
+
+    import torch
+
+    from attllm_jax.convert import convert
+    from attllm_jax.models.vpr import VPRModel
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from torch_image4vpr import make_torch_image4vpr
+    from torch_supervlad import make_torch_supervlad
+
+    vitb = dict(embed_dim=768, depth=12, num_heads=12, image_size=518)
+    g = torch.Generator().manual_seed(seed)
+    reference = (
+        make_torch_supervlad(g, **vitb)
+        if family == "supervlad"
+        else make_torch_image4vpr(g, **vitb, num_tokens=8, insertion=8)
+    )
+    state = {k.removeprefix("module."): v.detach().numpy() for k, v in reference.upstream_state_dict().items()}
+    net, spec = convert(family, state)
+    return reference, VPRModel(net, spec), spec.preprocess.size
+
+
 _PAIRS = {
     "cosplace": _cosplace_pair,
     "salad": _salad_pair,
@@ -292,6 +331,8 @@ _PAIRS = {
     "boq_resnet50": lambda seed: _boq_pair(seed, "resnet50"),
     "mixvpr": _mixvpr_pair,
     "netvlad": _netvlad_pair,
+    "supervlad": lambda seed: _dinozoo_pair(seed, "supervlad"),
+    "image4vpr": lambda seed: _dinozoo_pair(seed, "image4vpr"),
 }
 
 

@@ -79,7 +79,16 @@ def _define_checkpoint() -> None:
 
 
 # EvalConfig.RANDOM_MODELS, written out so that --help needs no JAX import (tests/test_eval_demo.py holds them equal)
-RANDOM_MODEL_CHOICES = ("cosplace", "megaloc", "boq_dinov2", "boq_resnet50", "mixvpr", "netvlad")
+RANDOM_MODEL_CHOICES = (
+    "cosplace",
+    "megaloc",
+    "boq_dinov2",
+    "boq_resnet50",
+    "mixvpr",
+    "netvlad",
+    "supervlad",
+    "image4vpr",
+)
 
 
 def _define_random_model() -> None:
@@ -88,7 +97,7 @@ def _define_random_model() -> None:
         "cosplace",
         list(RANDOM_MODEL_CHOICES),
         "Random-weight model without --checkpoint (the demo's): CosPlace ResNet-18/512, or a released architecture "
-        "(MegaLoc, BoQ, MixVPR, NetVLAD, ...) with random weights.",
+        "(MegaLoc, BoQ, MixVPR, NetVLAD, SuperVLAD, ImAge) with random weights.",
     )
 
 

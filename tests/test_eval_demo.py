@@ -9,9 +9,8 @@ from attllm_jax.evaluation.pipeline import run_evaluation
 
 def test_an_unknown_random_model_is_an_error_naming_the_flag(tmp_path):
     config = EvalConfig(str(tmp_path), str(tmp_path), str(tmp_path / "out"), random_model="vlad9")
-    with pytest.raises(
-        ValueError, match="--random_model must be one of cosplace, megaloc, boq_dinov2, boq_resnet50, mixvpr, netvlad"
-    ):
+    names = "cosplace, megaloc, boq_dinov2, boq_resnet50, mixvpr, netvlad, supervlad, image4vpr"
+    with pytest.raises(ValueError, match=f"--random_model must be one of {names}"):
         config.validated()
 
 
@@ -53,3 +52,19 @@ def test_the_random_model_flag_offers_every_random_model():
     from experiments.flagdefs import RANDOM_MODEL_CHOICES
 
     assert RANDOM_MODEL_CHOICES == RANDOM_MODELS and set(RANDOM_MODEL_NAMES) == set(RANDOM_MODELS)
+
+
+@pytest.mark.slow
+def test_random_supervlad_is_the_released_architecture_with_random_weights():
+    model = random_model("supervlad", seed=1)
+    spec = model.spec
+    assert (spec.family, spec.backbone, spec.descriptor_dim) == ("supervlad", "dinov2_vitb14", 3072)
+    assert spec.preprocess.size == (322, 322) and spec.provenance.weights == "random (seed 1)"
+
+
+@pytest.mark.slow
+def test_random_image4vpr_is_the_released_architecture_with_random_weights():
+    model = random_model("image4vpr", seed=1)
+    spec = model.spec
+    assert (spec.family, spec.backbone, spec.descriptor_dim) == ("image4vpr", "dinov2_vitb14_reg", 6144)
+    assert spec.preprocess.size == (322, 322) and spec.provenance.weights == "random (seed 1)"

@@ -65,7 +65,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     ``.pth/.pt/.ckpt/.bin`` files are read with ``torch.load(..., map_location="cpu", weights_only=True)``, so no
     pickled code is ever executed (torch is imported here only). ``.safetensors`` files are read with
-    ``safetensors.numpy``. A Lightning-style ``{"state_dict": {...}}`` wrapper is unwrapped and a leading
+    ``safetensors.numpy``. A Lightning-style ``{"state_dict": {...}}`` or a training checkpoint's
+    ``{"model_state_dict": {...}, ...}`` wrapper (:data:`STATE_DICT_WRAPPERS`) is unwrapped and a leading
     ``"module."`` (DataParallel) is stripped from every key. bfloat16 tensors are widened to float32.
 
     Args:
@@ -100,6 +101,19 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise ConversionError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
 
 
+# Wrappers whose entry holds the weights: Lightning's ``{"state_dict": ...}`` and the training checkpoints of
+# Lu-Feng/SuperVLAD and Lu-Feng/ImAge, ``{"model_state_dict": ..., "epoch_num": ..., ...}`` (upstream reads only
+# that entry, so the other entries are ignored here too).
+STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict")
+
+
+def _unwrap(obj):
+    for key in STATE_DICT_WRAPPERS:
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            return obj[key]
+    return obj
+
+
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
@@ -117,8 +131,7 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
             f"cannot read PyTorch checkpoint {path} (truncated, corrupt, or holds pickled code that "
             f"weights_only=True refuses): {first_line}"
         ) from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
+    obj = _unwrap(obj)
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError(f"{path} does not hold a state dict (a non-empty mapping of tensors): got {type(obj)}")
     out = {}

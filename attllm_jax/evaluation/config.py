@@ -177,7 +177,7 @@ class EvalConfig:
 
 
 # The random-weight models without a checkpoint (built by attllm_jax.evaluation.demo.random_model).
-RANDOM_MODELS = ("cosplace", "megaloc", "boq_dinov2", "boq_resnet50", "mixvpr", "netvlad")
+RANDOM_MODELS = ("cosplace", "megaloc", "boq_dinov2", "boq_resnet50", "mixvpr", "netvlad", "supervlad", "image4vpr")
 TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
 
 

@@ -19,10 +19,12 @@ from attllm_jax.data.synthetic import SyntheticBenchmark, SyntheticConfig, gener
 from attllm_jax.evaluation.config import EvalConfig
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.boq import BoQSpec
+from attllm_jax.models.image4vpr import ImAgeSpec
 from attllm_jax.models.megaloc import MegaLocSpec
 from attllm_jax.models.mixvpr import MixVPRSpec
 from attllm_jax.models.netvlad import NetVLADSpec
 from attllm_jax.models.spec import ModelSpec, Provenance
+from attllm_jax.models.supervlad import SuperVLADSpec
 from attllm_jax.models.vpr import VPRModel
 
 DEMO_IMAGE_SIZE = 288  # the synthetic views' own height: evaluated without resizing, fast on a CPU
@@ -34,6 +36,8 @@ RANDOM_MODEL_NAMES = {
     "boq_resnet50": "BoQ ResNet-50 16384-d",
     "mixvpr": "MixVPR ResNet-50 4096-d",
     "netvlad": "NetVLAD VGG-16 4096-d",
+    "supervlad": "SuperVLAD DINOv2 ViT-B/14 3072-d",
+    "image4vpr": "ImAge DINOv2 ViT-B/14-reg 6144-d",
 }
 DEMO_NOTES = (
     "DEMO: synthetic flooded streets (procedural facades, synthetic water); not real photographs.",
@@ -67,6 +71,8 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
         "boq_resnet50": ("boq", BoQSpec.released("resnet50")),
         "mixvpr": ("mixvpr", MixVPRSpec.released(4096)),
         "netvlad": ("netvlad", NetVLADSpec.released(4096)),
+        "supervlad": ("supervlad", SuperVLADSpec.released()),
+        "image4vpr": ("image4vpr", ImAgeSpec.released()),
     }
     if name not in architectures:
         raise ValueError(f"unknown random model {name!r}; valid: {', '.join(RANDOM_MODEL_NAMES)}")

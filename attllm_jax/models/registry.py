@@ -18,10 +18,12 @@ from attllm_jax.data.preprocess import PreprocessSpec
 from attllm_jax.models.boq import BoQSpec
 from attllm_jax.models.fields import ConfigError, Provenance, preprocess_from_dict, scalar_dataclass
 from attllm_jax.models.heads import CNN_BACKBONES, CnnSpec, normalize_backbone
+from attllm_jax.models.image4vpr import ImAgeSpec
 from attllm_jax.models.megaloc import MegaLocSpec
 from attllm_jax.models.mixvpr import MixVPRSpec
 from attllm_jax.models.netvlad import NetVLADSpec
 from attllm_jax.models.salad import SaladSpec
+from attllm_jax.models.supervlad import SuperVLADSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ FAMILY_ENTRIES: dict[str, FamilyEntry] = {
     "boq": FamilyEntry("boq", BoQSpec, "attllm_jax.convert.boq"),
     "mixvpr": FamilyEntry("mixvpr", MixVPRSpec, "attllm_jax.convert.mixvpr"),
     "netvlad": FamilyEntry("netvlad", NetVLADSpec, "attllm_jax.convert.netvlad"),
+    "supervlad": FamilyEntry("supervlad", SuperVLADSpec, "attllm_jax.convert.supervlad"),
+    "image4vpr": FamilyEntry("image4vpr", ImAgeSpec, "attllm_jax.convert.image4vpr"),
 }
 FAMILIES = tuple(FAMILY_ENTRIES)
 CNN_FAMILIES = tuple(name for name, e in FAMILY_ENTRIES.items() if e.architecture is CnnSpec)
@@ -228,6 +232,43 @@ PUBLISHED: tuple[PublishedCheckpoint, ...] = tuple(
             16384,
             "resnet50_16384.pth",
             "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/resnet50_16384.pth",
+        ),
+        # SuperVLAD (Lu-Feng/SuperVLAD README; VPR-methods-evaluation vpr_models/supervlad.py MODELS_INFO, which
+        # saves them as trained_models/supervlad/<name>.pth): Google Drive files, download them by hand.
+        # 1-ClusterVLAD needs --ghost_clusters 2. SuperVLAD-CrossImage is not supported (batch-dependent encoder).
+        PublishedCheckpoint(
+            "supervlad",
+            "dinov2_vitb14",
+            3072,
+            "SuperVLAD.pth",
+            "https://drive.google.com/file/d/1wRkUO4E8s5hNRNNIWcuA8RUvlGob3Tbf/view",
+            auto_download=False,
+        ),
+        PublishedCheckpoint(
+            "supervlad",
+            "dinov2_vitb14",
+            768,
+            "1-ClusterVLAD.pth",
+            "https://drive.google.com/file/d/1pQcJx9n2-keAh9TttssZkz6D0vjpFWU6/view",
+            auto_download=False,
+            method="1-clustervlad",
+        ),
+        # ImAge (Lu-Feng/ImAge hubconf.py; the README also links the same files on huggingface.co/fenglu96/ImAge4VPR).
+        # Merged is hubconf's default training set.
+        PublishedCheckpoint(
+            "image4vpr",
+            "dinov2_vitb14_reg",
+            6144,
+            "ImAge_Merged.pth",
+            "https://github.com/Lu-Feng/ImAge/releases/download/v1.0.0/ImAge_Merged.pth",
+        ),
+        PublishedCheckpoint(
+            "image4vpr",
+            "dinov2_vitb14_reg",
+            6144,
+            "ImAge_GSV.pth",
+            "https://github.com/Lu-Feng/ImAge/releases/download/v1.0.0/ImAge_GSV.pth",
+            auto_download=False,
         ),
     ]
 )
