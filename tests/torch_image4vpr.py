@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from experiments.torch_baselines import hf_dinov2_to_hub, make_hf_dinov2, patch_upstream_interpolation, randomize_
 from torch import nn
+
+from benchmarks.torch_baselines import hf_dinov2_to_hub, make_hf_dinov2, patch_upstream_interpolation, randomize_
 
 ALPHA_OFF = 1e-6
 TOKEN_WEIGHT_EPS = 1e-6
