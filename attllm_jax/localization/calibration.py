@@ -4,7 +4,7 @@ A logistic model on the standardized features ``(top1_score, margin, share_withi
 with a small L2 penalty; every coefficient is constrained >= 0 (a feature whose free fit is negative is dropped
 and the model refitted), so the confidence never decreases when the margin grows. Held-out quality comes from
 k-fold cross-validated predictions: reliability table, expected calibration error (ECE, equal-width bins), Brier
-score and AUROC. File format: docs/notes/localize.md.
+score and AUROC. File format: docs/DESIGN.md section 10.
 """
 
 from __future__ import annotations

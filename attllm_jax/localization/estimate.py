@@ -1,7 +1,7 @@
 """Where a photo was taken, from its top-K database matches: the estimate, its uncertainty and ranking features.
 
 All positions are planar UTM metres ``(east, north)`` in one zone; scores are the search's inner products of
-L2-normalized descriptors (higher = more similar). See docs/notes/localize.md for the formulas.
+L2-normalized descriptors (higher = more similar). See docs/DESIGN.md section 10 for the formulas.
 """
 
 from __future__ import annotations

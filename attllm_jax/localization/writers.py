@@ -1,6 +1,6 @@
 """The map files responders load: GeoJSON (RFC 7946), CSV, KML; and localize_summary.json. All written atomically.
 
-Formats with examples: docs/notes/localize.md.
+Formats with examples: docs/DESIGN.md section 10.
 """
 
 from __future__ import annotations
