@@ -101,7 +101,7 @@ def test_missing_directory_and_config(tmp_path):
     "text, message",
     [
         ("{broken", "config.json is not valid JSON"),
-        ('{"family": "netvlad"}', "config.json: field 'family' must be one of cosplace, eigenplaces, salad"),
+        ('{"family": "vlad9"}', "config.json: field 'family' must be one of cosplace, eigenplaces, salad"),
         ("[1, 2]", "config.json must hold a JSON object, got list"),
         (json.dumps({**CONFIG, "format": 7}), "config.json: field 'format' is 7"),
         (json.dumps({**CONFIG, "extra": 1}), "config.json: unknown field 'extra'"),

@@ -13,6 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from attllm_jax.convert import convert
+from attllm_jax.convert.cosplace import CnnConvertOptions
 from attllm_jax.convert.random_weights import random_architecture, upstream_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def test_the_upstream_state_dict_converts_back_to_the_same_weights():
     state = upstream_state_dict(net, table)
     assert state["backbone.0.weight"].shape == (64, 3, 7, 7)  # PyTorch's layout and key names
     assert state["aggregation.3.weight"].shape == (64, 512) and state["aggregation.1.p"].shape == (1,)
-    converted, spec = convert("cosplace", state, fc_output_dim=64)
+    converted, spec = convert("cosplace", state, CnnConvertOptions(fc_output_dim=64))
     assert spec.describe() == "cosplace resnet18/64"
     ours = nnx.to_flat_state(nnx.state(net, nnx.Any(nnx.Param, nnx.BatchStat)))
     theirs = dict(nnx.to_flat_state(nnx.state(converted, nnx.Any(nnx.Param, nnx.BatchStat))))

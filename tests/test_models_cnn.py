@@ -298,7 +298,8 @@ def test_registry_lookup_and_errors():
     auto = [e for e in registry.PUBLISHED if e.auto_download]
     assert all(e.url.endswith("/" + e.file_name) for e in auto)
     assert len({(e.family, e.backbone, e.descriptor_dim) for e in auto}) == len(auto)
-    assert len({(e.family, e.file_name) for e in registry.PUBLISHED}) == len(registry.PUBLISHED)
+    # one release file per (family, file, dimension): NetVLAD's Pitts30K_struct.mat serves 4096-d and 32768-d
+    assert len({(e.family, e.file_name, e.descriptor_dim) for e in registry.PUBLISHED}) == len(registry.PUBLISHED)
 
 
 def test_spec_build_shapes_and_errors():
@@ -307,8 +308,8 @@ def test_spec_build_shapes_and_errors():
         net = nnx.eval_shape(lambda spec=spec: spec.build())
         assert net.aggregation.fc.kernel.shape == (channels, 32)
         assert spec.architecture.features_dim == channels
-    with pytest.raises(ValueError, match="unknown model family 'netvlad'"):
-        registry.family_entry("netvlad")
+    with pytest.raises(ValueError, match="unknown model family 'vlad9'"):
+        registry.family_entry("vlad9")
     with pytest.raises(ValueError, match="unknown CNN backbone 'resnet34'"):
         ModelSpec.cosplace("resnet34", 8)
 

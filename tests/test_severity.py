@@ -189,17 +189,9 @@ def test_an_unreadable_dry_query_is_dropped_from_every_level(tmp_path):
     shutil.copytree(base.eval.queries_folder, queries)
     bad = sorted(queries.glob("*.jpg"))[3]
     bad.write_bytes(b"not a photo")
-    config = synthetic_severity_config(
-        tmp_path / "cache",
-        tmp_path / "out",
-        synthetic=SMALL,
-        queries_folder=str(queries),
-        levels=(0.5,),
-        alphas=(0.0, 1.0),
-        recall_values=(1, 5),
-        image_size=72,
-        bootstrap=50,
-    )
+    config = replace(base, bootstrap=50, levels=(0.5,))
+    ev = replace(config.eval, queries_folder=str(queries), alphas=(0.0, 1.0), recall_values=(1, 5), image_size=72)
+    config = replace(config, eval=ev)
     severity = run_severity(config)
     n = SMALL.num_queries
     assert severity["num_queries"] == {"level_0": n, "level_0.5": n - 1}  # the unreadable query is not flooded
