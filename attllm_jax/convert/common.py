@@ -11,6 +11,7 @@ tensor not explicitly ignored must have been consumed. All problems are collecte
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import os
@@ -308,3 +309,16 @@ def _format_problems(problems: list[str]) -> str:
     if more:
         lines.append(f"  ... and {more} more")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class DimensionOptions:
+    """Options of a family whose only choice besides the checkpoint is the descriptor dimension (MixVPR, NetVLAD).
+
+    Attributes:
+        descriptor_dim: expected descriptor dimension, or None (checked against the shapes).
+        backbone: unused (one backbone per family); present for :class:`attllm_jax.convert.ConvertOptions`.
+    """
+
+    descriptor_dim: int | None = None
+    backbone: str | None = None

@@ -14,13 +14,18 @@ resizes to is ``16 * sqrt(N)`` with ``N`` the mixer's positions (320 for the rel
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
 from flax import nnx
 
-from attllm_jax.convert.common import ConversionError, TensorSource, as_conversion_error, describe_keys
+from attllm_jax.convert.common import (
+    ConversionError,
+    DimensionOptions,
+    TensorSource,
+    as_conversion_error,
+    describe_keys,
+)
 from attllm_jax.convert.keytable import (
     KeyTable,
     Rule,
@@ -126,20 +131,8 @@ def infer_mixvpr_spec(source: TensorSource, source_name: str) -> MixVPRSpec:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class MixVPRConvertOptions:
-    """What a mixvpr conversion is told besides the checkpoint (checked against the shapes).
-
-    Attributes:
-        descriptor_dim: expected descriptor dimension, or None.
-        backbone: unused (the family has one backbone); present for :class:`attllm_jax.convert.ConvertOptions`.
-    """
-
-    descriptor_dim: int | None = None
-    backbone: str | None = None
-
-
-Options = MixVPRConvertOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
+MixVPRConvertOptions = DimensionOptions
+Options = DimensionOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
 
 
 def convert_state_dict(

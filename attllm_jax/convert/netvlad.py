@@ -20,14 +20,13 @@ must match: all problems are listed in one error.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
-from attllm_jax.convert.common import DEFAULT_IGNORE, ConversionError, TensorSource, describe_keys
+from attllm_jax.convert.common import DEFAULT_IGNORE, ConversionError, DimensionOptions, TensorSource, describe_keys
 from attllm_jax.convert.keytable import KeyTable, Rule, check_family, convert_with_table
 from attllm_jax.models.netvlad import NetVLADSpec
 from attllm_jax.models.spec import ModelSpec
@@ -140,20 +139,8 @@ def infer_netvlad_spec(source: TensorSource, source_name: str, descriptor_dim: i
     return NetVLADSpec(num_clusters=num_clusters, whiten_dim=whiten_dim)
 
 
-@dataclasses.dataclass(frozen=True)
-class NetVLADConvertOptions:
-    """What a netvlad conversion is told besides the checkpoint (checked against the shapes).
-
-    Attributes:
-        descriptor_dim: expected descriptor dimension, or None.
-        backbone: unused (the family has one backbone); present for :class:`attllm_jax.convert.ConvertOptions`.
-    """
-
-    descriptor_dim: int | None = None
-    backbone: str | None = None
-
-
-Options = NetVLADConvertOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
+NetVLADConvertOptions = DimensionOptions
+Options = DimensionOptions  # the options class of this conversion module (see attllm_jax.convert.convert)
 
 
 def convert_state_dict(
