@@ -41,9 +41,18 @@ def run_bounded(script: str, *args: str, address_space: int, timeout_s: float = 
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+# The peak is VmHWM, the high-water mark of this process's own address space. ``ru_maxrss`` is not: Linux
+# carries the forking parent's resident size into the child across exec, so a child of a 1 GB pytest worker
+# reports at least 1 GB whatever it did itself.
 PEAK_RSS = """
-import json, resource
+import json
+def _peak_rss_mb():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 def report(data):
-    data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(data))
 """
