@@ -184,6 +184,81 @@ class DatabaseExtraction:
         }
 
 
+@dataclass
+class _ChunkBuffer:
+    start: int
+    stop: int
+    dim: int | None
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.valid = np.zeros(self.stop - self.start, dtype=bool)
+        self.remaining = self.stop - self.start
+
+    def put(self, index: int, descriptor: np.ndarray) -> None:
+        self.rows[index] = descriptor
+        self.valid[index - self.start] = True
+        self.dim = self.dim or descriptor.shape[-1]
+        self.remaining -= 1
+
+    def fail(self, failure: LoadFailure) -> None:
+        self.failures.append({"index": failure.index, "path": failure.path, "error": failure.error})
+        self.remaining -= 1
+
+    def descriptors(self) -> np.ndarray:
+        out = np.zeros((self.stop - self.start, int(self.dim or 1)), dtype=np.float32)
+        for index, row in self.rows.items():
+            out[index - self.start] = row
+        return out
+
+
+@dataclass
+class _ChunkFill:
+    """The open chunk buffers of one database extraction: each chunk is written as soon as its last image is done."""
+
+    store: DescriptorStore
+    images: ImageSet
+    summary: DatabaseExtraction
+    progress: Progress
+    buffers: dict[int, _ChunkBuffer]
+
+    def finish_if_complete(self, chunk: int) -> None:
+        buffer = self.buffers[chunk]
+        if buffer.remaining == 0:
+            self.store.write_chunk(chunk, buffer.descriptors(), buffer.valid, buffer.failures)
+            log.info("wrote store chunk %d (images %d..%d)", chunk, buffer.start, buffer.stop)
+            self.summary.chunks_computed += 1
+            del self.buffers[chunk]
+
+    def on_failure(self, failure: LoadFailure) -> None:
+        """An image that could not be decoded: recorded in its chunk as a failure."""
+        log.warning("skipping unreadable database image %s (%s)", failure.path, failure.error)
+        chunk = self.store.chunk_of(failure.index)
+        self.buffers[chunk].fail(failure)
+        self.progress.update()
+        self.finish_if_complete(chunk)
+
+    def add_batch(self, batch: Batch, descriptors: np.ndarray, finite: np.ndarray, label: str) -> None:
+        """Puts a batch's finite rows into their chunk buffers and records the others as failures."""
+        touched = set()
+        for row, index in enumerate(int(i) for i in batch.indices):
+            if index < 0:
+                continue
+            chunk = self.store.chunk_of(index)
+            if finite[row]:
+                self.buffers[chunk].put(index, descriptors[row])
+            else:
+                failure = non_finite_failure(index, str(self.images.absolute(index)), label)
+                log.warning("skipping database image %s: %s", failure.path, failure.error)
+                self.buffers[chunk].fail(failure)
+            touched.add(chunk)
+        self.summary.images_computed += batch.num_valid
+        self.progress.update(batch.num_valid)
+        for chunk in sorted(touched):
+            self.finish_if_complete(chunk)
+
+
 def extract_database(
     model: DescriptorModel,
     images: ImageSet,
@@ -218,10 +293,8 @@ def extract_database(
     """
     if store.num_items != len(images):
         raise ValueError(f"store covers {store.num_items} items, the database has {len(images)} images")
-    pending = store.pending_chunks()
-    if chunks is not None:
-        wanted = set(int(c) for c in chunks)
-        pending = [c for c in pending if c in wanted]
+    wanted = None if chunks is None else {int(c) for c in chunks}
+    pending = [c for c in store.pending_chunks() if wanted is None or c in wanted]
     summary = DatabaseExtraction(store.status, store.num_chunks)
     if not pending:
         return summary
@@ -229,35 +302,15 @@ def extract_database(
     batch_size = database_batch_size(batch_size, store.chunk_size)
     sharding = data_sharding()
     model.replicate(sharding.mesh)
-    dim = model.spec.descriptor_dim
-    buffers: dict[int, _ChunkBuffer] = {}
-    for c in pending:
-        start, stop = store.chunk_range(c)
-        buffers[c] = _ChunkBuffer(start, stop, dim)
+    buffers = {c: _ChunkBuffer(*store.chunk_range(c), model.spec.descriptor_dim) for c in pending}
     todo = [i for c in pending for i in range(*store.chunk_range(c))]
     label = "database images" + (f" (process {hosts.process_index()})" if hosts.process_count() > 1 else "")
-    progress = Progress(label, len(todo), log, progress_interval_s)
-
-    def finish_if_complete(chunk: int) -> None:
-        buffer = buffers[chunk]
-        if buffer.remaining == 0:
-            store.write_chunk(chunk, buffer.descriptors(), buffer.valid, buffer.failures)
-            log.info("wrote store chunk %d (images %d..%d)", chunk, buffer.start, buffer.stop)
-            summary.chunks_computed += 1
-            del buffers[chunk]
-
-    def on_failure(failure: LoadFailure) -> None:
-        log.warning("skipping unreadable database image %s (%s)", failure.path, failure.error)
-        chunk = store.chunk_of(failure.index)
-        buffers[chunk].fail(failure)
-        progress.update()
-        finish_if_complete(chunk)
-
+    fill = _ChunkFill(store, images, summary, Progress(label, len(todo), log, progress_interval_s), buffers)
     batches = load_batches(
         ((i, str(images.absolute(i))) for i in todo),
         _preprocess_fn(model, image_size),
         batch_size,
-        on_failure,
+        fill.on_failure,
         group_of=store.chunk_of,
         num_workers=num_workers,
         max_batch_pixels=max_batch_pixels,
@@ -271,32 +324,11 @@ def extract_database(
     for batch, result in _pipelined(batches, compute):
         descriptors = np.asarray(result)
         finite = guard.finite_rows(descriptors, batch.indices >= 0, str(images.absolute(int(batch.indices[0]))))
-        touched = _buffer_rows(batch, descriptors, finite, buffers, store, images, guard.model_label)
-        summary.images_computed += batch.num_valid
-        progress.update(batch.num_valid)
-        for chunk in sorted(touched):
-            finish_if_complete(chunk)
-    if buffers:  # only reachable if the stream lost items, which would be a bug
-        raise RuntimeError(f"database extraction left chunks {sorted(buffers)} incomplete")
-    summary.seconds = progress.finish()
+        fill.add_batch(batch, descriptors, finite, guard.model_label)
+    if fill.buffers:  # only reachable if the stream lost items, which would be a bug
+        raise RuntimeError(f"database extraction left chunks {sorted(fill.buffers)} incomplete")
+    summary.seconds = fill.progress.finish()
     return summary
-
-
-def _buffer_rows(batch: Batch, descriptors, finite, buffers: dict, store, images: ImageSet, label: str) -> set[int]:
-    """Puts a batch's finite rows into their chunk buffers and records the others as failures; returns the chunks."""
-    touched = set()
-    for row, index in enumerate(int(i) for i in batch.indices):
-        if index < 0:
-            continue
-        chunk = store.chunk_of(index)
-        if finite[row]:
-            buffers[chunk].put(index, descriptors[row])
-        else:
-            failure = non_finite_failure(index, str(images.absolute(index)), label)
-            log.warning("skipping database image %s: %s", failure.path, failure.error)
-            buffers[chunk].fail(failure)
-        touched.add(chunk)
-    return touched
 
 
 def database_store_key(
@@ -349,29 +381,11 @@ def build_database_store(
     """
     key = database_store_key(model, database, image_size, weights_sha256)
     dim = model.spec.descriptor_dim
-
-    def open_store() -> DescriptorStore:
-        return DescriptorStore.open(location, key, len(database), chunk_size, dim=dim, dtype=store_dtype)
-
-    store = open_store() if hosts.process_index() == 0 else None  # process 0 creates, resumes or rebuilds it
-    hosts.barrier("store_opened")
-    store = store or open_store()
+    store = _open_on_every_process(
+        lambda: DescriptorStore.open(location, key, len(database), chunk_size, dim=dim, dtype=store_dtype)
+    )
     try:
-        pending = store.pending_chunks()
-        hosts.barrier("store_pending_read")  # nobody writes before every process has read the same pending list
-        mine = hosts.share(pending)
-        log.info(
-            "descriptor store %s: %s (%d chunks pending of %d, %d images each, %s)%s",
-            store.directory,
-            store.status,
-            len(pending),
-            store.num_chunks,
-            store.chunk_size,
-            store.dtype,
-            f"; process {hosts.process_index()} of {hosts.process_count()} takes {len(mine)}"
-            if hosts.process_count() > 1
-            else "",
-        )
+        mine = _my_pending_chunks(store)
         summary = extract_database(
             model,
             database,
@@ -386,12 +400,7 @@ def build_database_store(
         del record["per_process"]
         summary.per_process = hosts.gather_json("database_extraction", record)  # a barrier: every share is done
         if hosts.process_index() == 0:
-            left = store.pending_chunks() if hosts.process_count() > 1 else []  # one process: filled them all itself
-            if left:
-                raise RuntimeError(
-                    f"store {store.directory} still misses chunks {left[:5]} after every process finished; in a "
-                    "multi-process run the store must be on storage every process sees (a shared folder or a URL)"
-                )
+            _check_complete(store)
             store.write_paths(list(database.paths))
     except BaseException:
         store.close()
@@ -399,33 +408,41 @@ def build_database_store(
     return store, summary
 
 
-@dataclass
-class _ChunkBuffer:
-    start: int
-    stop: int
-    dim: int | None
-    rows: dict[int, np.ndarray] = field(default_factory=dict)
-    failures: list = field(default_factory=list)
+def _open_on_every_process(open_store: Callable[[], DescriptorStore]) -> DescriptorStore:
+    """Process 0 creates, resumes or rebuilds the store; after a barrier the others open it."""
+    store = open_store() if hosts.process_index() == 0 else None
+    hosts.barrier("store_opened")
+    return store or open_store()
 
-    def __post_init__(self):
-        self.valid = np.zeros(self.stop - self.start, dtype=bool)
-        self.remaining = self.stop - self.start
 
-    def put(self, index: int, descriptor: np.ndarray) -> None:
-        self.rows[index] = descriptor
-        self.valid[index - self.start] = True
-        self.dim = self.dim or descriptor.shape[-1]
-        self.remaining -= 1
+def _my_pending_chunks(store: DescriptorStore) -> list[int]:
+    """This process's share of the store's pending chunks, once every process has read the same pending list."""
+    pending = store.pending_chunks()
+    hosts.barrier("store_pending_read")  # nobody writes before every process has read the same pending list
+    mine = hosts.share(pending)
+    log.info(
+        "descriptor store %s: %s (%d chunks pending of %d, %d images each, %s)%s",
+        store.directory,
+        store.status,
+        len(pending),
+        store.num_chunks,
+        store.chunk_size,
+        store.dtype,
+        f"; process {hosts.process_index()} of {hosts.process_count()} takes {len(mine)}"
+        if hosts.process_count() > 1
+        else "",
+    )
+    return mine
 
-    def fail(self, failure: LoadFailure) -> None:
-        self.failures.append({"index": failure.index, "path": failure.path, "error": failure.error})
-        self.remaining -= 1
 
-    def descriptors(self) -> np.ndarray:
-        out = np.zeros((self.stop - self.start, int(self.dim or 1)), dtype=np.float32)
-        for index, row in self.rows.items():
-            out[index - self.start] = row
-        return out
+def _check_complete(store: DescriptorStore) -> None:
+    """Raises when chunks are still missing after every process's share is done (a store not on shared storage)."""
+    left = store.pending_chunks() if hosts.process_count() > 1 else []  # one process: filled them all itself
+    if left:
+        raise RuntimeError(
+            f"store {store.directory} still misses chunks {left[:5]} after every process finished; in a "
+            "multi-process run the store must be on storage every process sees (a shared folder or a URL)"
+        )
 
 
 @dataclass
@@ -445,6 +462,52 @@ class QueryDescriptors:
     with_attention: np.ndarray
     failures: list[LoadFailure]
     seconds: float
+
+
+@dataclass
+class _QueryRows:
+    """The query descriptors of every alpha as batches come in; unreadable and non-finite queries counted."""
+
+    images: ImageSet
+    num_alphas: int
+    guard: FiniteGuard
+    progress: Progress
+    out: np.ndarray | None = None
+    failures: list[LoadFailure] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.valid = np.zeros(len(self.images), dtype=bool)
+        self.applied = np.zeros(len(self.images), dtype=bool)
+
+    def on_failure(self, failure: LoadFailure) -> None:
+        """A query image that could not be decoded."""
+        log.warning("skipping unreadable query image %s (%s)", failure.path, failure.error)
+        self.failures.append(failure)
+        self.progress.update()
+
+    def add_batch(self, batch: Batch, mask: np.ndarray, result: np.ndarray) -> None:
+        """Keeps a batch's ``[K, B, D]`` rows that are real and finite; records the non-finite ones as failures."""
+        if self.out is None:
+            self.out = np.zeros((self.num_alphas, len(self.images), result.shape[-1]), dtype=np.float32)
+        real = batch.indices >= 0
+        finite = self.guard.finite_rows(result, real, str(self.images.absolute(int(batch.indices[0]))))
+        for index in batch.indices[real & ~finite]:
+            path = str(self.images.absolute(int(index)))
+            self.failures.append(non_finite_failure(int(index), path, self.guard.model_label))
+            log.warning("skipping query image %s: %s", self.failures[-1].path, self.failures[-1].error)
+        keep = real & finite
+        self.out[:, batch.indices[keep]] = result[:, keep]
+        self.valid[batch.indices[keep]] = True
+        self.applied[batch.indices[keep]] = mask[keep]
+        self.progress.update(batch.num_valid)
+
+    def finish(self, descriptor_dim: int) -> QueryDescriptors:
+        """The descriptors (zeros ``[K, Q, descriptor_dim]`` when no query could be read) and bookkeeping."""
+        out = self.out
+        if out is None:
+            out = np.zeros((self.num_alphas, len(self.images), descriptor_dim), dtype=np.float32)
+        seconds = self.progress.finish()
+        return QueryDescriptors(out, self.valid, self.applied, self.failures, seconds)
 
 
 def extract_queries(
@@ -490,52 +553,28 @@ def extract_queries(
     batch_size = device_batch_size(min(int(batch_size), max(1, len(images))))  # never more rows than queries
     sharding = data_sharding()
     model.replicate(sharding.mesh)
-    failures: list[LoadFailure] = []
-    out: np.ndarray | None = None
-    valid = np.zeros(len(images), dtype=bool)
-    applied = np.zeros(len(images), dtype=bool)
     progress = Progress("query images", len(images), log, progress_interval_s)
-
-    def on_failure(failure: LoadFailure) -> None:
-        log.warning("skipping unreadable query image %s (%s)", failure.path, failure.error)
-        failures.append(failure)
-        progress.update()
+    rows = _QueryRows(images, len(alphas), FiniteGuard(model_label(model)), progress)
 
     def compute(batch: Batch):
         feats = model.features(jax.device_put(batch.images, sharding))
-        rows = [attention[i] if i >= 0 else None for i in batch.indices]
-        return aggregate_query_batch(model, feats, rows, batch.indices >= 0, alphas, sigma, grid_interpolate)
+        answers = [attention[i] if i >= 0 else None for i in batch.indices]
+        return aggregate_query_batch(model, feats, answers, batch.indices >= 0, alphas, sigma, grid_interpolate)
 
     batches = load_batches(
         ((i, str(images.absolute(i))) for i in range(len(images))),
         _preprocess_fn(model, image_size),
         batch_size,
-        on_failure,
+        rows.on_failure,
         num_workers=num_workers,
         max_batch_pixels=max_batch_pixels,
         row_multiple=jax.local_device_count(),
         output_size=output_size_fn(model, image_size),
         root=images.root,
     )
-    guard = FiniteGuard(model_label(model))
     for batch, (mask, sweep, plain) in _pipelined(batches, compute):
-        result = combine_query_batch(mask, sweep, plain, len(alphas))
-        if out is None:
-            out = np.zeros((len(alphas), len(images), result.shape[-1]), dtype=np.float32)
-        real = batch.indices >= 0
-        finite = guard.finite_rows(result, real, str(images.absolute(int(batch.indices[0]))))
-        for index in batch.indices[real & ~finite]:
-            failures.append(non_finite_failure(int(index), str(images.absolute(int(index))), guard.model_label))
-            log.warning("skipping query image %s: %s", failures[-1].path, failures[-1].error)
-        keep = real & finite
-        out[:, batch.indices[keep]] = result[:, keep]
-        valid[batch.indices[keep]] = True
-        applied[batch.indices[keep]] = mask[keep]
-        progress.update(batch.num_valid)
-    if out is None:
-        out = np.zeros((len(alphas), len(images), model.spec.descriptor_dim), dtype=np.float32)
-    seconds = progress.finish()
-    return QueryDescriptors(out, valid, applied, failures, seconds)
+        rows.add_batch(batch, mask, combine_query_batch(mask, sweep, plain, len(alphas)))
+    return rows.finish(model.spec.descriptor_dim)
 
 
 def aggregate_query_batch(

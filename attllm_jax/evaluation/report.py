@@ -1,18 +1,62 @@
-"""Result files: results.json (the public contract), the per-query CSV, the published code's CSV layout."""
+"""The report stage of eval (stage 8, docs/DESIGN.md section 5): results.json (the public contract, built here from
+the stages' typed outputs), the per-query CSV, the published code's CSV layout, the recall figure, the strips."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from attllm_jax.evaluation.config import alpha_key
+from attllm_jax.evaluation import hosts
+from attllm_jax.evaluation.attention_source import QueryAttention
+from attllm_jax.evaluation.config import EvalConfig, alpha_key
+from attllm_jax.evaluation.extract import QueryDescriptors
+from attllm_jax.evaluation.figures import plot_recall_vs_alpha, shorten_path
+from attllm_jax.evaluation.stages import DatabaseStage, ImageSets, LoadedModel, Reranked, SearchResult
+from attllm_jax.evaluation.strips import applied_kind, save_strips
 from attllm_jax.files import atomic_write_json
+from attllm_jax.outputs import OUTPUTS_KEY, relative_outputs
 from attllm_jax.retrieval.retrieve import Retrieval
+from attllm_jax.retrieval.store import StoreContents
+
+log = logging.getLogger("attllm_jax.evaluation")
+
+RESULTS_FILE = "results.json"
+RECALL_DENOMINATOR = "all queries (unreadable queries and queries without positives count as misses)"
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """Every stage's output of one evaluation: the report's input.
+
+    Attributes:
+        config: The run's settings.
+        sets: Stage 1 (image sets, positions, positives).
+        attention: Stage 2 (the queries' parsed answers).
+        loaded: Stage 3 (the model, its digest, its load time).
+        database: Stage 4 (the store and what filling it did).
+        contents: The store's contents (descriptors ``[N, D]``, ``valid [N]``, failures).
+        queries: Stage 5 (descriptors ``[K, Q, D]``, validity, attention applied, failures).
+        search: Stage 6 (the search's retrieval and time).
+        ranked: Stage 7 (the final ranking; what every file reports).
+    """
+
+    config: EvalConfig
+    sets: ImageSets
+    attention: QueryAttention
+    loaded: LoadedModel
+    database: DatabaseStage
+    contents: StoreContents
+    queries: QueryDescriptors
+    search: SearchResult
+    ranked: Reranked
 
 
 def preprocessing_used(model_preprocess: dict, image_size: int | tuple[int, int] | None) -> dict[str, Any]:
@@ -164,3 +208,176 @@ def write_published_csvs(
             writer.writerow([f"success_rate_at_{k}", rate])
             writer.writerow([f"success_rate_at_{k}_percent", round(rate * 100, 2)])
     return individual, aggregated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The eval report: files, then results.json from the typed stage outputs
+
+
+def write_eval_report(run: EvalRun, out: Path, t_start: float) -> dict[str, Any]:
+    """Writes every eval result file into ``out`` (see :func:`write_eval_files`), then ``results.json``.
+
+    Args:
+        run: Every stage's output.
+        out: The output folder.
+        t_start: ``time.perf_counter()`` at the run's start (for ``timings_s.total``).
+
+    Returns:
+        The content of results.json.
+    """
+    written = write_eval_files(run, out)
+    notes = eval_notes(run)
+    results = eval_results(run, out, written, notes, time.perf_counter() - t_start)
+    write_json(out / RESULTS_FILE, results)
+    log.info(
+        "recall@N (%%) over %d queries, positives within %g m:\n%s",
+        len(run.sets.queries),
+        run.config.positive_dist_threshold,
+        recall_table(run.ranked.retrieval),
+    )
+    log.info("results written to %s", out / RESULTS_FILE)
+    return results
+
+
+def write_eval_files(run: EvalRun, out: Path) -> list[Path]:
+    """``per_query.csv``, ``csv_results/alpha_<a>/``, ``recall_vs_alpha.png`` and, with ``num_preds_to_save``, the
+    prediction strips; returns the paths written."""
+    config, sets, retrieval, positives = run.config, run.sets, run.ranked.retrieval, run.ranked.positives
+    queries, database = sets.queries, sets.database
+    kinds = [applied_kind(a, w) for a, w in zip(run.attention.parsed, run.queries.with_attention, strict=True)]
+    written = [out / "per_query.csv", out / "recall_vs_alpha.png"]
+    write_per_query_csv(
+        written[0],
+        retrieval,
+        queries.paths,
+        database.paths,
+        positives,
+        run.queries.valid,
+        kinds,
+        run.attention.point_counts(),
+    )
+    for k, alpha in enumerate(config.alphas):
+        written += write_published_csvs(
+            out / "csv_results" / f"alpha_{alpha_key(alpha)}",
+            k,
+            retrieval,
+            queries.paths,
+            database.paths,
+            positives,
+            config.positive_dist_threshold,
+            num_evaluated=int(run.queries.valid.sum()),
+        )
+    model = run.loaded.model
+    weights_label = model.spec.provenance.weights or f"checkpoint {shorten_path(config.checkpoint)}"
+    plot_recall_vs_alpha(
+        written[1],
+        config.alphas,
+        retrieval.recalls,
+        config.recall_values,
+        [
+            f"{model.spec.describe()}, weights: {weights_label}",
+            f"{len(queries)} queries, {len(database)} database images, positives within "
+            f"{config.positive_dist_threshold:g} m",
+        ],
+    )
+    if config.num_preds_to_save:
+        written += save_strips(
+            out / "predictions",
+            config,
+            queries,
+            database,
+            run.attention.parsed,
+            run.queries,
+            retrieval,
+            positives,
+            sets.geo,
+        )
+    return written
+
+
+def eval_notes(run: EvalRun) -> list[str]:
+    """results.json's ``notes``: the config's, a random-weights note for a checkpoint with random weights, and a
+    warning (also logged) when some N of recall@N is not below the readable database size."""
+    notes = list(run.config.notes)
+    weights = run.loaded.model.spec.provenance.weights or ""
+    if run.config.checkpoint is not None and weights.startswith("random"):
+        notes.append(f"NOTE: the model's weights are {weights}: results say nothing of a release")
+    beyond = recall_beyond_database_note(run.config.recall_values, int(run.contents.valid.sum()))
+    if beyond:
+        log.warning("%s", beyond)
+        notes.append(f"WARNING: {beyond}")
+    return notes
+
+
+def eval_results(run: EvalRun, out: Path, written: list[Path], notes: list[str], total_s: float) -> dict[str, Any]:
+    """The content of results.json (docs/DESIGN.md section 4) from the stages' typed outputs."""
+    config, sets, model = run.config, run.sets, run.loaded.model
+    queries = sets.queries
+    no_positive = [queries.paths[i] for i, p in enumerate(run.ranked.positives) if len(p) == 0]
+    timings = {
+        "load_model": run.loaded.seconds,
+        "database": run.database.extraction.seconds,
+        "queries": run.queries.seconds,
+        "search": run.search.seconds,
+        "total": total_s,
+    }
+    return {
+        "model": model.spec.to_dict(),
+        "precision": model.precision,
+        "weights": {
+            "source": model.spec.provenance.weights or f"checkpoint {config.checkpoint}",
+            "sha256": run.loaded.digest,
+        },
+        "num_database": len(sets.database),
+        "num_queries": len(queries),
+        "database_folder": str(sets.database.root),
+        "queries_folder": str(queries.root),
+        "preprocessing": preprocessing_used(model.spec.preprocess.to_dict(), config.image_size),
+        "positive_dist_threshold": config.positive_dist_threshold,
+        "recalls": run.ranked.retrieval.recalls_dict(),
+        "alphas": list(config.alphas),
+        "recall_values": list(config.recall_values),
+        "distance": config.distance,
+        "utm_zone": list(sets.geo.zone) if sets.geo.zone else None,
+        "recall_denominator": RECALL_DENOMINATOR,
+        "queries_without_positives": {"count": len(no_positive), "queries": no_positive},
+        "num_skipped": {"database": len(run.contents.failures), "queries": len(run.queries.failures)},
+        "skipped_images": {
+            "database": run.contents.failures,
+            "queries": [{"index": f.index, "path": f.path, "error": f.error} for f in run.queries.failures],
+        },
+        "attention": attention_entry(run.attention, run.queries, list(queries.paths), config),
+        "store": {
+            "directory": str(run.database.store.directory),
+            "dtype": run.database.store.dtype,
+            "chunk_size": run.database.store.chunk_size,
+            **run.database.extraction.entry(),
+        },
+        "search": run.ranked.retrieval.search_info,
+        "hosts": hosts.hosts_entry(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": notes,
+        OUTPUTS_KEY: relative_outputs(out, written),
+    }
+
+
+def attention_entry(
+    attention: QueryAttention, extracted: QueryDescriptors, query_paths: list[str], config: EvalConfig
+) -> dict[str, Any]:
+    """results.json's ``attention``: where the answers came from, what was applied, what was dropped or clamped."""
+    points = attention.point_counts()
+    applied = int(extracted.with_attention.sum())
+    return {
+        "source": attention.source,
+        "counts": attention.counts,
+        "queries_with_attention": applied,
+        "queries_without_attention": int(len(query_paths) - applied),
+        "missing_files": attention.missing,
+        "unusable_files": attention.invalid,
+        "unused_files": attention.unused,
+        "dropped_entries": sum(d for _, d, _ in points),
+        "clamped_values": sum(c for _, _, c in points),
+        "adjusted_answers": attention.adjusted(query_paths),
+        "sigma": config.sigma,
+        "grid_interpolate": config.grid_interpolate,
+    }
