@@ -20,15 +20,17 @@ import numpy as np
 
 from attllm_jax.evaluation.config import EvalConfig
 from attllm_jax.evaluation.extract import database_store_key
-from attllm_jax.evaluation.pipeline import prepare_inputs
+from attllm_jax.evaluation.pipeline import EvalInputs, prepare_inputs
 from attllm_jax.evaluation.progress import setup_logging
+from attllm_jax.evaluation.stages import ImageSets, readable_positives
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.ops.gem import ALPHA_OFF, BLENDS
 from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, remove_previous_outputs
 from attllm_jax.retrieval.recall import recall_from_ranks
+from attllm_jax.retrieval.store import StoreContents
 from attllm_jax.tuning import cv, search
-from attllm_jax.tuning.cache import cached_query_features
+from attllm_jax.tuning.cache import QueryFeatures, cached_query_features
 from attllm_jax.tuning.evaluate import CachedRetrieval, RankSource, with_blend
 from attllm_jax.tuning.figures import plot_folds
 from attllm_jax.tuning.surrogate import SIGMA_MIN, optimize
@@ -146,102 +148,94 @@ def run_tuning(config: EvalConfig, settings: TuneSettings, model: DescriptorMode
             inputs.store.close()
 
 
-def _run(config: EvalConfig, settings: TuneSettings, inputs, out: Path, t_start: float) -> dict[str, Any]:
-    model = inputs.model
-    contents = inputs.store.load()
-    database = np.asarray(contents.descriptors, np.float32)  # the tuning reuses it for every point
+@dataclass(frozen=True)
+class CachedQueries:
+    """The tuning's stage 5: cached query features and the retrieval source over them.
+
+    Attributes:
+        source: Aggregates and searches the cached features for any (alpha, sigma, blend).
+        features: The query backbone features (and the cache's status, failures, seconds).
+        cache_dir: The feature cache's folder.
+    """
+
+    source: CachedRetrieval
+    features: QueryFeatures
+    cache_dir: Path | str
+
+
+@dataclass(frozen=True)
+class GridStage:
+    """The grid over (alpha, sigma, blend) on all queries.
+
+    Attributes:
+        ranks: ``[B, S, K, Q]`` first-hit ranks per blend, sigma, alpha and query (-1 = miss).
+        rows: tuning.json's ``grid``: every point with its recalls.
+        seconds: Wall time.
+    """
+
+    ranks: np.ndarray
+    rows: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """The in-sample best setting and the spatially blocked cross-validation of the grid search.
+
+    Attributes:
+        best: The setting tuned on all queries.
+        groups: ``[Q]`` location group of each query.
+        fold_of: ``[Q]`` fold of each query.
+        folds: tuning.json's ``folds``.
+        cv_ranks: ``[Q]`` held-out first-hit rank of each query (tuned on the other folds).
+        baseline: ``[Q]`` first-hit ranks at alpha 0.
+        summary: tuning.json's ``cv``.
+        seconds: Wall time.
+    """
+
+    best: search.Choice
+    groups: np.ndarray
+    fold_of: np.ndarray
+    folds: list[dict[str, Any]]
+    cv_ranks: np.ndarray
+    baseline: np.ndarray
+    summary: dict[str, Any]
+    seconds: float
+
+
+def _run(config: EvalConfig, settings: TuneSettings, inputs: EvalInputs, out: Path, t_start: float) -> dict[str, Any]:
+    """Stages 5-6 as the tuning's own (cached features, the grid, cross-validation, optax), then tuning.json."""
+    contents = inputs.db.contents()
     for blend in settings.blends:  # fail before any query work when a blend is not available
-        with_blend(model, blend)
-    positives = [p[contents.valid[p]] for p in inputs.positives_all]
-    cache_dir = settings.feature_cache_dir or out / "query_features"
-    key = database_store_key(model, inputs.queries, config.image_size, inputs.digest)
-    features = cached_query_features(
-        model,
-        inputs.queries,
-        cache_dir,
-        key,
-        batch_size=config.batch_size,
-        image_size=config.image_size,
-        num_workers=config.num_workers,
-    )
-    timings = {**inputs.timings, "query_features": features.seconds}
-    source = CachedRetrieval(
-        model,
-        features,
-        inputs.attention.parsed,
-        database,
-        contents.valid,
-        positives,
-        config.recall_values,
-        config.grid_interpolate,
-        config.search,
-    )
-
-    t0 = time.perf_counter()
-    ranks = search.grid_ranks(source, settings.alphas, settings.sigmas, settings.blends)
-    timings["grid"] = time.perf_counter() - t0
-    all_queries = np.arange(source.num_queries)
-    grid = [
-        {"alpha": a, "sigma": s, "blend": b, "recalls": search.recalls_dict(ranks[bi, si, k], config.recall_values)}
-        for bi, b in enumerate(settings.blends)
-        for si, s in enumerate(settings.sigmas)
-        for k, a in enumerate(settings.alphas)
-    ]
-
-    t0 = time.perf_counter()
-    best = _tune_on(source, all_queries, ranks, settings)
-    radius = settings.group_radius or 2.0 * config.positive_dist_threshold
-    groups = cv.location_groups(inputs.geo.queries, radius, config.distance, inputs.positives_all)
-    fold_of = cv.blocked_folds(groups, settings.folds, settings.seed)
-    folds, cv_ranks = _cross_validate(source, ranks, fold_of, groups, settings)
-    baseline = source.first_hits([0.0], settings.sigmas[0], settings.blends[0])[0]
-    timings["grid_cv"] = time.perf_counter() - t0
+        with_blend(inputs.model, blend)
+    cached = _cached_queries(config, settings, inputs, contents, out)
+    source = cached.source
+    timings = {**inputs.timings, "query_features": cached.features.seconds}
+    grid = _grid(source, settings, config.recall_values)
+    timings["grid"] = grid.seconds
+    cross = _grid_cv(source, grid.ranks, settings, config, inputs.sets)
+    timings["grid_cv"] = cross.seconds
     n_primary = search.primary_n(settings.objective, config.recall_values)
-    cv_summary = _summary(cv_ranks, baseline, groups, config.recall_values, n_primary, settings)
-    cv_summary["in_sample_best"] = best.recalls
-    cv_summary["alpha0_recalls"] = search.recalls_dict(baseline, config.recall_values)
-    cv_summary["num_groups"] = int(groups.max() + 1) if len(groups) else 0
-    cv_summary["group_radius_m"] = radius
-
     optax_part: dict[str, Any] = {"skipped": f"--method {settings.method}"}
     if settings.method in ("optax", "both"):
         t0 = time.perf_counter()
-        optax_part = _optax(source, fold_of, groups, cv_ranks, baseline, settings, n_primary)
+        optax_part = _optax(source, cross.fold_of, cross.groups, cross.cv_ranks, cross.baseline, settings, n_primary)
         timings["optax"] = time.perf_counter() - t0
-
     plot_folds(
         out / FIGURE_FILE,
         source,
-        ranks,
+        grid.ranks,
         settings,
-        fold_of,
-        best.setting,
-        [f["train_best"] for f in folds],
+        cross.fold_of,
+        cross.best.setting,
+        [f["train_best"] for f in cross.folds],
         n_primary,
-        f"{model.spec.describe()}, {source.num_queries} queries, {settings.folds} spatial folds",
+        f"{inputs.model.spec.describe()}, {source.num_queries} queries, {settings.folds} spatial folds",
     )
     timings["total"] = time.perf_counter() - t_start
-    result = {
-        "best": {**best.to_dict(), "objective_name": settings.objective},
-        "grid": grid,
-        "folds": folds,
-        "cv": cv_summary,
-        "optax": optax_part,
-        "model": model.spec.to_dict(),
-        "num_database": len(inputs.database),
-        "num_queries": source.num_queries,
-        "positive_dist_threshold": config.positive_dist_threshold,
-        "recall_values": list(config.recall_values),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "notes"},
-        "attention": {"source": inputs.attention.source, "counts": inputs.attention.counts},
-        "query_feature_cache": {"directory": str(cache_dir), "status": features.status},
-        "num_skipped": {"database": len(contents.failures), "queries": len(features.failures)},
-        "evaluations": source.evaluations,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "notes": list(config.notes) + list(settings.notes),
-        OUTPUTS_KEY: [FIGURE_FILE],
-    }
+    result = _tuning_results(config, settings, inputs, contents, cached, grid, cross, optax_part, timings)
     atomic_write_json(out / TUNING_FILE, result)
+    best = cross.best
     log.info(
         "best (all queries): alpha %.4g sigma %.3g blend %s, %s %.2f; held-out %s over %d folds: %s",
         best.setting.alpha,
@@ -251,10 +245,109 @@ def _run(config: EvalConfig, settings: TuneSettings, inputs, out: Path, t_start:
         best.objective,
         settings.objective,
         settings.folds,
-        json.dumps(cv_summary["heldout"]),
+        json.dumps(cross.summary["heldout"]),
     )
     log.info("tuning written to %s", out / TUNING_FILE)
     return result
+
+
+def _cached_queries(
+    config: EvalConfig, settings: TuneSettings, inputs: EvalInputs, contents: StoreContents, out: Path
+) -> CachedQueries:
+    """Stage 5 of the tuning: query backbone features from (or into) the on-disk cache, and the retrieval source
+    that aggregates and searches them for any (alpha, sigma, blend)."""
+    cache_dir = settings.feature_cache_dir or out / "query_features"
+    key = database_store_key(inputs.model, inputs.queries, config.image_size, inputs.digest)
+    features = cached_query_features(
+        inputs.model,
+        inputs.queries,
+        cache_dir,
+        key,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+    )
+    database = np.asarray(contents.descriptors, np.float32)  # the tuning reuses it for every point
+    source = CachedRetrieval(
+        inputs.model,
+        features,
+        inputs.attention.parsed,
+        database,
+        contents.valid,
+        readable_positives(inputs.positives_all, contents.valid),
+        config.recall_values,
+        config.grid_interpolate,
+        config.search,
+    )
+    return CachedQueries(source, features, cache_dir)
+
+
+def _grid(source: CachedRetrieval, settings: TuneSettings, recall_values) -> GridStage:
+    """Stage 6 of the tuning: first-hit ranks at every grid point (one aggregation and one search each)."""
+    t0 = time.perf_counter()
+    ranks = search.grid_ranks(source, settings.alphas, settings.sigmas, settings.blends)
+    rows = [
+        {"alpha": a, "sigma": s, "blend": b, "recalls": search.recalls_dict(ranks[bi, si, k], recall_values)}
+        for bi, b in enumerate(settings.blends)
+        for si, s in enumerate(settings.sigmas)
+        for k, a in enumerate(settings.alphas)
+    ]
+    return GridStage(ranks, rows, time.perf_counter() - t0)
+
+
+def _grid_cv(
+    source: CachedRetrieval, ranks: np.ndarray, settings: TuneSettings, config: EvalConfig, sets: ImageSets
+) -> CrossValidation:
+    """The best setting on all queries, then the spatially blocked cross-validation of the same search."""
+    t0 = time.perf_counter()
+    best = _tune_on(source, np.arange(source.num_queries), ranks, settings)
+    radius = settings.group_radius or 2.0 * config.positive_dist_threshold
+    groups = cv.location_groups(sets.geo.queries, radius, config.distance, sets.positives_all)
+    fold_of = cv.blocked_folds(groups, settings.folds, settings.seed)
+    folds, cv_ranks = _cross_validate(source, ranks, fold_of, groups, settings)
+    baseline = source.first_hits([0.0], settings.sigmas[0], settings.blends[0])[0]
+    seconds = time.perf_counter() - t0
+    n_primary = search.primary_n(settings.objective, config.recall_values)
+    summary = _summary(cv_ranks, baseline, groups, config.recall_values, n_primary, settings)
+    summary["in_sample_best"] = best.recalls
+    summary["alpha0_recalls"] = search.recalls_dict(baseline, config.recall_values)
+    summary["num_groups"] = int(groups.max() + 1) if len(groups) else 0
+    summary["group_radius_m"] = radius
+    return CrossValidation(best, groups, fold_of, folds, cv_ranks, baseline, summary, seconds)
+
+
+def _tuning_results(
+    config: EvalConfig,
+    settings: TuneSettings,
+    inputs: EvalInputs,
+    contents: StoreContents,
+    cached: CachedQueries,
+    grid: GridStage,
+    cross: CrossValidation,
+    optax_part: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The content of tuning.json (docs/DESIGN.md section 4)."""
+    return {
+        "best": {**cross.best.to_dict(), "objective_name": settings.objective},
+        "grid": grid.rows,
+        "folds": cross.folds,
+        "cv": cross.summary,
+        "optax": optax_part,
+        "model": inputs.model.spec.to_dict(),
+        "num_database": len(inputs.database),
+        "num_queries": cached.source.num_queries,
+        "positive_dist_threshold": config.positive_dist_threshold,
+        "recall_values": list(config.recall_values),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "notes"},
+        "attention": {"source": inputs.attention.source, "counts": inputs.attention.counts},
+        "query_feature_cache": {"directory": str(cached.cache_dir), "status": cached.features.status},
+        "num_skipped": {"database": len(contents.failures), "queries": len(cached.features.failures)},
+        "evaluations": cached.source.evaluations,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": list(config.notes) + list(settings.notes),
+        OUTPUTS_KEY: [FIGURE_FILE],
+    }
 
 
 def _tune_on(source: RankSource, queries: np.ndarray, ranks: np.ndarray, settings: TuneSettings) -> search.Choice:
@@ -319,49 +412,14 @@ def _optax(source, fold_of, groups, grid_cv_ranks, baseline, settings, n_primary
     """Per fold and blend: Adam on the surrogate (training queries); the blend whose end point has the higher
     exact training objective is kept; then the held-out recall, compared with the grid search's on the same folds.
     """
-    alpha0 = 0.5
-    sigma0 = optax_start_sigma(settings.sigmas)
+    alpha0, sigma0 = 0.5, optax_start_sigma(settings.sigmas)
     problems = {b: source.surrogate(b) for b in settings.blends}
     recall_values = source.recall_values
-
-    def fit(train: np.ndarray) -> tuple[dict[str, Any], search.Setting]:
-        objective = search.Objective(source, train, settings.objective)
-        best, best_value = None, -np.inf
-        for blend, problem in problems.items():
-            mask = np.zeros(source.num_queries, bool)
-            mask[train] = True
-            result = optimize(
-                problem,
-                blend,
-                mask,
-                recall_values,
-                settings.objective,
-                alpha0=alpha0,
-                sigma0=sigma0,
-                steps=settings.optax_steps,
-                learning_rate=settings.optax_learning_rate,
-                temperature=settings.temperature,
-            )
-            setting = search.Setting(result.alpha, result.sigma, blend)
-            value = objective(setting)
-            if value > best_value:
-                best, best_value = (result, setting), value
-        result, setting = best
-        ranks = source.first_hits([setting.alpha], setting.sigma, setting.blend)[0]
-        entry = {
-            **asdict(setting),
-            "objective": best_value,
-            "recalls": search.recalls_dict(ranks[train], recall_values),
-            "surrogate_start": result.surrogate[0],
-            "surrogate_end": result.surrogate[-1],
-        }
-        return entry, setting
-
-    all_entry, all_setting = fit(np.arange(source.num_queries))
+    all_entry, _ = _optax_fit(source, problems, np.arange(source.num_queries), settings, alpha0, sigma0)
     folds, cv_ranks = [], np.full(source.num_queries, -1, np.int64)
     for f in range(settings.folds):
         held, train = np.flatnonzero(fold_of == f), np.flatnonzero(fold_of != f)
-        entry, s = fit(train)
+        entry, s = _optax_fit(source, problems, train, settings, alpha0, sigma0)
         cv_ranks[held] = source.first_hits([s.alpha], s.sigma, s.blend)[0][held]
         folds.append(
             {
@@ -390,3 +448,41 @@ def _optax(source, fold_of, groups, grid_cv_ranks, baseline, settings, n_primary
         "temperature": settings.temperature,
         "alpha_off": ALPHA_OFF,
     }
+
+
+def _optax_fit(
+    source: RankSource, problems: dict, train: np.ndarray, settings: TuneSettings, alpha0: float, sigma0: float
+) -> tuple[dict[str, Any], search.Setting]:
+    """Adam on every blend's surrogate over the ``train`` queries from ``(alpha0, sigma0)``; keeps the blend whose
+    end point has the higher exact objective. Returns its tuning.json entry and setting."""
+    objective = search.Objective(source, train, settings.objective)
+    mask = np.zeros(source.num_queries, bool)
+    mask[train] = True
+    best, best_value = None, -np.inf
+    for blend, problem in problems.items():
+        result = optimize(
+            problem,
+            blend,
+            mask,
+            source.recall_values,
+            settings.objective,
+            alpha0=alpha0,
+            sigma0=sigma0,
+            steps=settings.optax_steps,
+            learning_rate=settings.optax_learning_rate,
+            temperature=settings.temperature,
+        )
+        setting = search.Setting(result.alpha, result.sigma, blend)
+        value = objective(setting)
+        if value > best_value:
+            best, best_value = (result, setting), value
+    result, setting = best
+    ranks = source.first_hits([setting.alpha], setting.sigma, setting.blend)[0]
+    entry = {
+        **asdict(setting),
+        "objective": best_value,
+        "recalls": search.recalls_dict(ranks[train], source.recall_values),
+        "surrogate_start": result.surrogate[0],
+        "surrogate_end": result.surrogate[-1],
+    }
+    return entry, setting
