@@ -31,7 +31,7 @@ from attllm_jax.data.flood import FloodStyle, flood_folder, level_name, procedur
 from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.demo import DEMO_IMAGE_SIZE, DEMO_NOTES
-from attllm_jax.evaluation.pipeline import load_eval_model, run_evaluation
+from attllm_jax.evaluation.pipeline import EvalResult, load_eval_model, run_evaluation
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.files import atomic_write_json
 from attllm_jax.models.spec import ModelSpec
@@ -229,42 +229,52 @@ def analyse(
     for li, level in enumerate(levels):
         row = r1[li]
         best = min(range(len(alphas)), key=lambda k: (-row[k], alphas[k]))  # highest R@1, then smallest alpha
-        gain, low, high = paired_bootstrap(hits_at_1[li][best], hits_at_1[li][k0], resamples, confidence, seed + li)
-        per_level.append(
-            {
-                "level": level,
-                "r1_alpha0": float(row[k0]),
-                "best_alpha": alphas[best],
-                "best_r1": float(row[best]),
-                "gain_r1": round(gain, 6),
-                "gain_r1_interval": [round(low, 6), round(high, 6)],
-                "below_half_dry_alpha0": bool(row[k0] < dry_r1 / 2),
-                "below_half_dry_best": bool(row[best] < dry_r1 / 2),
-            }
-        )
-    flooded = [p for p in per_level if p["level"] > 0]
+        gain = paired_bootstrap(hits_at_1[li][best], hits_at_1[li][k0], resamples, confidence, seed + li)
+        per_level.append(_level_entry(level, float(row[k0]), alphas[best], float(row[best]), gain, dry_r1))
     return {
         "dry_r1": dry_r1,
         "half_dry_r1": dry_r1 / 2,
         "per_level": per_level,
-        "breaking_points": {
-            "r1_below_half_dry_alpha0": first_level_from_which(levels, [p["below_half_dry_alpha0"] for p in per_level]),
-            "r1_below_half_dry_best_alpha": first_level_from_which(
-                levels, [p["below_half_dry_best"] for p in per_level]
-            ),
-            "gain_not_above_zero": first_level_from_which(
-                [p["level"] for p in flooded], [p["gain_r1"] <= 0 for p in flooded]
-            ),
-            "gain_interval_not_above_zero": first_level_from_which(
-                [p["level"] for p in flooded], [p["gain_r1_interval"][0] <= 0 for p in flooded]
-            ),
-            "definition": (
-                "the shallowest level from which on (at it and at every deeper level) the condition holds; null "
-                "if it does not hold at the deepest level. R@1 below half of the dry R@1 (level 0, alpha 0), at "
-                "alpha 0 and at the level's best alpha; the best alpha's R@1 gain over alpha 0 not above zero "
-                "(point estimate; and the lower end of its bootstrap interval)"
-            ),
-        },
+        "breaking_points": breaking_points(per_level),
+    }
+
+
+def _level_entry(
+    level: float, r1_alpha0: float, best_alpha: float, best_r1: float, gain: tuple[float, float, float], dry_r1: float
+) -> dict[str, Any]:
+    """One level's ``per_level`` entry: R@1 at alpha 0 and at the best alpha, the gain and its interval."""
+    value, low, high = gain
+    return {
+        "level": level,
+        "r1_alpha0": r1_alpha0,
+        "best_alpha": best_alpha,
+        "best_r1": best_r1,
+        "gain_r1": round(value, 6),
+        "gain_r1_interval": [round(low, 6), round(high, 6)],
+        "below_half_dry_alpha0": bool(r1_alpha0 < dry_r1 / 2),
+        "below_half_dry_best": bool(best_r1 < dry_r1 / 2),
+    }
+
+
+def breaking_points(per_level: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The shallowest levels from which on R@1 stays below half the dry R@1 and the best alpha's gain stays <= 0."""
+    levels = [p["level"] for p in per_level]
+    flooded = [p for p in per_level if p["level"] > 0]
+    return {
+        "r1_below_half_dry_alpha0": first_level_from_which(levels, [p["below_half_dry_alpha0"] for p in per_level]),
+        "r1_below_half_dry_best_alpha": first_level_from_which(levels, [p["below_half_dry_best"] for p in per_level]),
+        "gain_not_above_zero": first_level_from_which(
+            [p["level"] for p in flooded], [p["gain_r1"] <= 0 for p in flooded]
+        ),
+        "gain_interval_not_above_zero": first_level_from_which(
+            [p["level"] for p in flooded], [p["gain_r1_interval"][0] <= 0 for p in flooded]
+        ),
+        "definition": (
+            "the shallowest level from which on (at it and at every deeper level) the condition holds; null "
+            "if it does not hold at the deepest level. R@1 below half of the dry R@1 (level 0, alpha 0), at "
+            "alpha 0 and at the level's best alpha; the best alpha's R@1 gain over alpha 0 not above zero "
+            "(point estimate; and the lower end of its bootstrap interval)"
+        ),
     }
 
 
@@ -357,70 +367,148 @@ def run_severity(config: SeverityConfig, model: DescriptorModel | None = None) -
         return _sweep(config, out, model, t_start)
 
 
+@dataclass(frozen=True)
+class FloodedQueries:
+    """The sweep's first stage: the dry queries flooded at every level.
+
+    Attributes:
+        summary: :func:`~attllm_jax.data.flood.flood_folder`'s summary (``flood_summary.json``).
+        seconds: Wall time.
+    """
+
+    summary: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LevelRun:
+    """One level's evaluation.
+
+    Attributes:
+        level: The water level.
+        config: The level's evaluation settings (its queries, output and attention folders).
+        result: What :func:`~attllm_jax.evaluation.pipeline.run_evaluation` returned.
+        queries: Its query paths, readability and first-hit ranks.
+    """
+
+    level: float
+    config: EvalConfig
+    result: EvalResult
+    queries: LevelQueries
+
+
+@dataclass(frozen=True)
+class SeverityTable:
+    """Recall per (level, alpha) on the queries every level could read, and its analysis.
+
+    Attributes:
+        compared: The common queries and each level's first-hit ranks on them.
+        recalls: ``[L, K, len(recall_values)]`` percentages.
+        analysis: :func:`analyse`'s output.
+    """
+
+    compared: CommonQueries
+    recalls: np.ndarray
+    analysis: dict[str, Any]
+
+
 def _sweep(config: SeverityConfig, out: Path, model, t_start: float) -> dict[str, Any]:
-    ev = config.eval
+    """Flood, load the model, evaluate every level (stages 1-8 each, one shared store), tabulate, report."""
     log.info("severity settings: %s", json.dumps(asdict(config), default=str))
-    dry = Path(ev.queries_folder)
-    flooded_levels = [v for v in config.levels if v > 0]
+    flood = _flood_queries(config, out)
+    model = model if model is not None else load_eval_model(config.eval)
+    runs = [_evaluate_level(config, out, level, model) for level in config.levels]
+    table = _tabulate(config, runs)
+    _plot(config, out, runs, table)
+    severity = severity_results(config, runs, table, flood, time.perf_counter() - t_start)
+    written = [out / HEATMAP_FILE]
+    for run in runs:
+        written += _level_outputs(Path(run.config.output_dir), run.result.results, run.config.attention_dir, out)
+    severity[OUTPUTS_KEY] = relative_outputs(out, written)
+    atomic_write_json(out / SEVERITY_FILE, severity)
+    log.info("severity sweep written to %s (%s)", out / SEVERITY_FILE, out / HEATMAP_FILE)
+    return severity
+
+
+def _flood_queries(config: SeverityConfig, out: Path) -> FloodedQueries:
+    """The dry queries flooded procedurally at every level above 0 into ``out/flooded`` (resumable)."""
     t0 = time.perf_counter()
-    flood = flood_folder(
-        dry,
+    summary = flood_folder(
+        Path(config.eval.queries_folder),
         out / "flooded",
-        flooded_levels,
+        [v for v in config.levels if v > 0],
         procedural_method(config.seed, config.style),
         method_name="procedural",
         seed=config.seed,
         settings=style_dict(config.style),
     )
-    flood_s = time.perf_counter() - t0
-    model = model if model is not None else load_eval_model(ev)
-    store_dir = ev.resolved_store_dir  # one store for every level (the sweep's output_dir/database_store by default)
+    return FloodedQueries(summary, time.perf_counter() - t0)
 
-    results, level_queries, timings, written = [], [], {}, [out / HEATMAP_FILE]
-    for level in config.levels:
-        queries_dir = dry if level == 0.0 else out / "flooded" / level_name(level)
-        level_eval = replace(
-            ev,
-            queries_folder=str(queries_dir),
-            output_dir=str(out / "levels" / level_name(level)),
-            attention_dir=_level_attention(config, out, level, queries_dir),
-            store_dir=str(store_dir),
-        )
-        result = run_evaluation(level_eval, model=model)
-        written += _level_outputs(Path(level_eval.output_dir), result.results, level_eval.attention_dir, out)
-        results.append(result.results)
-        level_queries.append(_level_queries(queries_dir, result))
-        timings[level_name(level)] = result.results["timings_s"]
-        setup_logging(out / "severity.log")  # run_evaluation pointed the log at the level's folder
-        log.info("level %g: R@1 per alpha %s", level, [round(float(r), 1) for r in result.retrieval.recalls[:, 0]])
+
+def _evaluate_level(config: SeverityConfig, out: Path, level: float, model: DescriptorModel) -> LevelRun:
+    """One level's evaluation over the whole alpha grid, against the sweep's one store
+    (``output_dir/database_store`` by default), into ``out/levels/level_<l>/``."""
+    ev = config.eval
+    dry = Path(ev.queries_folder)
+    queries_dir = dry if level == 0.0 else out / "flooded" / level_name(level)
+    level_eval = replace(
+        ev,
+        queries_folder=str(queries_dir),
+        output_dir=str(out / "levels" / level_name(level)),
+        attention_dir=_level_attention(config, out, level, queries_dir),
+        store_dir=str(ev.resolved_store_dir),
+    )
+    result = run_evaluation(level_eval, model=model)
+    setup_logging(out / "severity.log")  # run_evaluation pointed the log at the level's folder
+    log.info("level %g: R@1 per alpha %s", level, [round(float(r), 1) for r in result.retrieval.recalls[:, 0]])
+    return LevelRun(level, level_eval, result, _level_queries(queries_dir, result))
+
+
+def _tabulate(config: SeverityConfig, runs: list[LevelRun]) -> SeverityTable:
+    """Recall per (level, alpha) on the common queries, and the best alphas, gains and breaking points."""
+    ev = config.eval
     recall_values = list(ev.recall_values)
-    compared = common_queries(level_queries)
+    compared = common_queries([run.queries for run in runs])
     table = np.array([[recall_from_ranks(ranks, recall_values) for ranks in fh] for fh in compared.first_hit])
     hits = [fh == 0 for fh in compared.first_hit]
     analysis = analyse(config.levels, ev.alphas, recall_values, table, hits, config.bootstrap, config.confidence)
-    n1 = recall_values.index(1)
-    model_config = results[0]["model"]
-    model_spec = ModelSpec.from_dict(model_config, "results.json model")
+    return SeverityTable(compared, table, analysis)
+
+
+def _plot(config: SeverityConfig, out: Path, runs: list[LevelRun], table: SeverityTable) -> None:
+    """``severity_r1.png``: R@1 over (level, alpha), each level's best alpha framed."""
+    ev = config.eval
+    model_spec = ModelSpec.from_dict(runs[0].result.results["model"], "results.json model")
     weights = model_spec.provenance.weights or f"checkpoint {ev.checkpoint}"
-    breaking = analysis["breaking_points"]
+    breaking = table.analysis["breaking_points"]
     plot_heatmap(
         out / HEATMAP_FILE,
         config.levels,
         ev.alphas,
-        table[:, :, n1],
-        [p["best_alpha"] for p in analysis["per_level"]],
+        table.recalls[:, :, list(ev.recall_values).index(1)],
+        [p["best_alpha"] for p in table.analysis["per_level"]],
         f"R@1 (%), {model_spec.family} {model_spec.backbone} ({weights}), attention: "
         f"{config.attention}\nbest alpha framed; R@1 < half dry from level {_fmt(breaking['r1_below_half_dry_alpha0'])}"
         f" (alpha 0); gain <= 0 from level {_fmt(breaking['gain_not_above_zero'])}",
     )
-    severity = {
-        "model": model_config,
+
+
+def severity_results(
+    config: SeverityConfig, runs: list[LevelRun], table: SeverityTable, flood: FloodedQueries, total_s: float
+) -> dict[str, Any]:
+    """The content of severity.json (docs/DESIGN.md section 4), but its ``outputs`` list."""
+    ev = config.eval
+    recall_values = list(ev.recall_values)
+    results = [run.result.results for run in runs]
+    names = [level_name(v) for v in config.levels]
+    return {
+        "model": results[0]["model"],
         "num_database": results[0]["num_database"],
-        "num_queries": {level_name(v): r["num_queries"] for v, r in zip(config.levels, results, strict=True)},
-        "num_queries_compared": len(compared.paths),
+        "num_queries": {name: r["num_queries"] for name, r in zip(names, results, strict=True)},
+        "num_queries_compared": len(table.compared.paths),
         "dropped_queries": {
-            level_name(v): {"count": len(d), "paths": d[:MAX_LISTED_DROPPED]}
-            for v, d in zip(config.levels, compared.dropped, strict=True)
+            name: {"count": len(d), "paths": d[:MAX_LISTED_DROPPED]}
+            for name, d in zip(names, table.compared.dropped, strict=True)
         },
         "levels": list(config.levels),
         "alphas": list(ev.alphas),
@@ -430,33 +518,32 @@ def _sweep(config: SeverityConfig, out: Path, model, t_start: float) -> dict[str
             "source": config.attention,
             "directory": config.attention_dir,
             "queries_with_attention": {
-                level_name(v): r["attention"]["queries_with_attention"]
-                for v, r in zip(config.levels, results, strict=True)
+                name: r["attention"]["queries_with_attention"] for name, r in zip(names, results, strict=True)
             },
         },
         "recalls": {
-            level_name(v): {
+            name: {
                 alpha_key(a): {str(n): float(x) for n, x in zip(recall_values, row, strict=True)}
                 for a, row in zip(ev.alphas, level_table, strict=True)
             }
-            for v, level_table in zip(config.levels, table, strict=True)
+            for name, level_table in zip(names, table.recalls, strict=True)
         },
-        **analysis,
+        **table.analysis,
         "bootstrap": {"resamples": config.bootstrap, "confidence": config.confidence, "paired_over": "queries"},
-        "flood": {k: flood[k] for k in ("method", "seed", "settings", "counts", "num_failed", "failures")},
-        "store": {"directory": str(store_dir), "status_per_level": [r["store"]["status"] for r in results]},
-        "timings_s": {"flood": round(flood_s, 3), "levels": timings, "total": round(time.perf_counter() - t_start, 3)},
+        "flood": {k: flood.summary[k] for k in ("method", "seed", "settings", "counts", "num_failed", "failures")},
+        "store": {"directory": str(ev.resolved_store_dir), "status_per_level": [r["store"]["status"] for r in results]},
+        "timings_s": {
+            "flood": round(flood.seconds, 3),
+            "levels": {name: r["timings_s"] for name, r in zip(names, results, strict=True)},
+            "total": round(total_s, 3),
+        },
         "notes": list(ev.notes)
         + [
             "level 0 is the dry queries as given; flooded levels are procedural (attllm_jax.data.flood), re-encoded",
             "the best alpha is chosen on the queries it is scored on: its gain is optimistic",
-            _compared_note(compared),
+            _compared_note(table.compared),
         ],
     }
-    severity[OUTPUTS_KEY] = relative_outputs(out, written)
-    atomic_write_json(out / SEVERITY_FILE, severity)
-    log.info("severity sweep written to %s (%s)", out / SEVERITY_FILE, out / HEATMAP_FILE)
-    return severity
 
 
 def _level_queries(queries_dir: Path, result) -> LevelQueries:
