@@ -308,6 +308,25 @@ def annotate_folder(
     """
     start = time.monotonic()
     images_dir, output_dir = Path(images_dir), Path(output_dir)
+    summary, todo_list = _prepare(images_dir, output_dir, config, images)
+    if progress is not None:
+        progress(summary, time.monotonic() - start, False)
+    run = _Run(images_dir, output_dir, provider, config, summary)
+    _ask_in_threads(run, todo_list, progress, start)
+    with run.lock:
+        summary.not_started = summary.images - summary.skipped_done - summary.skipped_invalid - summary.done
+        summary.wall_time_s = time.monotonic() - start
+        if progress is not None:
+            progress(summary, summary.wall_time_s, True)
+        atomic_write_json(output_dir / SUMMARY_FILE, summary.to_dict())
+    return summary
+
+
+def _prepare(
+    images_dir: Path, output_dir: Path, config: RunConfig, images: list[str] | None
+) -> tuple[Summary, list[str]]:
+    """Lists the images (or checks the given ones), creates the output folder, removes a killed run's temporary
+    files and plans which images to ask about. Returns the summary so far and the images to ask about."""
     if images is None:
         images = list_images(images_dir, exclude=output_dir)
     _check_collisions(images)
@@ -324,21 +343,26 @@ def annotate_folder(
         summary.skipped_invalid,
         len(todo_list),
     )
-    if progress is not None:
-        progress(summary, time.monotonic() - start, False)
+    return summary, todo_list
+
+
+def _ask_in_threads(
+    run: _Run, todo_list: list[str], progress: Callable[[Summary, float, bool], None] | None, start: float
+) -> None:
+    """Asks about every image of ``todo_list`` from ``config.workers`` threads; returns when they are done, or at
+    once on a second interrupt (the first stops new requests and waits for the ones in flight)."""
     todo: queue.Queue = queue.Queue()
     for image in todo_list:
         todo.put(image)
-    run = _Run(images_dir, output_dir, provider, config, summary)
 
     def on_done() -> None:
         if progress is not None:
             with run.lock:
-                progress(summary, time.monotonic() - start, False)
+                progress(run.summary, time.monotonic() - start, False)
 
     # Thread.join is not used to wait: a KeyboardInterrupt landing inside it can mark a live thread as
     # finished (CPython 3.11, bpo-45274), and the answers in flight would be dropped. Events are safe.
-    workers = min(config.workers, max(len(todo_list), 1))
+    workers = min(run.config.workers, max(len(todo_list), 1))
     remaining = [workers]
     all_done = threading.Event()
 
@@ -353,27 +377,25 @@ def annotate_folder(
 
     for i in range(workers):
         threading.Thread(target=work, name=f"annotate-{i}", daemon=True).start()
+    _wait(run, all_done)
+
+
+def _wait(run: _Run, all_done: threading.Event) -> None:
+    """Waits for the workers; the first KeyboardInterrupt stops new requests, a second stops waiting."""
     interrupts = 0
     while True:
         try:
             if all_done.wait(timeout=0.2):
-                break
+                return
         except KeyboardInterrupt:
             interrupts += 1
-            summary.interrupted = True
+            run.summary.interrupted = True
             run.stop.set()
             if interrupts == 1:
                 log.warning("interrupted: finishing the requests in flight (interrupt again to stop at once)")
             else:
                 log.warning("interrupted again: not waiting for the requests in flight")
-                break
-    with run.lock:
-        summary.not_started = summary.images - summary.skipped_done - summary.skipped_invalid - summary.done
-        summary.wall_time_s = time.monotonic() - start
-        if progress is not None:
-            progress(summary, summary.wall_time_s, True)
-        atomic_write_json(output_dir / SUMMARY_FILE, summary.to_dict())
-    return summary
+                return
 
 
 def summarize_counts(summary: Summary) -> str:

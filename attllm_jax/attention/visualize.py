@@ -71,49 +71,10 @@ def render_attention(
     ax.set_aspect((height / (1 + 2 * half_y)) / (width / (1 + 2 * half_x)))  # square photo pixels
     fig.colorbar(shown, ax=ax, fraction=0.03, pad=0.02, label="attention weight")
 
-    notes = []
-    if parsed.kind == "points":
-        for i in np.flatnonzero(parsed.valid):
-            x, y = parsed.centers[i]
-            weight = float(parsed.weights[i])
-            ax.scatter([x], [y], s=60 + 60 * weight, facecolors="none", edgecolors="white", linewidths=2)
-            ax.annotate(
-                f"{i + 1}: {weight:.1f}",
-                (x, y),
-                xytext=(6, -6),
-                textcoords="offset points",
-                color="white",
-                fontsize=10,
-                weight="bold",
-                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"},
-            )
-            notes.append(f"{i + 1} ({weight:.1f}): {parsed.reasoning[i] or '-'}")
-    elif parsed.kind == "grid":
-        n = parsed.grid.shape[0]
-        for k in range(1, n):
-            ax.axhline(k / n, color="white", linewidth=1)
-            ax.axvline(k / n, color="white", linewidth=1)
-        for r in range(n):
-            for c in range(n):
-                ax.text(
-                    (c + 0.5) / n,
-                    (r + 0.5) / n,
-                    f"{chr(ord('A') + r)}{c + 1}: {parsed.grid[r, c]:.1f}",
-                    ha="center",
-                    va="center",
-                    color="white",
-                    fontsize=9,
-                    bbox={"facecolor": "black", "alpha": 0.4, "pad": 1, "edgecolor": "none"},
-                )
-    summary = {
-        "points": f"{parsed.num_points} points",
-        "grid": "grid answer",
-        "none": "answer None: no attention (single landmark)",
-        "invalid": f"invalid answer: {parsed.error}",
-    }[parsed.kind]
-    if parsed.num_dropped:
-        summary += f", {parsed.num_dropped} entries dropped"
-    ax.set_title(wrap_title([t for t in (title, summary) if t], fig_w), fontsize=11)
+    notes = _draw_points(ax, parsed) if parsed.kind == "points" else []
+    if parsed.kind == "grid":
+        _draw_grid(ax, parsed.grid)
+    ax.set_title(wrap_title([t for t in (title, answer_summary(parsed)) if t], fig_w), fontsize=11)
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_yticks(np.linspace(0, 1, 6))
     if notes:
@@ -122,3 +83,57 @@ def render_attention(
     fig.tight_layout(rect=(0, 0.02 + 0.018 * len(notes), 1, 1))
     atomic_write(output, lambda f: fig.savefig(f, format="png"))
     return heat
+
+
+def _draw_points(ax, parsed: ParsedAttention) -> list[str]:
+    """Circles (sized by weight) and numbered labels at a point answer's centres; returns one note per point."""
+    notes = []
+    for i in np.flatnonzero(parsed.valid):
+        x, y = parsed.centers[i]
+        weight = float(parsed.weights[i])
+        ax.scatter([x], [y], s=60 + 60 * weight, facecolors="none", edgecolors="white", linewidths=2)
+        ax.annotate(
+            f"{i + 1}: {weight:.1f}",
+            (x, y),
+            xytext=(6, -6),
+            textcoords="offset points",
+            color="white",
+            fontsize=10,
+            weight="bold",
+            bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"},
+        )
+        notes.append(f"{i + 1} ({weight:.1f}): {parsed.reasoning[i] or '-'}")
+    return notes
+
+
+def _draw_grid(ax, grid: np.ndarray) -> None:
+    """The ``[n, n]`` grid's lines and each cell's name (A1 top left) and weight."""
+    n = grid.shape[0]
+    for k in range(1, n):
+        ax.axhline(k / n, color="white", linewidth=1)
+        ax.axvline(k / n, color="white", linewidth=1)
+    for r in range(n):
+        for c in range(n):
+            ax.text(
+                (c + 0.5) / n,
+                (r + 0.5) / n,
+                f"{chr(ord('A') + r)}{c + 1}: {grid[r, c]:.1f}",
+                ha="center",
+                va="center",
+                color="white",
+                fontsize=9,
+                bbox={"facecolor": "black", "alpha": 0.4, "pad": 1, "edgecolor": "none"},
+            )
+
+
+def answer_summary(parsed: ParsedAttention) -> str:
+    """The title line saying what the answer was: its points, a grid, None, or why it is invalid."""
+    summary = {
+        "points": f"{parsed.num_points} points",
+        "grid": "grid answer",
+        "none": "answer None: no attention (single landmark)",
+        "invalid": f"invalid answer: {parsed.error}",
+    }[parsed.kind]
+    if parsed.num_dropped:
+        summary += f", {parsed.num_dropped} entries dropped"
+    return summary
