@@ -379,20 +379,12 @@ def flood_folder(
     refuse_output_inside(out, {"--images": root})
     images = list_image_files(root)
     _check_mask_collisions(images)
-    key = {
-        "method": method_name,
-        "seed": int(seed),
-        "settings": dict(settings or {}),
-        "images_dir": str(root.resolve()),
-        "writes_masks": writes_masks,
-        "jpeg_quality": jpeg_quality,
-    }
+    key = _run_key(method_name, seed, settings, root, writes_masks, jpeg_quality)
     with OutputLock(out, "flood") as lock:
         lock.log_takeover()
         planned = _start_keyed_run(out, key, images, levels, writes_masks)
-        summary = _flood_images(
-            root, out, images, levels, method, workers, jpeg_quality, max_listed_failures, writes_masks
-        )
+        run = _FloodRun(root, out, levels, method, jpeg_quality, max_listed_failures, writes_masks, _Tally(levels))
+        counts = run.flood_all(images, workers)
         summary = {
             "method": method_name,
             "levels": list(levels),
@@ -402,7 +394,7 @@ def flood_folder(
             "masks": MASKS_DIR if writes_masks else None,
             "images_dir": str(root),
             "num_images": len(images),
-            **summary,
+            **counts,
             "wall_s": round(time.monotonic() - start, 3),
             "key": key,
             "status": "complete",
@@ -410,6 +402,20 @@ def flood_folder(
         }
         atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _run_key(
+    method_name: str, seed: int, settings: dict[str, Any] | None, root: Path, writes_masks: bool, jpeg_quality: int
+) -> dict[str, Any]:
+    """What the flooded files depend on: a previous run's files are reused only under the same key."""
+    return {
+        "method": method_name,
+        "seed": int(seed),
+        "settings": dict(settings or {}),
+        "images_dir": str(root.resolve()),
+        "writes_masks": writes_masks,
+        "jpeg_quality": jpeg_quality,
+    }
 
 
 def _targets(rel: str, level: float, writes_masks: bool) -> list[str]:
@@ -455,87 +461,100 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def _flood_images(
-    root: Path,
-    out: Path,
-    images: list[str],
-    levels: tuple[float, ...],
-    method: FloodMethod,
-    workers: int,
-    jpeg_quality: int,
-    max_listed_failures: int,
-    writes_masks: bool,
-) -> dict[str, Any]:
-    """Floods every (image, level) pair not already on disk; returns the summary's counts and failures."""
-    tally = _Tally(levels)
-    unreadable: set[str] = set()
+@dataclass
+class _FloodRun:
+    """One flood run: every (image, level) pair not already on disk, written atomically (mask first)."""
 
-    def targets(rel: str, level: float) -> tuple[Path, Path]:
-        return out / level_name(level) / rel, out / MASKS_DIR / level_name(level) / Path(rel).with_suffix(".png")
+    root: Path
+    out: Path
+    levels: tuple[float, ...]
+    method: FloodMethod
+    jpeg_quality: int
+    max_listed_failures: int
+    writes_masks: bool
+    tally: _Tally
+    unreadable: set[str] = field(default_factory=set)
 
-    def process(rel: str) -> None:
-        if tally.stop.is_set():
+    def flood_all(self, images: list[str], workers: int) -> dict[str, Any]:
+        """Floods every image (on ``workers`` threads when more than one); returns the summary's counts and
+        failures."""
+        if workers <= 1:
+            for rel in images:
+                self.process(rel)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(self.process, images))
+        tally = self.tally
+        return {
+            "counts": tally.counts,
+            "num_failed": sum(c["failed"] for c in tally.counts.values()),
+            "num_unreadable_images": len(self.unreadable),
+            "failures": tally.failures,
+            "aborted": tally.aborted,
+            "method_totals": tally.totals,
+            "mean_water_fraction_written": {
+                k: (round(float(np.mean(v)), 4) if v else None) for k, v in tally.water_fraction.items()
+            },
+        }
+
+    def targets(self, rel: str, level: float) -> tuple[Path, Path]:
+        """The flooded image and its mask."""
+        return self.out / level_name(level) / rel, self.out / MASKS_DIR / level_name(level) / Path(rel).with_suffix(
+            ".png"
+        )
+
+    def process(self, rel: str) -> None:
+        """Floods one image at every level it still lacks."""
+        if self.tally.stop.is_set():
             return
         todo = []
-        for level in levels:
-            image_path, mask_path = targets(rel, level)
-            if image_path.is_file() and (mask_path.is_file() or not writes_masks):
-                tally.add(level, "existing")
+        for level in self.levels:
+            image_path, mask_path = self.targets(rel, level)
+            if image_path.is_file() and (mask_path.is_file() or not self.writes_masks):
+                self.tally.add(level, "existing")
             else:
                 todo.append(level)
         if not todo:
             return
         try:
-            image = read_rgb(root / rel, root=root)
+            image = read_rgb(self.root / rel, root=self.root)
         except ValueError as e:
-            with tally.lock:
-                unreadable.add(rel)
+            with self.tally.lock:
+                self.unreadable.add(rel)
             for level in todo:
-                _fail(tally, rel, level, str(e), max_listed_failures)
+                _fail(self.tally, rel, level, str(e), self.max_listed_failures)
             return
         for level in todo:
-            image_path, mask_path = targets(rel, level)
-            try:
-                result = method(image, rel, level)
-                if result.image.shape[:2] != (image.height, image.width) or result.image.dtype != np.uint8:
-                    raise ValueError(f"flooded image has shape {result.image.shape} {result.image.dtype}")
-                if writes_masks and result.mask is None:
-                    raise ValueError("the flood method returned no mask")
-                encoded = _encode(result.image, image_path.suffix, jpeg_quality)
-                if writes_masks:
-                    atomic_write(mask_path, lambda f, m=result.mask: f.write(encode_mask(m)))
-                atomic_write(image_path, lambda f, b=encoded: f.write(b))
-            except Exception as e:  # noqa: BLE001 - one bad pair must not stop the others; counted and listed
-                _fail(tally, rel, level, f"{type(e).__name__}: {e}", max_listed_failures)
-                if getattr(e, "fatal", False):  # e.g. a rejected API key: no later request can succeed
-                    with tally.lock:
-                        tally.aborted = tally.aborted or f"fatal error on {rel}: {e}"
-                    tally.stop.set()
-                    return
-                continue
-            tally.add(level, "written", float(result.mask.mean()) if result.mask is not None else None)
-            with tally.lock:
-                for key, value in result.info.items():
-                    if isinstance(value, int | float):
-                        tally.totals[key] = tally.totals.get(key, 0) + value
+            if not self.flood_pair(image, rel, level):
+                return
 
-    if workers <= 1:
-        for rel in images:
-            process(rel)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(process, images))
-    return {
-        "counts": tally.counts,
-        "num_failed": sum(c["failed"] for c in tally.counts.values()),
-        "num_unreadable_images": len(unreadable),
-        "failures": tally.failures,
-        "aborted": tally.aborted,
-        "method_totals": tally.totals,
-        "mean_water_fraction_written": {
-            k: (round(float(np.mean(v)), 4) if v else None) for k, v in tally.water_fraction.items()
-        },
-    }
+    def flood_pair(self, image: Image.Image, rel: str, level: float) -> bool:
+        """Floods one (image, level) pair and writes it; False when a fatal error stops the run."""
+        image_path, mask_path = self.targets(rel, level)
+        try:
+            result = self.method(image, rel, level)
+            if result.image.shape[:2] != (image.height, image.width) or result.image.dtype != np.uint8:
+                raise ValueError(f"flooded image has shape {result.image.shape} {result.image.dtype}")
+            if self.writes_masks and result.mask is None:
+                raise ValueError("the flood method returned no mask")
+            encoded = _encode(result.image, image_path.suffix, self.jpeg_quality)
+            if self.writes_masks:
+                atomic_write(mask_path, lambda f, m=result.mask: f.write(encode_mask(m)))
+            atomic_write(image_path, lambda f, b=encoded: f.write(b))
+        except Exception as e:  # noqa: BLE001 - one bad pair must not stop the others; counted and listed
+            _fail(self.tally, rel, level, f"{type(e).__name__}: {e}", self.max_listed_failures)
+            if getattr(e, "fatal", False):  # e.g. a rejected API key: no later request can succeed
+                with self.tally.lock:
+                    self.tally.aborted = self.tally.aborted or f"fatal error on {rel}: {e}"
+                self.tally.stop.set()
+                return False
+            return True
+        self.tally.add(level, "written", float(result.mask.mean()) if result.mask is not None else None)
+        with self.tally.lock:
+            for key, value in result.info.items():
+                if isinstance(value, int | float):
+                    self.tally.totals[key] = self.tally.totals.get(key, 0) + value
+        return True
 
 
 def _fail(tally: _Tally, rel: str, level: float, error: str, max_listed: int) -> None:
