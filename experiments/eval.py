@@ -51,6 +51,9 @@ flagdefs.define(
     "alphas",
     "recall_values",
     "positive_dist_threshold",
+    "rerank",
+    "save_descriptors",
+    "alpha_policy",
 )
 flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/demo for the demo; required otherwise).")
@@ -127,6 +130,9 @@ def _overrides() -> dict:
         "random_model": FLAGS.random_model,
         "precision": FLAGS.precision,
         "search": _search_spec(),
+        "save_descriptors": FLAGS.save_descriptors,
+        "rerank": tuple(FLAGS.rerank),
+        "alpha_policy": FLAGS.alpha_policy,
     }
     if FLAGS.alphas is not None:
         overrides["alphas"] = tuple(parse_values(FLAGS.alphas))

@@ -52,6 +52,9 @@ class EvalConfig:
         notes: Extra lines printed with the results (e.g. the demo's disclaimers).
         search: How the database is searched (method, faiss parameters, memory budget).
         precision: The model's precision, "float32", "tf32" or "bfloat16" (see attllm_jax.models.precision).
+        save_descriptors: Also write the query descriptors of every alpha to ``output_dir/descriptors``.
+        rerank: Query-expansion stages after the search (``aqe:k=5,w=0.8``, ``alpha_qe:k=5,alpha=3``; one per kind).
+        alpha_policy: None, or a query-adaptive alpha policy (``"margin"``) reported beside the fixed alphas.
     """
 
     database_folder: str
@@ -82,6 +85,9 @@ class EvalConfig:
     notes: tuple[str, ...] = field(default=())
     search: SearchSpec = field(default_factory=SearchSpec)
     precision: str = "float32"
+    save_descriptors: bool = False
+    rerank: tuple[str, ...] = ()
+    alpha_policy: str | None = None
 
     @property
     def resolved_store_dir(self) -> Path | str:
@@ -143,6 +149,7 @@ class EvalConfig:
         image_size = _validate_image_size(self.image_size)
         validate_precision(self.precision, "--precision")
         self.search.validated()
+        _validate_post_search(self, recall_values)
         if self.store_dtype not in ("float32", "float16"):
             raise ValueError(f"--store_dtype must be float32 or float16, got {self.store_dtype!r}")
         for name in ("database_folder", "queries_folder"):
@@ -173,7 +180,27 @@ class EvalConfig:
             num_workers=None if self.num_workers is None else int(self.num_workers),
             num_preds_to_save=int(self.num_preds_to_save),
             max_batch_pixels=None if self.max_batch_pixels is None else int(self.max_batch_pixels),
+            rerank=tuple(self.rerank),
         )
+
+
+def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) -> None:
+    """--rerank specs parse and their k fit the predictions kept; --alpha_policy is known and has 2 predictions."""
+    from attllm_jax.retrieval.adaptive import ALPHA_POLICIES
+    from attllm_jax.retrieval.rerank import parse_reranks
+
+    kept = max(max(recall_values), int(config.num_preds_to_save))
+    for spec in parse_reranks(config.rerank):
+        if spec.k > kept:
+            raise ValueError(
+                f"--rerank {spec.label()}: k = {spec.k} exceeds the {kept} predictions kept per query (the largest "
+                "of --recall_values and --num_preds_to_save); lower k or add a larger N to --recall_values"
+            )
+    if config.alpha_policy is not None:
+        if config.alpha_policy not in ALPHA_POLICIES:
+            raise ValueError(f"--alpha_policy must be one of {ALPHA_POLICIES}, got {config.alpha_policy!r}")
+        if kept < 2:
+            raise ValueError("--alpha_policy margin needs 2 predictions per query: add an N >= 2 to --recall_values")
 
 
 # The random-weight models without a checkpoint (built by attllm_jax.evaluation.demo.random_model).

@@ -25,6 +25,7 @@ from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.demo import random_model
 from attllm_jax.evaluation.extract import DatabaseExtraction, build_database_store, extract_queries, weights_digest
 from attllm_jax.evaluation.figures import Prediction, plot_recall_vs_alpha, save_prediction_strip, shorten_path
+from attllm_jax.evaluation.post_search import post_search
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import (
     Retrieval,
@@ -198,9 +199,14 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
         devices=jax.local_devices(),
     )
     timings["search"] = time.perf_counter() - t0
+    extra = post_search(
+        config, contents.descriptors, db_valid, q.descriptors, q.valid, retrieval, positives,
+        list(queries.paths), out, inputs.plan, jax.local_devices(),
+    )  # fmt: skip
+    timings.update(extra.timings)
 
     kinds = [_applied_kind(a, applied) for a, applied in zip(attention.parsed, q.with_attention, strict=True)]
-    written = [out / "per_query.csv", out / "recall_vs_alpha.png"]
+    written = [out / "per_query.csv", out / "recall_vs_alpha.png", *extra.written]
     write_per_query_csv(
         out / "per_query.csv",
         retrieval,
@@ -295,6 +301,7 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
         "hosts": hosts.hosts_entry(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "notes": notes,
+        **extra.entries,
         OUTPUTS_KEY: relative_outputs(out, written),
     }
     write_json(out / RESULTS_FILE, results)
