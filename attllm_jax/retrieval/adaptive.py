@@ -45,7 +45,12 @@ def choose_alphas(scores: np.ndarray, policy: str = "margin") -> np.ndarray:
     """
     if policy not in ALPHA_POLICIES:
         raise ValueError(f"--alpha_policy must be one of {ALPHA_POLICIES}, got {policy!r}")
-    return np.argmax(top_margins(scores), axis=0).astype(np.int64)  # argmax: first (smallest index) of ties
+    return choose_from_margins(top_margins(scores))
+
+
+def choose_from_margins(margins: np.ndarray) -> np.ndarray:
+    """``[Q]`` int64 index of the largest margin of ``margins`` ``[K, Q]`` (the first, smallest alpha, of ties)."""
+    return np.argmax(np.asarray(margins), axis=0).astype(np.int64)
 
 
 def adaptive_first_hit(first_hit: np.ndarray, choice: np.ndarray) -> np.ndarray:
