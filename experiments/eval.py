@@ -91,6 +91,20 @@ flags.DEFINE_string(
     "Also fit attllm-localize's confidence on this labelled run (top-1 estimate, radius --positive_dist_threshold, "
     "the first of --alphas) and write it to this JSON file.",
 )
+flags.DEFINE_integer(
+    "symmetric_k",
+    0,
+    "Shortlist-symmetric attention: database-side attention on each query's top-k only, annotated once per database "
+    "image (cached in --db_attention_dir), described again at --alpha_db and re-ranked (0 = off).",
+)
+flags.DEFINE_float("alpha_db", 0.5, "Blend factor of the database-side attention (--symmetric_k).")
+flags.DEFINE_string(
+    "db_attention_dir", None, "The --symmetric_k cache of database attention files (OUTPUT_DIR/database_attention)."
+)
+flags.DEFINE_string(
+    "db_masks", None, "Masks of the database images (<stem>.png): the masks oracle answers the images not cached yet."
+)
+flags.DEFINE_float("llm_cost_per_1000", None, "Price of 1000 LLM calls, for the --symmetric_k cost model.")
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
@@ -104,6 +118,8 @@ for _name in ("nlist", "pq_m"):
     flags.register_validator(_name, lambda v: v >= 0, f"--{_name} must be >= 0")
 flags.register_validator("search_block_size", lambda v: v is None or v >= 1, "--search_block_size must be >= 1")
 flags.register_validator("search_memory_gb", lambda v: v is None or v > 0, "--search_memory_gb must be > 0")
+flags.register_validator("symmetric_k", lambda v: v >= 0, "--symmetric_k must be >= 0")
+flags.register_validator("alpha_db", lambda v: math.isfinite(v) and 0 <= v <= 1, "--alpha_db must lie in [0, 1]")
 flags.register_validator("num_preds_to_save", lambda v: v >= 0, "--num_preds_to_save must be >= 0")
 flags.register_validator("sigma", lambda v: math.isfinite(v) and v > 0, "--sigma must be > 0")
 
@@ -133,6 +149,11 @@ def _overrides() -> dict:
         "save_descriptors": FLAGS.save_descriptors,
         "rerank": tuple(FLAGS.rerank),
         "alpha_policy": FLAGS.alpha_policy,
+        "symmetric_k": FLAGS.symmetric_k,
+        "alpha_db": FLAGS.alpha_db,
+        "db_attention_dir": FLAGS.db_attention_dir,
+        "db_masks": FLAGS.db_masks,
+        "llm_cost_per_1000": FLAGS.llm_cost_per_1000,
     }
     if FLAGS.alphas is not None:
         overrides["alphas"] = tuple(parse_values(FLAGS.alphas))

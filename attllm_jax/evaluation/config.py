@@ -55,6 +55,13 @@ class EvalConfig:
         save_descriptors: Also write the query descriptors of every alpha to ``output_dir/descriptors``.
         rerank: Query-expansion stages after the search (``aqe:k=5,w=0.8``, ``alpha_qe:k=5,alpha=3``; one per kind).
         alpha_policy: None, or a query-adaptive alpha policy (``"margin"``) reported beside the fixed alphas.
+        symmetric_k: Shortlist-symmetric attention on each query's top-k database images (0 = off).
+        alpha_db: Blend factor of the database-side attention.
+        db_attention_dir: Attention files of the database images, the symmetric stage's cache (None =
+            ``output_dir/database_attention``).
+        db_masks: Water/clutter masks of the database images: the masks provider answers the images not cached
+            (None = only the cached files are used).
+        llm_cost_per_1000: Price of 1000 LLM calls for the cost model (None = no estimate).
     """
 
     database_folder: str
@@ -88,6 +95,11 @@ class EvalConfig:
     save_descriptors: bool = False
     rerank: tuple[str, ...] = ()
     alpha_policy: str | None = None
+    symmetric_k: int = 0
+    alpha_db: float = 0.5
+    db_attention_dir: str | None = None
+    db_masks: str | None = None
+    llm_cost_per_1000: float | None = None
 
     @property
     def resolved_store_dir(self) -> Path | str:
@@ -196,6 +208,17 @@ def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) ->
                 f"--rerank {spec.label()}: k = {spec.k} exceeds the {kept} predictions kept per query (the largest "
                 "of --recall_values and --num_preds_to_save); lower k or add a larger N to --recall_values"
             )
+    if int(config.symmetric_k) < 0 or int(config.symmetric_k) > kept:
+        raise ValueError(
+            f"--symmetric_k must be in [0, {kept}] (the predictions kept per query: the largest of --recall_values "
+            f"and --num_preds_to_save), got {config.symmetric_k}"
+        )
+    if not (math.isfinite(float(config.alpha_db)) and 0.0 <= float(config.alpha_db) <= 1.0):
+        raise ValueError(f"--alpha_db must lie in [0, 1], got {config.alpha_db}")
+    if config.db_masks is not None and not Path(config.db_masks).is_dir():
+        raise FileNotFoundError(f"--db_masks {config.db_masks!r} is not a directory")
+    if config.llm_cost_per_1000 is not None and not float(config.llm_cost_per_1000) >= 0:
+        raise ValueError(f"--llm_cost_per_1000 must be >= 0, got {config.llm_cost_per_1000}")
     if config.alpha_policy is not None:
         if config.alpha_policy not in ALPHA_POLICIES:
             raise ValueError(f"--alpha_policy must be one of {ALPHA_POLICIES}, got {config.alpha_policy!r}")

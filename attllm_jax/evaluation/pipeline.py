@@ -201,7 +201,7 @@ def _evaluate_with_store(config: EvalConfig, inputs: EvalInputs, out: Path, t_st
     timings["search"] = time.perf_counter() - t0
     extra = post_search(
         config, contents.descriptors, db_valid, q.descriptors, q.valid, retrieval, positives,
-        list(queries.paths), out, inputs.plan, jax.local_devices(),
+        list(queries.paths), out, inputs.plan, jax.local_devices(), model=model, database_images=database,
     )  # fmt: skip
     timings.update(extra.timings)
 

@@ -31,7 +31,8 @@ class PostSearch:
     """What :func:`post_search` produced.
 
     Attributes:
-        entries: results.json entries (``rerank``, ``alpha_policy``, ``saved_descriptors``), only those asked for.
+        entries: results.json entries (``rerank``, ``symmetric``, ``alpha_policy``, ``saved_descriptors``), only
+            those asked for.
         written: Files written (for results.json's outputs list).
         timings: Seconds per part (``rerank_<kind>``, ``save_descriptors``).
         retrievals: The re-ranked retrieval of every stage, by kind.
@@ -93,6 +94,9 @@ def post_search(
     out: Path,
     plan=None,
     devices: list | None = None,
+    *,
+    model=None,
+    database_images=None,
 ) -> PostSearch:
     """Saves descriptors, re-ranks and applies the alpha policy as ``config`` asks (each optional).
 
@@ -106,6 +110,7 @@ def post_search(
         query_paths: Q query paths (``queries.txt``).
         out: The output folder.
         plan, devices: The first search's memory plan and devices (the re-ranking searches alike).
+        model, database_images: The model and the database ImageSet (the symmetric stage describes images again).
 
     Returns:
         The entries, files and timings.
@@ -141,10 +146,41 @@ def post_search(
         log.info("re-ranking %s: recall@N (%%) before -> after:\n%s", spec.label(), _before_after(retrieval, found))
     if stages:
         done.entries["rerank"] = stages
+    if config.symmetric_k:
+        t0 = time.perf_counter()
+        found, costs = _symmetric(config, model, database_images, database, queries, retrieval, positives, out)
+        done.timings["symmetric"] = time.perf_counter() - t0
+        done.retrievals["symmetric"] = found
+        done.entries["symmetric"] = {
+            "params": {"k": config.symmetric_k, "alpha_db": config.alpha_db},
+            "recalls": found.recalls_dict(),
+            "recalls_before": retrieval.recalls_dict(),
+            "cost": costs,
+        }
+        log.info("shortlist-symmetric attention: recall@N (%%) before -> after:\n%s", _before_after(retrieval, found))
     if config.alpha_policy:
         done.entries["alpha_policy"] = policy_entry(retrieval, config.alpha_policy)
         log.info("alpha policy %s: %s", config.alpha_policy, done.entries["alpha_policy"])
     return done
+
+
+def _symmetric(config, model, database_images, database, queries, retrieval, positives, out: Path):
+    """Runs :func:`~attllm_jax.evaluation.symmetric.run_symmetric` with the run's provider and batch settings."""
+    from attllm_jax.evaluation.symmetric import SymmetricSpec, run_symmetric
+
+    directory = config.db_attention_dir or str(out / "database_attention")
+    spec = SymmetricSpec(config.symmetric_k, config.alpha_db, directory, config.llm_cost_per_1000)
+    provider = run_config = None
+    if config.db_masks is not None:
+        from attllm_jax.attention.masks import MASKS_PROMPT, MasksProvider
+        from attllm_jax.attention.runner import RunConfig
+
+        provider, run_config = MasksProvider(config.db_masks), RunConfig(city="unknown", prompt=MASKS_PROMPT)
+    return run_symmetric(
+        spec, model, database_images, database, queries, retrieval, positives, provider, run_config,
+        batch_size=config.batch_size, image_size=config.image_size, num_workers=config.num_workers,
+        sigma=config.sigma, grid_interpolate=config.grid_interpolate, max_batch_pixels=config.max_batch_pixels,
+    )  # fmt: skip
 
 
 def _before_after(before: Retrieval, after: Retrieval) -> str:
