@@ -104,6 +104,10 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "db_masks", None, "Masks of the database images (<stem>.png): the masks oracle answers the images not cached yet."
 )
+flags.DEFINE_integer(
+    "demo_clutter", 0, "Demo only: parked cars and people per database view, with oracle masks (0 = the default demo)."
+)
+flags.register_validator("demo_clutter", lambda v: v >= 0, "--demo_clutter must be >= 0")
 flags.DEFINE_float("llm_cost_per_1000", None, "Price of 1000 LLM calls, for the --symmetric_k cost model.")
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
@@ -230,8 +234,12 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eva
 
         if FLAGS.attention_dir or FLAGS.database_csv or FLAGS.queries_csv:
             fail(command, "--attention_dir / --*_csv need --database_folder and --queries_folder", usage=True)
-        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, **overrides)
+        config = demo_config(
+            FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, demo_clutter=FLAGS.demo_clutter, **overrides
+        )
     else:
+        if FLAGS.demo_clutter:
+            fail(command, "--demo_clutter is for the demo (no --database_folder / --queries_folder)", usage=True)
         if FLAGS.database_folder is None or FLAGS.queries_folder is None:
             fail(
                 command,

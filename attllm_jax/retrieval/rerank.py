@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from attllm_jax.ops.normalize import l2_normalize
 from attllm_jax.retrieval.retrieve import Retrieval, retrieve
 from attllm_jax.retrieval.search import MemoryPlan, SearchSpec
 
@@ -161,7 +160,9 @@ def alpha_qe_expand(queries: ArrayLike, neighbours: ArrayLike, mask: ArrayLike, 
     q, d = jnp.asarray(queries, jnp.float32), jnp.asarray(neighbours, jnp.float32)
     similarity = jnp.einsum("...qd,...qkd->...qk", q, d, precision="highest")
     weights = jnp.where(jnp.asarray(mask), jnp.power(jnp.maximum(similarity, 0.0), power), 0.0)
-    return l2_normalize(q + jnp.einsum("...qk,...qkd->...qd", weights, d, precision="highest"))
+    expanded = q + jnp.einsum("...qk,...qkd->...qd", weights, d, precision="highest")
+    # x / max(||x||, 1e-12), torch's normalize (attllm_jax.ops.l2_normalize; retrieval sits below ops in the layers)
+    return expanded / jnp.maximum(jnp.linalg.norm(expanded, axis=-1, keepdims=True), 1e-12)
 
 
 def gather_rows(database, rows: np.ndarray) -> np.ndarray:
