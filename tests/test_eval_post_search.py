@@ -142,3 +142,25 @@ def test_bad_post_search_settings_fail_before_any_work(run, tmp_path, change, me
     with pytest.raises(ValueError, match=message):
         run_evaluation(config, model=object())
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rerank", "aqe:k=5"], "--rerank 'aqe:k=5': missing w (e.g. aqe:k=5,w=0.8)"),
+        (["--rerank", "aqe:k=5,w=0.8", "--rerank", "aqe:k=3,w=0.5"], "one stage per kind, got 2 of 'aqe'"),
+        (["--alpha_db", "2"], "--alpha_db must lie in [0, 1]"),
+        (["--alpha_policy", "entropy"], "--alpha_policy"),
+        (["--demo_clutter", "2"], "--demo_clutter is for the demo"),
+        (["--symmetric_k", "50", "--recall_values", "1,5"], "--symmetric_k must be in [0, 5]"),
+    ],
+)
+def test_bad_stage_flags_are_one_error_line_before_any_work(tmp_path, args, message):
+    from tests.test_cli_eval import QUERY, SFXL_DB, _jpeg, one_error_line, run_eval
+
+    _jpeg(tmp_path / "db" / SFXL_DB)
+    _jpeg(tmp_path / "q" / QUERY)
+    dataset = ["--database_folder", str(tmp_path / "db"), "--queries_folder", str(tmp_path / "q")]
+    proc = run_eval(*dataset, "--output_dir", str(tmp_path / "out"), *args)
+    assert message in one_error_line(proc)
+    assert not (tmp_path / "out").exists()
