@@ -136,3 +136,23 @@ def test_clutter_draws_objects_with_their_masks_and_leaves_the_default_alone(set
         a, b = sorted((bench.root / folder).iterdir()), sorted((plain.root / folder).iterdir())
         assert [p.name for p in a] == [p.name for p in b] and a[0].read_bytes() == b[0].read_bytes()
     assert json.loads((bench.root / "meta.json").read_text())["config"]["database_clutter"] == 3
+
+
+def test_an_image_the_provider_cannot_answer_keeps_its_plain_descriptor_and_is_counted(setup, tmp_path):
+    bench, _, _, result, _ = setup
+    rows = shortlist_rows(result.retrieval.predictions, 2)
+    database = load_image_set(bench.database)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    missing = database.paths[int(rows[0])]
+    for mask in bench.database_masks.glob("*.png"):
+        if mask.stem != missing[:-4]:
+            (masks / mask.name).write_bytes(mask.read_bytes())
+    found, costs = _run(setup, SymmetricSpec(2, 1.0, str(tmp_path / "att")), MasksProvider(masks))
+    assert costs["failed"] == 1 and costs["llm_calls"] == len(rows)  # asked, not answered
+    assert costs["with_attention"] == len(rows) - 1
+    assert not (tmp_path / "att" / f"{missing[:-4]}.json").exists()  # nothing cached: asked again next run
+    # its re-scored entries use the store's descriptor: the score of the first search
+    k, q, r = [int(v[0]) for v in np.nonzero(found.predictions[..., :2] == rows[0])]
+    want = float(result.query_descriptors[k, q] @ result.database_descriptors[rows[0]])
+    assert found.scores[k, q, r] == pytest.approx(want, abs=1e-5)
