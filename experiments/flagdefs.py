@@ -208,6 +208,8 @@ def _define_positive_dist_threshold() -> None:
 
 
 def _valid_reranks(values) -> bool:
+    if not values:  # the default: no stage, and no JAX import for --help
+        return True
     from attllm_jax.retrieval.rerank import RerankSpecError, parse_reranks
 
     try:

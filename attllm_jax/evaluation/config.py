@@ -199,10 +199,11 @@ class EvalConfig:
 def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) -> None:
     """--rerank specs parse and their k fit the predictions kept; --alpha_policy is known and has 2 predictions."""
     from attllm_jax.retrieval.adaptive import ALPHA_POLICIES
-    from attllm_jax.retrieval.rerank import parse_reranks
 
     kept = max(max(recall_values), int(config.num_preds_to_save))
-    for spec in parse_reranks(config.rerank):
+    if config.rerank:
+        from attllm_jax.retrieval.rerank import parse_reranks  # imports JAX: only when there are stages
+    for spec in parse_reranks(config.rerank) if config.rerank else ():
         if spec.k > kept:
             raise ValueError(
                 f"--rerank {spec.label()}: k = {spec.k} exceeds the {kept} predictions kept per query (the largest "
