@@ -51,6 +51,9 @@ flagdefs.define(
     "alphas",
     "recall_values",
     "positive_dist_threshold",
+    "rerank",
+    "save_descriptors",
+    "alpha_policy",
 )
 flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/demo for the demo; required otherwise).")
@@ -88,6 +91,24 @@ flags.DEFINE_string(
     "Also fit attllm-localize's confidence on this labelled run (top-1 estimate, radius --positive_dist_threshold, "
     "the first of --alphas) and write it to this JSON file.",
 )
+flags.DEFINE_integer(
+    "symmetric_k",
+    0,
+    "Shortlist-symmetric attention: database-side attention on each query's top-k only, annotated once per database "
+    "image (cached in --db_attention_dir), described again at --alpha_db and re-ranked (0 = off).",
+)
+flags.DEFINE_float("alpha_db", 0.5, "Blend factor of the database-side attention (--symmetric_k).")
+flags.DEFINE_string(
+    "db_attention_dir", None, "The --symmetric_k cache of database attention files (OUTPUT_DIR/database_attention)."
+)
+flags.DEFINE_string(
+    "db_masks", None, "Masks of the database images (<stem>.png): the masks oracle answers the images not cached yet."
+)
+flags.DEFINE_integer(
+    "demo_clutter", 0, "Demo only: parked cars and people per database view, with oracle masks (0 = the default demo)."
+)
+flags.register_validator("demo_clutter", lambda v: v >= 0, "--demo_clutter must be >= 0")
+flags.DEFINE_float("llm_cost_per_1000", None, "Price of 1000 LLM calls, for the --symmetric_k cost model.")
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
 
@@ -101,6 +122,8 @@ for _name in ("nlist", "pq_m"):
     flags.register_validator(_name, lambda v: v >= 0, f"--{_name} must be >= 0")
 flags.register_validator("search_block_size", lambda v: v is None or v >= 1, "--search_block_size must be >= 1")
 flags.register_validator("search_memory_gb", lambda v: v is None or v > 0, "--search_memory_gb must be > 0")
+flags.register_validator("symmetric_k", lambda v: v >= 0, "--symmetric_k must be >= 0")
+flags.register_validator("alpha_db", lambda v: math.isfinite(v) and 0 <= v <= 1, "--alpha_db must lie in [0, 1]")
 flags.register_validator("num_preds_to_save", lambda v: v >= 0, "--num_preds_to_save must be >= 0")
 flags.register_validator("sigma", lambda v: math.isfinite(v) and v > 0, "--sigma must be > 0")
 
@@ -127,6 +150,14 @@ def _overrides() -> dict:
         "random_model": FLAGS.random_model,
         "precision": FLAGS.precision,
         "search": _search_spec(),
+        "save_descriptors": FLAGS.save_descriptors,
+        "rerank": tuple(FLAGS.rerank),
+        "alpha_policy": FLAGS.alpha_policy,
+        "symmetric_k": FLAGS.symmetric_k,
+        "alpha_db": FLAGS.alpha_db,
+        "db_attention_dir": FLAGS.db_attention_dir,
+        "db_masks": FLAGS.db_masks,
+        "llm_cost_per_1000": FLAGS.llm_cost_per_1000,
     }
     if FLAGS.alphas is not None:
         overrides["alphas"] = tuple(parse_values(FLAGS.alphas))
@@ -203,8 +234,12 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eva
 
         if FLAGS.attention_dir or FLAGS.database_csv or FLAGS.queries_csv:
             fail(command, "--attention_dir / --*_csv need --database_folder and --queries_folder", usage=True)
-        config = demo_config(FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, **overrides)
+        config = demo_config(
+            FLAGS.cache_dir, FLAGS.output_dir or demo_output_dir, demo_clutter=FLAGS.demo_clutter, **overrides
+        )
     else:
+        if FLAGS.demo_clutter:
+            fail(command, "--demo_clutter is for the demo (no --database_folder / --queries_folder)", usage=True)
         if FLAGS.database_folder is None or FLAGS.queries_folder is None:
             fail(
                 command,

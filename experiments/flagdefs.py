@@ -207,6 +207,48 @@ def _define_positive_dist_threshold() -> None:
     )
 
 
+def _valid_reranks(values) -> bool:
+    if not values:  # the default: no stage, and no JAX import for --help
+        return True
+    from attllm_jax.retrieval.rerank import RerankSpecError, parse_reranks
+
+    try:
+        parse_reranks(values or [])
+    except RerankSpecError as error:
+        raise flags.ValidationError(str(error)) from None
+    return True
+
+
+def _define_rerank() -> None:
+    flags.DEFINE_multi_string(
+        "rerank",
+        [],
+        "Query-expansion re-ranking after the search, repeatable (one per kind): aqe:k=5,w=0.8 (average query "
+        "expansion, q' = w q + (1-w) mean of the top-k) or alpha_qe:k=5,alpha=3 (q' = normalize(q + sum_i "
+        "max(q.d_i, 0)^alpha d_i)); results.json rerank.<kind>.recalls per alpha.",
+    )
+    flags.register_validator("rerank", _valid_reranks, "bad --rerank")
+
+
+def _define_save_descriptors() -> None:
+    flags.DEFINE_bool(
+        "save_descriptors",
+        False,
+        "Also write OUTPUT_DIR/descriptors/queries_alpha_<a>.npy ([Q, D] float32 per alpha) and queries.txt; the "
+        "database descriptors stay in the store (attllm_jax.retrieval.read_store).",
+    )
+
+
+def _define_alpha_policy() -> None:
+    flags.DEFINE_enum(
+        "alpha_policy",
+        None,
+        ["margin"],
+        "Query-adaptive alpha: per query the grid alpha with the largest top-1 minus top-2 similarity (no labels); "
+        "eval reports its recall, tune compares it with the best global alpha on the same folds.",
+    )
+
+
 _DEFINITIONS: dict[str, Callable[[], None]] = {
     "checkpoint": _define_checkpoint,
     "random_model": _define_random_model,
@@ -226,6 +268,9 @@ _DEFINITIONS: dict[str, Callable[[], None]] = {
     "alphas": _define_alphas,
     "recall_values": _define_recall_values,
     "positive_dist_threshold": _define_positive_dist_threshold,
+    "rerank": _define_rerank,
+    "save_descriptors": _define_save_descriptors,
+    "alpha_policy": _define_alpha_policy,
 }
 NAMES = tuple(_DEFINITIONS)
 

@@ -27,8 +27,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "Folder of photos to localize (nested folders allowed); default: the demo's.")
 flags.DEFINE_string("utm_zone", None, "UTM zone of plain-UTM database names, e.g. 10S.")
 flagdefs.define(
-    "database_folder", "database_csv", "store_dir", "convention", "checkpoint", "random_model", "model_seed",
-    "precision", "image_size", "batch_size", "cache_dir",
+    "database_folder",
+    "database_csv",
+    "store_dir",
+    "convention",
+    "checkpoint",
+    "random_model",
+    "model_seed",
+    "precision",
+    "image_size",
+    "batch_size",
+    "cache_dir",
 )
 flags.DEFINE_string(
     "attention_dir", None, "Attention files of the photos (annotate's <stem>.json); none = no attention."

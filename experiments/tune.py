@@ -41,6 +41,7 @@ flags.DEFINE_integer("optax_steps", 100, "Adam steps per fold and blend.")
 flags.DEFINE_float("optax_learning_rate", 0.05, "Adam step size on the unconstrained (alpha, sigma).")
 flags.DEFINE_float("temperature", 0.1, "Soft-rank temperature of the optax surrogate (in score standard deviations).")
 
+flagdefs.define("alpha_policy")
 DEFAULT_ALPHAS = "0:1:101"
 
 
@@ -93,6 +94,7 @@ def main(argv):
         optax_steps=FLAGS.optax_steps,
         optax_learning_rate=FLAGS.optax_learning_rate,
         temperature=FLAGS.temperature,
+        alpha_policy=FLAGS.alpha_policy,
     )
     try:  # before any work: the settings alone decide, e.g. --sigmas too small for --method both
         settings = settings.validated(flagdefs.recall_values())
@@ -134,6 +136,15 @@ def main(argv):
             f"({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f})"
         )
     print(f"McNemar (R@{cv['mcnemar_n']}, tuned vs alpha 0): p = {cv['mcnemar_p']:.3g}")
+    policy = result["alpha_policy"]
+    if "heldout" in policy:
+        n = policy["vs_global"]["mcnemar_n"]
+        gain = policy["vs_global"]["gain"][str(n)]
+        print(
+            f"alpha policy {policy['policy']} held-out R@{n}: {policy['heldout'][str(n)]['mean']:.1f}; vs best "
+            f"global alpha: {gain['mean']:+.1f} ({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f}), McNemar p = "
+            f"{policy['vs_global']['mcnemar_p']:.3g}"
+        )
     if "heldout" in result["optax"]:
         print(f"optax held-out: {json.dumps({n: r['mean'] for n, r in result['optax']['heldout'].items()})}")
     print(f"tuning: {config.output_dir}/tuning.json")

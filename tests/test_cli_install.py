@@ -21,6 +21,7 @@ SCRIPT_FLAGS = {
     "attllm-show-attention": ("--image", "--attention", "--sigma"),
     "attllm-doctor": ("--check",),
     "attllm-localize": ("--images", "--alpha", "--top_k", "--estimator"),
+    "attllm-compare-attention": ("--a", "--b", "--grid"),
 }
 SCRIPTS = (*SCRIPT_FLAGS, "attllm-convert")
 

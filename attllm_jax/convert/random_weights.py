@@ -77,9 +77,7 @@ def random_architecture(family: str, backbone: str | None = None, fc_output_dim:
     raise ValueError(f"no random architecture for family {family!r}")
 
 
-def convert_random(
-    family: str, output: str | os.PathLike, seed: int = 0, options=None
-) -> ModelSpec:
+def convert_random(family: str, output: str | os.PathLike, seed: int = 0, options=None) -> ModelSpec:
     """Writes a random-weight model of ``family`` to ``output`` through the real conversion path.
 
     Args:

@@ -50,6 +50,9 @@ class SyntheticConfig:
         flood_min: Smallest fraction of the view height under water.
         flood_max: Largest fraction of the view height under water.
         seed: Random seed.
+        database_clutter: Transient clutter objects (parked cars, people) drawn into each database view, with their
+            oracle masks in ``database_masks/`` (0 = none, the default demo; the world and the queries do not
+            change with it).
     """
 
     num_streets: int = 4
@@ -62,9 +65,13 @@ class SyntheticConfig:
     flood_min: float = 0.3
     flood_max: float = 0.55
     seed: int = 0
+    database_clutter: int = 0
 
     def digest(self) -> str:
-        text = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not self.database_clutter:  # the benchmarks made before the option keep their cache key
+            del fields["database_clutter"]
+        text = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -78,6 +85,7 @@ class SyntheticBenchmark:
         queries: Folder of flooded query views.
         masks: Folder of flood masks, ``<query stem>.png`` (255 = water).
         config: The parameters it was generated with.
+        database_masks: Folder of clutter masks, ``<database stem>.png`` (255 = clutter), or None without clutter.
     """
 
     root: Path
@@ -85,6 +93,7 @@ class SyntheticBenchmark:
     queries: Path
     masks: Path
     config: SyntheticConfig
+    database_masks: Path | None = None
 
 
 def _street_origin(street: int) -> tuple[float, float, float]:
@@ -203,6 +212,37 @@ def _lighting(view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(view * gain.astype(np.float32) + rng.uniform(-0.04, 0.04), 0.0, 1.0)
 
 
+def _draw_clutter(view: np.ndarray, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draws ``count`` parked cars (boxes with a cabin and wheels) and people (narrow figures) standing on the
+    street in a dry view ``[H, W, 3]`` in [0, 1]; returns the view and its ``[H, W]`` bool clutter mask."""
+    height, width = view.shape[:2]
+    px = width / _VIEW_WIDTH_M  # pixels per metre at zoom 1
+    ground = int(height - (0.0 - _VIEW_BOTTOM_M) * px)
+    image = Image.fromarray((view * 255 + 0.5).astype(np.uint8))
+    mask = Image.new("L", (width, height), 0)
+    draw, mark = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+    for _ in range(count):
+        x = float(rng.uniform(0, width))
+        color = _random_color(rng, 20, 240)
+        if rng.random() < 0.6:  # a parked car, about 4.2 m x 1.5 m
+            w, h = 4.2 * px, 1.5 * px
+            body = [x - w / 2, ground - 0.9 * px, x + w / 2, ground - 0.25 * px]
+            cabin = [x - w / 4, ground - h, x + w / 4, ground - 0.85 * px]
+            wheels = [[x + dx - 0.35 * px, ground - 0.6 * px, x + dx + 0.35 * px, ground + 0.1 * px] for dx in
+                      (-w / 3, w / 3)]  # fmt: skip
+            for target, fill in ((draw, color), (mark, 255)):
+                target.rectangle(body, fill=fill)
+                target.rectangle(cabin, fill=fill if target is mark else (150, 190, 210))
+                for wheel in wheels:
+                    target.ellipse(wheel, fill=fill if target is mark else (20, 20, 20))
+        else:  # a person, about 0.5 m x 1.75 m
+            w, h = 0.5 * px, 1.75 * px
+            for target, fill in ((draw, color), (mark, 255)):
+                target.rectangle([x - w / 2, ground - 0.8 * h, x + w / 2, ground], fill=fill)
+                target.ellipse([x - w / 3, ground - h, x + w / 3, ground - 0.78 * h], fill=fill)
+    return np.asarray(image, np.float32) / 255.0, np.asarray(mask) > 127
+
+
 def _save_jpeg(array: np.ndarray, path: Path) -> None:
     Image.fromarray((array * 255 + 0.5).astype(np.uint8)).save(path, quality=92)
 
@@ -214,12 +254,18 @@ def _generate(config: SyntheticConfig, root: Path) -> None:
         folder.mkdir(parents=True)
     strips = [_facade_strip(rng, config.street_length_m) for _ in range(config.num_streets)]
     positions = np.arange(0.0, config.street_length_m + 1e-9, config.db_spacing_m)
+    clutter_rng = np.random.default_rng([config.seed, 1])  # its own stream: the world and queries stay the same
+    if config.database_clutter:
+        (root / "database_masks").mkdir()
     for street, strip in enumerate(strips):
         for pos in positions:
             east, north = _street_utm(street, pos)
             lat, lon = _latlon(east, north)
             name = f"@{east:.2f}@{north:.2f}@{_ZONE[0]}@{_ZONE[1]}@{lat:.7f}@{lon:.7f}@st{street}_{pos:05.0f}m@.jpg"
             view = _render_view(strip, pos, 1.0, config.image_height, config.image_width)
+            if config.database_clutter:
+                view, clutter = _draw_clutter(view, clutter_rng, config.database_clutter)
+                Image.fromarray(clutter.astype(np.uint8) * 255).save(root / "database_masks" / f"{name[:-4]}.png")
             _save_jpeg(view, database / name)
     margin = config.max_query_shift_m
     for k in range(config.num_queries):
@@ -262,4 +308,5 @@ def generate_benchmark(cache_dir: str | os.PathLike, config: SyntheticConfig | N
         _generate(config, tmp)
         shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
-    return SyntheticBenchmark(root, root / "database", root / "queries", root / "masks", config)
+    clutter = root / "database_masks" if config.database_clutter else None
+    return SyntheticBenchmark(root, root / "database", root / "queries", root / "masks", config, clutter)

@@ -52,6 +52,16 @@ class EvalConfig:
         notes: Extra lines printed with the results (e.g. the demo's disclaimers).
         search: How the database is searched (method, faiss parameters, memory budget).
         precision: The model's precision, "float32", "tf32" or "bfloat16" (see attllm_jax.models.precision).
+        save_descriptors: Also write the query descriptors of every alpha to ``output_dir/descriptors``.
+        rerank: Query-expansion stages after the search (``aqe:k=5,w=0.8``, ``alpha_qe:k=5,alpha=3``; one per kind).
+        alpha_policy: None, or a query-adaptive alpha policy (``"margin"``) reported beside the fixed alphas.
+        symmetric_k: Shortlist-symmetric attention on each query's top-k database images (0 = off).
+        alpha_db: Blend factor of the database-side attention.
+        db_attention_dir: Attention files of the database images, the symmetric stage's cache (None =
+            ``output_dir/database_attention``).
+        db_masks: Water/clutter masks of the database images: the masks provider answers the images not cached
+            (None = only the cached files are used).
+        llm_cost_per_1000: Price of 1000 LLM calls for the cost model (None = no estimate).
     """
 
     database_folder: str
@@ -82,6 +92,14 @@ class EvalConfig:
     notes: tuple[str, ...] = field(default=())
     search: SearchSpec = field(default_factory=SearchSpec)
     precision: str = "float32"
+    save_descriptors: bool = False
+    rerank: tuple[str, ...] = ()
+    alpha_policy: str | None = None
+    symmetric_k: int = 0
+    alpha_db: float = 0.5
+    db_attention_dir: str | None = None
+    db_masks: str | None = None
+    llm_cost_per_1000: float | None = None
 
     @property
     def resolved_store_dir(self) -> Path | str:
@@ -143,6 +161,7 @@ class EvalConfig:
         image_size = _validate_image_size(self.image_size)
         validate_precision(self.precision, "--precision")
         self.search.validated()
+        _validate_post_search(self, recall_values)
         if self.store_dtype not in ("float32", "float16"):
             raise ValueError(f"--store_dtype must be float32 or float16, got {self.store_dtype!r}")
         for name in ("database_folder", "queries_folder"):
@@ -173,7 +192,39 @@ class EvalConfig:
             num_workers=None if self.num_workers is None else int(self.num_workers),
             num_preds_to_save=int(self.num_preds_to_save),
             max_batch_pixels=None if self.max_batch_pixels is None else int(self.max_batch_pixels),
+            rerank=tuple(self.rerank),
         )
+
+
+def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) -> None:
+    """--rerank specs parse and their k fit the predictions kept; --alpha_policy is known and has 2 predictions."""
+    from attllm_jax.retrieval.adaptive import ALPHA_POLICIES
+
+    kept = max(max(recall_values), int(config.num_preds_to_save))
+    if config.rerank:
+        from attllm_jax.retrieval.rerank import parse_reranks  # imports JAX: only when there are stages
+    for spec in parse_reranks(config.rerank) if config.rerank else ():
+        if spec.k > kept:
+            raise ValueError(
+                f"--rerank {spec.label()}: k = {spec.k} exceeds the {kept} predictions kept per query (the largest "
+                "of --recall_values and --num_preds_to_save); lower k or add a larger N to --recall_values"
+            )
+    if int(config.symmetric_k) < 0 or int(config.symmetric_k) > kept:
+        raise ValueError(
+            f"--symmetric_k must be in [0, {kept}] (the predictions kept per query: the largest of --recall_values "
+            f"and --num_preds_to_save), got {config.symmetric_k}"
+        )
+    if not (math.isfinite(float(config.alpha_db)) and 0.0 <= float(config.alpha_db) <= 1.0):
+        raise ValueError(f"--alpha_db must lie in [0, 1], got {config.alpha_db}")
+    if config.db_masks is not None and not Path(config.db_masks).is_dir():
+        raise FileNotFoundError(f"--db_masks {config.db_masks!r} is not a directory")
+    if config.llm_cost_per_1000 is not None and not float(config.llm_cost_per_1000) >= 0:
+        raise ValueError(f"--llm_cost_per_1000 must be >= 0, got {config.llm_cost_per_1000}")
+    if config.alpha_policy is not None:
+        if config.alpha_policy not in ALPHA_POLICIES:
+            raise ValueError(f"--alpha_policy must be one of {ALPHA_POLICIES}, got {config.alpha_policy!r}")
+        if kept < 2:
+            raise ValueError("--alpha_policy margin needs 2 predictions per query: add an N >= 2 to --recall_values")
 
 
 # The random-weight models without a checkpoint (built by attllm_jax.evaluation.demo.random_model).

@@ -151,9 +151,18 @@ def prepare_demo(
     return benchmark, write_oracle_attention(benchmark, benchmark.root / "attention_oracle")
 
 
-def demo_config(cache_dir: str | os.PathLike, output_dir: str | os.PathLike, **overrides) -> EvalConfig:
-    """The demo's evaluation settings (any field can be overridden, e.g. ``checkpoint`` or ``alphas``)."""
-    benchmark, attention_dir = prepare_demo(cache_dir)
+def demo_config(
+    cache_dir: str | os.PathLike, output_dir: str | os.PathLike, demo_clutter: int = 0, **overrides
+) -> EvalConfig:
+    """The demo's evaluation settings (any field can be overridden, e.g. ``checkpoint`` or ``alphas``).
+
+    ``demo_clutter``: clutter objects per database view (the benchmark's clutter variant, whose oracle masks
+    answer ``--symmetric_k``'s database attention unless ``db_masks`` is given); 0 = the default demo.
+    """
+    synthetic = SyntheticConfig(database_clutter=int(demo_clutter)) if demo_clutter else None
+    benchmark, attention_dir = prepare_demo(cache_dir, synthetic)
+    if benchmark.database_masks is not None and overrides.get("db_masks") is None:
+        overrides["db_masks"] = str(benchmark.database_masks)
     config = EvalConfig(
         database_folder=str(benchmark.database),
         queries_folder=str(benchmark.queries),

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from attllm_jax.data.dataset import GeoPair, ImageSet
@@ -22,6 +23,7 @@ from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.attention_source import QueryAttention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.extract import DatabaseExtraction
+from attllm_jax.evaluation.post_search import post_search
 from attllm_jax.evaluation.progress import setup_logging
 from attllm_jax.evaluation.report import RESULTS_FILE, EvalRun, write_eval_report
 from attllm_jax.evaluation.stages import (
@@ -181,7 +183,14 @@ def evaluate(config: EvalConfig, inputs: EvalInputs, out: Path, t_start: float) 
     queries = extract_query_descriptors(config, inputs.queries, inputs.attention, inputs.model)
     found = search(config, contents, queries, inputs.positives_all, inputs.search_plan)
     ranked = rerank(RerankInput(found, queries, contents))
-    run = EvalRun(config, inputs.sets, inputs.attention, inputs.loaded, inputs.db, contents, queries, found, ranked)
+    extra = post_search(
+        config, contents.descriptors, contents.valid, queries.descriptors, queries.valid, found.retrieval,
+        found.positives, list(inputs.queries.paths), out, inputs.plan, jax.local_devices(),
+        model=inputs.model, database_images=inputs.database,
+    )  # fmt: skip
+    run = EvalRun(
+        config, inputs.sets, inputs.attention, inputs.loaded, inputs.db, contents, queries, found, ranked, extra
+    )
     results = write_eval_report(run, out, t_start)
     return EvalResult(
         results, ranked.retrieval, contents.descriptors, queries.descriptors, ranked.positives, out, inputs.model

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from attllm_jax.evaluation.attention_source import QueryAttention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
 from attllm_jax.evaluation.extract import QueryDescriptors
 from attllm_jax.evaluation.figures import plot_recall_vs_alpha, shorten_path
+from attllm_jax.evaluation.post_search import PostSearch
 from attllm_jax.evaluation.stages import DatabaseStage, ImageSets, LoadedModel, Reranked, SearchResult
 from attllm_jax.evaluation.strips import applied_kind, save_strips
 from attllm_jax.files import atomic_write_json
@@ -46,6 +47,8 @@ class EvalRun:
         queries: Stage 5 (descriptors ``[K, Q, D]``, validity, attention applied, failures).
         search: Stage 6 (the search's retrieval and time).
         ranked: Stage 7 (the final ranking; what every file reports).
+        extra: What the optional stages after the search produced (saved descriptors, ``--rerank`` recalls,
+            ``--alpha_policy``, ``--symmetric_k``): their results.json entries, files and timings.
     """
 
     config: EvalConfig
@@ -57,6 +60,7 @@ class EvalRun:
     queries: QueryDescriptors
     search: SearchResult
     ranked: Reranked
+    extra: PostSearch = field(default_factory=PostSearch)
 
 
 def preprocessing_used(model_preprocess: dict, image_size: int | tuple[int, int] | None) -> dict[str, Any]:
@@ -225,7 +229,7 @@ def write_eval_report(run: EvalRun, out: Path, t_start: float) -> dict[str, Any]
     Returns:
         The content of results.json.
     """
-    written = write_eval_files(run, out)
+    written = write_eval_files(run, out) + list(run.extra.written)
     notes = eval_notes(run)
     results = eval_results(run, out, written, notes, time.perf_counter() - t_start)
     write_json(out / RESULTS_FILE, results)
@@ -319,6 +323,7 @@ def eval_results(run: EvalRun, out: Path, written: list[Path], notes: list[str],
         "database": run.database.extraction.seconds,
         "queries": run.queries.seconds,
         "search": run.search.seconds,
+        **run.extra.timings,
         "total": total_s,
     }
     return {
@@ -357,6 +362,7 @@ def eval_results(run: EvalRun, out: Path, written: list[Path], notes: list[str],
         "hosts": hosts.hosts_entry(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "notes": notes,
+        **run.extra.entries,
         OUTPUTS_KEY: relative_outputs(out, written),
     }
 

@@ -26,6 +26,7 @@ from attllm_jax.attention.parse import ParsedAttention, stack_attention
 from attllm_jax.evaluation.extract import aggregate_query_batch, combine_query_batch
 from attllm_jax.models.vpr import DescriptorModel, VPRModel
 from attllm_jax.ops.gem import BLENDS
+from attllm_jax.retrieval.adaptive import top_margins
 from attllm_jax.retrieval.retrieve import retrieve
 from attllm_jax.tuning.cache import QueryFeatures
 
@@ -136,6 +137,7 @@ class CachedRetrieval:
         self._models = {getattr(model.spec.architecture, "blend", "native"): model}
         self._treedefs: dict[tuple, Any] = {}
         self._memo: dict[tuple[float, float, str], np.ndarray] = {}
+        self._margins: dict[tuple[float, float, str], np.ndarray] = {}
 
     def model_for(self, blend: str):
         """The model aggregating with ``blend`` (see :func:`with_blend`)."""
@@ -172,13 +174,24 @@ class CachedRetrieval:
 
     def first_hits(self, alphas: Sequence[float], sigma: float, blend: str) -> np.ndarray:
         """``[K, Q]`` first-hit ranks (-1 = miss), each new point aggregated and searched once (memoized)."""
+        keys = self._search(alphas, sigma, blend)
+        return np.stack([self._memo[key] for key in keys])
+
+    def margins(self, alphas: Sequence[float], sigma: float, blend: str) -> np.ndarray:
+        """``[K, Q]`` top-1 minus top-2 similarity of each query's ranking (no labels; the ``--alpha_policy``
+        margin), from the same memoized searches as :meth:`first_hits`."""
+        keys = self._search(alphas, sigma, blend)
+        return np.stack([self._margins[key] for key in keys])
+
+    def _search(self, alphas: Sequence[float], sigma: float, blend: str) -> list[tuple[float, float, str]]:
+        """Aggregates and searches the points not searched yet; returns the memo keys of ``alphas``."""
         # alphas within 1e-12 share a memo entry: a computed midpoint (0.81 + 0.83) / 2 reuses the grid's 0.82
         alphas = [round(float(a), 12) for a in np.asarray(alphas, np.float64).reshape(-1)]
         keys = [(a, float(sigma), blend) for a in alphas]
         todo = sorted({a for a, key in zip(alphas, keys, strict=True) if key not in self._memo})
         dim = max(1, self.database.shape[1])
         chunk = max(1, DESCRIPTOR_BUDGET_BYTES // (4 * dim * max(1, self.num_queries)))
-        top_m = max(self.recall_values)
+        top_m = max(*self.recall_values, 2)  # two scores for the margin; recall reads only the first max(N) ranks
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             desc = self.descriptors(part, sigma, blend)
@@ -195,8 +208,9 @@ class CachedRetrieval:
             )
             for k, a in enumerate(part):
                 self._memo[(a, float(sigma), blend)] = found.first_hit[k]
+                self._margins[(a, float(sigma), blend)] = top_margins(found.scores[k])
             self.evaluations += len(part)
-        return np.stack([self._memo[key] for key in keys])
+        return keys
 
     def surrogate(self, blend: str) -> SurrogateProblem:
         """The differentiable view of the queries with attention under ``blend`` (for :mod:`.surrogate`)."""

@@ -27,6 +27,7 @@ from attllm_jax.files import atomic_write_json
 from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.ops.gem import ALPHA_OFF, BLENDS
 from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, remove_previous_outputs
+from attllm_jax.retrieval.adaptive import ALPHA_POLICIES, choose_from_margins
 from attllm_jax.retrieval.recall import recall_from_ranks
 from attllm_jax.retrieval.store import StoreContents
 from attllm_jax.tuning import cv, search
@@ -62,6 +63,8 @@ class TuneSettings:
         optax_steps: Adam steps per fold and blend.
         optax_learning_rate: Adam step size.
         temperature: Soft-rank temperature of the surrogate (standardized-score units).
+        alpha_policy: None, or a query-adaptive alpha policy (``"margin"``) compared with the best global alpha
+            on the same folds.
     """
 
     alphas: tuple[float, ...] = tuple(i / 100 for i in range(101))
@@ -79,6 +82,7 @@ class TuneSettings:
     optax_learning_rate: float = 0.05
     temperature: float = 0.1
     notes: tuple[str, ...] = field(default=())
+    alpha_policy: str | None = None
 
     def validated(self, recall_values) -> TuneSettings:
         """Checks every setting; raises ValueError naming the flag."""
@@ -105,6 +109,8 @@ class TuneSettings:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if int(self.refine_iterations) < 0:
             raise ValueError(f"--refine_iterations must be >= 0, got {self.refine_iterations}")
+        if self.alpha_policy is not None and self.alpha_policy not in ALPHA_POLICIES:
+            raise ValueError(f"--alpha_policy must be one of {ALPHA_POLICIES}, got {self.alpha_policy!r}")
         if not (self.optax_learning_rate > 0 and self.temperature > 0):
             raise ValueError("--optax_learning_rate and --temperature must be > 0")
         if self.method != "grid" and optax_start_sigma(sigmas) <= SIGMA_MIN:
@@ -221,6 +227,15 @@ def _run(config: EvalConfig, settings: TuneSettings, inputs: EvalInputs, out: Pa
         t0 = time.perf_counter()
         optax_part = _optax(source, cross.fold_of, cross.groups, cross.cv_ranks, cross.baseline, settings, n_primary)
         timings["optax"] = time.perf_counter() - t0
+
+    policy_part: dict[str, Any] = {"skipped": "no --alpha_policy"}
+    if settings.alpha_policy:
+        t0 = time.perf_counter()
+        policy_part = _alpha_policy(
+            source, cross.folds, cross.fold_of, cross.groups, cross.cv_ranks, cross.baseline, settings, n_primary
+        )
+        timings["alpha_policy"] = time.perf_counter() - t0
+
     plot_folds(
         out / FIGURE_FILE,
         source,
@@ -233,7 +248,7 @@ def _run(config: EvalConfig, settings: TuneSettings, inputs: EvalInputs, out: Pa
         f"{inputs.model.spec.describe()}, {source.num_queries} queries, {settings.folds} spatial folds",
     )
     timings["total"] = time.perf_counter() - t_start
-    result = _tuning_results(config, settings, inputs, contents, cached, grid, cross, optax_part, timings)
+    result = _tuning_results(config, settings, inputs, contents, cached, grid, cross, optax_part, policy_part, timings)
     atomic_write_json(out / TUNING_FILE, result)
     best = cross.best
     log.info(
@@ -325,6 +340,7 @@ def _tuning_results(
     grid: GridStage,
     cross: CrossValidation,
     optax_part: dict[str, Any],
+    policy_part: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """The content of tuning.json (docs/DESIGN.md section 4)."""
@@ -334,6 +350,7 @@ def _tuning_results(
         "folds": cross.folds,
         "cv": cross.summary,
         "optax": optax_part,
+        "alpha_policy": policy_part,
         "model": inputs.model.spec.to_dict(),
         "num_database": len(inputs.database),
         "num_queries": cached.source.num_queries,
@@ -405,6 +422,36 @@ def _summary(cv_ranks, baseline, groups, recall_values, n_primary, settings) -> 
         "mcnemar_p": tests[str(n_primary)]["p"],
         "mcnemar_n": n_primary,
         "mcnemar": tests,
+    }
+
+
+def _alpha_policy(source, folds, fold_of, groups, global_ranks, baseline, settings, n_primary) -> dict[str, Any]:
+    """The query-adaptive alpha on the grid's folds: each held-out query takes the grid alpha its policy picks
+    (from scores only) at the sigma and blend its fold's training chose; compared with the best global alpha of
+    the same folds (paired group bootstrap, exact McNemar) and with alpha 0."""
+    ranks = np.full(source.num_queries, -1, np.int64)
+    counts = np.zeros(len(settings.alphas), np.int64)
+    for f, fold in enumerate(folds):
+        held = np.flatnonzero(fold_of == f)
+        sigma, blend = fold["train_best"]["sigma"], fold["train_best"]["blend"]
+        choice = choose_from_margins(source.margins(settings.alphas, sigma, blend)[:, held])
+        ranks[held] = source.first_hits(settings.alphas, sigma, blend)[choice, held]
+        counts += np.bincount(choice, minlength=len(settings.alphas))
+        fold["alpha_policy_heldout_recalls"] = search.recalls_dict(ranks[held], source.recall_values)
+    summary = _summary(ranks, baseline, groups, source.recall_values, n_primary, settings)
+    vs_global = _summary(ranks, global_ranks, groups, source.recall_values, n_primary, settings)
+    return {
+        "policy": settings.alpha_policy,
+        "heldout": summary["heldout"],
+        "gain_vs_alpha0": summary["gain_vs_alpha0"],
+        "vs_global": {
+            "gain": vs_global["gain_vs_alpha0"],
+            "mcnemar_p": vs_global["mcnemar_p"],
+            "mcnemar_n": n_primary,
+            "mcnemar": vs_global["mcnemar"],
+            "note": "adaptive held-out hits minus best-global-alpha held-out hits, same folds, paired group bootstrap",
+        },
+        "alphas_chosen": {str(float(a)): int(c) for a, c in zip(settings.alphas, counts, strict=True) if c},
     }
 
 

@@ -1,0 +1,158 @@
+"""Shortlist-symmetric attention on the synthetic benchmark with database clutter (real JPEGs, the real masks
+provider through the real annotation runner): alpha_db = 0 is the plain ranking, the cache annotates each database
+image once, the cost model counts the calls made, and the clutter option leaves the default benchmark alone."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attllm_jax.attention.masks import MASKS_PROMPT, MasksProvider
+from attllm_jax.attention.runner import RunConfig
+from attllm_jax.data.dataset import load_image_set
+from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
+from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
+from attllm_jax.evaluation.demo import write_oracle_attention
+from attllm_jax.evaluation.symmetric import SymmetricSpec, run_symmetric, shortlist_rows
+
+TINY = SyntheticConfig(
+    num_streets=3, street_length_m=60.0, num_queries=10, image_height=72, image_width=96, seed=5, database_clutter=3
+)
+
+
+class CountingMasks(MasksProvider):
+    """The masks provider, counting the images it is asked about."""
+
+    def __init__(self, masks_dir):
+        super().__init__(masks_dir)
+        self.asked: list[str] = []
+
+    def generate(self, request, stop=None, on_attempt=None):
+        self.asked.append(request.image_path)
+        return super().generate(request, stop, on_attempt)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sym")
+    bench = generate_benchmark(root / "cache", TINY)
+    config = EvalConfig(
+        database_folder=str(bench.database),
+        queries_folder=str(bench.queries),
+        output_dir=str(root / "out"),
+        attention_dir=str(write_oracle_attention(bench, root / "attention")),
+        alphas=(0.0, 1.0),
+        recall_values=(1, 5, 10),
+        image_size=64,
+    )
+    model = random_cosplace_model(0)
+    return bench, config, model, run_evaluation(config, model=model), root
+
+
+def _run(setup, spec, provider):
+    bench, config, model, result, _ = setup
+    database = load_image_set(bench.database)
+    run_config = RunConfig(city="unknown", prompt=MASKS_PROMPT, workers=2)
+    return run_symmetric(
+        spec, model, database, result.database_descriptors, result.query_descriptors, result.retrieval,
+        result.positives, provider, run_config, batch_size=8, image_size=64,
+    )  # fmt: skip
+
+
+def test_alpha_db_zero_is_the_plain_ranking(setup, tmp_path):
+    bench, _, _, result, _ = setup
+    found, costs = _run(setup, SymmetricSpec(5, 0.0, str(tmp_path / "att")), MasksProvider(bench.database_masks))
+    assert costs["with_attention"] == costs["unique_database_images_annotated"] > 0
+    np.testing.assert_array_equal(found.predictions, result.retrieval.predictions)
+    np.testing.assert_array_equal(found.recalls, result.retrieval.recalls)
+
+
+def test_each_database_image_is_annotated_once_and_the_costs_count_the_calls(setup, tmp_path):
+    bench, _, _, result, _ = setup
+    spec = SymmetricSpec(5, 0.8, str(tmp_path / "att"), cost_per_1000_calls=2.5)
+    provider = CountingMasks(bench.database_masks)
+    found, costs = _run(setup, spec, provider)
+    rows = shortlist_rows(result.retrieval.predictions, 5)
+    num_alphas, num_queries = result.query_descriptors.shape[:2]
+    assert len(rows) < num_alphas * num_queries * 5  # shortlists overlap: the cache is what makes one call each
+    assert sorted(provider.asked) == sorted({load_image_set(bench.database).paths[i] for i in rows})
+    assert len(provider.asked) == len(set(provider.asked)) == len(rows)
+    assert len(list((tmp_path / "att").glob("@*.json"))) == len(rows)
+    assert costs["llm_calls"] == len(rows) == costs["unique_database_images_annotated"]
+    assert costs["estimated_cost"] == pytest.approx(len(rows) / 1000 * 2.5)
+    assert costs["full_symmetric"] == {"llm_calls": 21, "estimated_cost": pytest.approx(21 / 1000 * 2.5)}
+    assert costs["projection"]["llm_calls_at_most"] == min(1_000_000, 1000 * 5 * num_alphas)
+    assert costs["extra_backbone_passes"] == len(rows) and costs["reused_from_cache"] == 0
+    # ranks beyond the shortlist are untouched, the shortlist is a permutation of itself
+    np.testing.assert_array_equal(found.predictions[..., 5:], result.retrieval.predictions[..., 5:])
+    np.testing.assert_array_equal(np.sort(found.predictions[..., :5]), np.sort(result.retrieval.predictions[..., :5]))
+    shortlist = found.scores[..., :5]
+    assert (np.diff(shortlist, axis=-1) <= 0).all()  # re-sorted by the new scores
+    before = np.sort(result.retrieval.scores[..., :5], axis=-1)
+    assert np.abs(np.sort(shortlist, axis=-1) - before).max() > 1e-6  # the database attention changed the scores
+
+    again = CountingMasks(bench.database_masks)
+    found2, costs2 = _run(setup, spec, again)
+    assert again.asked == [] and costs2["llm_calls"] == 0 and costs2["reused_from_cache"] == len(rows)
+    np.testing.assert_array_equal(found2.predictions, found.predictions)
+
+
+def test_eval_writes_the_stage_and_its_costs(setup, tmp_path):
+    bench, config, model, result, _ = setup
+    symmetric = replace(
+        config,
+        output_dir=str(tmp_path / "out"),
+        symmetric_k=5,
+        alpha_db=0.8,
+        db_masks=str(bench.database_masks),
+        db_attention_dir=str(tmp_path / "att"),
+    )
+    res = run_evaluation(symmetric, model=model).results
+    stage = res["symmetric"]
+    assert stage["params"] == {"k": 5, "alpha_db": 0.8}
+    assert list(stage["recalls"]) == list(res["recalls"]) and stage["recalls_before"] == res["recalls"]
+    assert stage["cost"]["llm_calls"] == len(list((tmp_path / "att").glob("@*.json")))
+    assert stage["cost"]["estimated_cost"] is None  # no price given, no made-up cost
+    with pytest.raises(ValueError, match=r"--symmetric_k must be in \[0, 10\]"):
+        run_evaluation(replace(symmetric, symmetric_k=11), model=object())
+
+
+def test_clutter_draws_objects_with_their_masks_and_leaves_the_default_alone(setup, tmp_path):
+    bench = setup[0]
+    plain = generate_benchmark(tmp_path, replace(TINY, database_clutter=0))
+    assert plain.database_masks is None and SyntheticConfig().digest() == "0ea7dcaab4db36f7"
+    masks = sorted(bench.database_masks.glob("*.png"))
+    assert len(masks) == len(list(bench.database.glob("*.jpg"))) == 21
+    clutter = np.stack([np.asarray(Image.open(m)) > 127 for m in masks])
+    assert 0.005 < clutter.mean() < 0.3  # some of every view, never most of it
+    name = masks[0].stem + ".jpg"
+    dirty = np.asarray(Image.open(bench.database / name), np.float32)
+    clean = np.asarray(Image.open(plain.database / name), np.float32)
+    changed = np.abs(dirty - clean).max(-1) > 40
+    assert changed[~clutter[0]].mean() < 0.01 and changed[clutter[0]].mean() > 0.3  # drawn where the mask says
+    for folder in ("queries", "masks"):  # the queries are the same world with or without clutter
+        a, b = sorted((bench.root / folder).iterdir()), sorted((plain.root / folder).iterdir())
+        assert [p.name for p in a] == [p.name for p in b] and a[0].read_bytes() == b[0].read_bytes()
+    assert json.loads((bench.root / "meta.json").read_text())["config"]["database_clutter"] == 3
+
+
+def test_an_image_the_provider_cannot_answer_keeps_its_plain_descriptor_and_is_counted(setup, tmp_path):
+    bench, _, _, result, _ = setup
+    rows = shortlist_rows(result.retrieval.predictions, 2)
+    database = load_image_set(bench.database)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    missing = database.paths[int(rows[0])]
+    for mask in bench.database_masks.glob("*.png"):
+        if mask.stem != missing[:-4]:
+            (masks / mask.name).write_bytes(mask.read_bytes())
+    found, costs = _run(setup, SymmetricSpec(2, 1.0, str(tmp_path / "att")), MasksProvider(masks))
+    assert costs["failed"] == 1 and costs["llm_calls"] == len(rows)  # asked, not answered
+    assert costs["with_attention"] == len(rows) - 1
+    assert not (tmp_path / "att" / f"{missing[:-4]}.json").exists()  # nothing cached: asked again next run
+    # its re-scored entries use the store's descriptor: the score of the first search
+    k, q, r = [int(v[0]) for v in np.nonzero(found.predictions[..., :2] == rows[0])]
+    want = float(result.query_descriptors[k, q] @ result.database_descriptors[rows[0]])
+    assert found.scores[k, q, r] == pytest.approx(want, abs=1e-5)
