@@ -27,7 +27,11 @@ ALPHA = 0.5
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """A small benchmark, its eval run at alpha 0 and 0.5, and the photos renamed without coordinates."""
-    root = tmp_path_factory.mktemp("localize")
+    return make_bench(tmp_path_factory.mktemp("localize"))
+
+
+def make_bench(root: Path) -> dict:
+    """The content of the ``bench`` fixture, built under ``root``."""
     benchmark, attention = prepare_demo(root / "cache", SMALL)
     store = root / "store"
     config = EvalConfig(
@@ -125,8 +129,8 @@ def test_calibrate_with_an_eval_run_gives_a_calibrated_confidence(bench, tmp_pat
     assert correct.mean() == pytest.approx(bench["eval"].retrieval.recalls[k, 0] / 100.0)
 
 
-def _cli(*args, timeout=600, **popen):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+def _cli(*args, env_extra=None, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.localize", *args],
         cwd=REPO,

@@ -123,7 +123,7 @@ class LocalizeSettings:
             raise FileNotFoundError(f"--images {self.images!r} is not a directory")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise FileNotFoundError(f"--calibration {self.calibration!r} is not a file")
-        self.eval_config().validated()
+        replace(self.eval_config(), attention_dir=self.attention_dir).validated()  # OUT/attention: made later
         return replace(self, alpha=float(self.alpha), top_k=int(self.top_k))
 
     @property

@@ -55,6 +55,8 @@ class AskSettings:
         if self.source.provider in ("gemini", "openai") and (self.city or "unknown") == "unknown":
             raise ValueError(f"--provider {self.source.provider} needs --city (the city named in the prompt)")
         self.run_config()  # the prompt id and city
+        if self.asks:
+            make_answer_source(self.source).close()  # a missing key, model or masks folder: before any work
         return self
 
     @property
@@ -150,7 +152,8 @@ class AttentionStream:
         self._ready.put((photo, error))
 
     def take(self, want: int, poll_s: float = 0.05) -> list[tuple[str, str | None]]:
-        """Waits until ``want`` photos are ready (or every remaining one, or the run has ended); returns them.
+        """Waits until ``want`` photos have their answers stored (or no other answer is coming); returns them, and
+        the photos whose request failed meanwhile.
 
         Returns:
             ``(photo, error)`` pairs: ``error`` None when the photo's answer is stored, else why it is not
@@ -160,9 +163,11 @@ class AttentionStream:
             Whatever ended the annotation run abnormally (e.g. an unwritable answer folder).
         """
         got: list[tuple[str, str | None]] = []
-        while len(got) < want and self.pending - len(got) > 0:
+        answered = 0
+        while answered < want and self.pending - len(got) > 0:
             try:
                 got.append(self._ready.get(timeout=poll_s))
+                answered += got[-1][1] is None
                 continue
             except queue.Empty:
                 pass
