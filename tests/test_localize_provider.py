@@ -4,20 +4,23 @@ The LLM is tests/llm_server.py, reached through the real google-genai and openai
 delay, so concurrency shows in its request log."""
 
 import csv
+import io
 import json
 import os
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from attllm_jax.attention import store
 from attllm_jax.attention.sources import SourceSettings
 from attllm_jax.evaluation.demo import DEMO_IMAGE_SIZE
 from attllm_jax.localization import LocalizeSettings, localize
 from attllm_jax.localization.ask import AskSettings
-from attllm_jax.localization.writers import CSV_FILE, LATENCY_STAGES
+from attllm_jax.localization.writers import CSV_FILE, LATENCY_STAGES, csv_text
 from attllm_jax.outputs import OutputLockError
+from attllm_jax.retrieval.positives import haversine_m
 from attllm_jax.tuning.search import Choice, Setting
 from tests.llm_server import LLMServer, error_reply, text_reply
 from tests.test_localize import _cli, _one_error, _settings, make_bench
@@ -182,3 +185,34 @@ def test_tuning_and_blend_are_validated_with_one_clear_line(tmp_path):
     line = _one_error(_cli(*base, "--provider", "gemini"))
     assert "--provider gemini needs --city" in line
     assert not (tmp_path / "out").exists()
+
+
+def _with_gps(jpeg: bytes, lat: float, lon: float) -> bytes:
+    """``jpeg`` with a GPS EXIF segment inserted after its start marker: the same compressed pixels."""
+    from tests.test_localize_units import _rational
+
+    exif = Image.Exif()
+    gps = exif.get_ifd(0x8825)
+    gps.update({1: "S" if lat < 0 else "N", 2: _rational(abs(lat)), 3: "W" if lon < 0 else "E", 4: _rational(abs(lon))})
+    payload = exif.tobytes()  # starts with b"Exif\0\0"
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+@pytest.mark.slow
+def test_exif_gps_is_reported_as_claimed_and_never_moves_the_estimate(bench, tmp_path):
+    rio = (-22.906847, -43.172897)  # far from the database's city: wrong metadata, as in a reposted photo
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    data = (bench["photos"] / "p0.jpg").read_bytes()
+    (photos / "plain.jpg").write_bytes(data)
+    (photos / "tagged.jpg").write_bytes(_with_gps(data, *rio))
+    settings = LocalizeSettings(**{**vars(_settings(bench, tmp_path / "out")), "images": str(photos)})
+    run = localize(settings, model=bench["model"])
+    plain, tagged = run.photos
+    assert plain.claimed is None and plain.claimed_distance_m is None
+    assert tagged.claimed == pytest.approx(rio, abs=1e-6)
+    assert (tagged.lat, tagged.lon, tagged.matches) == (plain.lat, plain.lon, plain.matches)
+    expected = haversine_m(rio[0], rio[1], tagged.lat, tagged.lon)
+    assert tagged.claimed_distance_m == pytest.approx(expected, rel=1e-9) and expected > 5e6
+    row = next(r for r in csv.DictReader(io.StringIO(csv_text(run.photos))) if r["photo"] == "tagged.jpg")
+    assert (float(row["claimed_lat"]), float(row["claimed_lon"])) == pytest.approx(rio, abs=1e-6)

@@ -392,7 +392,7 @@ def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list
     s, config = ctx.settings, ctx.config
     images = ImageSet(root=Path(s.images), paths=tuple(chunk), locations=(Location(),) * len(chunk))
     t0 = time.perf_counter()
-    attention = load_query_attention(images, s.answers_dir)
+    attention = load_query_attention(images, s.answers_dir, list_unused=False)
     t1 = time.perf_counter()
     ctx.model.take()
     q = extract_queries(

@@ -7,7 +7,7 @@ stores it (``<photo stem>.json``, ``annotate_summary.json``). The run goes on in
 :func:`attllm_jax.localization.api.localize` extracts and searches the photos whose answers are already stored,
 so throughput is bounded by ``min(workers / LLM latency, qpm / 60, backbone rate)``, not by one LLM call at a
 time. A photo whose answer is already stored (an earlier run, a killed one) is not asked again; a photo whose
-request failed is skipped with the reason and asked again by the next run. Design: docs/DESIGN.md section 14.
+request failed is skipped with the reason and asked again by the next run. Design: docs/DESIGN.md section 13.
 """
 
 from __future__ import annotations
