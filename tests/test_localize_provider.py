@@ -1,4 +1,5 @@
-"""attllm-localize asking attention on the fly (--provider), the blend from tune (--tuning), the output-folder lock.
+"""attllm-localize asking attention on the fly (--provider), the blend from tune (--tuning), the output-folder lock,
+EXIF positions reported as claimed.
 
 The LLM is tests/llm_server.py, reached through the real google-genai and openai clients; it answers after a fixed
 delay, so concurrency shows in its request log."""
@@ -182,8 +183,11 @@ def test_tuning_and_blend_are_validated_with_one_clear_line(tmp_path):
     (tmp_path / "other.json").write_text('{"grid": []}')
     assert "no 'best' entry" in _one_error(_cli(*base, "--tuning", str(tmp_path / "other.json")))
     assert "--blend" in _one_error(_cli(*base, "--blend", "sideways"))
-    line = _one_error(_cli(*base, "--provider", "gemini"))
-    assert "--provider gemini needs --city" in line
+    assert "--provider gemini needs --city" in _one_error(_cli(*base, "--provider", "gemini"))
+    assert "needs --llm_model" in _one_error(_cli(*base, "--provider", "openai", "--city", "Porto"))
+    assert "needs --masks" in _one_error(_cli(*base, "--provider", "masks"))
+    line = _one_error(_cli(*base, "--provider", "none", "--attention_dir", str(tmp_path)))
+    assert "--attention_dir" in line and "--provider" in line and "not both" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -54,6 +54,10 @@ class AskSettings:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.source.provider in ("gemini", "openai") and (self.city or "unknown") == "unknown":
             raise ValueError(f"--provider {self.source.provider} needs --city (the city named in the prompt)")
+        if self.source.provider == "openai" and not self.source.model:
+            raise ValueError("--provider openai needs --llm_model (the served model's name)")
+        if self.source.provider == "masks" and not self.source.masks:
+            raise ValueError("--provider masks needs --masks (the folder of water masks, <stem>.png, 255 = water)")
         self.run_config()  # the prompt id and city
         if self.asks:
             make_answer_source(self.source).close()  # a missing key, model or masks folder: before any work
