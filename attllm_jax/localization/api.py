@@ -36,6 +36,7 @@ from attllm_jax.localization.exif import read_exif_gps
 from attllm_jax.localization.geo import database_positions, database_zone, to_latlon
 from attllm_jax.localization.results import Match, PhotoResult
 from attllm_jax.localization.timing import TimedModel
+from attllm_jax.models.blend import with_blend
 from attllm_jax.ops.gem import BLENDS
 from attllm_jax.outputs import OutputLock
 from attllm_jax.retrieval.positives import haversine_m
@@ -343,8 +344,6 @@ def load_localize_model(config: EvalConfig, blend: str, model=None):
     Raises:
         ValueError: a blend the model's family does not offer (only CosPlace / EigenPlaces have "uniform").
     """
-    from attllm_jax.tuning.evaluate import with_blend
-
     model = model if model is not None else load_eval_model(config)
     model = model.wrapped if isinstance(model, TimedModel) else model
     return with_blend(model, blend)
