@@ -307,6 +307,9 @@ def test_watch_picks_up_a_new_photo_and_ignores_a_half_written_file(bench, tmp_p
         assert _features(out) == ["first.jpg", "second.jpg"]
         summary = json.loads((out / "localize_summary.json").read_text())
         assert summary["skipped"] == []  # the half-written file was not read (so not counted as unreadable)
+        # a second run on the folder the watcher holds is refused with one line naming the watcher
+        line = _one_error(_cli(*[a for a in args if a != "--watch"]))
+        assert f"output folder {out} is in use by localize pid {proc.pid}" in line
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
