@@ -120,7 +120,7 @@ def test_cli_openai_provider_with_tuning_writes_stage_latencies(bench, tmp_path)
             "--store_dir", str(bench["store"]), "--image_size", str(DEMO_IMAGE_SIZE), "--top_k", "5",
             "--output_dir", str(out),
             "--provider", "openai", "--llm_model", "qwen-vl", "--base_url", f"{server.url}/v1", "--city", "Lisbon",
-            "--qpm", "0", "--workers", "3", "--tuning", str(tuning),
+            "--qpm", "300", "--workers", "3", "--tuning", str(tuning),
         ]  # fmt: skip
         proc = _cli(*args, env_extra={"OPENAI_API_KEY": "sk-test-local"})
         try:
@@ -129,6 +129,9 @@ def test_cli_openai_provider_with_tuning_writes_stage_latencies(bench, tmp_path)
             proc.kill()
         assert proc.returncode == 0, stderr
         assert len(server.seen) == len(bench["names"]) + 1 and all(s.api == "openai" for s in server.seen)
+        arrivals = sorted(s.time for s in server.seen)  # --qpm 300: one slot per 0.2 s for all workers together
+        assert arrivals[-1] - arrivals[0] >= 0.2 * (len(arrivals) - 1) - 0.1
+        assert _max_in_flight(server.seen, 0.5) >= 2  # yet several requests in flight (each takes 0.5 s)
     summary = json.loads((out / "localize_summary.json").read_text())
     assert (summary["settings"]["alpha"], summary["settings"]["sigma"], summary["settings"]["blend"]) == (
         0.3,

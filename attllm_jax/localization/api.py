@@ -278,6 +278,8 @@ def localize(
 
 
 def _localize_claimed(settings, config, model, photos, database, zone, t_start) -> LocalizeRun:
+    """:func:`localize` once the output folder is held: model, settings key, the database store, then the photos
+    not yet done, chunk by chunk (with ``settings.ask``: as their answers arrive), each result written at once."""
     out = Path(settings.output_dir)
     planar, latlon = database_positions(database, zone)
     calibration = load_calibration(settings.calibration) if settings.calibration else None
