@@ -26,13 +26,13 @@ from pathlib import Path
 
 from absl import app, flags
 
-from attllm_jax.attention import masks, prompts, providers, runner
+from attllm_jax.attention import masks, prompts, providers, runner, sources
 from attllm_jax.evaluation.progress import Progress
 from attllm_jax.logs import LogFileHandler
 from experiments import cli
 
 FLAGS = flags.FLAGS
-_PROVIDERS = ("gemini", "openai", "files", "masks")
+_PROVIDERS = sources.SOURCES
 
 flags.DEFINE_string("images", None, "Folder of query photos (searched recursively).", required=True)
 flags.DEFINE_string("output_dir", None, "Folder for the attention files, summary and log.", required=True)
@@ -93,41 +93,26 @@ flags.register_multi_flags_validator(
 
 def make_provider() -> providers.AnswerSource:
     """The provider the flags ask for. Raises ValueError with a one-line message on bad settings."""
-    retry = providers.RetryPolicy(
-        max_attempts=FLAGS.max_attempts, initial_delay_s=FLAGS.initial_backoff_s, max_delay_s=FLAGS.max_backoff_s
-    )
-    limiter = providers.RateLimiter(FLAGS.qpm, 60.0)
-    sampling = {"temperature": FLAGS.temperature, "top_p": FLAGS.top_p, "max_output_tokens": FLAGS.max_output_tokens}
-    if FLAGS.provider == "gemini":
-        return providers.GeminiProvider(
-            model=FLAGS.model or "gemini-2.5-flash",
+    return sources.make_answer_source(
+        sources.SourceSettings(
+            provider=FLAGS.provider,
+            model=FLAGS.model,
             base_url=FLAGS.base_url,
             api_version=FLAGS.api_version,
             timeout_s=FLAGS.timeout_s,
+            qpm=FLAGS.qpm,
+            max_attempts=FLAGS.max_attempts,
+            initial_backoff_s=FLAGS.initial_backoff_s,
+            max_backoff_s=FLAGS.max_backoff_s,
+            temperature=FLAGS.temperature,
+            top_p=FLAGS.top_p,
+            max_output_tokens=FLAGS.max_output_tokens,
             thinking_budget=FLAGS.thinking_budget,
             json_mode=FLAGS.json_mode,
-            retry=retry,
-            limiter=limiter,
-            **sampling,
+            masks=FLAGS.masks,
+            source_dir=FLAGS.source_dir,
         )
-    if FLAGS.provider == "openai":
-        if not FLAGS.model:
-            raise ValueError("--provider openai needs --model (the served model's name)")
-        return providers.OpenAIProvider(
-            model=FLAGS.model,
-            base_url=FLAGS.base_url,
-            timeout_s=FLAGS.timeout_s,
-            retry=retry,
-            limiter=limiter,
-            **sampling,
-        )
-    if FLAGS.provider == "masks":
-        if not FLAGS.masks:
-            raise ValueError("--provider masks needs --masks (the folder of water masks, e.g. O/masks/level_0.4)")
-        return masks.MasksProvider(FLAGS.masks)
-    if not FLAGS.source_dir:
-        raise ValueError("--provider files needs --source_dir (the folder of attention files to read)")
-    return providers.ExistingAnswers(FLAGS.source_dir)
+    )
 
 
 class ProgressLines:

@@ -9,6 +9,12 @@ without coordinates (photo_NNN.jpg) with their oracle attention. A real run:
 writes OUT/localizations.geojson, OUT/localizations.csv, OUT/localizations.kml, OUT/localize_summary.json,
 OUT/localize.log and one OUT/photos/<photo>.json per photo (a rerun with the same settings skips those).
 Calibrate first from a labelled eval run: --calibrate_with EVAL_OUT (or attllm-eval --calibration_out C.json).
+
+Attention on the fly instead of --attention_dir: --provider gemini|openai|masks|none asks each photo's attention
+through annotate's providers and request policy (--qpm, --workers requests in flight, retries), stores the answers
+in OUT/attention as attllm-annotate does (a rerun does not ask again), and localizes the photos whose answers are
+in while the other requests are in flight. The blend: --alpha/--sigma/--blend, or --tuning OUT/tuning.json (what
+attllm-tune chose). One run per output folder: a second one is refused, naming the holder.
 """
 
 from __future__ import annotations
@@ -44,6 +50,25 @@ flags.DEFINE_string(
 )
 flags.DEFINE_float("alpha", None, "Attention blend factor in [0, 1] (default 0.5 with attention, else 0).")
 flags.DEFINE_float("sigma", 0.2, "RBF width of point attention maps.")
+flags.DEFINE_enum("blend", "native", ["native", "uniform"], "Attention blend (uniform: CosPlace/EigenPlaces only).")
+flags.DEFINE_string(
+    "tuning", None, "tuning.json written by attllm-tune: take its best alpha, sigma and blend (not with those flags)."
+)
+flags.DEFINE_enum(
+    "provider",
+    None,
+    ["gemini", "openai", "masks", "none"],
+    "Ask each photo's attention on the fly (stored in OUT/attention as annotate stores it); none: no attention.",
+)
+flags.DEFINE_string("city", None, "--provider gemini/openai: the city named in the prompt.")
+flags.DEFINE_string("llm_model", None, "--provider: model asked (default gemini-2.5-flash; required for openai).")
+flags.DEFINE_string("base_url", None, "--provider: endpoint instead of the provider's default (proxy, local server).")
+flags.DEFINE_string("prompt", "axis_focus", "--provider gemini/openai: prompt id (as attllm-annotate --prompt).")
+flags.DEFINE_string("masks", None, "--provider masks: folder of water masks (<stem>.png, 255 = water).")
+flags.DEFINE_integer("workers", 8, "--provider: requests in flight at once (within --qpm).", lower_bound=1)
+flags.DEFINE_float("qpm", 60.0, "--provider: requests per minute, retries included (0: no limit).", lower_bound=0)
+flags.DEFINE_float("timeout_s", 60.0, "--provider: total deadline of each request, seconds.", lower_bound=0.001)
+flags.DEFINE_integer("max_attempts", 5, "--provider: attempts per photo on 429/5xx/timeouts.", lower_bound=1)
 flags.DEFINE_integer("top_k", 10, "Database candidates kept per photo.")
 flags.DEFINE_enum(
     "estimator",
@@ -103,7 +128,12 @@ def settings_from_flags():
         fail("localize", "give --images, --database_folder and --output_dir (or none of them, for the demo)", True)
     else:
         image_size = flagdefs.image_size()
-    alpha = FLAGS.alpha if FLAGS.alpha is not None else (0.5 if attention else 0.0)
+    ask = ask_from_flags()
+    if ask is not None:
+        if FLAGS.attention_dir:
+            fail("localize", "give --attention_dir (stored answers) or --provider (ask on the fly), not both", True)
+        attention = None
+    alpha, sigma, blend = blend_from_flags(attention is not None or (ask is not None and ask.asks))
     return LocalizeSettings(
         images=images,
         output_dir=output,
@@ -118,7 +148,9 @@ def settings_from_flags():
         image_size=image_size,
         attention_dir=attention,
         alpha=alpha,
-        sigma=FLAGS.sigma,
+        sigma=sigma,
+        blend=blend,
+        ask=ask,
         top_k=FLAGS.top_k,
         estimator=FLAGS.estimator,
         cluster_radius_m=FLAGS.cluster_radius,
@@ -130,18 +162,48 @@ def settings_from_flags():
     )
 
 
+def ask_from_flags():
+    """The :class:`~attllm_jax.localization.ask.AskSettings` of --provider and its flags, or None."""
+    if FLAGS.provider is None:
+        return None
+    from attllm_jax.attention.sources import SourceSettings
+    from attllm_jax.localization.ask import AskSettings
+
+    source = SourceSettings(
+        provider=FLAGS.provider,
+        model=FLAGS.llm_model,
+        base_url=FLAGS.base_url,
+        timeout_s=FLAGS.timeout_s,
+        qpm=FLAGS.qpm,
+        max_attempts=FLAGS.max_attempts,
+        masks=FLAGS.masks,
+    )
+    return AskSettings(source, city=FLAGS.city or "unknown", prompt=FLAGS.prompt, workers=FLAGS.workers)
+
+
+def blend_from_flags(with_attention: bool) -> tuple[float, float, str]:
+    """``(alpha, sigma, blend)``: from --tuning, or from --alpha (default 0.5 with attention, else 0), --sigma and
+    --blend; one error line for --tuning given with any of those or a bad tuning file."""
+    if FLAGS.tuning is None:
+        alpha = FLAGS.alpha if FLAGS.alpha is not None else (0.5 if with_attention else 0.0)
+        return alpha, FLAGS.sigma, FLAGS.blend
+    given = [f"--{name}" for name in ("alpha", "sigma", "blend") if FLAGS[name].present]
+    if given:
+        fail("localize", f"--tuning sets alpha, sigma and blend: give it or {', '.join(given)}, not both", True)
+    from attllm_jax.tuning.choice import read_tuned_setting
+
+    try:
+        setting, _ = read_tuned_setting(FLAGS.tuning)
+    except (ValueError, FileNotFoundError) as error:
+        fail("localize", str(error))
+    return setting.alpha, setting.sigma, setting.blend
+
+
 def main(argv):
     if len(argv) > 1:
         fail("localize", f"unexpected arguments: {argv[1:]}", usage=True)
-    from dataclasses import replace
-
-    from attllm_jax.data.coordinates import CoordinateError
-    from attllm_jax.data.dataset import PathListError
-    from attllm_jax.evaluation.pipeline import ModelLoadError
-    from attllm_jax.evaluation.progress import setup_logging
     from attllm_jax.localization import api
-    from attllm_jax.localization.calibrate_eval import calibrate_from_eval
-    from attllm_jax.retrieval.store import StoreError
+    from attllm_jax.outputs import OutputLockError, check_free
 
     settings = settings_from_flags()
     try:
@@ -152,10 +214,34 @@ def main(argv):
 
         database = load_image_set(settings.database_folder, settings.convention, settings.database_csv)
         database_zone(database, settings.utm_zone)  # one line before any work when no zone is known
-    except (ValueError, FileNotFoundError) as error:
+        check_free(settings.output_dir, "localize")
+    except (ValueError, FileNotFoundError, OutputLockError) as error:
         fail("localize", str(error))
-    out = api.claim_output_dir(settings.output_dir)
+    try:
+        lock = api.claim_output_dir(settings.output_dir)  # the run's one claim of the folder, held to the end
+    except OutputLockError as error:
+        fail("localize", str(error))
+    try:
+        _run_locked(settings, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(settings, lock) -> None:
+    """The run, with the output folder held by ``lock``."""
+    from dataclasses import replace
+
+    from attllm_jax.data.coordinates import CoordinateError
+    from attllm_jax.data.dataset import PathListError
+    from attllm_jax.evaluation.pipeline import ModelLoadError
+    from attllm_jax.evaluation.progress import setup_logging
+    from attllm_jax.localization import api
+    from attllm_jax.localization.calibrate_eval import calibrate_from_eval
+    from attllm_jax.retrieval.store import StoreError
+
+    out = lock.directory
     setup_logging(out / "localize.log")
+    lock.log_takeover()
     try:
         if FLAGS.calibrate_with:
             calibration = calibrate_from_eval(
@@ -168,9 +254,9 @@ def main(argv):
             calibration.save(out / "calibration.json")
             settings = replace(settings, calibration=str(out / "calibration.json"))
         if FLAGS.watch:
-            _watch(settings, out)
+            _watch(settings, out, lock)
             return
-        run = api.localize(settings)
+        run = api.localize(settings, lock=lock)
     except (CoordinateError, PathListError, ModelLoadError, StoreError, ValueError, FileNotFoundError) as error:
         fail("localize", str(error))
     _write_all(out, run, settings)
@@ -191,21 +277,20 @@ def _write_all(out, run, settings) -> None:
     write_report(out, run, settings, FLAGS.basemap_url)
 
 
-def _watch(settings, out) -> None:
+def _watch(settings, out, lock) -> None:
     """Localizes settled new photos every --poll seconds with one loaded model, rewriting the outputs atomically."""
     import time
 
-    from attllm_jax.evaluation.pipeline import load_eval_model
     from attllm_jax.localization import api
 
-    model = load_eval_model(settings.eval_config())
+    model = api.load_localize_model(settings.eval_config(), settings.blend)
     settled, done = api.SettledFiles(FLAGS.settle), None
     print(f"watching {settings.images} (Ctrl-C to stop)", flush=True)
     try:
         while True:
             ready = settled.poll(settings.images, settings.output_dir)
             if ready and ready != done:
-                run = api.localize(settings, model=model, photos=ready)
+                run = api.localize(settings, model=model, photos=ready, lock=lock)
                 _write_all(out, run, settings)
                 done = ready
                 print(f"{len(run.photos)} photos localized ({run.computed} new)", flush=True)

@@ -27,7 +27,11 @@ ALPHA = 0.5
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """A small benchmark, its eval run at alpha 0 and 0.5, and the photos renamed without coordinates."""
-    root = tmp_path_factory.mktemp("localize")
+    return make_bench(tmp_path_factory.mktemp("localize"))
+
+
+def make_bench(root: Path) -> dict:
+    """The content of the ``bench`` fixture, built under ``root``."""
     benchmark, attention = prepare_demo(root / "cache", SMALL)
     store = root / "store"
     config = EvalConfig(
@@ -125,8 +129,8 @@ def test_calibrate_with_an_eval_run_gives_a_calibrated_confidence(bench, tmp_pat
     assert correct.mean() == pytest.approx(bench["eval"].retrieval.recalls[k, 0] / 100.0)
 
 
-def _cli(*args, timeout=600, **popen):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+def _cli(*args, env_extra=None, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.localize", *args],
         cwd=REPO,
@@ -303,6 +307,9 @@ def test_watch_picks_up_a_new_photo_and_ignores_a_half_written_file(bench, tmp_p
         assert _features(out) == ["first.jpg", "second.jpg"]
         summary = json.loads((out / "localize_summary.json").read_text())
         assert summary["skipped"] == []  # the half-written file was not read (so not counted as unreadable)
+        # a second run on the folder the watcher holds is refused with one line naming the watcher
+        line = _one_error(_cli(*[a for a in args if a != "--watch"]))
+        assert f"output folder {out} is in use by localize pid {proc.pid}" in line
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)

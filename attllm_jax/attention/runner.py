@@ -236,12 +236,15 @@ class _Run:
             log.error("stopping the run: %s", reason)
         self.stop.set()
 
-    def work(self, todo: queue.Queue, on_done: Callable[[], None]) -> None:
+    def work(self, todo: queue.Queue, on_done: Callable[[str, str | None], None]) -> None:
+        """Asks about images from ``todo`` until it is empty or the run stops; ``on_done(image, error)`` after each
+        image whose outcome is recorded (``error`` None when its attention file was written)."""
         while not self.stop.is_set():
             try:
                 image = todo.get_nowait()
             except queue.Empty:
                 return
+            error = None
             try:
                 request = self.request(image)
                 response = self.provider.generate(request, self.stop, self.count_attempt)
@@ -249,14 +252,17 @@ class _Run:
                 return  # counted as not started
             except (ProviderError, ValueError, OSError) as e:
                 self.record_failure(image, e)
+                error = str(e)
             except Exception as e:  # noqa: BLE001 - one bad image must not kill the run
                 self.record_failure(image, ProviderError(f"{type(e).__name__}: {e}"))
+                error = f"{type(e).__name__}: {e}"
             else:
                 try:
                     self.record_answer(image, response)
                 except OSError as e:  # the output folder cannot take the file: a full disk, a read-only folder
                     self.abort(f"cannot write {e.filename or self.output_dir} ({e.strerror or e}): {OUTPUT_HINT}")
-            on_done()
+                    error = f"cannot write its attention file: {e.strerror or e}"
+            on_done(image, error)
 
 
 def _plan(images: list[str], output_dir: Path, retry_invalid: bool, summary: Summary) -> list[str]:
@@ -286,6 +292,8 @@ def annotate_folder(
     config: RunConfig,
     progress: Callable[[Summary, float, bool], None] | None = None,
     images: list[str] | None = None,
+    on_image: Callable[[str, str | None], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Summary:
     """Asks ``provider`` about every image of ``images_dir`` that has no usable attention file yet.
 
@@ -298,6 +306,11 @@ def annotate_folder(
         progress: called as ``progress(summary, elapsed_s, final)`` once before the first request, after each
             image, and once at the end (``final=True``).
         images: the images to consider, relative to ``images_dir`` (default: all of them).
+        on_image: called from a worker thread as ``on_image(image, error)`` when an asked image's outcome is
+            recorded: ``error`` is None when its attention file was written, else why not (the image is then
+            asked again by the next run). Lets a consumer (localize) use each answer as soon as it is stored.
+        stop: set by another thread to stop the run as an interrupt does (no new image is started, the answers
+            in flight are written); the caller of a run in a background thread, which receives no Ctrl-C.
 
     Returns:
         The :class:`Summary`, also written to ``output_dir/annotate_summary.json``.
@@ -312,7 +325,11 @@ def annotate_folder(
     if progress is not None:
         progress(summary, time.monotonic() - start, False)
     run = _Run(images_dir, output_dir, provider, config, summary)
-    _ask_in_threads(run, todo_list, progress, start)
+    if stop is not None:
+        run.stop = stop
+    _ask_in_threads(run, todo_list, progress, on_image, start)
+    if stop is not None and stop.is_set() and summary.aborted is None:
+        summary.interrupted = True
     with run.lock:
         summary.not_started = summary.images - summary.skipped_done - summary.skipped_invalid - summary.done
         summary.wall_time_s = time.monotonic() - start
@@ -347,15 +364,22 @@ def _prepare(
 
 
 def _ask_in_threads(
-    run: _Run, todo_list: list[str], progress: Callable[[Summary, float, bool], None] | None, start: float
+    run: _Run,
+    todo_list: list[str],
+    progress: Callable[[Summary, float, bool], None] | None,
+    on_image: Callable[[str, str | None], None] | None,
+    start: float,
 ) -> None:
     """Asks about every image of ``todo_list`` from ``config.workers`` threads; returns when they are done, or at
-    once on a second interrupt (the first stops new requests and waits for the ones in flight)."""
+    once on a second interrupt (the first stops new requests and waits for the ones in flight). ``on_image`` as
+    :func:`annotate_folder` says."""
     todo: queue.Queue = queue.Queue()
     for image in todo_list:
         todo.put(image)
 
-    def on_done() -> None:
+    def on_done(image: str, error: str | None) -> None:
+        if on_image is not None:
+            on_image(image, error)
         if progress is not None:
             with run.lock:
                 progress(run.summary, time.monotonic() - start, False)

@@ -48,7 +48,9 @@ class QueryAttention:
         ]
 
 
-def load_query_attention(images: ImageSet, attention_dir: str | Path | None, max_points: int = 8) -> QueryAttention:
+def load_query_attention(
+    images: ImageSet, attention_dir: str | Path | None, max_points: int = 8, list_unused: bool = True
+) -> QueryAttention:
     """Reads the attention file of each query (``find_attention_file`` naming).
 
     Never raises for a bad file: a missing file or an unusable one (not JSON, truncated, beyond the size, depth
@@ -59,6 +61,9 @@ def load_query_attention(images: ImageSet, attention_dir: str | Path | None, max
         images: The queries.
         attention_dir: The annotation directory, or None for no attention at all.
         max_points: Point slots per answer.
+        list_unused: List the directory's files that belong to no query (False for a caller that reads the answers
+            of a few queries at a time, e.g. localize's chunks: the others' files are not unused, and listing the
+            whole directory per chunk would cost O(files) each time).
 
     Returns:
         The answers and the bookkeeping.
@@ -105,7 +110,7 @@ def load_query_attention(images: ImageSet, attention_dir: str | Path | None, max
             invalid[0]["error"],
         )
     root = Path(attention_dir)
-    unused = [name for name in list_attention_files(root) if root / name not in used]
+    unused = [name for name in list_attention_files(root) if root / name not in used] if list_unused else []
     if unused:
         log.warning("%d attention files belong to no query, first: %s", len(unused), unused[0])
     counted = {k: int(counts.get(k, 0)) for k in KINDS}

@@ -5,7 +5,9 @@ The stages are the library's: the database image set and its resumable descripto
 answers (:func:`load_query_attention`), query extraction (:func:`extract_queries`) and search
 (:func:`~attllm_jax.evaluation.pipeline.retrieve`). Photos are processed in chunks; each photo's result is written
 atomically to ``OUT/photos/<photo>.json`` as soon as its chunk is searched, so a kill loses nothing written and a
-rerun with the same settings key skips them.
+rerun with the same settings key skips them. With ``settings.ask`` the attention is asked on the fly
+(:mod:`attllm_jax.localization.ask`): chunks are formed from the photos whose answers are stored while the other
+requests are in flight. One run holds the output folder (:class:`~attllm_jax.outputs.OutputLock`, "localize").
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ from attllm_jax.evaluation.config import EvalConfig
 from attllm_jax.evaluation.extract import extract_queries, weights_digest
 from attllm_jax.evaluation.pipeline import database_store, load_eval_model, retrieve
 from attllm_jax.files import atomic_write_json, list_image_files
+from attllm_jax.localization.ask import ATTENTION_DIR, AskSettings, AttentionStream
 from attllm_jax.localization.calibration import FEATURES, Calibration, load_calibration
 from attllm_jax.localization.estimate import ESTIMATORS, estimate_position, ranking_features
 from attllm_jax.localization.exif import read_exif_gps
 from attllm_jax.localization.geo import database_positions, database_zone, to_latlon
 from attllm_jax.localization.results import Match, PhotoResult
+from attllm_jax.localization.timing import TimedModel
+from attllm_jax.models.blend import with_blend
+from attllm_jax.ops.gem import BLENDS
+from attllm_jax.outputs import OutputLock
 from attllm_jax.retrieval.positives import haversine_m
 
 log = logging.getLogger("attllm_jax.localization")
@@ -51,7 +58,10 @@ class LocalizeSettings:
         utm_zone: Zone of plain-UTM database names, e.g. "10S".
         checkpoint / random_model / model_seed / precision / image_size: the model, as in eval.
         attention_dir: Attention files of the photos (annotate's naming), or None.
-        alpha / sigma: The attention blend.
+        alpha / sigma: The attention blend factor and the RBF width of point answers.
+        blend: "native" (the published method) or "uniform" (:func:`attllm_jax.ops.gem.modulated_gem`).
+        ask: Ask the photos' attention on the fly (stored in ``OUT/attention``), or None; not with
+            ``attention_dir``.
         top_k: Candidates kept per photo.
         estimator: "top1" or "cluster".
         cluster_radius_m: Cluster radius of the "cluster" estimator, metres.
@@ -76,6 +86,8 @@ class LocalizeSettings:
     attention_dir: str | None = None
     alpha: float = 0.0
     sigma: float = 0.2
+    blend: str = "native"
+    ask: AskSettings | None = None
     top_k: int = 10
     estimator: str = "top1"
     cluster_radius_m: float = 25.0
@@ -100,14 +112,27 @@ class LocalizeSettings:
         for name in ("cluster_radius_m", "radius_m"):
             if not (math.isfinite(float(getattr(self, name))) and float(getattr(self, name)) > 0):
                 raise ValueError(f"--{name.removesuffix('_m')} must be a positive number of metres")
+        if self.blend not in BLENDS:
+            raise ValueError(f"--blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
+        if self.ask is not None:
+            if self.attention_dir is not None:
+                raise ValueError("give --attention_dir (stored answers) or --provider (ask on the fly), not both")
+            self.ask.validated()
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if not Path(self.images).is_dir():
             raise FileNotFoundError(f"--images {self.images!r} is not a directory")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise FileNotFoundError(f"--calibration {self.calibration!r} is not a file")
-        self.eval_config().validated()
+        replace(self.eval_config(), attention_dir=self.attention_dir).validated()  # OUT/attention: made later
         return replace(self, alpha=float(self.alpha), top_k=int(self.top_k))
+
+    @property
+    def answers_dir(self) -> str | None:
+        """Where the photos' attention answers are read: ``attention_dir``, or ``OUT/attention`` when asking."""
+        if self.ask is not None:
+            return str(Path(self.output_dir) / ATTENTION_DIR) if self.ask.asks else None
+        return self.attention_dir
 
     def eval_config(self) -> EvalConfig:
         """The eval settings of the shared stages (model, store, attention, extraction, search)."""
@@ -116,7 +141,7 @@ class LocalizeSettings:
             queries_folder=self.images,
             output_dir=self.output_dir,
             checkpoint=self.checkpoint,
-            attention_dir=self.attention_dir,
+            attention_dir=self.answers_dir,
             alphas=(float(self.alpha),),
             recall_values=(1,),
             database_csv=self.database_csv,
@@ -145,6 +170,7 @@ class LocalizeRun:
         database_latlon: ``[N, 2]`` database positions (for the report's street cloud).
         stage_seconds: Wall seconds per stage.
         calibration: The calibration used, or None.
+        attention: The on-the-fly attention run's summary (annotate's ``Summary.to_dict()``), or None.
     """
 
     photos: list[PhotoResult]
@@ -156,14 +182,19 @@ class LocalizeRun:
     database_latlon: np.ndarray
     stage_seconds: dict
     calibration: Calibration | None
+    attention: dict | None = None
 
 
-def claim_output_dir(output_dir: str | Path) -> Path:
-    """Creates the output folder; THE one place it is claimed (the output-folder lock goes here)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PHOTOS_DIR).mkdir(exist_ok=True)
-    return out
+def claim_output_dir(output_dir: str | Path) -> OutputLock:
+    """Takes the output folder for one run: THE one claim of it (the CLI once for a whole run, --watch included;
+    :func:`localize` itself when it is given no lock). Creates ``OUT`` and ``OUT/photos``.
+
+    Raises:
+        OutputLockError: another live run holds the folder (the message names the folder and the holder).
+    """
+    lock = OutputLock(output_dir, "localize").acquire()
+    (Path(output_dir) / PHOTOS_DIR).mkdir(exist_ok=True)
+    return lock
 
 
 def list_photos(images: str | Path, output_dir: str | Path) -> list[str]:
@@ -183,6 +214,7 @@ def settings_key(settings: LocalizeSettings, digest: str, calibration_sha: str |
     fields = asdict(settings)
     for name in ("images", "output_dir", "batch_size", "chunk_photos"):
         fields.pop(name)
+    fields["ask"] = None if settings.ask is None else settings.ask.key_fields()
     text = json.dumps({**fields, "weights": digest, "calibration": calibration_sha}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -208,7 +240,9 @@ def load_done(out: Path, photos: list[str], key: str) -> dict[str, PhotoResult]:
     return done
 
 
-def localize(settings: LocalizeSettings, model=None, photos: list[str] | None = None) -> LocalizeRun:
+def localize(
+    settings: LocalizeSettings, model=None, photos: list[str] | None = None, lock: OutputLock | None = None
+) -> LocalizeRun:
     """Localizes every photo of ``settings.images``; writes ``OUT/photos/<photo>.json`` per photo.
 
     The map files (GeoJSON, CSV, KML, report) are written by :func:`attllm_jax.localization.writers.write_outputs`.
@@ -217,6 +251,8 @@ def localize(settings: LocalizeSettings, model=None, photos: list[str] | None = 
         settings: The run's settings.
         model: Optional already loaded model.
         photos: Only these photos (relative paths), e.g. the settled files of a watched folder; default all.
+        lock: The output folder's lock when the caller holds it (:func:`claim_output_dir`); else this call takes
+            the folder for its duration.
 
     Returns:
         The per-photo results and the bookkeeping.
@@ -224,6 +260,7 @@ def localize(settings: LocalizeSettings, model=None, photos: list[str] | None = 
     Raises:
         ValueError / FileNotFoundError: bad settings, an empty photo folder, or a database without zone
             information (:class:`~attllm_jax.localization.geo.ZoneUnknownError`), before any model work.
+        OutputLockError: another run holds the output folder.
     """
     t_start = time.perf_counter()
     settings = settings.validated()
@@ -231,58 +268,111 @@ def localize(settings: LocalizeSettings, model=None, photos: list[str] | None = 
     photos = list_photos(settings.images, settings.output_dir) if photos is None else list(photos)
     database = load_image_set(config.database_folder, config.convention, config.database_csv)
     zone = database_zone(database, settings.utm_zone)
+    own_lock = lock is None
+    lock = claim_output_dir(settings.output_dir) if own_lock else lock
+    try:
+        return _localize_claimed(settings, config, model, photos, database, zone, t_start)
+    finally:
+        if own_lock:
+            lock.release()
+
+
+def _localize_claimed(settings, config, model, photos, database, zone, t_start) -> LocalizeRun:
+    """:func:`localize` once the output folder is held: model, settings key, the database store, then the photos
+    not yet done, chunk by chunk (with ``settings.ask``: as their answers arrive), each result written at once."""
+    out = Path(settings.output_dir)
     planar, latlon = database_positions(database, zone)
-    out = claim_output_dir(settings.output_dir)
     calibration = load_calibration(settings.calibration) if settings.calibration else None
     calibration_sha = hashlib.sha256(Path(settings.calibration).read_bytes()).hexdigest() if calibration else None
-    stages = {"load_model": 0.0, "database": 0.0, "attention": 0.0, "extract": 0.0, "search": 0.0}
+    stages = dict.fromkeys(("load_model", "database", "attention", "decode", "backbone", "aggregation", "search"), 0.0)
     t0 = time.perf_counter()
-    model = model if model is not None else load_eval_model(config)
+    model = load_localize_model(config, settings.blend, model)
     digest = weights_digest(model)
     stages["load_model"] = time.perf_counter() - t0
     key = settings_key(settings, digest, calibration_sha)
     done = load_done(out, photos, key)
     todo = [p for p in photos if p not in done]
     log.info("%d photos: %d done with settings key %s, %d to localize", len(photos), len(done), key, len(todo))
-    results, skipped = dict(done), []
+    results, skipped, attention_summary = dict(done), [], None
     if todo:
-        t0 = time.perf_counter()
-        store, _ = database_store(config, model, database, digest)
+        stream = None
+        if settings.ask is not None and settings.ask.asks:
+            stream = AttentionStream(settings.images, settings.answers_dir, todo, settings.ask).start()
         try:
-            contents = store.load()
+            t0 = time.perf_counter()
+            store, _ = database_store(config, model, database, digest)
+            try:
+                contents = store.load()
+            finally:
+                store.close()
+            stages["database"] = time.perf_counter() - t0
+            context = _Context(
+                settings,
+                config,
+                TimedModel(model),
+                contents.descriptors,
+                contents.valid,
+                database,
+                planar,
+                latlon,
+                zone,
+                calibration,
+                key,
+                {} if stream is None else stream.asked,
+            )
+            for chunk, failed in _chunks(todo, settings, stream):
+                skipped.extend(failed)
+                if not chunk:
+                    continue
+                new, unreadable = _localize_chunk(context, chunk, stages)
+                for result in new:
+                    atomic_write_json(record_path(out, result.photo), result.to_dict())
+                    results[result.photo] = result
+                skipped.extend(unreadable)
         finally:
-            store.close()
-        stages["database"] = time.perf_counter() - t0
-        context = _Context(
-            settings,
-            config,
-            model,
-            contents.descriptors,
-            contents.valid,
-            database,
-            planar,
-            latlon,
-            zone,
-            calibration,
-            key,
-        )
-        for start in range(0, len(todo), settings.chunk_photos):
-            chunk = todo[start : start + settings.chunk_photos]
-            new, failed = _localize_chunk(context, chunk, stages)
-            for result in new:
-                atomic_write_json(record_path(out, result.photo), result.to_dict())
-                results[result.photo] = result
-            skipped.extend(failed)
+            if stream is not None:
+                stream.close()
+                attention_summary = None if stream.summary is None else stream.summary.to_dict()
+    stages["extract"] = stages["decode"] + stages["backbone"] + stages["aggregation"]
     stages["total"] = time.perf_counter() - t_start
     ordered = [results[p] for p in photos if p in results]
-    return LocalizeRun(ordered, len(ordered) - len(done), len(done), skipped, key, zone, latlon, stages, calibration)
+    computed = len(ordered) - len(done)
+    return LocalizeRun(ordered, computed, len(done), skipped, key, zone, latlon, stages, calibration, attention_summary)
+
+
+def load_localize_model(config: EvalConfig, blend: str, model=None):
+    """The eval model of ``config`` (or ``model``) aggregating with ``blend``.
+
+    Raises:
+        ValueError: a blend the model's family does not offer (only CosPlace / EigenPlaces have "uniform").
+    """
+    model = model if model is not None else load_eval_model(config)
+    model = model.wrapped if isinstance(model, TimedModel) else model
+    return with_blend(model, blend)
+
+
+def _chunks(todo: list[str], settings: LocalizeSettings, stream: AttentionStream | None):
+    """Yields ``(photos, skipped)``: the next photos to localize, and ``{"photo", "reason"}`` for photos whose
+    attention could not be had. Without a stream, ``chunk_photos`` at a time; with one, the photos whose answers
+    are stored, a device batch at a time (fewer only once no other answer is coming)."""
+    if stream is None:
+        for start in range(0, len(todo), settings.chunk_photos):
+            yield todo[start : start + settings.chunk_photos], []
+        return
+    while True:
+        got = stream.take(min(settings.batch_size, settings.chunk_photos))
+        if not got:
+            return
+        ready = [photo for photo, error in got if error is None]
+        failed = [{"photo": photo, "reason": f"attention: {error}"} for photo, error in got if error is not None]
+        yield ready, failed
 
 
 @dataclass
 class _Context:
     settings: LocalizeSettings
     config: EvalConfig
-    model: object
+    model: TimedModel
     descriptors: np.ndarray
     valid: np.ndarray
     database: ImageSet
@@ -291,15 +381,21 @@ class _Context:
     zone: tuple[int, str]
     calibration: Calibration | None
     key: str
+    asked: dict = field(default_factory=dict)
 
 
 def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list[PhotoResult], list[dict]]:
-    """Attention, extraction and search of some photos, then one :class:`PhotoResult` each."""
+    """Attention, extraction and search of some photos, then one :class:`PhotoResult` each.
+
+    Per-photo latency: each stage's time for the chunk divided by its photos, except the attention of a photo
+    asked in this run, which is its own request's time (the LLM call, retries and rate-limit waits included).
+    """
     s, config = ctx.settings, ctx.config
     images = ImageSet(root=Path(s.images), paths=tuple(chunk), locations=(Location(),) * len(chunk))
     t0 = time.perf_counter()
-    attention = load_query_attention(images, s.attention_dir)
+    attention = load_query_attention(images, s.answers_dir, list_unused=False)
     t1 = time.perf_counter()
+    ctx.model.take()
     q = extract_queries(
         ctx.model,
         images,
@@ -310,25 +406,32 @@ def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list
         sigma=config.sigma,
     )
     t2 = time.perf_counter()
+    model_seconds = ctx.model.take()
     empty = [np.zeros(0, np.int64)] * len(chunk)
     top_k = min(s.top_k, int(ctx.valid.sum()))
     retrieval = retrieve(
         ctx.descriptors, ctx.valid, q.descriptors, q.valid, empty, (s.alpha,), (1,), top_k, spec=config.search
     )
     t3 = time.perf_counter()
-    for name, seconds in (("attention", t1 - t0), ("extract", t2 - t1), ("search", t3 - t2)):
-        stages[name] += seconds
-    per_photo = {
-        "attention": (t1 - t0) / len(chunk),
-        "extract": (t2 - t1) / len(chunk),
-        "search": (t3 - t2) / len(chunk),
+    seconds = {
+        "attention": t1 - t0,
+        "decode": max(0.0, (t2 - t1) - model_seconds["backbone"] - model_seconds["aggregation"]),
+        **model_seconds,
+        "search": t3 - t2,
     }
+    for name, value in seconds.items():
+        stages[name] += value
+    shared = {name: value / len(chunk) for name, value in seconds.items()}
+    shared["extract"] = (t2 - t1) / len(chunk)
     results = []
     for i, photo in enumerate(chunk):
         if not q.valid[i]:
             continue
+        latency = dict(shared)
+        if ctx.asked.get(photo) is not None:
+            latency["attention"] = latency["llm_call"] = ctx.asked[photo]
         kind = _applied_kind(attention.parsed[i], bool(q.with_attention[i]))
-        results.append(_photo_result(ctx, photo, retrieval.predictions[0, i], retrieval.scores[0, i], kind, per_photo))
+        results.append(_photo_result(ctx, photo, retrieval.predictions[0, i], retrieval.scores[0, i], kind, latency))
     failed = [
         {"photo": f.path if not Path(f.path).is_absolute() else _relative(f.path, s.images), "reason": f.error}
         for f in q.failures

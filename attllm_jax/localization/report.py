@@ -114,7 +114,7 @@ matches; colour: confidence (red 0 .. green 1, grey-blue: uncalibrated).</p></di
 
 def write_report(out: Path, run, settings, basemap_url: str | None = None) -> Path:
     """Writes ``out/report.html`` atomically for a :class:`~attllm_jax.localization.api.LocalizeRun`."""
-    pictures = photo_images(settings.images, [p.photo for p in run.photos], settings.attention_dir, settings.sigma)
+    pictures = photo_images(settings.images, [p.photo for p in run.photos], settings.answers_dir, settings.sigma)
     title = f"attllm-localize: {len(run.photos)} photos"
     return atomic_write_text(
         out / REPORT_FILE, report_html(run.photos, run.database_latlon, pictures, title, basemap_url)

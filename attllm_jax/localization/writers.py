@@ -8,11 +8,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 from attllm_jax.files import atomic_write_json, atomic_write_text
 from attllm_jax.localization.results import PhotoResult
+from attllm_jax.localization.timing import STAGES, percentiles
+
+LATENCY_STAGES = (*STAGES, "llm_call")  # llm_call: empty unless the photo's attention was asked in this run
 
 GEOJSON_FILE, CSV_FILE, KML_FILE, SUMMARY_FILE = (
     "localizations.geojson",
@@ -35,9 +39,7 @@ CSV_HEADER = [
     "claimed_lon",
     "claimed_distance_m",
     "attention",
-    "latency_attention_s",
-    "latency_extract_s",
-    "latency_search_s",
+    *(f"latency_{stage}_s" for stage in LATENCY_STAGES),
 ]
 
 
@@ -87,10 +89,14 @@ def csv_text(photos: list[PhotoResult]) -> str:
                 *claimed,
                 "" if p.claimed_distance_m is None else f"{p.claimed_distance_m:.1f}",
                 p.attention,
-                *(f"{p.latency_s.get(k, 0.0):.4f}" for k in ("attention", "extract", "search")),
+                *(_seconds(p.latency_s.get(stage)) for stage in LATENCY_STAGES),
             ]
         )
     return buffer.getvalue()
+
+
+def _seconds(value) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def kml_text(photos: list[PhotoResult]) -> str:
@@ -123,13 +129,11 @@ def write_outputs(out: Path, photos: list[PhotoResult], summary: dict, extra: di
 
 def summary_dict(run, settings) -> dict:
     """The content of localize_summary.json for a :class:`~attllm_jax.localization.api.LocalizeRun`."""
-    import numpy as np
-
     latency = {}
-    for stage in ("attention", "extract", "search"):
-        values = [p.latency_s[stage] for p in run.photos if stage in p.latency_s]
-        if values:
-            latency[stage] = {"p50_s": float(np.percentile(values, 50)), "p95_s": float(np.percentile(values, 95))}
+    for stage in LATENCY_STAGES:
+        summary = percentiles(p.latency_s.get(stage) for p in run.photos)
+        if summary is not None:
+            latency[stage] = summary
     calibration = None
     if run.calibration is not None:
         calibration = {
@@ -146,11 +150,12 @@ def summary_dict(run, settings) -> dict:
             "skipped": len(run.skipped),
         },
         "settings_key": run.settings_key,
-        "settings": {k: v for k, v in vars(settings).items()},
+        "settings": asdict(settings),
         "utm_zone": list(run.zone),
         "confidence": "calibrated" if run.calibration is not None else "uncalibrated",
         "calibration": calibration,
         "latency_per_photo": latency,
         "stage_seconds": {k: round(v, 4) for k, v in run.stage_seconds.items()},
+        "attention_run": run.attention,
         "skipped": run.skipped,
     }

@@ -10,7 +10,6 @@ settings. A new sigma only re-renders the attention maps; a new blend only swaps
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,14 +17,13 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from attllm_jax import ops
 from attllm_jax.attention.maps import attention_maps, attention_mask
 from attllm_jax.attention.parse import ParsedAttention, stack_attention
 from attllm_jax.evaluation.extract import aggregate_query_batch, combine_query_batch
-from attllm_jax.models.vpr import DescriptorModel, VPRModel
-from attllm_jax.ops.gem import BLENDS
+from attllm_jax.models.blend import with_blend  # noqa: F401 - re-exported: tuning.with_blend
+from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.retrieval.adaptive import top_margins
 from attllm_jax.retrieval.retrieve import retrieve
 from attllm_jax.tuning.cache import QueryFeatures
@@ -63,28 +61,6 @@ class SurrogateProblem:
     database: jax.Array
     positives: np.ndarray
     compiled: dict = field(default_factory=dict)
-
-
-def with_blend(model: DescriptorModel, blend: str) -> DescriptorModel:
-    """The same model (same weights, no copy) aggregating with another blend ("native" or "uniform").
-
-    Only the CosPlace / EigenPlaces GeM head has a choice of blend; SALAD's token weighting is native only.
-
-    Raises:
-        ValueError: for an unknown blend or one the model's family does not offer.
-    """
-    if blend not in BLENDS:
-        raise ValueError(f"unknown blend {blend!r}; valid: {', '.join(BLENDS)}")
-    arch = model.spec.architecture
-    if getattr(arch, "blend", "native") == blend:
-        return model
-    if not hasattr(arch, "blend"):
-        raise ValueError(f"--blends {blend!r} is not available for family {model.spec.family!r} (native only)")
-    graphdef, state = nnx.split(model.net)
-    net = nnx.merge(graphdef, state)
-    net.aggregation.blend = blend
-    spec = model.spec.replace(architecture=dataclasses.replace(arch, blend=blend))
-    return VPRModel(net, spec, model.precision)
 
 
 class CachedRetrieval:
