@@ -386,7 +386,7 @@ def build_database_store(
         del record["per_process"]
         summary.per_process = hosts.gather_json("database_extraction", record)  # a barrier: every share is done
         if hosts.process_index() == 0:
-            left = store.pending_chunks() if hosts.process_count() > 1 else []  # one process: filled them all itself
+            left = store.pending_chunks(refresh=True) if hosts.process_count() > 1 else []  # others wrote chunks
             if left:
                 raise RuntimeError(
                     f"store {store.directory} still misses chunks {left[:5]} after every process finished; in a "
