@@ -176,3 +176,51 @@ def test_merging_passes_puts_ties_on_the_lower_row():
     new_rows = np.array([[1, -1]])
     s, r = merge_by_row(scores, rows, new_scores, new_rows, 3)
     assert r.tolist() == [[1, 6, 2]] and s[0].tolist() == pytest.approx([0.9, 0.9, 0.5])
+
+
+def _predictions(path: Path) -> list[list[str]]:
+    """The alpha, query and pred_* columns of per_query.csv (scores differ by float32 round-off only)."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [[r["alpha"], r["query"], *(v for k, v in r.items() if k.startswith("pred_"))] for r in rows]
+
+
+@pytest.mark.slow
+# 25056 bytes: the sweep of 4 query vectors (2 alphas x 2 queries) x 512 floats with their top 10 (8672 bytes),
+# then 2 rows of 512 floats per pass, counted twice (host and device copy) and twice again (one read ahead)
+@pytest.mark.parametrize("memory_gb", [None, 25056 / 2**30], ids=["in_memory", "streamed"])
+def test_a_two_process_eval_searches_on_every_device(tmp_path, memory_gb):
+    """experiments.eval, 2 processes x 2 CPU devices, --search exact_jax: the one-process faiss Flat results."""
+    from attllm_jax.evaluation import EvalConfig, run_evaluation
+    from tests.test_eval_resume import _dataset
+
+    database, queries = _dataset(tmp_path / "data")  # 13 database images: not divisible by 4 devices
+    common = dict(alphas=(0.0, 1.0), recall_values=(1, 5, 10), image_size=64, chunk_size=3, batch_size=2,
+                  num_workers=1)  # fmt: skip
+    folders = dict(database_folder=str(database), queries_folder=str(queries), output_dir=str(tmp_path / "one"))
+    one = run_evaluation(EvalConfig(**folders, search=SearchSpec("faiss_flat"), **common))
+    out = tmp_path / "two"
+    budget = [] if memory_gb is None else ["--search_memory_gb", repr(memory_gb)]
+
+    def args_of(port: int, process: int) -> list[str]:
+        return [
+            sys.executable, "-m", "experiments.eval", "--database_folder", str(database), "--queries_folder",
+            str(queries), "--output_dir", str(out), "--alphas", "0,1", "--recall_values", "1,5,10", "--image_size",
+            "64", "--chunk_size", "3", "--batch_size", "2", "--num_workers", "1", "--search", "exact_jax", *budget,
+            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(process),
+        ]  # fmt: skip
+
+    _run_two(args_of, tmp_path / "eval")
+    results = json.loads((out / "results.json").read_text())
+    assert results["recalls"] == one.results["recalls"]
+    assert _predictions(out / "per_query.csv") == _predictions(tmp_path / "one" / "per_query.csv")
+    search = results["search"]
+    assert search["method"] == "exact_jax" and search["exact"] is True
+    assert search["processes"] == 2 and search["rows_per_process"] == [6, 7]
+    assert results["hosts"]["devices_per_process"] == [2, 2]
+    if memory_gb is None:
+        assert search["passes"] == 1 and search["chunk_rows"] is None and search["rows_per_device"] == 4
+    else:  # 2 rows per process and pass, 1 per device: 4 passes over a share of 7
+        assert search["passes"] == 4 and search["chunk_rows"] == 2 and search["rows_per_device"] == 1

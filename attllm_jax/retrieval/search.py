@@ -192,9 +192,9 @@ def plan_memory(
         )
     per_row = (database + index) / max(1, num_database)
     chunk_rows = int((budget_bytes - queries) // (2 * per_row))  # half the rest: a chunk read while one is searched
-    if chunk_rows < max(1, top_m):
+    if chunk_rows < 1:  # a chunk of fewer than top_m rows is fine: the running top-k pads
         raise SearchMemoryError(
-            f"not even {max(1, top_m)} database rows fit beside the query sweep in the {budget_bytes / GIB:.2f} GiB "
+            f"not even one database row fits beside the query sweep in the {budget_bytes / GIB:.2f} GiB "
             "budget: raise --search_memory_gb or evaluate fewer --alphas at a time"
         )
     chunk = min(chunk_rows, num_database)
