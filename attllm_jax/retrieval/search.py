@@ -302,8 +302,9 @@ def search_database(
         spec: The search settings.
         plan: From :func:`plan_memory` (decides whole vs chunked exact search).
         recall_values: The N at which an approximate search's recall vs exact is measured.
-        devices: Devices of ``exact_jax`` (default every device of every process, which must all call then; the
-            evaluation passes process 0's local devices).
+        devices: Devices of ``exact_jax`` / ``approx_tpu``. None in a multi-process run: the pod-wide search
+            (:func:`~attllm_jax.retrieval.pod_search.pod_search_database`, on process 0 while the others are in
+            :func:`~attllm_jax.retrieval.pod_search.serve_pod_searches`); a list keeps the search on those devices.
 
     Returns:
         The neighbours and the ``search`` entry of results.json.
