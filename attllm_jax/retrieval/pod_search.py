@@ -102,7 +102,7 @@ def plan_layout(spec: SearchSpec, num_rows: int, dim: int, num_queries: int, k: 
     """The layout every process agrees on: each plans its share within its own budget; the smallest plan wins.
 
     Raises:
-        SearchMemoryError: naming the processes whose budget cannot hold even k rows beside the queries.
+        SearchMemoryError: naming the processes whose budget cannot hold one row per device beside the queries.
     """
     from jax.experimental import multihost_utils
 
