@@ -17,6 +17,12 @@ In one process on the CPU (2 virtual XLA devices, set before JAX starts), for ea
   ``--store_chunk_rows``) with a running top-k.
 
 Every timing is the best of ``--repeats`` (the machine may be shared). Ratios are of rates measured in this run.
+
+``--processes 2`` instead measures the pod-wide search (:mod:`attllm_jax.retrieval.pod_search`): two processes x
+one CPU device each (gloo on 127.0.0.1) against one process x two devices, on the first of ``--sizes``, with
+queries/s and the share of the float32 matmul peak measured in the same run. On one machine both run on the same
+cores, so the two-process figure shows the cost of the broadcast, the cross-process gather and the merge, not a
+speed-up.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
+import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -43,6 +50,9 @@ flags.DEFINE_integer("repeats", 3, "Timings are the best of this many runs.")
 flags.DEFINE_integer("store_chunk_rows", 131072, "Rows per chunk of the on-disk store case.")
 flags.DEFINE_string("scratch_dir", None, "Folder for the store case's temporary 2 GiB store (default: the system's).")
 flags.DEFINE_string("output_json", "outputs/bench_search.json", "Where the numbers are written.")
+flags.DEFINE_integer("processes", 1, "2: the pod-wide search, 2 processes x 1 device vs 1 process x 2 devices.")
+flags.DEFINE_integer("process_id", None, "Internal: this process's id in a --processes run.")
+flags.DEFINE_string("coordinator", None, "Internal: the coordinator address of a --processes run.")
 
 
 PEAK_ROWS = 131072
@@ -195,9 +205,87 @@ def bench_store(database: np.ndarray, queries: np.ndarray, reference: np.ndarray
     return out
 
 
+def _pod_child() -> None:
+    """One process of a ``--processes`` run: joins, searches the database with the others, prints its timing."""
+    from attllm_jax.evaluation import hosts
+
+    hosts.initialize(hosts.HostSpec("env", FLAGS.coordinator, FLAGS.processes, FLAGS.process_id))
+    from attllm_jax.retrieval import pod_search
+    from attllm_jax.retrieval.search import SearchSpec
+
+    n = int(FLAGS.sizes[0])
+    rng = np.random.default_rng(0)
+    database, queries = _unit(rng, n, FLAGS.dim), _unit(rng, FLAGS.num_queries, FLAGS.dim)
+    valid = np.ones(n, bool)
+    spec = SearchSpec("exact_jax", block_size=int(min(len(queries), max(1, SCORE_BYTES // (4 * n)))))
+    times, found = [], None
+    for _ in range(FLAGS.repeats + 1):  # the first call compiles
+        t0 = time.perf_counter()
+        if FLAGS.process_id == 0:
+            found = pod_search.pod_search_database(database, valid, queries, FLAGS.k, spec)
+            pod_search.finish_pod_searches(spec)
+        else:
+            pod_search.serve_pod_searches(database, valid, spec)
+        times.append(time.perf_counter() - t0)
+    if FLAGS.process_id == 0:
+        print("POD " + json.dumps({"seconds": min(times[1:]), "indices": found.indices[:5, :3].tolist()}), flush=True)
+
+
+def bench_processes() -> dict:
+    """Two processes x 1 device (pod search) against one process x 2 devices, on the first of ``--sizes``."""
+    import socket
+    import subprocess
+    import sys
+
+    import jax
+
+    from attllm_jax.retrieval.jax_search import ShardedExactIndex
+
+    n, d, k = int(FLAGS.sizes[0]), FLAGS.dim, FLAGS.k
+    rng = np.random.default_rng(0)
+    database, queries = _unit(rng, n, d), _unit(rng, FLAGS.num_queries, d)
+    peak = max(matmul_peak(database[:PEAK_ROWS], queries, FLAGS.repeats).values())
+    block = int(min(len(queries), max(1, SCORE_BYTES // (4 * n))))
+    index = ShardedExactIndex(database, devices=jax.devices()[:2])
+    index.search(queries[:2], k, block_size=block)
+    one_s, (_, reference) = _best(lambda index=index: index.search(queries, k, block_size=block), FLAGS.repeats)
+    del index
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "benchmarks.bench_search", "--processes", str(FLAGS.processes),
+            "--coordinator", f"127.0.0.1:{port}", "--sizes", str(n), "--dim", str(d), "--k", str(k),
+            "--num_queries", str(FLAGS.num_queries), "--repeats", str(FLAGS.repeats)]  # fmt: skip
+    procs = [subprocess.Popen([*args, "--process_id", str(p)], env=env, stdout=subprocess.PIPE, text=True)
+             for p in range(FLAGS.processes)]  # fmt: skip
+    try:
+        outputs = [proc.communicate(timeout=3600)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    pod = json.loads(outputs[0].split("POD ", 1)[1].splitlines()[0])
+    flops = 2.0 * n * d * len(queries)
+    rates = {"1proc_x_2dev": len(queries) / one_s, f"{FLAGS.processes}proc_x_1dev": len(queries) / pod["seconds"]}
+    return {
+        "N": n, "D": d, "Q": len(queries), "k": k, "block": block, "matmul_peak_gflops": peak,
+        "qps": rates, "pct_of_peak": {name: 100.0 * q * flops / len(queries) / 1e9 / peak for name, q in rates.items()},
+        "agrees": pod["indices"] == reference[:5, :3].tolist(),
+    }  # fmt: skip
+
+
 def main(argv):
     del argv
     import jax
+
+    if FLAGS.process_id is not None:
+        return _pod_child()
+    if FLAGS.processes > 1:
+        row = bench_processes()
+        print(json.dumps(row, indent=1))
+        return None
 
     sizes = [int(s) for s in FLAGS.sizes] + ([1_000_000] if FLAGS.large else [])
     rng = np.random.default_rng(0)

@@ -72,10 +72,12 @@ flags.DEFINE_integer("num_preds_to_save", 0, "Save, per query and alpha, a strip
 flags.DEFINE_enum(
     "search",
     "auto",
-    ["auto", "exact_jax", "faiss_flat", "faiss_ivf", "faiss_hnsw"],
-    "Database search: auto = exact_jax on an accelerator, faiss_flat on CPU; faiss_ivf / faiss_hnsw are approximate "
-    "(their recall vs exact is measured and written to results.json).",
+    ["auto", "exact_jax", "approx_tpu", "faiss_flat", "faiss_ivf", "faiss_hnsw"],
+    "Database search: auto = exact_jax on an accelerator, faiss_flat on CPU; approx_tpu (lax.approx_max_k per "
+    "shard, exact off TPU), faiss_ivf and faiss_hnsw are approximate (their recall vs exact is measured and written "
+    "to results.json). In a multi-process run exact_jax and approx_tpu search on every device of every process.",
 )
+flags.DEFINE_float("search_recall_target", None, "approx_tpu: recall target of lax.approx_max_k (default 0.95).")
 flags.DEFINE_integer("nlist", 0, "faiss_ivf cells (0 = 4 sqrt(N), at most N/39).")
 flags.DEFINE_integer("nprobe", 16, "faiss_ivf cells visited per query.")
 flags.DEFINE_integer("pq_m", 0, "faiss_ivf product-quantizer sub-vectors (0 = IVF-Flat); must divide the dimension.")
@@ -179,6 +181,7 @@ def _search_spec():
         block_size=FLAGS.search_block_size,
         shortlist_dtype=FLAGS.search_shortlist_dtype,
         memory_gb=FLAGS.search_memory_gb,
+        recall_target=FLAGS.search_recall_target,
     )
 
 

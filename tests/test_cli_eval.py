@@ -178,3 +178,18 @@ def test_usage_errors_are_one_line_and_a_pointer_to_help(tmp_path, command, args
 def test_help_of_tune_and_extract_exits_zero_and_lists_their_flags(command, flag):
     proc = run_eval("--help", command=command)
     assert proc.returncode == 0 and flag in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--search", "faiss_flat", "--search_recall_target", "0.9"), "--search approx_tpu only"),
+        (("--search", "approx_tpu", "--search_recall_target", "1.5"), "must lie in (0, 1]"),
+        (("--search", "approx_tpu", "--search_shortlist_dtype", "bfloat16"), "cannot take --search_shortlist_dtype"),
+    ],
+)
+def test_approx_tpu_flags_are_checked_before_any_work(folders, flags, expected):
+    out = folders / "approx_out"
+    line = one_error_line(run_eval(*dataset_flags(folders, "--output_dir", str(out), *flags)))
+    assert expected in line and "--search" in line
+    assert not (out / "results.json").exists()

@@ -177,3 +177,24 @@ def test_extract_command_builds_a_store_that_eval_reuses(tmp_path):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["store"]["status"] == "reused" and res["store"]["images_computed"] == 0
     assert res["precision"] == "float32"
+
+
+def test_an_evaluation_lists_the_store_markers_once(tmp_path, model, monkeypatch):
+    """An evaluation resuming a store of 13 one-image chunks lists done/ once (was 4-5 times: costly on gs://)."""
+    from attllm_jax.retrieval import store as store_module
+
+    database, queries = _dataset(tmp_path / "data")
+    config = EvalConfig(database_folder=str(database), queries_folder=str(queries), output_dir=str(tmp_path / "a"),
+                        alphas=(0.0,), recall_values=(1,), image_size=64, chunk_size=1, batch_size=2,
+                        store_dir=str(tmp_path / "store"))  # fmt: skip
+    run_evaluation(config, model=model)
+    for marker in _chunks(config.resolved_store_dir)[::2]:  # 7 of 13 chunks to recompute
+        marker.unlink()
+    listed = []
+    plain_list = store_module._Root.list
+    monkeypatch.setattr(
+        store_module._Root, "list", lambda self, prefix: listed.append(prefix) or plain_list(self, prefix)
+    )
+    again = run_evaluation(EvalConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b")}), model=model)
+    assert again.results["store"]["status"] == "resumed" and again.results["store"]["chunks_computed"] == 7
+    assert listed == ["done/"]

@@ -129,3 +129,33 @@ def test_spec_validation_names_the_flag():
     with pytest.raises(ValueError, match="--pq_m 7 must divide"):
         ApproximateIndex("faiss_ivf", _unit(np.random.default_rng(0), 100, 16), FaissParams(pq_m=7))
     assert SearchSpec(method="auto").resolved_method() == "faiss_flat"  # the test process runs on the CPU
+
+
+def test_approx_tpu_on_cpu_runs_exact_and_reports_its_recall(caplog):
+    rng = np.random.default_rng(5)
+    database, queries = _unit(rng, 301, 16), _unit(rng, 12, 16)
+    valid = rng.random(301) < 0.9
+    spec = SearchSpec(method="approx_tpu", recall_target=0.8).validated()
+    plan = plan_memory(spec, 301, 16, 12, 10)
+    with caplog.at_level("INFO", logger="attllm_jax.retrieval"):
+        found = search_database(database, valid, queries, 10, spec, plan, (1, 5, 10))
+    want_s, want_i = brute_force(database, queries, 10, valid)
+    np.testing.assert_array_equal(found.indices, want_i)  # off TPU, approx_max_k is an exact top-k
+    np.testing.assert_allclose(found.scores, want_s, rtol=0, atol=2e-6)
+    assert found.info["exact"] is False and found.info["recall_target"] == 0.8
+    assert found.info["recall_vs_exact"] == {"1": 100.0, "5": 100.0, "10": 100.0}
+    assert "falls back to an exact top-k off TPU" in caplog.text
+    assert (
+        not SearchSpec(method="approx_tpu").is_exact()
+        and SearchSpec(method="approx_tpu").approx_recall_target() == 0.95
+    )
+
+
+def test_approx_tpu_flags_are_validated():
+    with pytest.raises(ValueError, match="--search_recall_target applies to --search approx_tpu only"):
+        SearchSpec(method="exact_jax", recall_target=0.9).validated()
+    for bad in (0.0, 1.2):
+        with pytest.raises(ValueError, match=r"--search_recall_target must lie in \(0, 1\]"):
+            SearchSpec(method="approx_tpu", recall_target=bad).validated()
+    with pytest.raises(ValueError, match="cannot take --search_shortlist_dtype"):
+        SearchSpec(method="approx_tpu", shortlist_dtype="bfloat16").validated()

@@ -64,7 +64,8 @@ def test_partial_store_resumes_and_a_chunk_without_marker_is_pending(tmp_path):
     resumed = DescriptorStore.open(tmp_path, KEY, num_items=10, chunk_size=4, dim=2)
     assert resumed.status == "resumed" and resumed.pending_chunks() == [1, 2]
     (tmp_path / "done" / "chunk_000000.json").unlink()  # data written, marker not yet: killed in between
-    assert resumed.pending_chunks() == [0, 1, 2]
+    assert resumed.pending_chunks() == [1, 2]  # markers are listed once per open...
+    assert resumed.pending_chunks(refresh=True) == [0, 1, 2]  # ...and again on request
     with pytest.raises(IncompleteStoreError, match="incomplete: 3 of 3"):
         resumed.load()
     resumed.close()
@@ -431,3 +432,30 @@ def test_an_unreachable_bucket_fails_within_the_stated_time(tmp_path):
         assert 1.9 <= seconds < 10, line  # the 2 s bound, plus slack for a loaded machine
         assert "store URL gs://flood-bucket/db/ did not answer within 2 s (reading manifest.json)" in line
     assert elapsed < 100  # and the process exits although tensorstore may still be retrying
+
+
+def test_markers_are_listed_and_read_once_per_run_of_many_chunks(tmp_path, monkeypatch):
+    """A run asks for the pending chunks 3-4 times and loads the store once: one listing, one read per marker."""
+    from attllm_jax.retrieval import store as store_module
+
+    reads = []
+    plain_read = store_module._Root.read
+    monkeypatch.setattr(store_module._Root, "read", lambda self, name: reads.append(name) or plain_read(self, name))
+    with DescriptorStore.open(tmp_path, KEY, num_items=600, chunk_size=2, dim=2) as first:
+        assert first.listings == 0  # a new store has no markers to list
+        for chunk in range(0, 300, 2):  # half the chunks: the run below resumes
+            first.write_chunk(chunk, np.ones((2, 2)), np.ones(2, bool), [])
+    reads.clear()
+    store = DescriptorStore.open(tmp_path, KEY, num_items=600, chunk_size=2, dim=2)
+    pending = store.pending_chunks()
+    assert store.status == "resumed" and pending == list(range(1, 300, 2))
+    for chunk in pending:
+        store.write_chunk(chunk, np.ones((2, 2)), np.ones(2, bool), [])
+    assert store.pending_chunks() == [] and store.pending_chunks() == []
+    contents = store.load()
+    assert contents.valid.all() and len(contents.failures) == 0
+    assert store.listings == 1
+    assert len([n for n in reads if n.startswith("done/")]) == 150  # the markers found at open, each read once
+    assert store.pending_chunks(refresh=True) == [] and store.listings == 2
+    assert len([n for n in reads if n.startswith("done/")]) == 150  # a refresh reads only new marker files
+    store.close()

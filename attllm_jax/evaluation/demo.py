@@ -65,6 +65,14 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
     """
     if name == "cosplace":
         return random_cosplace_model(seed, precision=precision)
+    spec = random_model_spec(name, seed)
+    return VPRModel(spec.build(nnx.Rngs(seed)), spec, precision)
+
+
+def random_model_spec(name: str, seed: int = 0) -> ModelSpec:
+    """The :class:`ModelSpec` of the random model ``name`` (:data:`RANDOM_MODEL_NAMES`), provenance "random"."""
+    if name == "cosplace":
+        return ModelSpec.cosplace("resnet18", 512, weights=f"random (seed {seed})")
     architectures = {
         "megaloc": ("megaloc", MegaLocSpec.released()),
         "boq_dinov2": ("boq", BoQSpec.released("dinov2")),
@@ -77,8 +85,7 @@ def random_model(name: str = "cosplace", seed: int = 0, precision: str = "float3
     if name not in architectures:
         raise ValueError(f"unknown random model {name!r}; valid: {', '.join(RANDOM_MODEL_NAMES)}")
     family, arch = architectures[name]
-    spec = ModelSpec(family, arch, arch.default_preprocess(), Provenance(weights=f"random (seed {seed})"))
-    return VPRModel(spec.build(nnx.Rngs(seed)), spec, precision)
+    return ModelSpec(family, arch, arch.default_preprocess(), Provenance(weights=f"random (seed {seed})"))
 
 
 def random_cosplace_model(

@@ -437,7 +437,7 @@ def _my_pending_chunks(store: DescriptorStore) -> list[int]:
 
 def _check_complete(store: DescriptorStore) -> None:
     """Raises when chunks are still missing after every process's share is done (a store not on shared storage)."""
-    left = store.pending_chunks() if hosts.process_count() > 1 else []  # one process: filled them all itself
+    left = store.pending_chunks(refresh=True) if hosts.process_count() > 1 else []  # the others wrote chunks
     if left:
         raise RuntimeError(
             f"store {store.directory} still misses chunks {left[:5]} after every process finished; in a "

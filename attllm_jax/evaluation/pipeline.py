@@ -47,6 +47,7 @@ from attllm_jax.evaluation.stages import (
 from attllm_jax.evaluation.strips import strip_names
 from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.outputs import OutputLock, remove_previous_outputs
+from attllm_jax.retrieval import pod_search
 from attllm_jax.retrieval.retrieve import Retrieval, retrieve
 from attllm_jax.retrieval.search import MemoryPlan
 from attllm_jax.retrieval.store import DescriptorStore
@@ -205,10 +206,11 @@ def run_evaluation(config: EvalConfig, model: DescriptorModel | None = None) -> 
     ``eval.log`` and, with ``num_preds_to_save``, ``predictions/alpha_<a>/<query>.jpg``.
 
     In a multi-process run (:mod:`~attllm_jax.evaluation.hosts`) every process fills its share of the database
-    store; then process 0 alone extracts the queries (a few hundred to thousands, small beside the database),
-    searches the store on its own devices and writes every result file, while the other processes wait at a
-    barrier. Each process logs to its own file beside the results: ``eval.log`` (process 0),
-    ``eval.process_<i>.log``.
+    store; then process 0 alone extracts the queries (a few hundred to thousands, small beside the database) and
+    writes every result file. With ``--search exact_jax`` or ``approx_tpu`` every process searches its share of the
+    database on its own devices (:mod:`~attllm_jax.retrieval.pod_search`); with faiss process 0 searches alone.
+    The other processes then wait at a barrier. Each process logs to its own file beside the results: ``eval.log``
+    (process 0), ``eval.process_<i>.log``.
 
     Args:
         config: The run's settings (validated here, before any work).
@@ -236,9 +238,15 @@ def run_evaluation(config: EvalConfig, model: DescriptorModel | None = None) -> 
         inputs = prepare_inputs(config, model)
         try:
             if lock is not None:
-                result = evaluate(config, inputs, out, t_start)
+                try:
+                    result = evaluate(config, inputs, out, t_start)
+                finally:
+                    pod_search.finish_pod_searches(config.search)  # releases the other processes' search loop
             else:
                 log.info("process %d: database share done; process 0 searches, writes results", hosts.process_index())
+                if pod_search.pod_active(config.search):  # search this process's share of the database with process 0
+                    contents = inputs.store.load()
+                    pod_search.serve_pod_searches(contents.descriptors, contents.valid, config.search)
                 result = None
         finally:
             inputs.store.close()

@@ -40,6 +40,7 @@ from attllm_jax.evaluation.extract import (
     weights_digest,
 )
 from attllm_jax.models.vpr import DescriptorModel
+from attllm_jax.retrieval import pod_search
 from attllm_jax.retrieval.positives import find_positives
 from attllm_jax.retrieval.retrieve import Retrieval, retrieve
 from attllm_jax.retrieval.search import MemoryPlan, plan_memory
@@ -296,7 +297,8 @@ def search(
         plan.top_m,
         spec=config.search,
         plan=plan.memory,
-        devices=jax.local_devices(),
+        # None: every device of every process searches its share (retrieval.pod_search); else this process's own
+        devices=None if pod_search.pod_active(config.search) else jax.local_devices(),
     )
     return SearchResult(retrieval, positives, time.perf_counter() - t0)
 

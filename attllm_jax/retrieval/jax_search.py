@@ -13,6 +13,14 @@ The float32 pass uses ``Precision.HIGHEST`` (full float32 products on GPU/TPU, w
 tf32 pass). ``shortlist_dtype=jnp.bfloat16`` scores a bfloat16 copy of the database first, keeps a shortlist of
 ``shortlist_size`` rows per device and re-ranks it exactly in float32: the returned scores are exact, but a true
 neighbour that bfloat16 rounding pushed out of the shortlist is missed, so that mode is approximate.
+
+``approx_recall_target`` replaces each shard's ``lax.top_k`` by ``lax.approx_max_k`` (the TPU's approximate top-k,
+https://arxiv.org/abs/2206.14286) with ``reduction_input_size_override`` set to the whole padded database, as its
+docstring prescribes when the operand is one shard of the reduction; the merge stays an exact ``lax.top_k``. Off
+TPU, XLA lowers ``approx_max_k`` to an exact top-k.
+
+In a multi-process run (every process calls with the same queries; see :mod:`~attllm_jax.retrieval.pod_search`)
+each process reads only the rows of its own devices' shards, and every process gets the merged result.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ class ShardedExactIndex:
         shortlist_dtype: None (exact float32 scoring) or a low-precision dtype (``jnp.bfloat16``) for a first
             scoring pass followed by an exact float32 re-rank of ``shortlist_size`` rows per device.
         shortlist_size: Rows per device kept by the low-precision pass (default ``max(4 k, k + 64)``).
-        devices: Devices of the mesh (default every device of every process).
+        devices: Devices of the mesh, in shard order (default every device of every process).
+        approx_recall_target: None (exact) or the ``recall_target`` of a per-shard ``lax.approx_max_k``.
     """
 
     def __init__(
@@ -71,8 +80,12 @@ class ShardedExactIndex:
         shortlist_dtype=None,
         shortlist_size: int | None = None,
         devices: list | None = None,
+        approx_recall_target: float | None = None,
     ):
         self.size, self.dim = _check_matrix(database, "database descriptors")
+        if approx_recall_target is not None and shortlist_dtype is not None:
+            raise ValueError("approx_recall_target and shortlist_dtype cannot be combined")
+        self.approx_recall_target = approx_recall_target
         self.mesh = search_mesh(devices)
         self.num_devices = self.mesh.devices.size
         self.shard_rows = max(1, -(-self.size // self.num_devices))
@@ -151,7 +164,11 @@ class ShardedExactIndex:
         if self._low is not None:
             wanted = self.shortlist_size or max(4 * k, k + 64)
             shortlist = max(k_local, min(int(wanted), self.shard_rows))
-        fn = _block_search(self.mesh, k_local, k_out, shortlist, self.grouped_top_k(shortlist or k_local))
+        approx = None
+        if self.approx_recall_target is not None:
+            approx = (float(self.approx_recall_target), self.shard_rows * self.num_devices)
+        grouped = approx is None and self.grouped_top_k(shortlist or k_local)
+        fn = _block_search(self.mesh, k_local, k_out, shortlist, grouped, approx)
         replicated = NamedSharding(self.mesh, P())
         padded = np.zeros((block, self.dim), np.float32)
         for start in range(0, num_queries, block):
@@ -161,8 +178,8 @@ class ShardedExactIndex:
             q = jax.make_array_from_callback(padded.shape, replicated, lambda index, p=padded: p[index])
             args = (self._database, self._bias, q) if shortlist is None else (self._database, self._low, self._bias, q)
             scores, indices = fn(*args)
-            scores = np.asarray(scores)[: stop - start]
-            indices = np.asarray(indices)[: stop - start].astype(np.int64)
+            scores = _local_copy(scores)[: stop - start]
+            indices = _local_copy(indices)[: stop - start].astype(np.int64)
             out_scores[start:stop, :k_out] = scores
             out_indices[start:stop, :k_out] = np.where(np.isfinite(scores), indices, -1)
         return out_scores, out_indices
@@ -185,10 +202,27 @@ def _grouped_top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return values, indices
 
 
+def _local_copy(x: jax.Array) -> np.ndarray:
+    """A replicated array as NumPy: this process's copy (a multi-process array is not fully addressable)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 @functools.lru_cache(maxsize=32)
-def _block_search(mesh: Mesh, k_local: int, k_out: int, shortlist: int | None, grouped: bool):
-    """The jitted per-block search: local top-k on every shard, all-gather, replicated merge."""
+def _block_search(
+    mesh: Mesh,
+    k_local: int,
+    k_out: int,
+    shortlist: int | None,
+    grouped: bool,
+    approx: tuple[float, int] | None = None,
+):
+    """The jitted per-block search: local top-k on every shard, all-gather, replicated merge.
+
+    ``approx``: None, or ``(recall_target, total rows)`` of a per-shard ``lax.approx_max_k``.
+    """
     top_k = _grouped_top_k if grouped else lax.top_k
+    if approx is not None:
+        top_k = functools.partial(lax.approx_max_k, recall_target=approx[0], reduction_input_size_override=approx[1])
 
     def merge(scores, indices):
         # [B, k_local] per device -> [B, devices * k_local] in shard order, the same on every device
@@ -232,6 +266,7 @@ def jax_exact_search(
     shortlist_dtype=None,
     valid: np.ndarray | None = None,
     devices: list | None = None,
+    approx_recall_target: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product search, the database sharded row-wise over every device.
 
@@ -245,9 +280,13 @@ def jax_exact_search(
         shortlist_dtype: Optional low-precision dtype for a first pass re-ranked exactly (see the module notes).
         valid: Optional ``[N]`` bool mask of rows that may be returned.
         devices: Devices to shard over (default all devices of all processes).
+        approx_recall_target: None (exact) or the recall target of a per-shard ``lax.approx_max_k`` (approximate
+            on TPU; exact elsewhere).
 
     Returns:
         ``(scores [Q, k] float32, indices [Q, k] int64)``, best first, ties broken by the lower database index.
     """
-    index = ShardedExactIndex(database, valid, shortlist_dtype=shortlist_dtype, devices=devices)
+    index = ShardedExactIndex(
+        database, valid, shortlist_dtype=shortlist_dtype, devices=devices, approx_recall_target=approx_recall_target
+    )
     return index.search(queries, k, block_size=block_size)

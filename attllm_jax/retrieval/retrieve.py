@@ -73,7 +73,8 @@ def retrieve(
         top_m: Predictions kept per query.
         spec: The search method (default exact faiss Flat).
         plan: The memory plan (default: :func:`~attllm_jax.retrieval.search.plan_memory` of ``spec``).
-        devices: Devices of ``exact_jax`` (default every device of every process: then every process must call).
+        devices: Devices of ``exact_jax`` / ``approx_tpu``; None in a multi-process run: every device of every
+            process (:mod:`~attllm_jax.retrieval.pod_search`; the other processes serve the search).
 
     Returns:
         The retrieval of every alpha; its ``search_info`` is the results.json ``search`` entry.

@@ -3,7 +3,11 @@ any work starts, chunk-by-chunk exact search with a running top-k when the datab
 of an approximate index against exact search measured on the run's own queries.
 
 ``--search auto`` picks ``exact_jax`` when an accelerator is present and ``faiss_flat`` on the CPU; both exact
-paths return the same neighbours and scores to float32 round-off.
+paths return the same neighbours and scores to float32 round-off. ``approx_tpu`` (explicit only) is ``exact_jax``
+with a per-shard ``lax.approx_max_k``: approximate on TPU, exact elsewhere, reported with its recall vs exact.
+
+In a multi-process run the JAX methods search on every device of every process when every process calls
+(:mod:`~attllm_jax.retrieval.pod_search`, docs/DESIGN.md section 15); ``devices`` limits them to a list instead.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import numpy as np
 
 from attllm_jax.retrieval.index import FaissParams, build_faiss_index, faiss_index_bytes, recall_vs_exact
 
-SEARCH_METHODS = ("auto", "exact_jax", "faiss_flat", "faiss_ivf", "faiss_hnsw")
+SEARCH_METHODS = ("auto", "exact_jax", "approx_tpu", "faiss_flat", "faiss_ivf", "faiss_hnsw")
 EXACT_METHODS = ("exact_jax", "faiss_flat")
+JAX_METHODS = ("exact_jax", "approx_tpu")  # searched on devices; chunked with a running top-k when too large
+DEFAULT_RECALL_TARGET = 0.95
 SHORTLIST_DTYPES = ("bfloat16",)
 GIB = 2**30
 
@@ -41,6 +47,7 @@ class SearchSpec:
         shortlist_dtype: None or "bfloat16": a low-precision first pass of ``exact_jax`` with an exact float32
             re-rank of a shortlist (approximate: reported with its measured recall vs exact).
         memory_gb: Memory budget in GiB (None = the memory available when the run starts).
+        recall_target: ``approx_tpu`` only: the ``recall_target`` of ``lax.approx_max_k`` (None = 0.95).
     """
 
     method: str = "auto"
@@ -48,6 +55,7 @@ class SearchSpec:
     block_size: int | None = None
     shortlist_dtype: str | None = None
     memory_gb: float | None = None
+    recall_target: float | None = None
 
     def validated(self) -> SearchSpec:
         if self.method not in SEARCH_METHODS:
@@ -60,6 +68,13 @@ class SearchSpec:
             raise ValueError(f"--search_block_size must be >= 1, got {self.block_size}")
         if self.memory_gb is not None and not float(self.memory_gb) > 0:
             raise ValueError(f"--search_memory_gb must be > 0, got {self.memory_gb}")
+        if self.recall_target is not None:
+            if self.method != "approx_tpu":
+                raise ValueError(f"--search_recall_target applies to --search approx_tpu only, not {self.method!r}")
+            if not 0 < float(self.recall_target) <= 1:
+                raise ValueError(f"--search_recall_target must lie in (0, 1], got {self.recall_target}")
+        if self.method == "approx_tpu" and self.shortlist_dtype is not None:
+            raise ValueError("--search approx_tpu cannot take --search_shortlist_dtype (both approximate the search)")
         self.faiss.validated()
         return self
 
@@ -73,6 +88,12 @@ class SearchSpec:
 
     def is_exact(self) -> bool:
         return self.resolved_method() in EXACT_METHODS and self.shortlist_dtype is None
+
+    def approx_recall_target(self) -> float | None:
+        """The ``lax.approx_max_k`` recall target of ``approx_tpu``; None for the other methods."""
+        if self.resolved_method() != "approx_tpu":
+            return None
+        return DEFAULT_RECALL_TARGET if self.recall_target is None else float(self.recall_target)
 
 
 def available_memory_bytes() -> int:
@@ -150,7 +171,7 @@ def plan_memory(
     method = spec.resolved_method()
     queries = 4 * num_query_vectors * dim + 12 * num_query_vectors * top_m
     database = 4 * num_database * dim
-    if method == "exact_jax":
+    if method in JAX_METHODS:
         index = database + (2 * num_database * dim if spec.shortlist_dtype else 0)
     else:
         index = faiss_index_bytes(method, num_database, dim, spec.faiss)
@@ -163,7 +184,7 @@ def plan_memory(
     plan = MemoryPlan(database, index, queries, budget_bytes, None)
     if plan.total_bytes <= budget_bytes:
         return plan
-    if method not in EXACT_METHODS:
+    if method not in (*EXACT_METHODS, *JAX_METHODS):
         raise SearchMemoryError(
             f"the {method} index needs {(database + index) / GIB:.2f} GiB with the database, more than the "
             f"{budget_bytes / GIB:.2f} GiB budget: use --search faiss_ivf with --pq_m (compressed codes), an exact "
@@ -171,9 +192,9 @@ def plan_memory(
         )
     per_row = (database + index) / max(1, num_database)
     chunk_rows = int((budget_bytes - queries) // (2 * per_row))  # half the rest: a chunk read while one is searched
-    if chunk_rows < max(1, top_m):
+    if chunk_rows < 1:  # a chunk of fewer than top_m rows is fine: the running top-k pads
         raise SearchMemoryError(
-            f"not even {max(1, top_m)} database rows fit beside the query sweep in the {budget_bytes / GIB:.2f} GiB "
+            f"not even one database row fits beside the query sweep in the {budget_bytes / GIB:.2f} GiB "
             "budget: raise --search_memory_gb or evaluate fewer --alphas at a time"
         )
     chunk = min(chunk_rows, num_database)
@@ -198,7 +219,7 @@ class SearchResult:
 def _exact_in_memory(
     method: str, database, valid: np.ndarray, queries: np.ndarray, k: int, spec: SearchSpec, devices=None
 ):
-    if method == "exact_jax":
+    if method in JAX_METHODS:
         from attllm_jax.retrieval.jax_search import jax_exact_search
 
         return jax_exact_search(
@@ -209,6 +230,7 @@ def _exact_in_memory(
             shortlist_dtype=spec.shortlist_dtype,
             valid=valid,
             devices=devices,
+            approx_recall_target=spec.approx_recall_target() if method == "approx_tpu" else None,
         )
     rows = np.flatnonzero(valid)
     scores = np.full((len(queries), k), -np.inf, np.float32)
@@ -280,21 +302,30 @@ def search_database(
         spec: The search settings.
         plan: From :func:`plan_memory` (decides whole vs chunked exact search).
         recall_values: The N at which an approximate search's recall vs exact is measured.
-        devices: Devices of ``exact_jax`` (default every device of every process, which must all call then; the
-            evaluation passes process 0's local devices).
+        devices: Devices of ``exact_jax`` / ``approx_tpu``. None in a multi-process run: the pod-wide search
+            (:func:`~attllm_jax.retrieval.pod_search.pod_search_database`, on process 0 while the others are in
+            :func:`~attllm_jax.retrieval.pod_search.serve_pod_searches`); a list keeps the search on those devices.
 
     Returns:
         The neighbours and the ``search`` entry of results.json.
     """
     method = spec.resolved_method()
     valid = np.asarray(valid, dtype=bool)
+    if method in JAX_METHODS and devices is None and _process_count() > 1:
+        from attllm_jax.retrieval.pod_search import pod_search_database
+
+        return pod_search_database(database, valid, queries, k, spec, recall_values)
     info: dict[str, Any] = {"method": method, "requested": spec.method, "chunk_rows": plan.chunk_rows}
-    if method in EXACT_METHODS:
-        if method == "exact_jax":
-            info["block_size"] = spec.block_size
-            info["shortlist_dtype"] = spec.shortlist_dtype
+    info.update(processes=1, rows_per_process=[len(valid)])
+    if method in JAX_METHODS:
+        info["block_size"] = spec.block_size
+        info["shortlist_dtype"] = spec.shortlist_dtype
+        if method == "approx_tpu":
+            info["recall_target"] = spec.approx_recall_target()
+            log_approx_fallback()
+    if method in (*EXACT_METHODS, *JAX_METHODS):
         scores, indices = exact_search(method, database, valid, queries, k, spec, plan.chunk_rows, devices)
-        info["exact"] = spec.shortlist_dtype is None or method != "exact_jax"
+        info["exact"] = method in EXACT_METHODS and (spec.shortlist_dtype is None or method != "exact_jax")
         if not info["exact"]:
             plain = SearchSpec(method="exact_jax", block_size=spec.block_size)
             _, truth = exact_search("exact_jax", database, valid, queries, k, plain, plan.chunk_rows, devices)
@@ -310,3 +341,22 @@ def search_database(
     info["recall_vs_exact"] = recall_vs_exact(indices, truth, [n for n in recall_values if n <= k])
     info["recall_vs_exact_reference"] = "faiss_flat"
     return SearchResult(s, indices, info)
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def log_approx_fallback() -> None:
+    """One log line when ``approx_tpu`` runs off TPU, where XLA computes ``approx_max_k`` exactly."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend != "tpu":
+        log.info(
+            "--search approx_tpu on %s: jax.lax.approx_max_k falls back to an exact top-k off TPU (recall vs exact "
+            "is measured all the same)",
+            backend,
+        )

@@ -91,6 +91,7 @@ class _Root:
         self.url = str(location).rstrip("/") + "/" if _is_url(location) else None
         self.path = None if self.url else Path(location)
         self._kv = None
+        self.listings = 0  # how many times a folder was listed (a test counts them; each costs a round trip at a URL)
         if self.url:
             import tensorstore as ts
 
@@ -143,6 +144,7 @@ class _Root:
             raise StoreError(_write_failure(self.path / name, error.strerror or str(error))) from None
 
     def list(self, prefix: str) -> list[str]:
+        self.listings += 1
         if self.url:
             import tensorstore as ts
 
@@ -258,6 +260,15 @@ def _marker(chunk: int) -> str:
     return f"{DONE}/chunk_{chunk:06d}.json"
 
 
+def _marker_number(name: str) -> int | None:
+    """The chunk number of a marker file name ``done/chunk_NNNNNN.json``, or None for any other file."""
+    base = name.rsplit("/", 1)[-1]
+    number = base[len("chunk_") : -len(".json")]
+    if not (base.startswith("chunk_") and base.endswith(".json") and number.isdigit()):
+        return None
+    return int(number)
+
+
 class DescriptorStore:
     """A store opened for one key; create it with :meth:`open`, release it with :meth:`close` (or ``with``).
 
@@ -281,6 +292,13 @@ class DescriptorStore:
         self._lock_fd = lock_fd
         self._digest = manifest["key_sha256"]
         self._arrays: dict[str, Any] = {}
+        self._known: dict[int, dict] | None = None  # markers of this key seen so far (None: not listed yet)
+        self._names_read: set[str] = set()  # marker files already read (a marker is immutable once written)
+
+    @property
+    def listings(self) -> int:
+        """How many times this store listed its ``done/`` markers (once per open; again only on refresh)."""
+        return self._root.listings
 
     @property
     def directory(self):
@@ -377,6 +395,7 @@ class DescriptorStore:
                     layout = {name: value for name, value in full_key.items() if name != "key"}
                     manifest = {**layout, "key_sha256": digest, "key": full_key}
                     store = cls(root, manifest, status, lock_fd)
+                    store._known = {}  # a new store has no markers: no listing needed
                     store._create_arrays()
                     root.write(MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
                     return store
@@ -415,31 +434,56 @@ class DescriptorStore:
         """The chunk holding item ``index``."""
         return index // self.chunk_size
 
-    def _markers(self) -> dict[int, dict]:
-        """The markers of this key, by chunk (markers of another key are ignored)."""
-        out = {}
-        for name in self._root.list(f"{DONE}/"):
-            base = name.rsplit("/", 1)[-1]
-            number = base[len("chunk_") : -len(".json")]
-            if not (base.startswith("chunk_") and base.endswith(".json") and number.isdigit()):
-                continue
-            data = self._root.read(name)
-            try:
-                marker = json.loads(data) if data is not None else None
-            except ValueError:
-                continue  # a marker is written atomically; an unparsable one is not ours
-            if isinstance(marker, dict) and marker.get("key_sha256") == self._digest:
-                problem = _marker_problem(marker, int(number))
-                if problem is not None:
-                    raise StoreError(
-                        f"store marker {self._root}/{name} is malformed: {problem}; delete it to recompute that chunk"
-                    )
-                out[int(number)] = marker
-        return out
+    def _markers(self, refresh: bool = False) -> dict[int, dict]:
+        """The markers of this key, by chunk (markers of another key are ignored).
 
-    def pending_chunks(self) -> list[int]:
-        """Chunks not yet written under this key, in order."""
-        done = self._markers()
+        The ``done/`` folder is listed once per opened store; later calls answer from what was seen, plus the
+        markers this store wrote itself. ``refresh`` lists again (other processes may have written chunks since)
+        and reads only the marker files not read before: on object storage with ~11k chunks each listing and
+        each marker read is a round trip.
+        """
+        if self._known is not None and not refresh:
+            return self._known
+        listed = self._root.list(f"{DONE}/")
+        self._names_read &= set(listed)  # a deleted marker: its chunk is pending again
+        known = {c: m for c, m in (self._known or {}).items() if _marker(c) in self._names_read}
+        for name in listed:
+            if name in self._names_read:
+                continue
+            number = _marker_number(name)
+            if number is None:
+                continue
+            marker = self._read_marker(name, number)
+            self._names_read.add(name)
+            if marker is not None:
+                known[number] = marker
+        self._known = known
+        return known
+
+    def _read_marker(self, name: str, number: int) -> dict | None:
+        """The marker in file ``name`` when it is of this key (checked), else None."""
+        data = self._root.read(name)
+        try:
+            marker = json.loads(data) if data is not None else None
+        except ValueError:
+            return None  # a marker is written atomically; an unparsable one is not ours
+        if not (isinstance(marker, dict) and marker.get("key_sha256") == self._digest):
+            return None
+        problem = _marker_problem(marker, number)
+        if problem is not None:
+            raise StoreError(
+                f"store marker {self._root}/{name} is malformed: {problem}; delete it to recompute that chunk"
+            )
+        return marker
+
+    def pending_chunks(self, refresh: bool = False) -> list[int]:
+        """Chunks not yet written under this key, in order.
+
+        Args:
+            refresh: List the markers again (after other processes wrote chunks); else the markers seen when the
+                store was opened plus those this store wrote.
+        """
+        done = self._markers(refresh)
         return [c for c in range(self.num_chunks) if c not in done]
 
     # data -------------------------------------------------------------------------------------------------------
@@ -515,6 +559,9 @@ class DescriptorStore:
             "failures": failures,
         }
         self._root.write(_marker(chunk), json.dumps(marker, default=str).encode())
+        if self._known is not None:
+            self._known[int(chunk)] = marker
+            self._names_read.add(_marker(chunk))
 
     def load(self) -> StoreContents:
         """The complete store: descriptors read lazily, validity and failures read now.
@@ -524,6 +571,8 @@ class DescriptorStore:
             StoreError: a chunk does not match its marker.
         """
         markers = self._markers()
+        if len(markers) < self.num_chunks:  # other processes may have written the rest since the last listing
+            markers = self._markers(refresh=True)
         missing = [c for c in range(self.num_chunks) if c not in markers]
         if missing:
             raise IncompleteStoreError(
@@ -548,7 +597,7 @@ class DescriptorStore:
 
     def read_chunk(self, chunk: int) -> StoreContents:
         """Reads one written chunk (descriptors as float32 in memory)."""
-        marker = self._markers().get(chunk)
+        marker = self._markers().get(chunk) or self._markers(refresh=True).get(chunk)
         if marker is None:
             raise IncompleteStoreError(f"store {self._root}: chunk {chunk} is not written yet")
         start, stop = self.chunk_range(chunk)
