@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from attllm_jax.retrieval.pod_search import pod_active, pod_search_database
 from attllm_jax.retrieval.recall import alpha_key, first_hit_ranks, recall_from_ranks
 from attllm_jax.retrieval.search import MemoryPlan, SearchSpec, plan_memory, search_database
 
@@ -88,7 +89,10 @@ def retrieve(
     if database_valid.any() and queries_valid.any():
         flat = queries[:, queries_valid].reshape(-1, dim)
         plan = plan_memory(spec, len(database_valid), dim, len(flat), top_m) if plan is None else plan
-        found = search_database(database, database_valid, flat, top_m, spec, plan, recall_values, devices=devices)
+        if devices is None and pod_active(spec):  # every device of every process searches its share
+            found = pod_search_database(database, database_valid, flat, top_m, spec, recall_values)
+        else:
+            found = search_database(database, database_valid, flat, top_m, spec, plan, recall_values, devices=devices)
         predictions[:, queries_valid] = found.indices.reshape(k_alphas, -1, top_m)
         scores[:, queries_valid] = found.scores.reshape(k_alphas, -1, top_m)
         info = {**found.info, "searched": len(flat)}

@@ -302,19 +302,15 @@ def search_database(
         spec: The search settings.
         plan: From :func:`plan_memory` (decides whole vs chunked exact search).
         recall_values: The N at which an approximate search's recall vs exact is measured.
-        devices: Devices of ``exact_jax`` / ``approx_tpu``. None in a multi-process run: the pod-wide search
-            (:func:`~attllm_jax.retrieval.pod_search.pod_search_database`, on process 0 while the others are in
-            :func:`~attllm_jax.retrieval.pod_search.serve_pod_searches`); a list keeps the search on those devices.
+        devices: Devices of ``exact_jax`` / ``approx_tpu`` (None: this process's local devices). The pod-wide
+            search of a multi-process run is :func:`~attllm_jax.retrieval.pod_search.pod_search_database`, which
+            :func:`~attllm_jax.retrieval.retrieve.retrieve` calls instead of this function.
 
     Returns:
         The neighbours and the ``search`` entry of results.json.
     """
     method = spec.resolved_method()
     valid = np.asarray(valid, dtype=bool)
-    if method in JAX_METHODS and devices is None and _process_count() > 1:
-        from attllm_jax.retrieval.pod_search import pod_search_database
-
-        return pod_search_database(database, valid, queries, k, spec, recall_values)
     info: dict[str, Any] = {"method": method, "requested": spec.method, "chunk_rows": plan.chunk_rows}
     info.update(processes=1, rows_per_process=[len(valid)])
     if method in JAX_METHODS:
@@ -341,12 +337,6 @@ def search_database(
     info["recall_vs_exact"] = recall_vs_exact(indices, truth, [n for n in recall_values if n <= k])
     info["recall_vs_exact_reference"] = "faiss_flat"
     return SearchResult(s, indices, info)
-
-
-def _process_count() -> int:
-    import jax
-
-    return jax.process_count()
 
 
 def log_approx_fallback() -> None:
