@@ -89,6 +89,12 @@ def create_app(service: Service, on_load_failure=None, load: bool = True) -> Fas
         request.state.error_code = error.code
         return JSONResponse(error.body(request.state.request_id), error.status, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        logging.getLogger("attllm_jax.serve").error("request failed: %s: %s", type(error).__name__, error)
+        body = {"error": {"code": "internal_error", "message": f"{type(error).__name__}"}}
+        return JSONResponse({**body, "request_id": request.state.request_id}, 500)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return await service_error(request, field_error(f"bad request: {error.errors()}"))
@@ -192,7 +198,7 @@ def service_info(service: Service) -> dict[str, Any]:
             database_images=len(ctx.database),
             database_searchable=engine.database_size,
             settings_key=ctx.key,
-            store=ctx.config.resolved_store_dir,
+            store=str(ctx.config.resolved_store_dir),
             calibration=s.localize.calibration,
             estimator=s.localize.estimator,
             default_alpha=s.default_alpha,
