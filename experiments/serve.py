@@ -153,10 +153,13 @@ def serve_settings():
 def main(argv):
     if len(argv) > 1:
         fail("serve", f"unexpected arguments: {argv[1:]}", usage=True)
-    import uvicorn
+    try:
+        import uvicorn
 
+        from attllm_jax.serve.app import configure_access_log, create_app
+    except ImportError as error:
+        fail("serve", f"{error.name or error} is missing: install the service's extra, pip install 'attllm-jax[serve]'")
     from attllm_jax.evaluation.progress import setup_logging
-    from attllm_jax.serve.app import configure_access_log, create_app
     from attllm_jax.serve.attention import AttentionAsker, make_provider
     from attllm_jax.serve.service import Service
 

@@ -21,6 +21,7 @@ SCRIPT_FLAGS = {
     "attllm-show-attention": ("--image", "--attention", "--sigma"),
     "attllm-doctor": ("--check",),
     "attllm-localize": ("--images", "--alpha", "--top_k", "--estimator"),
+    "attllm-serve": ("--max_batch", "--token_file", "--provider", "--alpha", "--database_folder"),
 }
 SCRIPTS = (*SCRIPT_FLAGS, "attllm-convert")
 

@@ -238,3 +238,20 @@ def test_one_json_log_line_per_request_names_its_id_and_status(server, bench):
     assert len(lines) == 1
     assert lines[0]["status"] == 200 and lines[0]["path"] == "/v1/localize"
     assert lines[0]["timings_ms"]["total"] > 0
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "experiments.serve", *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_bad_flags_are_one_line_before_any_work(tmp_path):
+    shown = _cli("--help")
+    assert shown.returncode == 0
+    for flag in ("--max_batch", "--max_wait_ms", "--max_queue", "--max_upload_mb", "--token_file", "--alpha"):
+        assert flag in shown.stdout
+    bad = _cli("--max_batch", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "max_batch" in bad.stderr
+    missing = _cli("--token_file", str(tmp_path / "none"), "--database_folder", str(tmp_path))
+    assert missing.returncode == 1 and missing.stderr.startswith("serve: error: --token_file")
