@@ -182,6 +182,7 @@ def _bad_requests(bench) -> list[tuple[str, dict, dict, int, str]]:
         ("alpha", good, {"alpha": "1.5"}, 422, "bad_field"),
         ("top_k", good, {"top_k": "zero"}, 422, "bad_field"),
         ("attention", {**good, "attention": ("a.json", b"{not json", "application/json")}, {}, 422, "bad_attention"),
+        ("three files", {**good, "x": ("x.bin", b"x"), "y": ("y.bin", b"y")}, {}, 400, "bad_request"),
         ("auto without provider", {"image": good["image"]}, {"attention": "auto"}, 422, "bad_field"),
     ]
 
@@ -226,6 +227,8 @@ def test_health_info_and_no_token_needed_when_none_is_configured(server, bench):
     assert info["precision"] == "float32" and info["buckets"] == [1, 2, 4]
     assert "cosplace" in info["model"] and info["limits"]["max_upload_mb"] == 1.0
     assert httpx.get(f"{server.url}/docs", timeout=10).status_code == 200
+    missing = httpx.get(f"{server.url}/v2/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
 def test_one_json_log_line_per_request_names_its_id_and_status(server, bench):

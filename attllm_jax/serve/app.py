@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attllm_jax.logs import LogFileHandler
 from attllm_jax.serve.errors import BodyTooLargeError, ServiceError, field_error
@@ -94,6 +95,12 @@ def create_app(service: Service, on_load_failure=None, load: bool = True) -> Fas
         logging.getLogger("attllm_jax.serve").error("request failed: %s: %s", type(error).__name__, error)
         body = {"error": {"code": "internal_error", "message": f"{type(error).__name__}"}}
         return JSONResponse({**body, "request_id": request.state.request_id}, 500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
+        answer = ServiceError(error.status_code, code, str(error.detail), dict(error.headers or {}))
+        return await service_error(request, answer)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
