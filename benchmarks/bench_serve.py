@@ -1,13 +1,14 @@
 r"""Benchmark: attllm-serve's latency and throughput on the demo, batching on and off, against in-process calls.
 
     python -m benchmarks.bench_serve [--image_size 288] [--requests 64] [--concurrency 1,4,16] \
-        [--max_batch 16] [--output_json outputs/bench_serve.json]
+        [--max_batch 16] [--max_wait_ms 5] [--repeats 2] [--output_json outputs/bench_serve.json]
 
 Without the LLM (each request uploads the demo photo's oracle attention file), for each concurrency C:
 
 - the service with dynamic batching (``--max_batch``) and without (``--max_batch 1``): latency p50/p95/p99 per
   request (client side, the whole HTTP exchange) and photos/s, from C httpx clients (one connection each)
-  posting ``--requests`` photos in all; both servers compile every bucket for the demo's photo size first;
+  posting ``--requests`` photos in all; both servers run at once (each compiled every bucket for the demo's photo
+  size first) and their cases alternate, each the best of ``--repeats`` runs;
 - in process, as the ceiling: the service's own engine called directly (decode, then one forward pass and search)
   one photo at a time (C = 1) and in batches of ``--max_batch`` (the throughput ceiling), and
   ``attllm_jax.localization.localize`` over the demo's photo folder with the model already loaded (photos/s);
@@ -20,7 +21,9 @@ in-process call plus one HTTP round trip. Timings on a shared machine vary: comp
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -37,6 +40,8 @@ flags.DEFINE_integer("image_size", 288, "Model input's shorter side (the demo's 
 flags.DEFINE_integer("requests", 64, "Requests per (server, concurrency) case.")
 flags.DEFINE_list("concurrency", ["1", "4", "16"], "Concurrent clients.")
 flags.DEFINE_integer("max_batch", 16, "The batching server's --max_batch (and the in-process batch).")
+flags.DEFINE_float("max_wait_ms", 5.0, "The servers' --max_wait_ms (how long a batch waits to fill).")
+flags.DEFINE_integer("repeats", 2, "Each HTTP case is the best (photos/s) of this many runs.")
 flags.DEFINE_string("cache_dir", None, "attllm_jax cache holding the demo (default: the package default).")
 flags.DEFINE_string("output_json", "outputs/bench_serve.json", "Where the numbers are written.")
 
@@ -121,6 +126,7 @@ def in_process(settings, uploads, requests: int, max_batch: int) -> dict:
 
 def main(argv):
     del argv
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     from attllm_jax.files import default_cache_dir
     from attllm_jax.localization import LocalizeSettings
     from attllm_jax.localization.demo import prepare_localize_demo
@@ -140,18 +146,31 @@ def main(argv):
         attention_dir=str(answers),
         alpha=0.5,
     )
-    results = {"image_size": FLAGS.image_size, "requests": FLAGS.requests, "in_process": None, "http": {}}
+    results = {"image_size": FLAGS.image_size, "requests": FLAGS.requests, "max_wait_ms": FLAGS.max_wait_ms}
     results["in_process"] = in_process(settings, uploads, FLAGS.requests, FLAGS.max_batch)
     common = ["--cache_dir", cache, "--image_size", str(FLAGS.image_size), "--store_dir", str(store)]
-    common += ["--warmup", "384x288", "--max_queue", "256"]
-    for label, batch in (("batching", FLAGS.max_batch), ("batch_1", 1)):
-        args = [*common, "--max_batch", str(batch), "--output_dir", str(work / label)]
-        with running_server(args, work / f"server_{label}", ready_timeout_s=1800) as server:
-            if label == "batching":
-                results["http_round_trip_ms"] = round(round_trip(server.url) * 1000, 3)
-            results["http"][label] = {
-                c: http_case(server.url, uploads, FLAGS.requests, int(c)) for c in FLAGS.concurrency
-            }
+    common += ["--warmup", "384x288", "--max_queue", "256", "--max_wait_ms", str(FLAGS.max_wait_ms)]
+    batches = {"batching": FLAGS.max_batch, "batch_1": 1}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            label: stack.enter_context(
+                running_server(
+                    [*common, "--max_batch", str(b), "--output_dir", str(work / label)],
+                    work / f"server_{label}",
+                    ready_timeout_s=1800,
+                )
+            )
+            for label, b in batches.items()
+        }
+        results["http_round_trip_ms"] = round(round_trip(servers["batching"].url) * 1000, 3)
+        results["http"] = {label: {} for label in servers}
+        for c in FLAGS.concurrency:  # the two servers alternate, so a change of the machine's load hits both
+            for _ in range(FLAGS.repeats):
+                for label, server in servers.items():
+                    case = http_case(server.url, uploads, FLAGS.requests, int(c))
+                    best = results["http"][label].get(c)
+                    if best is None or case["photos_per_s"] > best["photos_per_s"]:
+                        results["http"][label][c] = case
     report(results)
     Path(FLAGS.output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.output_json).write_text(json.dumps(results, indent=2))
