@@ -134,6 +134,23 @@ def test_batcher_groups_by_key_pads_to_buckets_and_refuses_when_full():
         assert rows == bucket_for(len(payloads), (1, 2, 4)) and len(payloads) <= 4
 
 
+def test_a_lone_request_does_not_wait_for_a_batch_when_nothing_else_is_arriving():
+    arriving = {"n": 1}
+    batcher = DynamicBatcher(
+        lambda p, rows: list(p), max_batch=4, max_wait_s=30, max_queue=4, arriving=lambda: arriving["n"]
+    )
+    try:
+        t0 = time.monotonic()
+        job = batcher.submit("a", key=0)
+        time.sleep(0.3)
+        assert not job.future.done()  # one more request is being decoded: the batch waits for it
+        arriving["n"] = 0
+        batcher.wake()
+        assert job.future.result(5) == "a" and time.monotonic() - t0 < 5
+    finally:
+        batcher.close(10)
+
+
 def test_concurrent_answers_equal_localize_and_batch(server, bench):
     before, batches_before = localize_count(server), batch_counts(server)
     names = bench["photos"] * 6

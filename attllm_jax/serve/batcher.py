@@ -2,7 +2,8 @@
 
 Requests wait in one bounded queue. A single worker thread (the only one that runs the model) takes the oldest
 request, waits until ``max_batch`` requests are queued or ``max_wait_s`` has passed since that request arrived,
-then takes up to ``max_batch`` of them. They are grouped by what must be equal within a forward pass (the
+then takes up to ``max_batch`` of them; it stops waiting early when no other request is being decoded (nothing
+could join, so a lone request is not delayed). They are grouped by what must be equal within a forward pass (the
 preprocessed image shape and the blend factor, the :func:`group_key` of a job), and each group is padded with
 zero rows up to the smallest size bucket that holds it (powers of two up to ``max_batch``, each a multiple of the
 device count: :func:`bucket_sizes`), so load raises throughput without compiling a new shape: the model sees at
@@ -86,6 +87,8 @@ class DynamicBatcher:
         multiple: Rows must be a multiple of this (the device count).
         on_batch: Called with ``(jobs, rows)`` after each forward pass (metrics).
         on_depth: Called with the queue depth whenever it changes (metrics).
+        arriving: Returns how many requests are on their way to :meth:`submit` (being decoded); while none are,
+            a batch does not wait for more (a lone request is not delayed by ``max_wait_s``). Default: always wait.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class DynamicBatcher:
         multiple: int = 1,
         on_batch: Callable[[list[Job], int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        arriving: Callable[[], int] | None = None,
     ):
         if max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"max_queue must be >= 1 and max_wait_s >= 0, got {max_queue}, {max_wait_s}")
@@ -108,6 +112,7 @@ class DynamicBatcher:
         self.buckets = bucket_sizes(self.max_batch, multiple)
         self.on_batch = on_batch or (lambda jobs, rows: None)
         self.on_depth = on_depth or (lambda depth: None)
+        self.arriving = arriving or (lambda: self.max_batch)
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -137,6 +142,11 @@ class DynamicBatcher:
             self._cond.notify()
         return job
 
+    def wake(self) -> None:
+        """Re-checks :attr:`arriving` now (a request stopped arriving without submitting)."""
+        with self._cond:
+            self._cond.notify()
+
     def close(self, timeout_s: float | None = None) -> None:
         """Stops taking jobs, runs those queued, and joins the worker."""
         with self._cond:
@@ -152,7 +162,7 @@ class DynamicBatcher:
             if not self._pending:
                 return None
             deadline = self._pending[0].enqueued + self.max_wait_s
-            while len(self._pending) < self.max_batch and not self._stopping:
+            while len(self._pending) < self.max_batch and not self._stopping and self.arriving() > 0:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break

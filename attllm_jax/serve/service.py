@@ -96,6 +96,7 @@ class Fields:
     attention_name: str
     alpha: float
     top_k: int
+    unavailable: str | None = None  # why the provider gave no attention (attention=auto)
 
 
 class Service:
@@ -116,6 +117,8 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="attllm-decode")
         self.llm_pool = ThreadPoolExecutor(max(4, settings.max_queue // 4), thread_name_prefix="attllm-llm")
         self.started = time.time()
+        self.arriving = 0  # requests decoding or asking for attention, not yet queued (read by the batcher)
+        self._arriving_lock = threading.Lock()
 
     @property
     def status(self) -> str:
@@ -133,6 +136,7 @@ class Service:
             multiple=engine.sharding.mesh.size,
             on_batch=self._observe_batch,
             on_depth=self.metrics.queue_depth.set,
+            arriving=lambda: self.arriving,
         )
         warm_up(engine, batcher.buckets, self.settings.warmup_sizes, self.settings.default_alpha)
         self.engine = engine
@@ -178,6 +182,26 @@ class Service:
             ServiceError: for a refused photo or attention upload, a full queue, a shutdown.
         """
         engine = self.ready_engine()
+        self._count_arriving(+1)
+        try:
+            photo = await self._prepare(engine, fields, timings)
+            job = self.batcher.submit(photo, photo.group_key)
+        except QueueFullError as error:
+            raise retry_later("queue_full", f"the service is busy: {error}", self.settings.retry_after_s) from None
+        except ShuttingDownError as error:
+            raise retry_later("shutting_down", str(error), self.settings.retry_after_s) from None
+        finally:
+            self._count_arriving(-1)
+        try:
+            localized: Localized = await asyncio.wrap_future(job.future)
+        except NonFiniteError as error:
+            raise ServiceError(500, "non_finite_descriptor", str(error)) from None
+        timings["queue"] = job.started - job.enqueued
+        timings.update(localized.seconds)
+        return self._answer(engine, localized, photo.attention, fields.unavailable)
+
+    async def _prepare(self, engine: Engine, fields: Fields, timings: dict[str, float]) -> Photo:
+        """The decoded photo with its attention (400 / 422 for a refused upload)."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
@@ -188,20 +212,14 @@ class Service:
         timings["decode"] = t1 - t0
         parsed, unavailable = await self._attention(fields, decoded.image)
         timings["attention"] = time.perf_counter() - t1
-        photo = Photo(fields.name, fields.image, decoded.pixels, parsed, fields.alpha, fields.top_k)
-        try:
-            job = self.batcher.submit(photo, photo.group_key)
-        except QueueFullError as error:
-            raise retry_later("queue_full", f"the service is busy: {error}", self.settings.retry_after_s) from None
-        except ShuttingDownError as error:
-            raise retry_later("shutting_down", str(error), self.settings.retry_after_s) from None
-        try:
-            localized: Localized = await asyncio.wrap_future(job.future)
-        except NonFiniteError as error:
-            raise ServiceError(500, "non_finite_descriptor", str(error)) from None
-        timings["queue"] = job.started - job.enqueued
-        timings.update(localized.seconds)
-        return self._answer(engine, localized, parsed, unavailable)
+        fields.unavailable = unavailable
+        return Photo(fields.name, fields.image, decoded.pixels, parsed, fields.alpha, fields.top_k)
+
+    def _count_arriving(self, step: int) -> None:
+        with self._arriving_lock:
+            self.arriving += step
+        if step < 0 and self.batcher is not None:
+            self.batcher.wake()
 
     async def _attention(self, fields: Fields, image: Image.Image) -> tuple[ParsedAttention | None, str | None]:
         """The request's parsed answer, and why the provider gave none (``attention=auto`` only)."""
