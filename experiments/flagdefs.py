@@ -249,6 +249,61 @@ def _define_alpha_policy() -> None:
     )
 
 
+def _define_utm_zone() -> None:
+    flags.DEFINE_string("utm_zone", None, "UTM zone of plain-UTM database names, e.g. 10S.")
+
+
+def _define_alpha() -> None:
+    flags.DEFINE_float("alpha", None, "Attention blend factor in [0, 1] (default 0.5 with attention, else 0).")
+    flags.register_validator(
+        "alpha", lambda v: v is None or (math.isfinite(v) and 0 <= v <= 1), "--alpha must lie in [0, 1]"
+    )
+
+
+def _define_sigma() -> None:
+    flags.DEFINE_float("sigma", 0.2, "RBF width of point attention maps.")
+    flags.register_validator("sigma", lambda v: math.isfinite(v) and v > 0, "--sigma must be > 0")
+
+
+def _define_top_k() -> None:
+    flags.DEFINE_integer("top_k", 10, "Database candidates kept per photo.")
+    flags.register_validator("top_k", lambda v: v >= 1, "--top_k must be >= 1")
+
+
+def _define_estimator() -> None:
+    flags.DEFINE_enum(
+        "estimator",
+        "top1",
+        ["top1", "cluster"],
+        "top1: the best match; cluster: score-weighted centre of the largest cluster of the top-K within "
+        "--cluster_radius.",
+    )
+
+
+def _define_metres(name: str, help_text: str) -> Callable[[], None]:
+    def define() -> None:
+        flags.DEFINE_float(name, 25.0, help_text)
+        flags.register_validator(name, lambda v: math.isfinite(v) and v > 0, f"--{name} must be > 0")
+
+    return define
+
+
+def _define_calibration() -> None:
+    flags.DEFINE_string("calibration", None, "Calibration JSON (attllm-eval --calibration_out); none = uncalibrated.")
+
+
+# localize's per-photo flags (estimate, blend, confidence), shared with the service (experiments.serve)
+_LOCALIZE_DEFINITIONS: dict[str, Callable[[], None]] = {
+    "utm_zone": _define_utm_zone,
+    "alpha": _define_alpha,
+    "sigma": _define_sigma,
+    "top_k": _define_top_k,
+    "estimator": _define_estimator,
+    "cluster_radius": _define_metres("cluster_radius", "Cluster radius of --estimator cluster, metres."),
+    "radius": _define_metres("radius", "The confidence is P(estimate within this many metres of the truth)."),
+    "calibration": _define_calibration,
+}
+
 _DEFINITIONS: dict[str, Callable[[], None]] = {
     "checkpoint": _define_checkpoint,
     "random_model": _define_random_model,
@@ -271,6 +326,7 @@ _DEFINITIONS: dict[str, Callable[[], None]] = {
     "rerank": _define_rerank,
     "save_descriptors": _define_save_descriptors,
     "alpha_policy": _define_alpha_policy,
+    **_LOCALIZE_DEFINITIONS,
 }
 NAMES = tuple(_DEFINITIONS)
 

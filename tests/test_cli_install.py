@@ -22,6 +22,7 @@ SCRIPT_FLAGS = {
     "attllm-doctor": ("--check",),
     "attllm-localize": ("--images", "--alpha", "--top_k", "--estimator"),
     "attllm-compare-attention": ("--a", "--b", "--grid"),
+    "attllm-serve": ("--max_batch", "--token_file", "--provider", "--alpha", "--database_folder"),
 }
 SCRIPTS = (*SCRIPT_FLAGS, "attllm-convert")
 

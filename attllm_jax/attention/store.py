@@ -117,6 +117,16 @@ def load_record(path: str | os.PathLike) -> dict[str, Any] | list[Any]:
     path = Path(path)
     with open(path, "rb") as f:
         data = f.read(MAX_FILE_BYTES + 1)
+    return record_from_bytes(data, path)
+
+
+def record_from_bytes(data: bytes, path: str | os.PathLike) -> dict[str, Any] | list[Any]:
+    """:func:`load_record` of a file's content already read (an HTTP upload); ``path`` names it in errors.
+
+    Raises:
+        AttentionFileError: as :func:`load_record`.
+    """
+    path = Path(path)
     if len(data) > MAX_FILE_BYTES:
         raise AttentionFileError(f"attention file {path} is larger than {MAX_FILE_BYTES} bytes")
     try:

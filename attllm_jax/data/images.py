@@ -21,9 +21,11 @@ PyTorch references read them.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +52,22 @@ _TRANSPOSE = {
 DECODING = "upright-rgb8-v1"
 _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 _UNSCALED = ("I", "F")
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image held in memory (an HTTP upload), opened by :func:`open_image` like a file.
+
+    Attributes:
+        name: What error messages call it (e.g. ``upload 'photo.jpg'``).
+        data: The encoded file's bytes.
+    """
+
+    name: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class ImageTooLargeError(ValueError):
@@ -142,7 +160,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
 
 
 def open_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | ImageBytes,
     *,
     max_pixels: int = MAX_SOURCE_PIXELS,
     check_size: Callable[[int, int], None] | None = None,
@@ -151,7 +169,7 @@ def open_image(
     """Opens an image file as 8-bit RGB, refusing what must not be decoded (see the module notes).
 
     Args:
-        path: The image file.
+        path: The image file, or an in-memory one (:class:`ImageBytes`; ``root`` does not apply).
         max_pixels: Most pixels the stored image may have (its decoded size).
         check_size: Called with the displayed ``(width, height)`` (the header's, turned by the EXIF orientation)
             before decoding; raises to refuse the image.
@@ -166,9 +184,13 @@ def open_image(
         UnsupportedModeError: a 32-bit integer or float image (a ``ValueError``).
         OSError: a missing, unidentified or truncated file (PIL's errors, unchanged).
     """
-    if root is not None:
-        check_inside(path, root)
-    with open_regular_file(path) as file, Image.open(file) as image:
+    if isinstance(path, ImageBytes):
+        source = io.BytesIO(path.data)
+    else:
+        if root is not None:
+            check_inside(path, root)
+        source = open_regular_file(path)
+    with source as file, Image.open(file) as image:
         check_source_pixels(path, image.size, max_pixels)
         if check_size is not None:
             check_size(*oriented_size(image))

@@ -452,7 +452,11 @@ def _applied_kind(parsed, applied: bool) -> str:
     return parsed.kind if applied or not parsed.has_attention else "unreadable"
 
 
-def _photo_result(ctx: _Context, photo: str, indices: np.ndarray, scores: np.ndarray, kind: str, latency: dict):
+def _photo_result(
+    ctx: _Context, photo: str, indices: np.ndarray, scores: np.ndarray, kind: str, latency: dict, source=None
+):
+    """One photo's result from its top-K; ``source`` (a path or file object) is where its EXIF is read, default
+    the photo's file under the images folder (the service passes the uploaded bytes)."""
     s = ctx.settings
     keep = indices >= 0
     indices, scores = indices[keep], scores[keep].astype(np.float64)
@@ -468,7 +472,7 @@ def _photo_result(ctx: _Context, photo: str, indices: np.ndarray, scores: np.nda
     confidence = None
     if ctx.calibration is not None:
         confidence = float(ctx.calibration.predict(np.array([[features[f] for f in FEATURES]]))[0])
-    claimed = read_exif_gps(Path(s.images) / photo)
+    claimed = read_exif_gps(Path(s.images) / photo if source is None else source)
     claimed_distance = None if claimed is None else float(haversine_m(claimed[0], claimed[1], lat, lon))
     return PhotoResult(
         photo,
@@ -511,3 +515,37 @@ class SettledFiles:
                 ready.append(photo)
         self.last = seen
         return ready
+
+
+def open_context(settings: LocalizeSettings, model=None) -> _Context:
+    """Everything :func:`localize` loads before its first photo, for callers that localize photos as they come
+    (``attllm_jax.serve``): the model, the database store's descriptors, positions and zone, the calibration.
+
+    Args:
+        settings: The settings (``images`` must be an existing folder; it is not listed).
+        model: Optional already loaded model.
+
+    Returns:
+        The context :func:`_localize_chunk` and :func:`_photo_result` take.
+
+    Raises:
+        ValueError / FileNotFoundError: as :func:`localize`.
+    """
+    settings = settings.validated()
+    config = settings.eval_config()
+    database = load_image_set(config.database_folder, config.convention, config.database_csv)
+    zone = database_zone(database, settings.utm_zone)
+    planar, latlon = database_positions(database, zone)
+    calibration = load_calibration(settings.calibration) if settings.calibration else None
+    calibration_sha = hashlib.sha256(Path(settings.calibration).read_bytes()).hexdigest() if calibration else None
+    model = model if model is not None else load_eval_model(config)
+    digest = weights_digest(model)
+    store, _ = database_store(config, model, database, digest)
+    try:
+        contents = store.load()
+    finally:
+        store.close()
+    key = settings_key(settings, digest, calibration_sha)
+    return _Context(
+        settings, config, model, contents.descriptors, contents.valid, database, planar, latlon, zone, calibration, key
+    )
