@@ -288,6 +288,42 @@ def _define_metres(name: str, help_text: str) -> Callable[[], None]:
     return define
 
 
+def _define_blend() -> None:
+    flags.DEFINE_enum("blend", "native", ["native", "uniform"], "Attention blend (uniform: CosPlace/EigenPlaces only).")
+
+
+def _define_tuning() -> None:
+    flags.DEFINE_string(
+        "tuning",
+        None,
+        "tuning.json written by attllm-tune: take its best alpha, sigma and blend (not with those flags).",
+    )
+
+
+class TuningConflict(ValueError):
+    """--tuning given with --alpha, --sigma or --blend (a usage error)."""
+
+
+def blend_setting(default_alpha: float) -> tuple[float, float, str]:
+    """``(alpha, sigma, blend)`` of the shared flags: from --tuning (its ``best`` entry), or --alpha (default
+    ``default_alpha``), --sigma and --blend.
+
+    Raises:
+        TuningConflict: --tuning with any of the three.
+        ValueError, FileNotFoundError: a bad tuning file (one line naming it).
+    """
+    if FLAGS.tuning is None:
+        alpha = FLAGS.alpha if FLAGS.alpha is not None else default_alpha
+        return alpha, FLAGS.sigma, FLAGS.blend
+    given = [f"--{name}" for name in ("alpha", "sigma", "blend") if FLAGS[name].present]
+    if given:
+        raise TuningConflict(f"--tuning sets alpha, sigma and blend: give it or {', '.join(given)}, not both")
+    from attllm_jax.tuning.choice import read_tuned_setting
+
+    setting, _ = read_tuned_setting(FLAGS.tuning)
+    return setting.alpha, setting.sigma, setting.blend
+
+
 def _define_calibration() -> None:
     flags.DEFINE_string("calibration", None, "Calibration JSON (attllm-eval --calibration_out); none = uncalibrated.")
 
@@ -297,12 +333,16 @@ _LOCALIZE_DEFINITIONS: dict[str, Callable[[], None]] = {
     "utm_zone": _define_utm_zone,
     "alpha": _define_alpha,
     "sigma": _define_sigma,
+    "blend": _define_blend,
+    "tuning": _define_tuning,
     "top_k": _define_top_k,
     "estimator": _define_estimator,
     "cluster_radius": _define_metres("cluster_radius", "Cluster radius of --estimator cluster, metres."),
     "radius": _define_metres("radius", "The confidence is P(estimate within this many metres of the truth)."),
     "calibration": _define_calibration,
 }
+
+LOCALIZE_FLAGS = tuple(_LOCALIZE_DEFINITIONS)  # localize and serve define all of them
 
 _DEFINITIONS: dict[str, Callable[[], None]] = {
     "checkpoint": _define_checkpoint,

@@ -19,7 +19,6 @@ attllm-tune chose). One run per output folder: a second one is refused, naming t
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -31,7 +30,6 @@ from experiments.cli import fail
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("images", None, "Folder of photos to localize (nested folders allowed); default: the demo's.")
-flags.DEFINE_string("utm_zone", None, "UTM zone of plain-UTM database names, e.g. 10S.")
 flagdefs.define(
     "database_folder",
     "database_csv",
@@ -44,15 +42,10 @@ flagdefs.define(
     "image_size",
     "batch_size",
     "cache_dir",
+    *flagdefs.LOCALIZE_FLAGS,
 )
 flags.DEFINE_string(
     "attention_dir", None, "Attention files of the photos (annotate's <stem>.json); none = no attention."
-)
-flags.DEFINE_float("alpha", None, "Attention blend factor in [0, 1] (default 0.5 with attention, else 0).")
-flags.DEFINE_float("sigma", 0.2, "RBF width of point attention maps.")
-flags.DEFINE_enum("blend", "native", ["native", "uniform"], "Attention blend (uniform: CosPlace/EigenPlaces only).")
-flags.DEFINE_string(
-    "tuning", None, "tuning.json written by attllm-tune: take its best alpha, sigma and blend (not with those flags)."
 )
 flags.DEFINE_enum(
     "provider",
@@ -69,16 +62,6 @@ flags.DEFINE_integer("workers", 8, "--provider: requests in flight at once (with
 flags.DEFINE_float("qpm", 60.0, "--provider: requests per minute, retries included (0: no limit).", lower_bound=0)
 flags.DEFINE_float("timeout_s", 60.0, "--provider: total deadline of each request, seconds.", lower_bound=0.001)
 flags.DEFINE_integer("max_attempts", 5, "--provider: attempts per photo on 429/5xx/timeouts.", lower_bound=1)
-flags.DEFINE_integer("top_k", 10, "Database candidates kept per photo.")
-flags.DEFINE_enum(
-    "estimator",
-    "top1",
-    ["top1", "cluster"],
-    "top1: the best match; cluster: score-weighted centre of the largest cluster of the top-K within --cluster_radius.",
-)
-flags.DEFINE_float("cluster_radius", 25.0, "Cluster radius of --estimator cluster, metres.")
-flags.DEFINE_float("radius", 25.0, "The confidence is P(estimate within this many metres of the truth).")
-flags.DEFINE_string("calibration", None, "Calibration JSON (attllm-eval --calibration_out); none = uncalibrated.")
 flags.DEFINE_string(
     "calibrate_with",
     None,
@@ -101,13 +84,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_float("poll", 1.0, "--watch: seconds between looks at the folder.")
 flags.DEFINE_float("settle", 2.0, "--watch: seconds a new file must stay unchanged before it is read.")
-flags.register_validator(
-    "alpha", lambda v: v is None or (math.isfinite(v) and 0 <= v <= 1), "--alpha must lie in [0, 1]"
-)
-flags.register_validator("top_k", lambda v: v >= 1, "--top_k must be >= 1")
 flags.register_validator("chunk_photos", lambda v: v >= 1, "--chunk_photos must be >= 1")
-for _name in ("cluster_radius", "radius", "sigma"):
-    flags.register_validator(_name, lambda v: math.isfinite(v) and v > 0, f"--{_name} must be > 0")
 
 
 def settings_from_flags():
@@ -184,19 +161,12 @@ def ask_from_flags():
 def blend_from_flags(with_attention: bool) -> tuple[float, float, str]:
     """``(alpha, sigma, blend)``: from --tuning, or from --alpha (default 0.5 with attention, else 0), --sigma and
     --blend; one error line for --tuning given with any of those or a bad tuning file."""
-    if FLAGS.tuning is None:
-        alpha = FLAGS.alpha if FLAGS.alpha is not None else (0.5 if with_attention else 0.0)
-        return alpha, FLAGS.sigma, FLAGS.blend
-    given = [f"--{name}" for name in ("alpha", "sigma", "blend") if FLAGS[name].present]
-    if given:
-        fail("localize", f"--tuning sets alpha, sigma and blend: give it or {', '.join(given)}, not both", True)
-    from attllm_jax.tuning.choice import read_tuned_setting
-
     try:
-        setting, _ = read_tuned_setting(FLAGS.tuning)
+        return flagdefs.blend_setting(0.5 if with_attention else 0.0)
+    except flagdefs.TuningConflict as error:
+        fail("localize", str(error), True)
     except (ValueError, FileNotFoundError) as error:
         fail("localize", str(error))
-    return setting.alpha, setting.sigma, setting.blend
 
 
 def main(argv):

@@ -37,14 +37,7 @@ flagdefs.define(
     "precision",
     "image_size",
     "cache_dir",
-    "utm_zone",
-    "alpha",
-    "sigma",
-    "top_k",
-    "estimator",
-    "cluster_radius",
-    "radius",
-    "calibration",
+    *flagdefs.LOCALIZE_FLAGS,
 )
 flags.DEFINE_string(
     "output_dir", None, "Folder of the database store (without --store_dir) and serve.log (default outputs/serve)."
@@ -94,6 +87,12 @@ def localize_settings():
             fail("serve", "--database_csv needs --database_folder", usage=True)
         database = str(prepare_localize_demo(FLAGS.cache_dir)[0])
         image_size = image_size or DEMO_IMAGE_SIZE
+    try:  # the default alpha applies to requests with attention; one without is the plain model whatever alpha
+        alpha, sigma, blend = flagdefs.blend_setting(0.5)
+    except flagdefs.TuningConflict as error:
+        fail("serve", str(error), usage=True)
+    except (ValueError, FileNotFoundError) as error:
+        fail("serve", str(error))
     output.mkdir(parents=True, exist_ok=True)
     return LocalizeSettings(
         images=str(output),  # not read: uploads are decoded in memory
@@ -107,8 +106,9 @@ def localize_settings():
         model_seed=FLAGS.model_seed,
         precision=FLAGS.precision,
         image_size=image_size,
-        alpha=FLAGS.alpha if FLAGS.alpha is not None else 0.5,
-        sigma=FLAGS.sigma,
+        alpha=alpha,
+        sigma=sigma,
+        blend=blend,
         top_k=FLAGS.top_k,
         estimator=FLAGS.estimator,
         cluster_radius_m=FLAGS.cluster_radius,

@@ -23,6 +23,7 @@ SCRIPT_FLAGS = {
     "attllm-localize": ("--images", "--alpha", "--top_k", "--estimator"),
     "attllm-compare-attention": ("--a", "--b", "--grid"),
     "attllm-serve": ("--max_batch", "--token_file", "--provider", "--alpha", "--database_folder"),
+    "attllm-accelerator-check": ("--tiny", "--models", "--output_json"),
 }
 SCRIPTS = (*SCRIPT_FLAGS, "attllm-convert")
 
@@ -74,6 +75,14 @@ def _run(bin_dir: Path, *args: str, cwd: str = "/tmp") -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_every_script_of_pyproject_is_checked_here():
+    """A console script added to pyproject.toml without an entry above would escape the convention test."""
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(declared) == set(SCRIPTS)
 
 
 def test_console_scripts_are_installed(installed):

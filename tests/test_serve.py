@@ -275,3 +275,30 @@ def test_help_and_bad_flags_are_one_line_before_any_work(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "max_batch" in bad.stderr
     missing = _cli("--token_file", str(tmp_path / "none"), "--database_folder", str(tmp_path))
     assert missing.returncode == 1 and missing.stderr.startswith("serve: error: --token_file")
+
+
+def test_the_blend_comes_from_tune_or_the_flags_never_both(tmp_path):
+    """--tuning sets the service's default alpha, sigma and blend from tune's best entry (read as localize reads it);
+    with --alpha, --sigma or --blend as well, or a tuning file that is not tune's, it is one error line."""
+    from attllm_jax.tuning.search import Choice, Setting
+
+    best = Choice(Setting(0.35, 0.15, "uniform"), 50.0, {"1": 50.0}, (0.3, 0.4)).to_dict()
+    tuning = tmp_path / "tuning.json"
+    tuning.write_text(json.dumps({"best": {**best, "objective_name": "recall@1"}, "model": {"family": "cosplace"}}))
+    probe = (
+        "import sys; from absl import flags; from experiments import serve; flags.FLAGS(sys.argv); "
+        "s = serve.localize_settings(); print(s.alpha, s.sigma, s.blend)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    common = ["--database_folder", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    read = subprocess.run(
+        [sys.executable, "-c", probe, "--tuning", str(tuning), *common],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.split() == ["0.35", "0.15", "uniform"]
+    both = _cli("--tuning", str(tuning), "--sigma", "0.3", *common)
+    assert both.returncode == 2 and both.stderr.startswith("serve: error: --tuning sets alpha, sigma and blend")
+    (tmp_path / "other.json").write_text(json.dumps({"recalls": {}}))
+    other = _cli("--tuning", str(tmp_path / "other.json"), *common)
+    assert other.returncode == 1 and other.stderr.startswith("serve: error: --tuning ") and "'best'" in other.stderr

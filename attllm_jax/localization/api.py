@@ -538,7 +538,7 @@ def open_context(settings: LocalizeSettings, model=None) -> _Context:
     planar, latlon = database_positions(database, zone)
     calibration = load_calibration(settings.calibration) if settings.calibration else None
     calibration_sha = hashlib.sha256(Path(settings.calibration).read_bytes()).hexdigest() if calibration else None
-    model = model if model is not None else load_eval_model(config)
+    model = load_localize_model(config, settings.blend, model)
     digest = weights_digest(model)
     store, _ = database_store(config, model, database, digest)
     try:
