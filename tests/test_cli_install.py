@@ -173,3 +173,11 @@ def test_annotate_logs_its_flags_through_the_console_script(installed, tmp_path)
     [line] = usage.stderr.strip().splitlines()
     assert usage.returncode == 2 and line.startswith("annotate: error: ") and "--city is required" in line, line
     assert not (tmp_path / "b").exists()  # refused before any work: no folder, no log
+
+
+def test_the_installed_accelerator_check_says_it_needs_a_checkout(installed):
+    """The check times against benchmarks/, which the wheel leaves out: outside a checkout a run is one line."""
+    proc = _run(installed, "attllm-accelerator-check", "--tiny")
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("accelerator_check: error: it needs the repository's benchmarks/ folder")
