@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from absl import app, flags
 
+from experiments import flagdefs
 from experiments.flagdefs import module_key
 
 FLAGS = flags.FLAGS
@@ -117,3 +118,14 @@ def run_command(command: str, main: Callable[[list[str]], int | None], help: Cal
 
 def _backend_error_if_jax_loaded() -> str | None:
     return backend_error() if "jax" in sys.modules else None
+
+
+def blend_from_flags(command: str, default_alpha: float) -> tuple[float, float, str]:
+    """``(alpha, sigma, blend)`` of --tuning or --alpha/--sigma/--blend (:func:`flagdefs.blend_setting`); a misuse or a
+    bad tuning file ends the run with one ``<command>: error:`` line."""
+    try:
+        return flagdefs.blend_setting(default_alpha)
+    except flagdefs.TuningConflict as error:
+        fail(command, str(error), usage=True)
+    except (ValueError, FileNotFoundError) as error:
+        fail(command, str(error))

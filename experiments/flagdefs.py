@@ -324,6 +324,26 @@ def blend_setting(default_alpha: float) -> tuple[float, float, str]:
     return setting.alpha, setting.sigma, setting.blend
 
 
+def localize_fields() -> dict:
+    """The :class:`~attllm_jax.localization.LocalizeSettings` fields that localize and serve take from the same flags
+    (the database's, the model's and the per-photo ones; not the photos, the output, the size or the blend)."""
+    return dict(
+        database_csv=FLAGS.database_csv,
+        store_dir=FLAGS.store_dir,
+        utm_zone=FLAGS.utm_zone,
+        checkpoint=FLAGS.checkpoint,
+        random_model=FLAGS.random_model,
+        model_seed=FLAGS.model_seed,
+        precision=FLAGS.precision,
+        top_k=FLAGS.top_k,
+        estimator=FLAGS.estimator,
+        cluster_radius_m=FLAGS.cluster_radius,
+        radius_m=FLAGS.radius,
+        calibration=FLAGS.calibration,
+        convention=FLAGS.convention,
+    )
+
+
 def _define_calibration() -> None:
     flags.DEFINE_string("calibration", None, "Calibration JSON (attllm-eval --calibration_out); none = uncalibrated.")
 

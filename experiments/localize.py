@@ -110,32 +110,22 @@ def settings_from_flags():
         if FLAGS.attention_dir:
             fail("localize", "give --attention_dir (stored answers) or --provider (ask on the fly), not both", True)
         attention = None
-    alpha, sigma, blend = blend_from_flags(attention is not None or (ask is not None and ask.asks))
+    alpha, sigma, blend = cli.blend_from_flags(
+        "localize", 0.5 if attention is not None or (ask is not None and ask.asks) else 0.0
+    )
     return LocalizeSettings(
         images=images,
         output_dir=output,
         database_folder=database,
-        database_csv=FLAGS.database_csv,
-        store_dir=FLAGS.store_dir,
-        utm_zone=FLAGS.utm_zone,
-        checkpoint=FLAGS.checkpoint,
-        random_model=FLAGS.random_model,
-        model_seed=FLAGS.model_seed,
-        precision=FLAGS.precision,
         image_size=image_size,
         attention_dir=attention,
         alpha=alpha,
         sigma=sigma,
         blend=blend,
         ask=ask,
-        top_k=FLAGS.top_k,
-        estimator=FLAGS.estimator,
-        cluster_radius_m=FLAGS.cluster_radius,
-        radius_m=FLAGS.radius,
-        calibration=FLAGS.calibration,
         batch_size=FLAGS.batch_size,
         chunk_photos=FLAGS.chunk_photos,
-        convention=FLAGS.convention,
+        **flagdefs.localize_fields(),
     )
 
 
@@ -156,17 +146,6 @@ def ask_from_flags():
         masks=FLAGS.masks,
     )
     return AskSettings(source, city=FLAGS.city or "unknown", prompt=FLAGS.prompt, workers=FLAGS.workers)
-
-
-def blend_from_flags(with_attention: bool) -> tuple[float, float, str]:
-    """``(alpha, sigma, blend)``: from --tuning, or from --alpha (default 0.5 with attention, else 0), --sigma and
-    --blend; one error line for --tuning given with any of those or a bad tuning file."""
-    try:
-        return flagdefs.blend_setting(0.5 if with_attention else 0.0)
-    except flagdefs.TuningConflict as error:
-        fail("localize", str(error), True)
-    except (ValueError, FileNotFoundError) as error:
-        fail("localize", str(error))
 
 
 def main(argv):

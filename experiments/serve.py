@@ -87,34 +87,18 @@ def localize_settings():
             fail("serve", "--database_csv needs --database_folder", usage=True)
         database = str(prepare_localize_demo(FLAGS.cache_dir)[0])
         image_size = image_size or DEMO_IMAGE_SIZE
-    try:  # the default alpha applies to requests with attention; one without is the plain model whatever alpha
-        alpha, sigma, blend = flagdefs.blend_setting(0.5)
-    except flagdefs.TuningConflict as error:
-        fail("serve", str(error), usage=True)
-    except (ValueError, FileNotFoundError) as error:
-        fail("serve", str(error))
+    # the default alpha applies to requests with attention; one without is the plain model whatever alpha
+    alpha, sigma, blend = cli.blend_from_flags("serve", 0.5)
     output.mkdir(parents=True, exist_ok=True)
     return LocalizeSettings(
         images=str(output),  # not read: uploads are decoded in memory
         output_dir=str(output),
         database_folder=database,
-        database_csv=FLAGS.database_csv,
-        store_dir=FLAGS.store_dir,
-        utm_zone=FLAGS.utm_zone,
-        checkpoint=FLAGS.checkpoint,
-        random_model=FLAGS.random_model,
-        model_seed=FLAGS.model_seed,
-        precision=FLAGS.precision,
         image_size=image_size,
         alpha=alpha,
         sigma=sigma,
         blend=blend,
-        top_k=FLAGS.top_k,
-        estimator=FLAGS.estimator,
-        cluster_radius_m=FLAGS.cluster_radius,
-        radius_m=FLAGS.radius,
-        calibration=FLAGS.calibration,
-        convention=FLAGS.convention,
+        **flagdefs.localize_fields(),
     )
 
 
