@@ -28,6 +28,7 @@ from attllm_jax.evaluation.attention_source import load_query_attention
 from attllm_jax.evaluation.config import EvalConfig
 from attllm_jax.evaluation.extract import extract_queries, weights_digest
 from attllm_jax.evaluation.pipeline import database_store, load_eval_model, retrieve
+from attllm_jax.evaluation.strips import applied_kind
 from attllm_jax.files import atomic_write_json, list_image_files
 from attllm_jax.localization.ask import ATTENTION_DIR, AskSettings, AttentionStream
 from attllm_jax.localization.calibration import FEATURES, Calibration, load_calibration
@@ -430,8 +431,8 @@ def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list
         latency = dict(shared)
         if ctx.asked.get(photo) is not None:
             latency["attention"] = latency["llm_call"] = ctx.asked[photo]
-        kind = _applied_kind(attention.parsed[i], bool(q.with_attention[i]))
-        results.append(_photo_result(ctx, photo, retrieval.predictions[0, i], retrieval.scores[0, i], kind, latency))
+        kind = applied_kind(attention.parsed[i], bool(q.with_attention[i]))
+        results.append(photo_result(ctx, photo, retrieval.predictions[0, i], retrieval.scores[0, i], kind, latency))
     failed = [
         {"photo": f.path if not Path(f.path).is_absolute() else _relative(f.path, s.images), "reason": f.error}
         for f in q.failures
@@ -446,13 +447,7 @@ def _relative(path: str, root: str) -> str:
         return path
 
 
-def _applied_kind(parsed, applied: bool) -> str:
-    if parsed is None:
-        return "missing"
-    return parsed.kind if applied or not parsed.has_attention else "unreadable"
-
-
-def _photo_result(
+def photo_result(
     ctx: _Context, photo: str, indices: np.ndarray, scores: np.ndarray, kind: str, latency: dict, source=None
 ):
     """One photo's result from its top-K; ``source`` (a path or file object) is where its EXIF is read, default
@@ -526,7 +521,7 @@ def open_context(settings: LocalizeSettings, model=None) -> _Context:
         model: Optional already loaded model.
 
     Returns:
-        The context :func:`_localize_chunk` and :func:`_photo_result` take.
+        The context :func:`_localize_chunk` and :func:`photo_result` take.
 
     Raises:
         ValueError / FileNotFoundError: as :func:`localize`.

@@ -7,7 +7,7 @@ positions, calibration) is :func:`attllm_jax.localization.api.open_context`; dec
 apply before decoding); descriptors are the eval's :func:`~attllm_jax.evaluation.extract.aggregate_query_batch`
 and :func:`~attllm_jax.evaluation.extract.combine_query_batch`; the search is
 :func:`~attllm_jax.evaluation.pipeline.retrieve` with the run's search settings; the per-photo result (estimate,
-radius, confidence, matches) is localize's ``_photo_result``. Only the batching differs: a batch is the photos the
+radius, confidence, matches) is localize's ``photo_result``. Only the batching differs: a batch is the photos the
 :class:`~attllm_jax.serve.batcher.DynamicBatcher` grouped, padded to a size bucket.
 """
 
@@ -32,6 +32,7 @@ from attllm_jax.evaluation.extract import (
     model_label,
 )
 from attllm_jax.evaluation.pipeline import retrieve
+from attllm_jax.evaluation.strips import applied_kind
 from attllm_jax.localization import api
 from attllm_jax.localization.results import PhotoResult
 
@@ -187,8 +188,8 @@ class Engine:
         for j, i in enumerate(rows_k):
             photo = photos[i]
             t2 = time.perf_counter()
-            kind = api._applied_kind(photo.attention, bool(mask[i]))
-            result = api._photo_result(
+            kind = applied_kind(photo.attention, bool(mask[i]))
+            result = api.photo_result(
                 ctx, photo.name, found.predictions[0, j], found.scores[0, j], kind, {}, source=io.BytesIO(photo.data)
             )
             seconds = {"extract": extract_s, "search": t1 - t0, "result": time.perf_counter() - t2}
