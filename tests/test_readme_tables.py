@@ -3,7 +3,7 @@
 Each test runs the README's own command in a fresh directory (so the default ``cache/`` and ``outputs/`` paths are
 those of the README) and compares with the table or sentence parsed from README.md; a stale row fails. Commands
 and their time on a loaded 2-core CPU: the demo (~1.5 min), the severity sweep (~5 min), the tuning (~3 min), the
-three random-weight families (~1-4 min each).
+seven random-weight families (~1-22 min each).
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ RANDOM_MODELS = {
     "megaloc": "MegaLoc (ViT-B/14, 8448-d)",
     "boq_dinov2": "BoQ DINOv2 (ViT-B/14, 12288-d)",
     "boq_resnet50": "BoQ ResNet-50 (16384-d)",
+    "mixvpr": "MixVPR (ResNet-50, 4096-d)",
+    "netvlad": "NetVLAD (VGG-16, 4096-d)",
+    "supervlad": "SuperVLAD (ViT-B/14, 3072-d)",
+    "image4vpr": "ImAge (ViT-B/14 with registers, 6144-d)",
 }
 
 
