@@ -18,6 +18,7 @@ from attllm_jax.attention import overlay, prompts, providers
 from attllm_jax.attention.parse import DEFAULT_MAX_POINTS, ParsedAttention, parse_answer
 from attllm_jax.attention.providers.base import AnnotationRequest
 from attllm_jax.attention.runner import RunConfig
+from attllm_jax.attention.sources import SourceSettings, make_answer_source
 from attllm_jax.attention.store import parse_record, record_from_bytes
 
 PROVIDERS = ("none", "gemini", "openai")
@@ -69,27 +70,14 @@ def make_provider(settings: ProviderSettings) -> providers.Provider:
     Raises:
         ValueError: one line naming the missing setting (the API key, openai's model or base URL).
     """
-    retry = providers.RetryPolicy(max_attempts=1)
-    limiter = providers.RateLimiter(0)
-    if settings.provider == "gemini":
-        return providers.GeminiProvider(
-            model=settings.model or "gemini-2.5-flash",
-            base_url=settings.base_url,
-            timeout_s=settings.timeout_s,
-            retry=retry,
-            limiter=limiter,
-        )
-    if settings.provider == "openai":
-        if not settings.model:
-            raise ValueError("--provider openai needs --llm_model (the served model's name)")
-        return providers.OpenAIProvider(
-            model=settings.model,
-            base_url=settings.base_url,
-            timeout_s=settings.timeout_s,
-            retry=retry,
-            limiter=limiter,
-        )
-    raise ValueError(f"unknown attention provider {settings.provider!r}; valid: {', '.join(PROVIDERS)}")
+    if settings.provider not in ("gemini", "openai"):
+        raise ValueError(f"unknown attention provider {settings.provider!r}; valid: {', '.join(PROVIDERS)}")
+    if settings.provider == "openai" and not settings.model:
+        raise ValueError("--provider openai needs --llm_model (the served model's name)")
+    one_attempt = SourceSettings(
+        settings.provider, settings.model, settings.base_url, timeout_s=settings.timeout_s, qpm=0, max_attempts=1
+    )
+    return make_answer_source(one_attempt)
 
 
 class AttentionAsker:
