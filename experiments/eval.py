@@ -55,7 +55,12 @@ flagdefs.define(
     "save_descriptors",
     "alpha_policy",
 )
-flags.DEFINE_string("attention_dir", None, "Attention files of the queries (<stem>.json); none = no attention.")
+flags.DEFINE_string(
+    "attention_dir",
+    None,
+    "Attention files of the queries (<stem>.json); none = no attention. A,B,...: every folder and their mean map "
+    "(the ensemble) are evaluated in one run (results.json attention_sources); the top-level results are A's.",
+)
 flags.DEFINE_string("output_dir", None, "Output folder (default outputs/demo for the demo; required otherwise).")
 flags.DEFINE_enum("distance", "utm", ["utm", "haversine"], "Euclidean in one UTM zone, or great circle on lat/lon.")
 flags.DEFINE_string("queries_csv", None, "Optional coordinates CSV for the queries.")
@@ -251,11 +256,13 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eva
             )
         if FLAGS.output_dir is None:
             fail(command, "--output_dir is required with --database_folder/--queries_folder", usage=True)
+        dirs = _attention_dirs(command)
         config = EvalConfig(
             database_folder=FLAGS.database_folder,
             queries_folder=FLAGS.queries_folder,
             output_dir=FLAGS.output_dir,
-            attention_dir=FLAGS.attention_dir,
+            attention_dir=dirs[0] if dirs else None,
+            attention_dirs=dirs if len(dirs) > 1 else (),
             database_csv=FLAGS.database_csv,
             queries_csv=FLAGS.queries_csv,
             **overrides,
@@ -273,6 +280,23 @@ def config_from_flags(demo_output_dir: str = "outputs/demo", command: str = "eva
             flush=True,
         )
     return config
+
+
+def _attention_dirs(command: str) -> tuple[str, ...]:
+    """The folders of ``--attention_dir A,B`` (one for a plain folder); an empty entry, or several folders for a
+    command that takes one, ends the run with one error line."""
+    text = FLAGS.attention_dir
+    if text is None:
+        return ()
+    dirs = tuple(d.strip() for d in text.split(","))
+    if len(dirs) == 1:
+        return (text,)  # a single folder is taken as given, as before
+    empty = [i + 1 for i, d in enumerate(dirs) if not d]
+    if empty:
+        fail(command, f"--attention_dir {text!r}: entry {empty[0]} is empty (give folders separated by commas)", True)
+    if command != "eval":
+        fail(command, f"--attention_dir {text!r}: {command} takes one attention folder (eval takes several)", True)
+    return dirs
 
 
 def _discard_failed_log(output_dir: str, created: bool) -> None:
@@ -362,6 +386,8 @@ def main(argv):
         f"attention on {res['attention']['queries_with_attention']} queries"
     )
     print(f"recall@N (%) per alpha:\n{recall_table(result.retrieval)}")
+    if "attention_sources" in res:
+        print(_sources_table(res["attention_sources"], res["recall_values"]))
     skipped = res["num_skipped"]
     if skipped["database"] or skipped["queries"]:
         print(f"skipped unreadable images: {skipped['database']} database, {skipped['queries']} queries")
@@ -369,6 +395,17 @@ def main(argv):
     if FLAGS.calibration_out:
         _write_calibration(config)
     sys.stdout.flush()
+
+
+def _sources_table(entry: dict, recall_values: list[int]) -> str:
+    """One line per attention source and the ensemble: R@N per alpha (results.json ``attention_sources``)."""
+    rows = [(part["attention_dir"], part["recalls"]) for part in entry["per_source"]]
+    rows.append(("ensemble (mean map)", entry["ensemble"]["recalls"]))
+    lines = [f"recall@N (%) per attention source, alpha: R@{'/'.join(str(n) for n in recall_values)}"]
+    for name, recalls in rows:
+        cells = ", ".join(f"{a}: " + "/".join(f"{v:.1f}" for v in row.values()) for a, row in recalls.items())
+        lines.append(f"  {name}: {cells}")
+    return "\n".join(lines)
 
 
 def _write_calibration(config) -> None:

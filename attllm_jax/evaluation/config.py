@@ -25,6 +25,9 @@ class EvalConfig:
         output_dir: Where results, logs and figures go.
         checkpoint: A converted model directory; None = a random-weight CosPlace ResNet-18/512 built in JAX.
         attention_dir: Attention files of the queries (``find_attention_file`` naming); None = no attention.
+        attention_dirs: Every source of ``--attention_dir A,B`` (the first is ``attention_dir``, whose results stay
+            the top-level ones); with two or more, each source and their mean map (the ensemble) are also
+            evaluated (docs/DESIGN.md section 13). Empty or one entry: a single source, as before.
         alphas: Blend factors in [0, 1]; every one is evaluated from one backbone pass per query.
         recall_values: The N of recall@N.
         positive_dist_threshold: Positive radius in metres (boundary included).
@@ -69,6 +72,7 @@ class EvalConfig:
     output_dir: str
     checkpoint: str | None = None
     attention_dir: str | None = None
+    attention_dirs: tuple[str, ...] = ()
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     recall_values: tuple[int, ...] = (1, 5, 10, 20)
     positive_dist_threshold: float = 25.0
@@ -168,6 +172,7 @@ class EvalConfig:
             if not Path(getattr(self, name)).is_dir():
                 raise FileNotFoundError(f"--{name} {getattr(self, name)!r} is not a directory")
         _check_not_a_torch_file(self.checkpoint)
+        _validate_attention_dirs(self.attention_dir, tuple(self.attention_dirs))
         for name in ("checkpoint", "attention_dir"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
@@ -193,7 +198,25 @@ class EvalConfig:
             num_preds_to_save=int(self.num_preds_to_save),
             max_batch_pixels=None if self.max_batch_pixels is None else int(self.max_batch_pixels),
             rerank=tuple(self.rerank),
+            attention_dirs=tuple(str(d) for d in self.attention_dirs),
         )
+
+
+def _validate_attention_dirs(first: str | None, dirs: tuple[str, ...]) -> None:
+    """``--attention_dir A,B``: no empty entry, every entry a folder, no folder twice, the first is attention_dir."""
+    if not dirs:
+        return
+    joined = ",".join(str(d) for d in dirs)
+    for i, entry in enumerate(dirs):
+        if not str(entry).strip():
+            raise ValueError(f"--attention_dir {joined!r}: entry {i + 1} is empty (give folders separated by commas)")
+        if not Path(entry).is_dir():
+            raise FileNotFoundError(f"--attention_dir {joined!r}: entry {i + 1} {str(entry)!r} is not a directory")
+    resolved = [Path(d).resolve() for d in dirs]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"--attention_dir {joined!r}: a folder is given twice")
+    if first is None or Path(first).resolve() != resolved[0]:
+        raise ValueError(f"attention_dir {first!r} must be the first of attention_dirs {list(dirs)}")
 
 
 def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) -> None:

@@ -24,8 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from attllm_jax.attention.maps import attention_maps, attention_mask
-from attllm_jax.attention.parse import ParsedAttention
+from attllm_jax.attention.maps import Answer, attention_maps, attention_mask
 from attllm_jax.data.dataset import ImageSet
 from attllm_jax.data.images import DECODING
 from attllm_jax.data.loading import Batch, LoadFailure, batch_pixel_budget, load_batches
@@ -513,7 +512,7 @@ class _QueryRows:
 def extract_queries(
     model: DescriptorModel,
     images: ImageSet,
-    attention: Sequence[ParsedAttention | None],
+    attention: Sequence[Answer],
     alphas: Sequence[float],
     *,
     batch_size: int,
@@ -532,7 +531,7 @@ def extract_queries(
     Args:
         model: A :class:`~attllm_jax.models.vpr.VPRModel`.
         images: The query image set.
-        attention: One parsed answer (or None) per query.
+        attention: One parsed answer (or None, or an ensemble ``MeanAttention``) per query.
         alphas: ``[K]`` blend factors.
         batch_size: Queries per device batch (capped at the number of queries; the pixel budget stays that of
             ``batch_size``).
@@ -580,7 +579,7 @@ def extract_queries(
 def aggregate_query_batch(
     model: DescriptorModel,
     feats,
-    rows: Sequence[ParsedAttention | None],
+    rows: Sequence[Answer],
     real: np.ndarray,
     alphas: np.ndarray,
     sigma: float,

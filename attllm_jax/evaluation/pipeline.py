@@ -22,6 +22,7 @@ from attllm_jax.data.dataset import GeoPair, ImageSet
 from attllm_jax.evaluation import hosts
 from attllm_jax.evaluation.attention_source import QueryAttention
 from attllm_jax.evaluation.config import EvalConfig, alpha_key
+from attllm_jax.evaluation.ensemble import evaluate_sources
 from attllm_jax.evaluation.extract import DatabaseExtraction
 from attllm_jax.evaluation.post_search import post_search
 from attllm_jax.evaluation.progress import setup_logging
@@ -189,6 +190,10 @@ def evaluate(config: EvalConfig, inputs: EvalInputs, out: Path, t_start: float) 
         found.positives, list(inputs.queries.paths), out, inputs.plan, jax.local_devices(),
         model=inputs.model, database_images=inputs.database,
     )  # fmt: skip
+    if len(config.attention_dirs) > 1:
+        first = (inputs.attention, queries, found.retrieval)
+        entry, seconds = evaluate_sources(config, inputs.sets, inputs.model, contents, inputs.search_plan, first)
+        extra.entries["attention_sources"], extra.timings["attention_sources"] = entry, seconds
     run = EvalRun(
         config, inputs.sets, inputs.attention, inputs.loaded, inputs.db, contents, queries, found, ranked, extra
     )

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 
+from attllm_jax.attention.maps import Answer
 from attllm_jax.data.dataset import GeoPair, ImageSet, geo_pair, load_image_set
 from attllm_jax.evaluation.attention_source import QueryAttention, load_query_attention
 from attllm_jax.evaluation.config import EvalConfig
@@ -209,10 +211,17 @@ def extract_query_descriptors(
     Returns:
         ``descriptors [K, Q, D]``, ``valid [Q]``, ``with_attention [Q]``, the unreadable queries and the seconds.
     """
+    return describe_queries(config, queries, attention.parsed, model)
+
+
+def describe_queries(
+    config: EvalConfig, queries: ImageSet, answers: Sequence[Answer], model: DescriptorModel
+) -> QueryDescriptors:
+    """Stage 5 with given answers (one per query: parsed, an ensemble ``MeanAttention``, or None)."""
     return extract_queries(
         model,
         queries,
-        attention.parsed,
+        answers,
         config.alphas,
         batch_size=config.batch_size,
         image_size=config.image_size,
