@@ -10,7 +10,9 @@ demo's synthetic flooded streets (random-weight CosPlace ResNet-18/512, oracle a
         --folds 5 --group_radius 50 --method both --output_dir OUT
 
 writes OUT/tuning.json (best, grid, folds, cv, optax), OUT/recall_vs_alpha_folds.png and OUT/tune.log
-(see attllm_jax.tuning.run.run_tuning). --alphas and --sigmas take lists and start:stop:count ranges; --alphas
+(see attllm_jax.tuning.run.run_tuning). With eval's --rerank (same syntax), each query-expansion stage is run on the
+same folds at each fold's chosen alpha (tuning.json rerank: held-out interval, paired comparison with plain).
+--alphas and --sigmas take lists and start:stop:count ranges; --alphas
 defaults to 0:1:101 (0, 0.01, ..., 1), --sigmas to --sigma.
 """
 
@@ -144,6 +146,16 @@ def main(argv):
             f"alpha policy {policy['policy']} held-out R@{n}: {policy['heldout'][str(n)]['mean']:.1f}; vs best "
             f"global alpha: {gain['mean']:+.1f} ({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f}), McNemar p = "
             f"{policy['vs_global']['mcnemar_p']:.3g}"
+        )
+    for stage in result["rerank"].values():
+        if not isinstance(stage, dict) or "heldout" not in stage:
+            continue
+        n = stage["vs_plain"]["mcnemar_n"]
+        gain = stage["vs_plain"]["gain"][str(n)]
+        print(
+            f"re-ranking {stage['spec']} held-out R@{n}: {stage['heldout'][str(n)]['mean']:.1f}; vs plain: "
+            f"{gain['mean']:+.1f} ({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f}), McNemar p = "
+            f"{stage['vs_plain']['mcnemar_p']:.3g}"
         )
     if "heldout" in result["optax"]:
         print(f"optax held-out: {json.dumps({n: r['mean'] for n, r in result['optax']['heldout'].items()})}")
