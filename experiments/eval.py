@@ -115,6 +115,12 @@ flags.DEFINE_integer(
     "demo_clutter", 0, "Demo only: parked cars and people per database view, with oracle masks (0 = the default demo)."
 )
 flags.register_validator("demo_clutter", lambda v: v >= 0, "--demo_clutter must be >= 0")
+flags.DEFINE_bool(
+    "chain_stages",
+    False,
+    "All stages chained: each --rerank stage's ranking re-ranked by --symmetric_k (scored with the expanded "
+    "queries), then --alpha_policy (results.json chained; each stage's own entry is unchanged).",
+)
 flags.DEFINE_float("llm_cost_per_1000", None, "Price of 1000 LLM calls, for the --symmetric_k cost model.")
 flags.DEFINE_float("search_memory_gb", None, "Search memory budget in GiB (default: the memory available at start).")
 
@@ -165,6 +171,7 @@ def _overrides() -> dict:
         "db_attention_dir": FLAGS.db_attention_dir,
         "db_masks": FLAGS.db_masks,
         "llm_cost_per_1000": FLAGS.llm_cost_per_1000,
+        "chain_stages": FLAGS.chain_stages,
     }
     if FLAGS.alphas is not None:
         overrides["alphas"] = tuple(parse_values(FLAGS.alphas))

@@ -156,3 +156,51 @@ def test_an_image_the_provider_cannot_answer_keeps_its_plain_descriptor_and_is_c
     k, q, r = [int(v[0]) for v in np.nonzero(found.predictions[..., :2] == rows[0])]
     want = float(result.query_descriptors[k, q] @ result.database_descriptors[rows[0]])
     assert found.scores[k, q, r] == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.slow  # three evaluations and two symmetric stages: ~40 s on a loaded CPU
+def test_chained_stages_are_symmetric_on_the_expanded_ranking_and_leave_each_stage_alone(setup, tmp_path):
+    bench, config, model, result, _ = setup
+    chained = replace(
+        config, output_dir=str(tmp_path / "out"), rerank=("aqe:k=3,w=0.6",), symmetric_k=5, alpha_db=0.8,
+        db_masks=str(bench.database_masks), db_attention_dir=str(tmp_path / "att"), chain_stages=True,
+        alpha_policy="margin",
+    )  # fmt: skip
+    res = run_evaluation(chained, model=model).results
+    alone = run_evaluation(replace(chained, output_dir=str(tmp_path / "alone"), chain_stages=False), model=model)
+    for key in ("recalls", "rerank", "symmetric"):  # each stage's own entry is the same with or without the chain
+        got, want = res[key], alone.results[key]
+        if key == "symmetric":
+            got, want = {k: v for k, v in got.items() if k != "cost"}, {k: v for k, v in want.items() if k != "cost"}
+        assert got == want
+    chain = res["chained"]["aqe"]
+    assert chain["stages"] == ["aqe:k=3,w=0.6", "symmetric:k=5,alpha_db=0.8", "alpha_policy:margin"]
+    assert chain["recalls_before"] == res["rerank"]["aqe"]["recalls"]
+    assert chain["cost"]["llm_calls"] < chain["cost"]["unique_database_images_annotated"]  # the cache is shared
+    # the chain, composed by hand from the library stages: AQE, then symmetric re-ranking of its ranking
+    from attllm_jax.retrieval.rerank import parse_rerank, rerank
+
+    found, expanded = rerank(
+        parse_rerank("aqe:k=3,w=0.6"), result.database_descriptors, np.ones(21, bool), result.query_descriptors,
+        np.ones(10, bool), result.retrieval, result.positives,
+    )  # fmt: skip
+    database = load_image_set(bench.database)
+    composed, _ = run_symmetric(
+        SymmetricSpec(5, 0.8, str(tmp_path / "att")), model, database, result.database_descriptors, expanded, found,
+        result.positives, None, None, batch_size=8, image_size=64,
+    )  # fmt: skip
+    assert chain["recalls"] == composed.recalls_dict()
+    plain, _ = run_symmetric(
+        SymmetricSpec(5, 0.0, str(tmp_path / "att")), model, database, result.database_descriptors, expanded, found,
+        result.positives, None, None, batch_size=8, image_size=64,
+    )  # fmt: skip
+    np.testing.assert_array_equal(plain.predictions, found.predictions)  # alpha_db 0: the expanded ranking itself
+
+
+def test_chain_stages_needs_both_stages(setup, tmp_path):
+    config = replace(setup[1], output_dir=str(tmp_path / "out"), chain_stages=True, rerank=("aqe:k=3,w=0.6",))
+    with pytest.raises(ValueError, match="--chain_stages chains --rerank and --symmetric_k"):
+        run_evaluation(config, model=object())
+    with pytest.raises(ValueError, match="--chain_stages chains --rerank and --symmetric_k"):
+        run_evaluation(replace(config, rerank=(), symmetric_k=3), model=object())
+    assert not (tmp_path / "out").exists()

@@ -65,6 +65,8 @@ class EvalConfig:
         db_masks: Water/clutter masks of the database images: the masks provider answers the images not cached
             (None = only the cached files are used).
         llm_cost_per_1000: Price of 1000 LLM calls for the cost model (None = no estimate).
+        chain_stages: Also run every ``rerank`` stage followed by the symmetric stage (and ``alpha_policy``) as one
+            chain (needs both ``rerank`` and ``symmetric_k``); each stage's own entry stays independent.
     """
 
     database_folder: str
@@ -104,6 +106,7 @@ class EvalConfig:
     db_attention_dir: str | None = None
     db_masks: str | None = None
     llm_cost_per_1000: float | None = None
+    chain_stages: bool = False
 
     @property
     def resolved_store_dir(self) -> Path | str:
@@ -243,6 +246,10 @@ def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) ->
         raise FileNotFoundError(f"--db_masks {config.db_masks!r} is not a directory")
     if config.llm_cost_per_1000 is not None and not float(config.llm_cost_per_1000) >= 0:
         raise ValueError(f"--llm_cost_per_1000 must be >= 0, got {config.llm_cost_per_1000}")
+    if config.chain_stages and not (config.rerank and int(config.symmetric_k) > 0):
+        raise ValueError(
+            "--chain_stages chains --rerank and --symmetric_k: give both (e.g. --rerank aqe:k=5,w=0.8 --symmetric_k 10)"
+        )
     if config.alpha_policy is not None:
         if config.alpha_policy not in ALPHA_POLICIES:
             raise ValueError(f"--alpha_policy must be one of {ALPHA_POLICIES}, got {config.alpha_policy!r}")

@@ -1,5 +1,6 @@
 """What eval does after its search, each part optional: saved query descriptors, query-expansion re-ranking
-(``--rerank``) and the query-adaptive alpha (``--alpha_policy``).
+(``--rerank``), shortlist-symmetric attention (``--symmetric_k``), all of them chained (``--chain_stages``) and the
+query-adaptive alpha (``--alpha_policy``).
 
 :func:`post_search` is called once by the pipeline with the first search's retrieval; it returns the results.json
 entries, the files it wrote and its timings (docs/DESIGN.md "Re-ranking and the paper's open questions").
@@ -31,8 +32,8 @@ class PostSearch:
     """What :func:`post_search` produced.
 
     Attributes:
-        entries: results.json entries (``rerank``, ``symmetric``, ``alpha_policy``, ``saved_descriptors``), only
-            those asked for.
+        entries: results.json entries (``rerank``, ``symmetric``, ``chained``, ``alpha_policy``,
+            ``saved_descriptors``), only those asked for.
         written: Files written (for results.json's outputs list).
         timings: Seconds per part (``rerank_<kind>``, ``save_descriptors``).
         retrievals: The re-ranked retrieval of every stage, by kind.
@@ -127,9 +128,10 @@ def post_search(
         }
         done.timings["save_descriptors"] = time.perf_counter() - t0
     stages: dict[str, Any] = {}
+    expanded: dict[str, np.ndarray] = {}
     for spec in parse_reranks(config.rerank):
         t0 = time.perf_counter()
-        found, _ = rerank(
+        found, expanded[spec.kind] = rerank(
             spec, database, database_valid, queries, queries_valid, retrieval, positives,
             search=config.search, plan=plan, devices=devices,
         )  # fmt: skip
@@ -158,10 +160,39 @@ def post_search(
             "cost": costs,
         }
         log.info("shortlist-symmetric attention: recall@N (%%) before -> after:\n%s", _before_after(retrieval, found))
+    if config.chain_stages:
+        t0 = time.perf_counter()
+        done.entries["chained"] = _chained(config, model, database_images, database, expanded, done, positives, out)
+        done.timings["chained"] = time.perf_counter() - t0
     if config.alpha_policy:
         done.entries["alpha_policy"] = policy_entry(retrieval, config.alpha_policy)
         log.info("alpha policy %s: %s", config.alpha_policy, done.entries["alpha_policy"])
     return done
+
+
+def _chained(config, model, database_images, database, expanded, done: PostSearch, positives, out: Path) -> dict:
+    """All stages in one chain, per ``--rerank`` stage: its expanded queries' ranking, then the shortlist-symmetric
+    re-ranking of that ranking (scored with the expanded queries), then ``--alpha_policy`` on the result. The
+    database attention cache is shared with the stand-alone symmetric stage (an image is annotated once)."""
+    chains = {}
+    for kind, queries in expanded.items():
+        before = done.retrievals[kind]
+        found, costs = _symmetric(config, model, database_images, database, queries, before, positives, out)
+        done.retrievals[f"{kind}+symmetric"] = found
+        chains[kind] = {
+            "stages": [
+                done.entries["rerank"][kind]["spec"],
+                f"symmetric:k={config.symmetric_k},alpha_db={config.alpha_db:g}",
+            ]
+            + ([f"alpha_policy:{config.alpha_policy}"] if config.alpha_policy else []),
+            "recalls": found.recalls_dict(),
+            "recalls_before": before.recalls_dict(),
+            "cost": costs,
+        }
+        if config.alpha_policy:
+            chains[kind]["alpha_policy"] = policy_entry(found, config.alpha_policy)
+        log.info("chained %s + symmetric: recall@N (%%) before -> after:\n%s", kind, _before_after(before, found))
+    return chains
 
 
 def _symmetric(config, model, database_images, database, queries, retrieval, positives, out: Path):
