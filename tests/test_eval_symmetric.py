@@ -3,6 +3,9 @@ provider through the real annotation runner): alpha_db = 0 is the plain ranking,
 image once, the cost model counts the calls made, and the clutter option leaves the default benchmark alone."""
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +18,7 @@ from attllm_jax.data.dataset import load_image_set
 from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
 from attllm_jax.evaluation.demo import write_oracle_attention
+from attllm_jax.evaluation.post_search import symmetric_stage
 from attllm_jax.evaluation.symmetric import SymmetricSpec, run_symmetric, shortlist_rows
 
 TINY = SyntheticConfig(
@@ -203,4 +207,57 @@ def test_chain_stages_needs_both_stages(setup, tmp_path):
         run_evaluation(config, model=object())
     with pytest.raises(ValueError, match="--chain_stages chains --rerank and --symmetric_k"):
         run_evaluation(replace(config, rerank=(), symmetric_k=3), model=object())
+    assert not (tmp_path / "out").exists()
+
+
+POINTS = '[{"center": [0.3, 0.6], "weight": 1.8, "reasoning": "a shop sign"}, [0.7, 0.2, 0.1]]'
+
+
+def test_db_provider_asks_the_llm_once_per_shortlisted_image_and_the_costs_count_its_requests(
+    setup, tmp_path, monkeypatch
+):
+    from attllm_jax.attention.sources import SourceSettings
+    from tests.llm_server import LLMServer, text_reply
+
+    bench, config, model, result, _ = setup
+    monkeypatch.setenv("GEMINI_API_KEY", "AIzaTEST-symmetric-secret-123456")
+    with LLMServer(lambda seen: text_reply(seen, POINTS)) as server:
+        asking = replace(
+            config, output_dir=str(tmp_path / "out"), symmetric_k=3, alpha_db=0.8, db_city="Lisbon",
+            db_attention_dir=str(tmp_path / "att"), llm_cost_per_1000=2.0, batch_size=8,
+            db_provider=SourceSettings("gemini", base_url=server.url, qpm=0, timeout_s=30.0, max_attempts=1),
+        ).validated()  # fmt: skip
+        _, cost = symmetric_stage(
+            asking, model, load_image_set(bench.database), result.database_descriptors, result.query_descriptors,
+            result.retrieval, result.positives, tmp_path / "out",
+        )  # eval's stage with the provider eval builds from the config (the full run: test_eval_writes_the_stage)
+        seen = list(server.seen)
+    rows = shortlist_rows(result.retrieval.predictions, 3)
+    assert len(seen) == len(rows) == cost["unique_database_images_annotated"] > 0
+    assert cost["llm_calls"] == cost["llm_requests"] == len(seen) and cost["failed"] == 0
+    assert len({s.image_bytes for s in seen}) == len(seen)  # each database image asked once
+    assert all(s.api == "gemini" and "Lisbon" in s.prompt for s in seen)
+    assert cost["estimated_cost"] == pytest.approx(len(seen) / 1000 * 2.0)
+    assert cost["with_attention"] == len(rows)  # every answer was usable
+    assert len(list((tmp_path / "att").glob("@*.json"))) == len(rows)  # cached for the next run (tested above)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--symmetric_k", "3"], "--db_provider gemini needs --db_city"),
+        (["--db_city", "Lisbon"], "--db_provider annotates the --symmetric_k shortlists"),
+    ],
+)
+def test_bad_db_provider_flags_are_one_error_line_before_any_work(setup, tmp_path, extra, message):
+    bench, config, *_ = setup
+    cmd = [
+        sys.executable, "-m", "experiments.eval", "--database_folder", str(bench.database),
+        "--queries_folder", str(bench.queries), "--output_dir", str(tmp_path / "out"), "--db_provider", "gemini",
+        *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "GEMINI_API_KEY": "AIzaTEST-x"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("eval: error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr
     assert not (tmp_path / "out").exists()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attllm_jax.data.coordinates import CONVENTIONS
 from attllm_jax.models.precision import validate_precision
 from attllm_jax.outputs import refuse_output_inside
 from attllm_jax.retrieval.recall import alpha_key, validate_recall_values  # noqa: F401  (alpha_key: public here)
 from attllm_jax.retrieval.search import SearchSpec
+
+if TYPE_CHECKING:
+    from attllm_jax.attention.sources import SourceSettings
 
 DISTANCES = ("utm", "haversine")
 
@@ -65,6 +69,9 @@ class EvalConfig:
         db_masks: Water/clutter masks of the database images: the masks provider answers the images not cached
             (None = only the cached files are used).
         llm_cost_per_1000: Price of 1000 LLM calls for the cost model (None = no estimate).
+        db_provider: The LLM that answers the ``symmetric_k`` database images not cached yet (``gemini`` /
+            ``openai`` :class:`~attllm_jax.attention.sources.SourceSettings`; None = ``db_masks`` or the cache only).
+        db_city: The city named in the database prompt; db_prompt: its prompt id; db_workers: requests in flight.
         chain_stages: Also run every ``rerank`` stage followed by the symmetric stage (and ``alpha_policy``) as one
             chain (needs both ``rerank`` and ``symmetric_k``); each stage's own entry stays independent.
     """
@@ -106,6 +113,10 @@ class EvalConfig:
     db_attention_dir: str | None = None
     db_masks: str | None = None
     llm_cost_per_1000: float | None = None
+    db_provider: SourceSettings | None = None
+    db_city: str = "unknown"
+    db_prompt: str = "axis_focus"
+    db_workers: int = 4
     chain_stages: bool = False
 
     @property
@@ -246,6 +257,8 @@ def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) ->
         raise FileNotFoundError(f"--db_masks {config.db_masks!r} is not a directory")
     if config.llm_cost_per_1000 is not None and not float(config.llm_cost_per_1000) >= 0:
         raise ValueError(f"--llm_cost_per_1000 must be >= 0, got {config.llm_cost_per_1000}")
+    if config.db_provider is not None:
+        _validate_db_provider(config)
     if config.chain_stages and not (config.rerank and int(config.symmetric_k) > 0):
         raise ValueError(
             "--chain_stages chains --rerank and --symmetric_k: give both (e.g. --rerank aqe:k=5,w=0.8 --symmetric_k 10)"
@@ -255,6 +268,27 @@ def _validate_post_search(config: EvalConfig, recall_values: tuple[int, ...]) ->
             raise ValueError(f"--alpha_policy must be one of {ALPHA_POLICIES}, got {config.alpha_policy!r}")
         if kept < 2:
             raise ValueError("--alpha_policy margin needs 2 predictions per query: add an N >= 2 to --recall_values")
+
+
+def _validate_db_provider(config: EvalConfig) -> None:
+    """--db_provider: gemini or openai, with --symmetric_k, a city, a known prompt, not with --db_masks; the
+    provider is built once here (a missing key or model is one line before any work)."""
+    from attllm_jax.attention import prompts
+    from attllm_jax.attention.sources import make_answer_source
+
+    name = config.db_provider.provider
+    if name not in ("gemini", "openai"):
+        raise ValueError(f"--db_provider must be gemini or openai, got {name!r}")
+    if int(config.symmetric_k) < 1:
+        raise ValueError("--db_provider annotates the --symmetric_k shortlists: give --symmetric_k (e.g. 10)")
+    if config.db_masks is not None:
+        raise ValueError("give --db_provider (an LLM) or --db_masks (the masks oracle), not both")
+    if (config.db_city or "unknown") == "unknown":
+        raise ValueError(f"--db_provider {name} needs --db_city (the city named in the prompt)")
+    if int(config.db_workers) < 1:
+        raise ValueError(f"--db_workers must be >= 1, got {config.db_workers}")
+    prompts.get_prompt(config.db_prompt)
+    make_answer_source(config.db_provider).close()
 
 
 # The random-weight models without a checkpoint (built by attllm_jax.evaluation.demo.random_model).

@@ -168,7 +168,7 @@ def demo_config(
     """
     synthetic = SyntheticConfig(database_clutter=int(demo_clutter)) if demo_clutter else None
     benchmark, attention_dir = prepare_demo(cache_dir, synthetic)
-    if benchmark.database_masks is not None and overrides.get("db_masks") is None:
+    if benchmark.database_masks is not None and overrides.get("db_masks") is None and not overrides.get("db_provider"):
         overrides["db_masks"] = str(benchmark.database_masks)
     config = EvalConfig(
         database_folder=str(benchmark.database),

@@ -150,7 +150,7 @@ def post_search(
         done.entries["rerank"] = stages
     if config.symmetric_k:
         t0 = time.perf_counter()
-        found, costs = _symmetric(config, model, database_images, database, queries, retrieval, positives, out)
+        found, costs = symmetric_stage(config, model, database_images, database, queries, retrieval, positives, out)
         done.timings["symmetric"] = time.perf_counter() - t0
         done.retrievals["symmetric"] = found
         done.entries["symmetric"] = {
@@ -177,7 +177,7 @@ def _chained(config, model, database_images, database, expanded, done: PostSearc
     chains = {}
     for kind, queries in expanded.items():
         before = done.retrievals[kind]
-        found, costs = _symmetric(config, model, database_images, database, queries, before, positives, out)
+        found, costs = symmetric_stage(config, model, database_images, database, queries, before, positives, out)
         done.retrievals[f"{kind}+symmetric"] = found
         chains[kind] = {
             "stages": [
@@ -195,23 +195,42 @@ def _chained(config, model, database_images, database, expanded, done: PostSearc
     return chains
 
 
-def _symmetric(config, model, database_images, database, queries, retrieval, positives, out: Path):
+def symmetric_stage(config, model, database_images, database, queries, retrieval, positives, out: Path):
     """Runs :func:`~attllm_jax.evaluation.symmetric.run_symmetric` with the run's provider and batch settings."""
     from attllm_jax.evaluation.symmetric import SymmetricSpec, run_symmetric
 
     directory = config.db_attention_dir or str(out / "database_attention")
     spec = SymmetricSpec(config.symmetric_k, config.alpha_db, directory, config.llm_cost_per_1000)
-    provider = run_config = None
+    provider, run_config = _database_provider(config)
+    try:
+        return run_symmetric(
+            spec, model, database_images, database, queries, retrieval, positives, provider, run_config,
+            batch_size=config.batch_size, image_size=config.image_size, num_workers=config.num_workers,
+            sigma=config.sigma, grid_interpolate=config.grid_interpolate, max_batch_pixels=config.max_batch_pixels,
+        )  # fmt: skip
+    finally:
+        if provider is not None:
+            provider.close()
+
+
+def _database_provider(config):
+    """Who answers the database images not cached yet: the LLM of ``--db_provider`` (built by
+    ``attention.sources.make_answer_source``, as annotate and localize build theirs), the masks oracle of
+    ``--db_masks``, or nobody (None, None: the cached files only)."""
+    from attllm_jax.attention.runner import RunConfig
+
+    if config.db_provider is not None:
+        from attllm_jax.attention import prompts
+        from attllm_jax.attention.sources import make_answer_source
+
+        prompt = prompts.get_prompt(config.db_prompt)
+        run_config = RunConfig(city=config.db_city, prompt=prompt, workers=int(config.db_workers))
+        return make_answer_source(config.db_provider), run_config
     if config.db_masks is not None:
         from attllm_jax.attention.masks import MASKS_PROMPT, MasksProvider
-        from attllm_jax.attention.runner import RunConfig
 
-        provider, run_config = MasksProvider(config.db_masks), RunConfig(city="unknown", prompt=MASKS_PROMPT)
-    return run_symmetric(
-        spec, model, database_images, database, queries, retrieval, positives, provider, run_config,
-        batch_size=config.batch_size, image_size=config.image_size, num_workers=config.num_workers,
-        sigma=config.sigma, grid_interpolate=config.grid_interpolate, max_batch_pixels=config.max_batch_pixels,
-    )  # fmt: skip
+        return MasksProvider(config.db_masks), RunConfig(city="unknown", prompt=MASKS_PROMPT)
+    return None, None
 
 
 def _before_after(before: Retrieval, after: Retrieval) -> str:
