@@ -227,10 +227,11 @@ def test_db_provider_asks_the_llm_once_per_shortlisted_image_and_the_costs_count
             db_attention_dir=str(tmp_path / "att"), llm_cost_per_1000=2.0, batch_size=8,
             db_provider=SourceSettings("gemini", base_url=server.url, qpm=0, timeout_s=30.0, max_attempts=1),
         ).validated()  # fmt: skip
+        # eval's stage with the provider eval builds from the config (the full run: test_eval_writes_the_stage...)
         _, cost = symmetric_stage(
             asking, model, load_image_set(bench.database), result.database_descriptors, result.query_descriptors,
             result.retrieval, result.positives, tmp_path / "out",
-        )  # eval's stage with the provider eval builds from the config (the full run: test_eval_writes_the_stage)
+        )  # fmt: skip
         seen = list(server.seen)
     rows = shortlist_rows(result.retrieval.predictions, 3)
     assert len(seen) == len(rows) == cost["unique_database_images_annotated"] > 0
