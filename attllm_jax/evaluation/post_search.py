@@ -127,6 +127,44 @@ def post_search(
             "database": "in the store: attllm_jax.retrieval.read_store(results['store']['directory'])",
         }
         done.timings["save_descriptors"] = time.perf_counter() - t0
+    expanded = _rerank_stages(
+        config, database, database_valid, queries, queries_valid, retrieval, positives, done, plan, devices
+    )
+    if config.symmetric_k:
+        t0 = time.perf_counter()
+        found, costs = symmetric_stage(config, model, database_images, database, queries, retrieval, positives, out)
+        done.timings["symmetric"] = time.perf_counter() - t0
+        done.retrievals["symmetric"] = found
+        done.entries["symmetric"] = {
+            "params": {"k": config.symmetric_k, "alpha_db": config.alpha_db},
+            "recalls": found.recalls_dict(),
+            "recalls_before": retrieval.recalls_dict(),
+            "cost": costs,
+        }
+        log.info("shortlist-symmetric attention: recall@N (%%) before -> after:\n%s", _before_after(retrieval, found))
+    if config.chain_stages:
+        t0 = time.perf_counter()
+        done.entries["chained"] = _chained(config, model, database_images, database, expanded, done, positives, out)
+        done.timings["chained"] = time.perf_counter() - t0
+    if config.alpha_policy:
+        done.entries["alpha_policy"] = policy_entry(retrieval, config.alpha_policy)
+        log.info("alpha policy %s: %s", config.alpha_policy, done.entries["alpha_policy"])
+    return done
+
+
+def _rerank_stages(
+    config,
+    database,
+    database_valid,
+    queries,
+    queries_valid,
+    retrieval: Retrieval,
+    positives,
+    done: PostSearch,
+    plan,
+    devices,
+) -> dict[str, np.ndarray]:
+    """Each ``--rerank`` stage from the first search, into ``done``; returns the expanded queries by kind."""
     stages: dict[str, Any] = {}
     expanded: dict[str, np.ndarray] = {}
     for spec in parse_reranks(config.rerank):
@@ -148,26 +186,7 @@ def post_search(
         log.info("re-ranking %s: recall@N (%%) before -> after:\n%s", spec.label(), _before_after(retrieval, found))
     if stages:
         done.entries["rerank"] = stages
-    if config.symmetric_k:
-        t0 = time.perf_counter()
-        found, costs = symmetric_stage(config, model, database_images, database, queries, retrieval, positives, out)
-        done.timings["symmetric"] = time.perf_counter() - t0
-        done.retrievals["symmetric"] = found
-        done.entries["symmetric"] = {
-            "params": {"k": config.symmetric_k, "alpha_db": config.alpha_db},
-            "recalls": found.recalls_dict(),
-            "recalls_before": retrieval.recalls_dict(),
-            "cost": costs,
-        }
-        log.info("shortlist-symmetric attention: recall@N (%%) before -> after:\n%s", _before_after(retrieval, found))
-    if config.chain_stages:
-        t0 = time.perf_counter()
-        done.entries["chained"] = _chained(config, model, database_images, database, expanded, done, positives, out)
-        done.timings["chained"] = time.perf_counter() - t0
-    if config.alpha_policy:
-        done.entries["alpha_policy"] = policy_entry(retrieval, config.alpha_policy)
-        log.info("alpha policy %s: %s", config.alpha_policy, done.entries["alpha_policy"])
-    return done
+    return expanded
 
 
 def _chained(config, model, database_images, database, expanded, done: PostSearch, positives, out: Path) -> dict:
