@@ -4,9 +4,11 @@ Names (all prefixed ``attllm_serve_``):
 
 * ``requests_total{path, status}``: answered requests by route and HTTP status.
 * ``request_seconds{path}``: wall time of each request, from its first byte read to its answer.
-* ``stage_seconds{stage}``: per-request time of each stage of ``/v1/localize``: ``decode`` (decode and preprocess,
-  in the decode threads), ``attention`` (reading the uploaded answer or asking the provider), ``queue`` (waiting for
-  a batch), ``extract`` (the batch's forward pass), ``search`` and ``result`` (the per-photo estimate).
+* ``stage_seconds{stage}``: per-request time of each stage of ``/v1/localize``: ``receive`` (reading and parsing
+  the multipart form), ``decode`` (decode and preprocess, in the decode threads), ``attention`` (reading the
+  uploaded answer or asking the provider), ``queue`` (waiting for a batch), ``extract`` (the batch's forward pass),
+  ``search`` and ``result`` (the per-photo estimate), ``handoff`` (from the batch's end until the request's
+  coroutine runs again on the event loop).
 * ``batch_size``: photos per forward pass (real rows; a batch is padded up to its size bucket).
 * ``batch_rows``: rows per forward pass after padding (the compiled bucket sizes).
 * ``queue_depth``: photos waiting for a batch now.
