@@ -69,7 +69,7 @@ def photos_to_run(n: int, buckets: Sequence[int], seconds: dict[int, float]) -> 
     Args:
         n: Photos of one group (at most the largest bucket).
         buckets: The padded sizes (:func:`bucket_sizes`).
-        seconds: Seconds of one forward pass per bucket (buckets not timed yet are never chosen).
+        seconds: Seconds of one batch per bucket (buckets not timed yet are never chosen).
 
     Returns:
         ``n`` (one pass padded to :func:`bucket_for` ``n``; also while that bucket's time is unknown), or the
@@ -155,7 +155,7 @@ class DynamicBatcher:
         self.on_depth = on_depth or (lambda depth: None)
         self.arriving = arriving or (lambda: self.max_batch)
         self._pending: collections.deque[Job] = collections.deque()
-        self._seconds: dict[Hashable, dict[int, float]] = {}  # group key -> rows -> seconds of a forward pass
+        self._seconds: dict[Hashable, dict[int, float]] = {}  # group key -> rows -> seconds of a batch
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="attllm-batcher", daemon=True)
@@ -190,13 +190,18 @@ class DynamicBatcher:
             self._cond.notify()
 
     def record_seconds(self, key: Hashable, rows: int, seconds: float) -> None:
-        """Records how long a forward pass of ``rows`` rows of group ``key`` takes (the warm-up's timed passes).
+        """Records how long a batch of ``rows`` rows of group ``key`` takes (forward pass, search and results; the
+        warm-up's timed passes).
 
         Later batches of a recorded size update it (an exponential average, so a change of the machine's load is
         followed); sizes never recorded are not timed from live batches, whose first run may include a compile.
         """
         times = self._seconds.setdefault(key, {})
         times[rows] = seconds if rows not in times else 0.8 * times[rows] + 0.2 * seconds
+
+    def seconds(self, key: Hashable) -> dict[int, float]:
+        """The recorded seconds of a batch of group ``key`` per rows (a copy)."""
+        return dict(self._seconds.get(key, {}))
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stops taking jobs, runs those queued, and joins the worker."""

@@ -318,9 +318,10 @@ def warm_up(engine: Engine, batcher: DynamicBatcher, sizes, alpha: float) -> Non
                 photo = Photo("warmup.jpg", b"", np.asarray(pixels, np.float32), answer, alpha, 1)
                 engine.localize_batch([photo] * rows, rows)  # compiles
                 batcher.record_seconds(photo.group_key, rows, min(_seconds(engine, photo, rows) for _ in range(2)))
+        timed = {rows: round(batcher.seconds(photo.group_key)[rows], 4) for rows in batcher.buckets}
         log.info(
-            "compiled and timed %d buckets for %dx%d photos in %.1f s",
-            len(batcher.buckets), width, height, time.perf_counter() - t0,
+            "compiled and timed %d buckets for %dx%d photos in %.1f s; seconds per batch with attention: %s",
+            len(batcher.buckets), width, height, time.perf_counter() - t0, timed,
         )  # fmt: skip
 
 
