@@ -3,16 +3,21 @@ r"""Benchmark: attllm-serve's latency and throughput on the demo, batching on an
     python -m benchmarks.bench_serve [--image_size 288] [--requests 64] [--concurrency 1,4,16] \
         [--max_batch 16] [--max_wait_ms 5] [--repeats 2] [--output_json outputs/bench_serve.json]
 
-Without the LLM (each request uploads the demo photo's oracle attention file), for each concurrency C:
+Without the LLM (each request uploads the demo photo's oracle attention file), in one run, all measured while
+the other parts stay loaded and idle, each pair of things compared measured in alternation (a change of the
+machine's load hits both):
 
-- the service with dynamic batching (``--max_batch``) and without (``--max_batch 1``): latency p50/p95/p99 per
-  request (client side, the whole HTTP exchange) and photos/s, from C httpx clients (one connection each)
-  posting ``--requests`` photos in all; both servers run at once (each compiled every bucket for the demo's photo
-  size first) and their cases alternate, each the best of ``--repeats`` runs;
-- in process, as the ceiling: the service's own engine called directly (decode, then one forward pass and search)
-  one photo at a time (C = 1) and in batches of ``--max_batch`` (the throughput ceiling), and
-  ``attllm_jax.localization.localize`` over the demo's photo folder with the model already loaded (photos/s);
-- one HTTP round trip: p50 of ``GET /v1/health`` on the batching server.
+- the model's own batch gain, the ceiling of batching here: the service's engine called directly, photos decoded
+  first, one photo per forward pass against passes of ``--max_batch`` photos (ms per photo, alternating);
+- C = 1, paired: for each photo in turn, the engine called in process (decode, one forward pass, search and
+  result: what a request costs without HTTP), then one request to each server; plus one HTTP round trip
+  (p50 of ``GET /v1/health``). The ratio is the HTTP p50 over (in-process p50 + round trip);
+- for each concurrency C: the service with dynamic batching (``--max_batch``) and without (``--max_batch 1``):
+  latency p50/p95/p99 per request (client side, the whole HTTP exchange) and photos/s, from C httpx clients (one
+  connection each) posting ``--requests`` photos in all; both servers run at once (each compiled and timed every
+  bucket for the demo's photo size first: ``--warmup``) and their cases alternate, each the best of ``--repeats``;
+  the batching server's batch sizes (its ``/metrics``);
+- ``attllm_jax.localization.localize`` over the demo's photo folder with the model already loaded (photos/s).
 
 Targets (issue 22): at C = 16 batching gives >= 2x the photos/s of batch 1; p50 at C = 1 within 25% of the
 in-process call plus one HTTP round trip. Timings on a shared machine vary: compare the ratios of one run.
@@ -25,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -85,43 +91,85 @@ def round_trip(url: str, repeats: int = 50) -> float:
     return float(np.median(times))
 
 
-def in_process(settings, uploads, requests: int, max_batch: int) -> dict:
-    """The engine called directly: one photo at a time, and batches of ``max_batch``; then localize() on the folder."""
-    from dataclasses import replace
+class InProcess:
+    """The service's own engine, called directly (the same model, database and search as the servers)."""
 
-    from attllm_jax.attention.store import parse_record, record_from_bytes
-    from attllm_jax.localization import localize
-    from attllm_jax.serve.engine import Engine, Photo
+    def __init__(self, settings, uploads, max_batch: int):
+        from attllm_jax.serve.engine import Engine
 
-    engine = Engine(settings)
+        self.settings, self.uploads, self.max_batch = settings, uploads, max_batch
+        self.engine = Engine(settings, max_batch=max_batch)
+        for rows in (1, max_batch):  # compile both shapes
+            self.engine.localize_batch([self.photo(0)] * rows, rows)
 
-    def photo(upload):
-        name, image, attention = upload
-        decoded = engine.decode(name, image)
+    def photo(self, i: int):
+        """Upload ``i`` (cycled) decoded, with its attention, as the service queues it."""
+        from attllm_jax.attention.store import parse_record, record_from_bytes
+        from attllm_jax.serve.engine import Photo
+
+        name, image, attention = self.uploads[i % len(self.uploads)]
+        decoded = self.engine.decode(name, image)
         return Photo(name, image, decoded.pixels, parse_record(record_from_bytes(attention, name)), 0.5, 10)
 
-    for rows in (1, max_batch):  # compile both shapes
-        engine.localize_batch([photo(uploads[0])] * rows, rows)
-    single = []
-    for i in range(requests):
+    def single(self, i: int) -> float:
+        """Seconds of one photo from its bytes: decode, one forward pass, search, result."""
         t0 = time.perf_counter()
-        engine.localize_batch([photo(uploads[i % len(uploads)])], 1)
-        single.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for start in range(0, requests, max_batch):
-        batch = [photo(uploads[i % len(uploads)]) for i in range(start, min(requests, start + max_batch))]
-        engine.localize_batch(batch, max_batch)
-    batched = requests / (time.perf_counter() - t0)
-    with tempfile.TemporaryDirectory() as out:
-        run_settings = replace(settings, output_dir=out)
-        t0 = time.perf_counter()
-        run = localize(run_settings, model=engine.ctx.model)
-        folder = len(run.photos) / (time.perf_counter() - t0)
-    return {
-        "single": {**percentiles(single), "photos_per_s": round(requests / sum(single), 3)},
-        "batched_photos_per_s": round(batched, 3),
-        "localize_folder_photos_per_s": round(folder, 3),
-    }
+        self.engine.localize_batch([self.photo(i)], 1)
+        return time.perf_counter() - t0
+
+    def model_gain(self, repeats: int) -> dict:
+        """ms per photo of forward passes (with search and result) of 1 and of ``max_batch`` decoded photos."""
+        photos = [self.photo(i) for i in range(self.max_batch)]
+        one, batched = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for photo in photos:
+                self.engine.localize_batch([photo], 1)
+            one.append((time.perf_counter() - t0) / len(photos))
+            t0 = time.perf_counter()
+            self.engine.localize_batch(photos, self.max_batch)
+            batched.append((time.perf_counter() - t0) / len(photos))
+        ms = {"batch_1": round(float(np.median(one)) * 1000, 2), "batched": round(float(np.median(batched)) * 1000, 2)}
+        return {"ms_per_photo": ms, "gain": round(ms["batch_1"] / ms["batched"], 3)}
+
+    def localize_folder(self) -> float:
+        """photos/s of ``localize()`` over the demo folder with the model loaded."""
+        from dataclasses import replace
+
+        from attllm_jax.localization import localize
+
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            run = localize(replace(self.settings, output_dir=out), model=self.engine.ctx.model)
+            return len(run.photos) / (time.perf_counter() - t0)
+
+
+def paired_single(inproc: InProcess, servers: dict, requests: int) -> dict:
+    """C = 1 in alternation: each photo in process, then to each server; p50/p95/p99 of each."""
+    times: dict[str, list[float]] = {"in_process": [], **{label: [] for label in servers}}
+    clients = {label: httpx.Client(timeout=600) for label in servers}
+    try:
+        for i in range(requests):
+            times["in_process"].append(inproc.single(i))
+            name, image, attention = inproc.uploads[i % len(inproc.uploads)]
+            for label, server in servers.items():
+                t0 = time.perf_counter()
+                r = clients[label].post(
+                    f"{server.url}/v1/localize", files={"image": (name, image), "attention": ("a.json", attention)}
+                )
+                r.raise_for_status()
+                times[label].append(time.perf_counter() - t0)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {label: percentiles(t) for label, t in times.items()}
+
+
+def batch_sizes(url: str) -> dict[str, float]:
+    """The server's cumulative batch-size histogram (``le`` -> batches)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = re.findall(r'attllm_serve_batch_size_bucket\{le="([^"]+)"\} (\S+)', text)
+    return {le: float(count) for le, count in found}
 
 
 def main(argv):
@@ -147,7 +195,7 @@ def main(argv):
         alpha=0.5,
     )
     results = {"image_size": FLAGS.image_size, "requests": FLAGS.requests, "max_wait_ms": FLAGS.max_wait_ms}
-    results["in_process"] = in_process(settings, uploads, FLAGS.requests, FLAGS.max_batch)
+    inproc = InProcess(settings, uploads, FLAGS.max_batch)
     common = ["--cache_dir", cache, "--image_size", str(FLAGS.image_size), "--store_dir", str(store)]
     common += ["--warmup", "384x288", "--max_queue", "256", "--max_wait_ms", str(FLAGS.max_wait_ms)]
     batches = {"batching": FLAGS.max_batch, "batch_1": 1}
@@ -162,7 +210,9 @@ def main(argv):
             )
             for label, b in batches.items()
         }
+        results["model_gain"] = inproc.model_gain(FLAGS.repeats + 1)
         results["http_round_trip_ms"] = round(round_trip(servers["batching"].url) * 1000, 3)
+        results["paired_c1"] = paired_single(inproc, servers, FLAGS.requests)
         results["http"] = {label: {} for label in servers}
         for c in FLAGS.concurrency:  # the two servers alternate, so a change of the machine's load hits both
             for _ in range(FLAGS.repeats):
@@ -171,6 +221,8 @@ def main(argv):
                     best = results["http"][label].get(c)
                     if best is None or case["photos_per_s"] > best["photos_per_s"]:
                         results["http"][label][c] = case
+        results["batching_batch_sizes"] = batch_sizes(servers["batching"].url)
+    results["localize_folder_photos_per_s"] = round(inproc.localize_folder(), 3)
     report(results)
     Path(FLAGS.output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.output_json).write_text(json.dumps(results, indent=2))
@@ -178,26 +230,33 @@ def main(argv):
 
 
 def report(results: dict) -> None:
-    """Prints the table and the two target ratios."""
+    """Prints the table and the two target ratios (``results["ratios"]``)."""
     print(f"{'case':<28}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'photos/s':>10}")
     for label, cases in results["http"].items():
         for c, r in cases.items():
             print(f"{label + ' C=' + c:<28}{r['p50']:>10}{r['p95']:>10}{r['p99']:>10}{r['photos_per_s']:>10}")
-    s = results["in_process"]["single"]
-    print(f"{'in-process single':<28}{s['p50']:>10}{s['p95']:>10}{s['p99']:>10}{s['photos_per_s']:>10}")
+    for label, r in results["paired_c1"].items():
+        print(f"{'paired C=1 ' + label:<28}{r['p50']:>10}{r['p95']:>10}{r['p99']:>10}")
+    gain = results["model_gain"]
     print(
-        f"in-process batched: {results['in_process']['batched_photos_per_s']} photos/s; localize() on the folder: "
-        f"{results['in_process']['localize_folder_photos_per_s']} photos/s; HTTP round trip p50 "
-        f"{results['http_round_trip_ms']} ms"
+        f"model's own batch gain (in process, ms/photo): {gain['ms_per_photo']} = {gain['gain']}x; localize() on the "
+        f"folder: {results['localize_folder_photos_per_s']} photos/s; HTTP round trip p50 "
+        f"{results['http_round_trip_ms']} ms; batching server's batch sizes (le: count) "
+        f"{results['batching_batch_sizes']}"
     )
     top = max(results["http"]["batching"], key=int)
     speedup = results["http"]["batching"][top]["photos_per_s"] / results["http"]["batch_1"][top]["photos_per_s"]
-    p50 = results["http"]["batching"].get("1", {}).get("p50")
-    ceiling = s["p50"] + results["http_round_trip_ms"]
-    print(f"batching / batch 1 photos/s at C={top}: {speedup:.2f}x (target >= 2)")
-    if p50 is not None:
-        print(f"p50 at C=1 / (in-process p50 + round trip): {p50 / ceiling:.2f} (target <= 1.25)")
-    results["ratios"] = {"batching_speedup": round(speedup, 3), "p50_c1_over_ceiling": p50 and round(p50 / ceiling, 3)}
+    paired = results["paired_c1"]
+    ceiling = paired["in_process"]["p50"] + results["http_round_trip_ms"]
+    p50 = {label: paired[label]["p50"] / ceiling for label in ("batching", "batch_1")}
+    print(f"batching / batch 1 photos/s at C={top}: {speedup:.2f}x (target >= 2; the model's own gain {gain['gain']}x)")
+    print(f"p50 at C=1 / (in-process p50 + round trip), paired: batching {p50['batching']:.2f}, batch 1 "
+          f"{p50['batch_1']:.2f} (target <= 1.25)")  # fmt: skip
+    results["ratios"] = {
+        "batching_speedup": round(speedup, 3),
+        "model_gain": gain["gain"],
+        "p50_c1_over_ceiling": {label: round(v, 3) for label, v in p50.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ flags.DEFINE_string("token_file", None, "File holding a bearer token required on
 flags.DEFINE_integer("workers_threads", 4, "Threads decoding uploads.", lower_bound=1)
 flags.DEFINE_integer("max_top_k", 100, "Largest top_k a request may ask.", lower_bound=1)
 flags.DEFINE_list(
-    "warmup", None, "Photo sizes WxH (e.g. 4032x3024) compiled for every batch bucket before the service is ready."
+    "warmup",
+    None,
+    "Photo sizes WxH (e.g. 4032x3024) compiled and timed for every batch bucket before the service is ready (other "
+    "sizes compile on their first request; without timings a batch is always padded to its bucket).",
 )
 flags.DEFINE_enum("provider", "none", ["none", "gemini", "openai"], "LLM asked for attention=auto.")
 flags.DEFINE_string("llm_model", None, "LLM name (default gemini-2.5-flash for gemini; required for openai).")

@@ -112,9 +112,11 @@ def create_app(service: Service, on_load_failure=None, load: bool = True) -> Fas
         service.ready_engine()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        async with request.form(max_files=2, max_fields=8) as form:
-            fields = await read_fields(form, service)
-        answer = await service.localize(fields, timings)
+        with service.arriving_request() as queued:
+            async with request.form(max_files=2, max_fields=8) as form:
+                fields = await read_fields(form, service)
+            timings["receive"] = time.perf_counter() - t0
+            answer = await service.localize(fields, timings, queued)
         timings["total"] = time.perf_counter() - t0
         service.metrics.observe_stages(timings)
         request.state.timings = timings

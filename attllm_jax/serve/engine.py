@@ -5,8 +5,9 @@ Everything that makes an answer is localize's own code, so an uploaded photo get
 positions, calibration) is :func:`attllm_jax.localization.api.open_context`; decoding is
 :func:`attllm_jax.data.loading.read_image` through :func:`attllm_jax.data.images.open_image` (the pixel limits
 apply before decoding); descriptors are the eval's :func:`~attllm_jax.evaluation.extract.aggregate_query_batch`
-and :func:`~attllm_jax.evaluation.extract.combine_query_batch`; the search is
-:func:`~attllm_jax.evaluation.pipeline.retrieve` with the run's search settings; the per-photo result (estimate,
+and :func:`~attllm_jax.evaluation.extract.combine_query_batch`; the search finds what
+:func:`~attllm_jax.evaluation.pipeline.retrieve` finds with the run's search settings, in an index built once
+(:class:`~attllm_jax.serve.index.ResidentIndex`); the per-photo result (estimate,
 radius, confidence, matches) is localize's ``photo_result``. Only the batching differs: a batch is the photos the
 :class:`~attllm_jax.serve.batcher.DynamicBatcher` grouped, padded to a size bucket.
 """
@@ -31,10 +32,10 @@ from attllm_jax.evaluation.extract import (
     data_sharding,
     model_label,
 )
-from attllm_jax.evaluation.pipeline import retrieve
 from attllm_jax.evaluation.strips import applied_kind
 from attllm_jax.localization import api
 from attllm_jax.localization.results import PhotoResult
+from attllm_jax.serve.index import ResidentIndex
 
 log = logging.getLogger("attllm_jax.serve")
 
@@ -105,14 +106,18 @@ class Engine:
     Args:
         settings: localize's settings (``images`` is any existing folder: it is not read).
         model: Optional already loaded model.
+        max_batch: Most photos of one batch (sizes the search's memory plan).
+        max_top_k: Most matches one photo asks.
     """
 
-    def __init__(self, settings: api.LocalizeSettings, model=None):
+    def __init__(self, settings: api.LocalizeSettings, model=None, max_batch: int = 16, max_top_k: int = 100):
         self.ctx = api.open_context(settings, model)
         self.settings = self.ctx.settings
         self.sharding = data_sharding()
         self.ctx.model.replicate(self.sharding.mesh)
         self.label = model_label(self.ctx.model)
+        ctx = self.ctx
+        self.index = ResidentIndex(ctx.descriptors, ctx.valid, ctx.config.search, max_batch, max_top_k)
 
     @property
     def database_size(self) -> int:
@@ -171,26 +176,15 @@ class Engine:
         """Searches the rows ``rows_k`` (all asking ``top_k`` matches) and fills their answers in ``out``."""
         ctx = self.ctx
         t0 = time.perf_counter()
-        k = min(top_k, int(ctx.valid.sum()))
-        empty = [np.zeros(0, np.int64)] * len(rows_k)
-        found = retrieve(
-            ctx.descriptors,
-            ctx.valid,
-            descriptors[:, rows_k],
-            np.ones(len(rows_k), bool),
-            empty,
-            (alpha,),
-            (1,),
-            k,
-            spec=ctx.config.search,
-        )
+        k = min(top_k, self.database_size)
+        predictions, scores = self.index.search(descriptors[0, rows_k], k)
         t1 = time.perf_counter()
         for j, i in enumerate(rows_k):
             photo = photos[i]
             t2 = time.perf_counter()
             kind = applied_kind(photo.attention, bool(mask[i]))
             result = api.photo_result(
-                ctx, photo.name, found.predictions[0, j], found.scores[0, j], kind, {}, source=io.BytesIO(photo.data)
+                ctx, photo.name, predictions[j], scores[j], kind, {}, source=io.BytesIO(photo.data)
             )
             seconds = {"extract": extract_s, "search": t1 - t0, "result": time.perf_counter() - t2}
             out[i] = Localized(result, alpha if mask[i] else 0.0, seconds)

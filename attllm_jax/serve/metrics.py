@@ -4,9 +4,11 @@ Names (all prefixed ``attllm_serve_``):
 
 * ``requests_total{path, status}``: answered requests by route and HTTP status.
 * ``request_seconds{path}``: wall time of each request, from its first byte read to its answer.
-* ``stage_seconds{stage}``: per-request time of each stage of ``/v1/localize``: ``decode`` (decode and preprocess,
-  in the decode threads), ``attention`` (reading the uploaded answer or asking the provider), ``queue`` (waiting for
-  a batch), ``extract`` (the batch's forward pass), ``search`` and ``result`` (the per-photo estimate).
+* ``stage_seconds{stage}``: per-request time of each stage of ``/v1/localize``: ``receive`` (reading and parsing
+  the multipart form), ``decode`` (decode and preprocess, in the decode threads), ``attention`` (reading the
+  uploaded answer or asking the provider), ``queue`` (waiting for a batch), ``extract`` (the batch's forward pass),
+  ``search`` and ``result`` (the per-photo estimate), ``handoff`` (from the batch's end until the request's
+  coroutine runs again on the event loop).
 * ``batch_size``: photos per forward pass (real rows; a batch is padded up to its size bucket).
 * ``batch_rows``: rows per forward pass after padding (the compiled bucket sizes).
 * ``queue_depth``: photos waiting for a batch now.
@@ -20,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "attllm_serve"
-STAGES = ("decode", "attention", "queue", "extract", "search", "result")
+STAGES = ("receive", "decode", "attention", "queue", "extract", "search", "result", "handoff")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

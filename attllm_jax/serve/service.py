@@ -9,11 +9,13 @@ per-photo result (:mod:`attllm_jax.serve.engine`) -> the answer, whose content i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -117,7 +119,7 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="attllm-decode")
         self.llm_pool = ThreadPoolExecutor(max(4, settings.max_queue // 4), thread_name_prefix="attllm-llm")
         self.started = time.time()
-        self.arriving = 0  # requests decoding or asking for attention, not yet queued (read by the batcher)
+        self.arriving = 0  # requests being read, decoded or given attention, not yet queued (read by the batcher)
         self._arriving_lock = threading.Lock()
 
     @property
@@ -127,7 +129,7 @@ class Service:
 
     def load(self, model=None) -> None:
         """Loads the engine, compiles the warm-up shapes and starts the batcher (run in a background thread)."""
-        engine = Engine(self.settings.localize, model)
+        engine = Engine(self.settings.localize, model, self.settings.max_batch, self.settings.max_top_k)
         batcher = DynamicBatcher(
             engine.localize_batch,
             max_batch=self.settings.max_batch,
@@ -138,7 +140,7 @@ class Service:
             on_depth=self.metrics.queue_depth.set,
             arriving=lambda: self.arriving,
         )
-        warm_up(engine, batcher.buckets, self.settings.warmup_sizes, self.settings.default_alpha)
+        warm_up(engine, batcher, self.settings.warmup_sizes, self.settings.default_alpha)
         self.engine = engine
         self.batcher = batcher
         log.info("ready: %s, %d database images, buckets %s", engine.label, engine.database_size, batcher.buckets)
@@ -175,14 +177,44 @@ class Service:
             raise retry_later("loading", "the model and database are still loading", self.settings.retry_after_s)
         return self.engine
 
-    async def localize(self, fields: Fields, timings: dict[str, float]) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def arriving_request(self) -> Iterator[Callable[[], None]]:
+        """Counts one request as on its way to the batcher, from the start of its route (before its body is read)
+        until it is queued.
+
+        A batch waits (up to ``max_wait_ms``) only while some request is on its way; counting a request from its
+        route, not from after its upload was parsed, lets the batcher see the requests of a burst that are
+        still being received. Yields ``queued()``, called once the job is submitted (or refused); leaving the
+        block calls it too.
+        """
+        self._count_arriving(+1)
+        done = False
+
+        def queued() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._count_arriving(-1)
+
+        try:
+            yield queued
+        finally:
+            queued()
+
+    async def localize(
+        self, fields: Fields, timings: dict[str, float], queued: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
         """Answers one checked request; fills ``timings`` (seconds per stage).
+
+        Args:
+            fields: The checked form.
+            timings: Filled with ``{stage: seconds}``.
+            queued: Called once the photo is queued or refused (:meth:`arriving_request`).
 
         Raises:
             ServiceError: for a refused photo or attention upload, a full queue, a shutdown.
         """
         engine = self.ready_engine()
-        self._count_arriving(+1)
         try:
             photo = await self._prepare(engine, fields, timings)
             job = self.batcher.submit(photo, photo.group_key)
@@ -191,13 +223,14 @@ class Service:
         except ShuttingDownError as error:
             raise retry_later("shutting_down", str(error), self.settings.retry_after_s) from None
         finally:
-            self._count_arriving(-1)
+            queued()
         try:
             localized: Localized = await asyncio.wrap_future(job.future)
         except NonFiniteError as error:
             raise ServiceError(500, "non_finite_descriptor", str(error)) from None
         timings["queue"] = job.started - job.enqueued
         timings.update(localized.seconds)
+        timings["handoff"] = time.perf_counter() - job.finished
         return self._answer(engine, localized, photo.attention, fields.unavailable)
 
     async def _prepare(self, engine: Engine, fields: Fields, timings: dict[str, float]) -> Photo:
@@ -271,20 +304,31 @@ class Service:
         }
 
 
-def warm_up(engine: Engine, buckets: tuple[int, ...], sizes, alpha: float) -> None:
-    """Compiles every bucket for photos of each ``(width, height)`` in ``sizes``, with and without attention."""
+def warm_up(engine: Engine, batcher: DynamicBatcher, sizes, alpha: float) -> None:
+    """Compiles every bucket for photos of each ``(width, height)`` in ``sizes``, with and without attention, then
+    times each (the faster of two passes, less disturbed by other work: the batcher's
+    :meth:`~DynamicBatcher.record_seconds`). Other photo sizes compile when they first come."""
     point = parse_answer([{"center": [0.5, 0.5], "weight": 1.0}])
     for width, height in sizes:
         t0 = time.perf_counter()
         image = Image.fromarray(np.full((int(height), int(width), 3), 128, np.uint8))
         pixels = engine.ctx.model.preprocess(image, image_size=engine.settings.image_size)
-        for rows in buckets:
+        for rows in batcher.buckets:
             for answer in (None, point):
                 photo = Photo("warmup.jpg", b"", np.asarray(pixels, np.float32), answer, alpha, 1)
-                engine.localize_batch([photo], rows)
+                engine.localize_batch([photo] * rows, rows)  # compiles
+                batcher.record_seconds(photo.group_key, rows, min(_seconds(engine, photo, rows) for _ in range(2)))
+        timed = {rows: round(batcher.seconds(photo.group_key)[rows], 4) for rows in batcher.buckets}
         log.info(
-            "compiled %d buckets for %dx%d photos in %.1f s", len(buckets), width, height, time.perf_counter() - t0
-        )
+            "compiled and timed %d buckets for %dx%d photos in %.1f s; seconds per batch with attention: %s",
+            len(batcher.buckets), width, height, time.perf_counter() - t0, timed,
+        )  # fmt: skip
+
+
+def _seconds(engine: Engine, photo: Photo, rows: int) -> float:
+    t0 = time.perf_counter()
+    engine.localize_batch([photo] * rows, rows)
+    return time.perf_counter() - t0
 
 
 def start_loading(service: Service, on_failure=None) -> threading.Thread:
