@@ -378,7 +378,7 @@ def test_key_echoed_in_successful_answers_is_redacted(tmp_path, caplog):
     assert KEY not in caplog.text
 
 
-@pytest.mark.parametrize("api", ["gemini", "openai"])
+@pytest.mark.parametrize("api", ["gemini", pytest.param("openai", marks=pytest.mark.slow)])
 def test_key_echoed_by_the_server_never_reaches_the_command_output(tmp_path, api):
     images = make_images(tmp_path / "images", range(3))
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ from attllm_jax.checkpoint import load_model, read_spec, save_model
 from attllm_jax.convert.common import sha256_file
 from attllm_jax.models.spec import ConfigError, ModelSpec
 from attllm_jax.models.vpr import VPRModel
+from tests.marks import slow_after
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec.cosplace("resnet18", 16, weights="random (test)")
@@ -193,6 +194,7 @@ def _run_converter(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_eigenplaces_converter_script_end_to_end(tmp_path):
     import torch
 
@@ -254,11 +256,13 @@ def test_converter_script_reports_bad_input_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "script, own_flags",
-    [
-        ("cosplace.py", ("--checkpoint", "--output", "--backbone", "--fc_output_dim", "--cache_dir")),
-        ("eigenplaces.py", ("--checkpoint", "--output", "--backbone", "--fc_output_dim", "--cache_dir")),
-        ("salad.py", ("--checkpoint", "--output", "--backbone", "--num_heads", "--image_size", "--cache_dir")),
-    ],
+    slow_after(
+        [
+            ("cosplace.py", ("--checkpoint", "--output", "--backbone", "--fc_output_dim", "--cache_dir")),
+            ("eigenplaces.py", ("--checkpoint", "--output", "--backbone", "--fc_output_dim", "--cache_dir")),
+            ("salad.py", ("--checkpoint", "--output", "--backbone", "--num_heads", "--image_size", "--cache_dir")),
+        ]
+    ),
 )
 def test_converter_help_lists_its_own_flags(script, own_flags):
     result = _run_converter(script, "--help")

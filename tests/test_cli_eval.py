@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.marks import slow_after
+
 REPO = Path(__file__).resolve().parents[1]
 SFXL_DB = "@0551294.51@4177187.54@10@S@037.74054@-122.41781@6ndRH0-kf_BJq0ZASDu5ZQ@@300@@@@201311@@.jpg"
 QUERY = "37.74054_-122.41781@q.jpg"
@@ -88,11 +90,13 @@ def test_a_pytorch_file_as_checkpoint_says_convert_it_first(folders):
 
 @pytest.mark.parametrize(
     ("config", "expected"),
-    [
-        ({"family": "no_such_family"}, "no_such_family"),
-        ({"family": "cosplace", "backbone": "resnet18"}, "descriptor_dim"),
-        ({"family": "cosplace", "backbone": "resnet1000", "descriptor_dim": 512}, "resnet1000"),
-    ],
+    slow_after(
+        [
+            ({"family": "no_such_family"}, "no_such_family"),
+            ({"family": "cosplace", "backbone": "resnet18"}, "descriptor_dim"),
+            ({"family": "cosplace", "backbone": "resnet1000", "descriptor_dim": 512}, "resnet1000"),
+        ]
+    ),
 )
 def test_a_bad_config_json_is_one_line_naming_the_model(folders, config, expected):
     model = folders / "model"
@@ -154,16 +158,27 @@ def test_a_corrupt_store_chunk_is_one_line_naming_the_store_and_what_to_do(folde
 
 @pytest.mark.parametrize(
     "command, args, expected",
-    [
-        ("tune", ["--folds", "1"], "--folds must be >= 2"),
-        ("tune", ["stray"], "unexpected arguments: ['stray']"),
-        ("tune", ["--queries_folder", "/q"], "give both --database_folder and --queries_folder"),
-        ("tune", ["--coordinator_address", "127.0.0.1:9", "--num_processes", "2", "--process_id", "0"], "one process"),
-        ("extract", ["--database_folder", "/tmp"], "--store_dir must have a value"),
-        ("extract", ["--database_folder", "/nope", "--store_dir", "S"], "'/nope' is not a directory"),
-        ("extract", ["--database_folder", "/tmp", "--store_dir", "S", "--image_size", "abc"], "one or two integers"),
-        ("eval", ["--alphas", "2"], "--alphas must be distinct numbers in [0, 1]"),
-    ],
+    slow_after(
+        [
+            ("tune", ["--folds", "1"], "--folds must be >= 2"),
+            ("extract", ["--database_folder", "/tmp"], "--store_dir must have a value"),
+            ("eval", ["--alphas", "2"], "--alphas must be distinct numbers in [0, 1]"),
+            ("tune", ["stray"], "unexpected arguments: ['stray']"),
+            ("tune", ["--queries_folder", "/q"], "give both --database_folder and --queries_folder"),
+            (
+                "tune",
+                ["--coordinator_address", "127.0.0.1:9", "--num_processes", "2", "--process_id", "0"],
+                "one process",
+            ),
+            ("extract", ["--database_folder", "/nope", "--store_dir", "S"], "'/nope' is not a directory"),
+            (
+                "extract",
+                ["--database_folder", "/tmp", "--store_dir", "S", "--image_size", "abc"],
+                "one or two integers",
+            ),
+        ],
+        keep=3,
+    ),
 )
 def test_usage_errors_are_one_line_and_a_pointer_to_help(tmp_path, command, args, expected):
     args = [str(tmp_path / a) if a == "S" else a for a in args]
@@ -182,11 +197,16 @@ def test_help_of_tune_and_extract_exits_zero_and_lists_their_flags(command, flag
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
-    [
-        (("--search", "faiss_flat", "--search_recall_target", "0.9"), "--search approx_tpu only"),
-        (("--search", "approx_tpu", "--search_recall_target", "1.5"), "must lie in (0, 1]"),
-        (("--search", "approx_tpu", "--search_shortlist_dtype", "bfloat16"), "cannot take --search_shortlist_dtype"),
-    ],
+    slow_after(
+        [
+            (("--search", "faiss_flat", "--search_recall_target", "0.9"), "--search approx_tpu only"),
+            (("--search", "approx_tpu", "--search_recall_target", "1.5"), "must lie in (0, 1]"),
+            (
+                ("--search", "approx_tpu", "--search_shortlist_dtype", "bfloat16"),
+                "cannot take --search_shortlist_dtype",
+            ),
+        ]
+    ),
 )
 def test_approx_tpu_flags_are_checked_before_any_work(folders, flags, expected):
     out = folders / "approx_out"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.marks import slow_after
+
 REPO = Path(__file__).resolve().parents[1]
 # script -> flags its --help must list: its own and the shared ones the README tells users to pass
 SCRIPT_FLAGS = {
@@ -133,7 +135,8 @@ def _command(script: str) -> str:
     return script.removeprefix("attllm-").replace("-", "_")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# attllm-eval in the default suite, every script with -m slow (two start-ups of each: ~8 s apiece on 2 cores)
+@pytest.mark.parametrize("script", slow_after(SCRIPTS))
 def test_every_console_script_follows_the_convention(installed, script):
     """--help exits 0 and lists the flags; a bogus flag is one ``<command>: error:`` line, exit 2, nothing else."""
     proc = _run(installed, script, "--help")
@@ -147,7 +150,7 @@ def test_every_console_script_follows_the_convention(installed, script):
     assert "no_such_flag" in lines[0] and "FATAL" not in bad.stderr and bad.stdout == "", bad.stderr
 
 
-@pytest.mark.parametrize("family", ["cosplace", "salad"])
+@pytest.mark.parametrize("family", slow_after(["cosplace", "salad"]))
 def test_a_converter_follows_the_convention(installed, family):
     proc = _run(installed, "attllm-convert", family, "--help")
     assert proc.returncode == 0 and "--output" in proc.stdout and "--cache_dir" in proc.stdout, proc.stderr
@@ -159,6 +162,7 @@ def test_a_converter_follows_the_convention(installed, family):
     assert missing.returncode == 2 and line.startswith("convert: error: ") and "--output must have a value" in line
 
 
+@pytest.mark.slow
 def test_annotate_logs_its_flags_through_the_console_script(installed, tmp_path):
     """The log's ``flags:`` line holds the command's flags (it was ``{}`` through the console script)."""
     (tmp_path / "q").mkdir()

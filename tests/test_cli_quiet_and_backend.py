@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.marks import slow_after
+
 REPO = Path(__file__).resolve().parents[1]
 NOISE = ("Unable to initialize backend", "swigfaiss", "Loading faiss", "xla_bridge")
 
@@ -34,6 +36,7 @@ def test_doctor_is_quiet_by_default_and_verbose_on_request():
     assert "Initializing backend" in verbose.stderr  # the positive control: the lines exist, and are hidden
 
 
+@pytest.mark.slow
 def test_show_attention_is_quiet(tmp_path):
     Image.new("RGB", (96, 72), (100, 120, 140)).save(tmp_path / "x.jpg")
     points = [{"center": [0.3, 0.4], "weight": 1.8, "reasoning": "tower"}]
@@ -45,6 +48,7 @@ def test_show_attention_is_quiet(tmp_path):
     assert "Initializing backend" in verbose.stderr
 
 
+@pytest.mark.slow
 def test_severity_is_quiet_up_to_its_error_line(tmp_path):
     """A run that gets past the model's backend and fails on an input prints the runtime line and the error only."""
     for folder, name in (("db", "no_coordinates.jpg"), ("q", "37.74054_-122.41781@q.jpg")):
@@ -58,7 +62,7 @@ def test_severity_is_quiet_up_to_its_error_line(tmp_path):
     assert "no_coordinates.jpg" in lines[-1]
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("platform", slow_after(["tpu", "cuda"]))
 def test_the_doctor_diagnoses_a_backend_that_cannot_start(platform):
     proc = _run("experiments.doctor", env={"JAX_PLATFORMS": platform})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -68,7 +72,7 @@ def test_the_doctor_diagnoses_a_backend_that_cannot_start(platform):
     assert report["JAX_PLATFORMS"].strip() == platform and report["jax"].strip()[0].isdigit()
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("platform", slow_after(["tpu", "cuda"]))
 def test_eval_says_in_one_line_that_the_backend_cannot_start(tmp_path, platform):
     for folder, name in (("db", "@0551294.51@4177187.54@10@S@.jpg"), ("q", "37.74054_-122.41781@q.jpg")):
         (tmp_path / folder).mkdir()

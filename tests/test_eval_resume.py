@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
+from tests.marks import slow_after
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = textwrap.dedent(
@@ -119,16 +120,19 @@ def _cli(*args, cwd):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [
-        (["--alphas", "0,1.5"], "--alphas must be distinct numbers in [0, 1]"),
-        (["--alphas", "0,abc"], "--alphas"),
-        (["--recall_values", "1,0"], "--recall_values"),
-        (["--positive_dist_threshold", "-5"], "--positive_dist_threshold"),
-        (["--image_size", "0"], "--image_size"),
-        (["--distance", "l1"], "--distance"),
-        (["--database_folder", "/nowhere"], "--queries_folder"),
-        (["--precision", "fp16"], "--precision"),
-    ],
+    slow_after(
+        [
+            (["--alphas", "0,1.5"], "--alphas must be distinct numbers in [0, 1]"),
+            (["--alphas", "0,abc"], "--alphas"),
+            (["--recall_values", "1,0"], "--recall_values"),
+            (["--positive_dist_threshold", "-5"], "--positive_dist_threshold"),
+            (["--image_size", "0"], "--image_size"),
+            (["--distance", "l1"], "--distance"),
+            (["--database_folder", "/nowhere"], "--queries_folder"),
+            (["--precision", "fp16"], "--precision"),
+        ],
+        keep=2,
+    ),
 )
 def test_cli_rejects_bad_flags_before_any_work(tmp_path, args, message):
     result = _cli(*args, "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), cwd=REPO)

@@ -67,12 +67,14 @@ def test_eval_reads_every_name(dataset, tmp_path):
     assert results["utm_zone"] == [10, "S"]  # the full-form name's zone; the free text claimed none
 
 
+@pytest.mark.slow
 def test_extract_reads_every_name(dataset, tmp_path):
     args = ["--database_folder", str(dataset / "db"), "--store_dir", str(tmp_path / "store"), "--image_size", "48"]
     proc = _run("extract", *args)
     assert f"{len(DATABASE)} images" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_tune_reads_every_name(dataset, tmp_path):
     args = ["--output_dir", str(tmp_path / "out"), "--alphas", "0,0.5,1", "--folds", "2", "--recall_values", "1,5"]
     _run("tune", *_data(dataset), *args, "--bootstrap_samples", "50", "--refine_iterations", "0")
@@ -85,6 +87,7 @@ def test_flood_keeps_the_names(dataset, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "level_0.3").iterdir()) == sorted(QUERIES)
 
 
+@pytest.mark.slow
 def test_severity_reads_every_name(dataset, tmp_path):
     args = ["--output_dir", str(tmp_path / "out"), "--levels", "0,0.3", "--alphas", "0,1", "--recall_values", "1,5"]
     _run("severity", *_data(dataset), *args, "--bootstrap", "20")

@@ -201,7 +201,8 @@ def _one_error(proc) -> str:
     return lines[0]
 
 
-def test_bad_inputs_are_one_clear_line_before_any_work(tmp_path):
+def _bad_input_folders(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A database named without a UTM zone, a folder of one (empty) photo, an empty folder, and the base flags."""
     db = tmp_path / "db"
     db.mkdir()
     (db / "@551000.00@4180000.00@.jpg").write_bytes(b"")
@@ -209,10 +210,20 @@ def test_bad_inputs_are_one_clear_line_before_any_work(tmp_path):
     photos.mkdir()
     empty.mkdir()
     (photos / "a.jpg").write_bytes(b"")
-    base = ["--database_folder", str(db), "--output_dir", str(tmp_path / "out")]
+    return photos, empty, ["--database_folder", str(db), "--output_dir", str(tmp_path / "out")]
+
+
+def test_bad_inputs_are_one_clear_line_before_any_work(tmp_path):
+    photos, empty, base = _bad_input_folders(tmp_path)
     line = _one_error(_cli("--images", str(photos), *base))
     assert "without a zone" in line and "--utm_zone" in line
     assert "no .jpg" in _one_error(_cli("--images", str(empty), *base, "--utm_zone", "10S"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bad_alpha_and_zone_are_one_clear_line_before_any_work(tmp_path):
+    photos, _, base = _bad_input_folders(tmp_path)
     assert "--alpha must lie in [0, 1]" in _one_error(_cli("--images", str(photos), *base, "--alpha", "1.5"))
     assert "--utm_zone '99Q'" in _one_error(_cli("--images", str(photos), *base, "--utm_zone", "99Q"))
     assert not (tmp_path / "out").exists()

@@ -183,6 +183,13 @@ def test_tuning_and_blend_are_validated_with_one_clear_line(tmp_path):
     assert "no such file" in _one_error(_cli(*base, "--tuning", str(tmp_path / "missing.json")))
     (tmp_path / "bad.json").write_text('{"best": {"alpha": 1.7, "sigma": 0.2, "blend": "native"}}')
     assert "best alpha 1.7 is not in [0, 1]" in _one_error(_cli(*base, "--tuning", str(tmp_path / "bad.json")))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_other_tuning_blend_and_provider_flags_are_one_clear_line(tmp_path):
+    db, photos = _zone_db(tmp_path)
+    base = ["--images", str(photos), "--database_folder", str(db), "--output_dir", str(tmp_path / "out")]
     (tmp_path / "other.json").write_text('{"grid": []}')
     assert "no 'best' entry" in _one_error(_cli(*base, "--tuning", str(tmp_path / "other.json")))
     assert "--blend" in _one_error(_cli(*base, "--blend", "sideways"))

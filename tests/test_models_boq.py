@@ -246,6 +246,7 @@ def test_preprocess_matches_vpr_methods_evaluation(backbone, size, tmp_path):
         assert np.max(np.abs(pil - expected)) > 1e-3  # resizing the uint8 image instead would be measurably off
 
 
+@pytest.mark.slow
 def test_converter_script_and_load_without_torch(tmp_path):
     """converters/boq.py on a .safetensors file, then aj.load_model and its sweep, with torch blocked."""
     reference = _reference("dinov2")

@@ -196,6 +196,7 @@ def test_spec_round_trips_through_json(converted):
     assert released.descriptor_dim == 6144 and released.backbone == "dinov2_vitb14_reg"
 
 
+@pytest.mark.slow
 def test_converter_script_writes_a_loadable_model(reference, inputs, tmp_path):
     """converters/image4vpr.py on a safetensors copy with the release's module. keys, loaded without torch."""
     images, attention = inputs

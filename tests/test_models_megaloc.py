@@ -210,6 +210,7 @@ def test_gradient_in_alpha_matches_float64_central_differences(reference, conver
 # ------------------------------------------------------------------------------------ model directory and script
 
 
+@pytest.mark.slow
 def test_converter_script_and_load_without_torch(reference, inputs, tmp_path):
     """converters/megaloc.py on a .safetensors file, then aj.load_model, in one process where torch is blocked."""
     images, attention = inputs

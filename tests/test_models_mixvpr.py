@@ -176,6 +176,7 @@ def test_preprocess_matches_vpr_methods_evaluation(tmp_path):
 # ------------------------------------------------------------------------------------ script and registry
 
 
+@pytest.mark.slow
 def test_converter_script_and_load_without_torch(tmp_path):
     """converters/mixvpr.py on a .safetensors copy, then aj.load_model, with torch blocked."""
     from converters.cli import families

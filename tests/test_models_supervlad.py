@@ -186,6 +186,7 @@ def test_spec_round_trips_through_json(converted):
     assert SuperVLADSpec.released(ghost_clusters=2).descriptor_dim == 768
 
 
+@pytest.mark.slow
 def test_converter_script_writes_a_loadable_model(reference, inputs, tmp_path):
     """converters/supervlad.py on a safetensors copy with the release's module. keys, loaded without torch."""
     images, attention = inputs

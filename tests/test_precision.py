@@ -43,8 +43,8 @@ def cosine(a, b) -> np.ndarray:
     return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-# Three families in the default suite (a GeM CNN, SALAD's Sinkhorn, BoQ's cross-attention); all of them with -m slow.
-DEFAULT_CASES = ("cosplace_resnet18", "salad", "boq_dinov2")
+# Two families in the default suite (a GeM CNN, SALAD's Sinkhorn); all of them with -m slow.
+DEFAULT_CASES = ("cosplace_resnet18", "salad")
 CASE_PARAMS = [name if name in DEFAULT_CASES else pytest.param(name, marks=pytest.mark.slow) for name in CASES]
 
 
