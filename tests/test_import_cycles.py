@@ -52,7 +52,7 @@ ALLOWED = {
         "evaluation",
         "outputs",
     },
-    "serve": {"attention", "data", "evaluation", "localization", "logs"},
+    "serve": {"attention", "data", "retrieval", "evaluation", "localization", "logs"},
 }
 for _allowed in ALLOWED.values():  # errors.py sits below every layer
     _allowed.add("errors")
