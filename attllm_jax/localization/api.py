@@ -455,7 +455,7 @@ def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list
     if rerank_s is not None:
         seconds["rerank"] = rerank_s  # expansion + second search, also inside "search"
     for name, value in seconds.items():
-        stages[name] += value
+        stages[name] = stages.get(name, 0.0) + value  # "rerank" only with --rerank
     shared = {name: value / len(chunk) for name, value in seconds.items()}
     shared["extract"] = (t2 - t1) / len(chunk)
     results = []
