@@ -225,7 +225,8 @@ def _define_rerank() -> None:
         [],
         "Query-expansion re-ranking after the search, repeatable (one per kind): aqe:k=5,w=0.8 (average query "
         "expansion, q' = w q + (1-w) mean of the top-k) or alpha_qe:k=5,alpha=3 (q' = normalize(q + sum_i "
-        "max(q.d_i, 0)^alpha d_i)); results.json rerank.<kind>.recalls per alpha.",
+        "max(q.d_i, 0)^alpha d_i)); eval: results.json rerank.<kind>.recalls per alpha; localize: one stage, "
+        "k <= --top_k, the matches of the expanded search.",
     )
     flags.register_validator("rerank", _valid_reranks, "bad --rerank")
 

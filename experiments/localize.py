@@ -15,6 +15,9 @@ through annotate's providers and request policy (--qpm, --workers requests in fl
 in OUT/attention as attllm-annotate does (a rerun does not ask again), and localizes the photos whose answers are
 in while the other requests are in flight. The blend: --alpha/--sigma/--blend, or --tuning OUT/tuning.json (what
 attllm-tune chose). One run per output folder: a second one is refused, naming the holder.
+
+--rerank aqe:k=5,w=0.8 (or alpha_qe:k=5,alpha=3; one stage, k <= --top_k): each photo's descriptor is expanded with
+its top-k matches and searched again; the estimate, confidence and matches come from that second search.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ flagdefs.define(
     "image_size",
     "batch_size",
     "cache_dir",
+    "rerank",
     *flagdefs.LOCALIZE_FLAGS,
 )
 flags.DEFINE_string(
@@ -125,8 +129,18 @@ def settings_from_flags():
         ask=ask,
         batch_size=FLAGS.batch_size,
         chunk_photos=FLAGS.chunk_photos,
+        rerank=rerank_from_flags(),
         **flagdefs.localize_fields(),
     )
+
+
+def rerank_from_flags() -> str | None:
+    """The one --rerank stage of localize, or None (each value was parsed by the flag's validator)."""
+    if len(FLAGS.rerank) > 1:
+        fail("localize", f"--rerank: localize runs one stage, got {len(FLAGS.rerank)} ({', '.join(FLAGS.rerank)})")
+    if FLAGS.rerank and FLAGS.calibrate_with:
+        fail("localize", "--calibrate_with fits on eval's plain search; it cannot calibrate --rerank scores")
+    return FLAGS.rerank[0] if FLAGS.rerank else None
 
 
 def ask_from_flags():
@@ -163,6 +177,7 @@ def main(argv):
 
         database = load_image_set(settings.database_folder, settings.convention, settings.database_csv)
         database_zone(database, settings.utm_zone)  # one line before any work when no zone is known
+        api.load_checked_calibration(settings)  # a calibration of another --rerank stage: one line, before any work
         check_free(settings.output_dir, "localize")
     except (ValueError, FileNotFoundError, OutputLockError) as error:
         fail("localize", str(error))

@@ -229,6 +229,49 @@ def test_bad_alpha_and_zone_are_one_clear_line_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_rerank_specs_are_one_line_before_any_work(tmp_path):
+    photos, _, base = _bad_input_folders(tmp_path)
+    base = ["--images", str(photos), *base, "--utm_zone", "10S"]
+    assert "--rerank 'aqe:k=5': missing w" in _one_error(_cli(*base, "--rerank", "aqe:k=5"))
+    line = _one_error(_cli(*base, "--rerank", "alpha_qe:k=20,alpha=3"))
+    assert "k = 20 exceeds --top_k 10" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_rerank_stages_and_a_calibration_of_another_stage_are_one_line_before_any_work(tmp_path):
+    from attllm_jax.localization.calibration import Calibration
+
+    photos, _, base = _bad_input_folders(tmp_path)
+    base = ["--images", str(photos), *base, "--utm_zone", "10S"]
+    two = _one_error(_cli(*base, "--rerank", "aqe:k=5,w=0.8", "--rerank", "alpha_qe:k=5,alpha=3"))
+    assert "localize runs one stage, got 2" in two
+    Calibration((0.0,) * 3, (1.0,) * 3, (1.0,) * 3, 0.0, 25.0, "top1", {}).save(tmp_path / "plain.json")
+    line = _one_error(_cli(*base, "--rerank", "aqe:k=5,w=0.8", "--calibration", str(tmp_path / "plain.json")))
+    assert "fitted with rerank none, this run uses aqe:k=5,w=0.8" in line
+    assert "cannot calibrate --rerank" in _one_error(_cli(*base, "--rerank", "aqe:k=5,w=0.8", "--calibrate_with", "x"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_rerank_records_its_stage_and_time_and_reruns_only_when_it_changes(bench, tmp_path):
+    plain = localize(_settings(bench, tmp_path / "out"), model=bench["model"])
+    run = localize(_settings(bench, tmp_path / "out", rerank="aqe:k=3,w=0.5"), model=bench["model"])
+    assert run.computed == len(plain.photos) and run.settings_key != plain.settings_key
+    for photo in run.photos:
+        record = json.loads((tmp_path / "out" / "photos" / f"{photo.photo}.json").read_text())
+        assert record["rerank"] == {"spec": "aqe:k=3,w=0.5"} and record["settings_key"] == run.settings_key
+        assert 0.0 <= record["latency_s"]["rerank"] <= record["latency_s"]["search"]
+        assert [m.rank for m in photo.matches] == list(range(1, 6))
+    assert all(p.rerank is None and "rerank" not in p.latency_s for p in plain.photos)
+    # a byte copy of a database image: its own image is its top-1 in the first search and stays so after AQE
+    assert {p.photo: p for p in run.photos}["copy_of_db.jpg"].matches[0].path == bench["db_copy"]
+    summary = summary_dict(run, _settings(bench, tmp_path / "out", rerank="aqe:k=3,w=0.5"))
+    assert summary["settings"]["rerank"] == "aqe:k=3,w=0.5" and "rerank" in summary["latency_per_photo"]
+    again = localize(_settings(bench, tmp_path / "out", rerank="aqe:w=0.5,k=3"), model=bench["model"])
+    assert again.computed == 0 and [p.to_dict() for p in again.photos] == [p.to_dict() for p in run.photos]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/bin/chromium").is_file(), reason="Debian chromium is not installed (.ci/run does)")
 def test_report_opens_offline_in_headless_chromium_with_one_marker_per_photo(bench, tmp_path):

@@ -318,6 +318,12 @@ def test_help_and_bad_flags_are_one_line_before_any_work(tmp_path):
     assert missing.returncode == 1 and missing.stderr.startswith("serve: error: --token_file")
 
 
+def test_rerank_is_localize_only_and_refused_in_one_line():
+    """The service searches once per request: --rerank (localize's query expansion) is not one of its flags."""
+    bad = _cli("--rerank", "aqe:k=5,w=0.8")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "rerank" in bad.stderr
+
+
 def test_the_blend_comes_from_tune_or_the_flags_never_both(tmp_path):
     """--tuning sets the service's default alpha, sigma and blend from tune's best entry (read as localize reads it);
     with --alpha, --sigma or --blend as well, or a tuning file that is not tune's, it is one error line."""

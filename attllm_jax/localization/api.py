@@ -41,6 +41,8 @@ from attllm_jax.models.blend import with_blend
 from attllm_jax.ops.gem import BLENDS
 from attllm_jax.outputs import OutputLock
 from attllm_jax.retrieval.positives import haversine_m
+from attllm_jax.retrieval.rerank import RerankSpec, parse_rerank, rerank
+from attllm_jax.retrieval.retrieve import Retrieval
 
 log = logging.getLogger("attllm_jax.localization")
 PHOTOS_DIR = "photos"
@@ -71,6 +73,9 @@ class LocalizeSettings:
         batch_size: Photos per device batch.
         chunk_photos: Photos per chunk written before the next starts.
         convention: Database file-name convention.
+        rerank: One query-expansion stage (``aqe:k=5,w=0.8`` or ``alpha_qe:k=5,alpha=3``, eval's ``--rerank``
+            syntax) or None: each photo's descriptor is expanded with its top-k matches of the first search and
+            searched again; estimate, features and matches come from the second search. ``k <= top_k``.
     """
 
     images: str
@@ -97,6 +102,7 @@ class LocalizeSettings:
     batch_size: int = 8
     chunk_photos: int = 32
     convention: str = "auto"
+    rerank: str | None = None
 
     def validated(self) -> LocalizeSettings:
         """Checks the settings that need no data.
@@ -125,8 +131,16 @@ class LocalizeSettings:
             raise FileNotFoundError(f"--images {self.images!r} is not a directory")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise FileNotFoundError(f"--calibration {self.calibration!r} is not a file")
+        spec = self.rerank_spec  # RerankSpecError (a ValueError) names a malformed value
+        if spec is not None and spec.k > int(self.top_k):
+            raise ValueError(f"--rerank {self.rerank}: k = {spec.k} exceeds --top_k {self.top_k} (the matches kept)")
         replace(self.eval_config(), attention_dir=self.attention_dir).validated()  # OUT/attention: made later
         return replace(self, alpha=float(self.alpha), top_k=int(self.top_k))
+
+    @property
+    def rerank_spec(self) -> RerankSpec | None:
+        """The parsed ``rerank`` stage, or None."""
+        return None if self.rerank is None else parse_rerank(self.rerank)
 
     @property
     def answers_dir(self) -> str | None:
@@ -216,6 +230,10 @@ def settings_key(settings: LocalizeSettings, digest: str, calibration_sha: str |
     for name in ("images", "output_dir", "batch_size", "chunk_photos"):
         fields.pop(name)
     fields["ask"] = None if settings.ask is None else settings.ask.key_fields()
+    if settings.rerank is None:
+        fields.pop("rerank")  # the key of a run without re-ranking is the key it had before the stage existed
+    else:
+        fields["rerank"] = settings.rerank_spec.label()
     text = json.dumps({**fields, "weights": digest, "calibration": calibration_sha}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -283,8 +301,7 @@ def _localize_claimed(settings, config, model, photos, database, zone, t_start) 
     not yet done, chunk by chunk (with ``settings.ask``: as their answers arrive), each result written at once."""
     out = Path(settings.output_dir)
     planar, latlon = database_positions(database, zone)
-    calibration = load_calibration(settings.calibration) if settings.calibration else None
-    calibration_sha = hashlib.sha256(Path(settings.calibration).read_bytes()).hexdigest() if calibration else None
+    calibration, calibration_sha = load_checked_calibration(settings)
     stages = dict.fromkeys(("load_model", "database", "attention", "decode", "backbone", "aggregation", "search"), 0.0)
     t0 = time.perf_counter()
     model = load_localize_model(config, settings.blend, model)
@@ -339,6 +356,25 @@ def _localize_claimed(settings, config, model, photos, database, zone, t_start) 
     ordered = [results[p] for p in photos if p in results]
     computed = len(ordered) - len(done)
     return LocalizeRun(ordered, computed, len(done), skipped, key, zone, latlon, stages, calibration, attention_summary)
+
+
+def load_checked_calibration(settings: LocalizeSettings) -> tuple[Calibration | None, str | None]:
+    """The settings' calibration and its file's sha256, or ``(None, None)``.
+
+    Raises:
+        ValueError: one line when the calibration was fitted on scores of another ``--rerank`` stage (or none):
+            its confidence would be applied to a score distribution it never saw (docs/DESIGN.md section 10).
+    """
+    if not settings.calibration:
+        return None, None
+    calibration = load_calibration(settings.calibration)
+    wanted = None if settings.rerank is None else settings.rerank_spec.label()
+    if calibration.rerank != wanted:
+        raise ValueError(
+            f"--calibration {settings.calibration}: fitted with rerank {calibration.rerank or 'none'}, this run "
+            f"uses {wanted or 'none'}; calibrate on scores of the same stage or drop --calibration"
+        )
+    return calibration, hashlib.sha256(Path(settings.calibration).read_bytes()).hexdigest()
 
 
 def load_localize_model(config: EvalConfig, blend: str, model=None):
@@ -408,11 +444,7 @@ def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list
     )
     t2 = time.perf_counter()
     model_seconds = ctx.model.take()
-    empty = [np.zeros(0, np.int64)] * len(chunk)
-    top_k = min(s.top_k, int(ctx.valid.sum()))
-    retrieval = retrieve(
-        ctx.descriptors, ctx.valid, q.descriptors, q.valid, empty, (s.alpha,), (1,), top_k, spec=config.search
-    )
+    retrieval, rerank_s = search_photos(ctx, q.descriptors, q.valid)
     t3 = time.perf_counter()
     seconds = {
         "attention": t1 - t0,
@@ -420,8 +452,10 @@ def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list
         **model_seconds,
         "search": t3 - t2,
     }
+    if rerank_s is not None:
+        seconds["rerank"] = rerank_s  # expansion + second search, also inside "search"
     for name, value in seconds.items():
-        stages[name] += value
+        stages[name] = stages.get(name, 0.0) + value  # "rerank" only with --rerank
     shared = {name: value / len(chunk) for name, value in seconds.items()}
     shared["extract"] = (t2 - t1) / len(chunk)
     results = []
@@ -438,6 +472,33 @@ def _localize_chunk(ctx: _Context, chunk: list[str], stages: dict) -> tuple[list
         for f in q.failures
     ]
     return results, failed
+
+
+def search_photos(ctx: _Context, descriptors: np.ndarray, valid: np.ndarray) -> tuple[Retrieval, float | None]:
+    """The photos' search: the first one, then with ``settings.rerank`` the expanded descriptors' search.
+
+    Args:
+        ctx: The context (database descriptors ``[N, D]`` and validity ``[N]``).
+        descriptors: ``[1, P, D]`` the photos' descriptors at the run's alpha; ``valid`` ``[P]`` bool.
+
+    Returns:
+        The retrieval whose ``predictions`` / ``scores`` ``[1, P, K]`` give the matches (K = ``top_k``, at most
+        the valid database rows), and the re-ranking's seconds (None without it).
+    """
+    s = ctx.settings
+    empty = [np.zeros(0, np.int64)] * descriptors.shape[1]
+    top_k = min(s.top_k, int(ctx.valid.sum()))
+    first = retrieve(
+        ctx.descriptors, ctx.valid, descriptors, valid, empty, (s.alpha,), (1,), top_k, spec=ctx.config.search
+    )
+    spec = s.rerank_spec
+    if spec is None:
+        return first, None
+    t0 = time.perf_counter()
+    if spec.k > top_k:
+        raise ValueError(f"--rerank {s.rerank}: k = {spec.k} exceeds the {top_k} valid database descriptors")
+    second, _ = rerank(spec, ctx.descriptors, ctx.valid, descriptors, valid, first, empty, search=ctx.config.search)
+    return second, time.perf_counter() - t0
 
 
 def _relative(path: str, root: str) -> str:
@@ -484,6 +545,7 @@ def photo_result(
         claimed_distance,
         latency,
         ctx.key,
+        None if s.rerank is None else {"spec": s.rerank_spec.label()},
     )
 
 
@@ -531,8 +593,7 @@ def open_context(settings: LocalizeSettings, model=None) -> _Context:
     database = load_image_set(config.database_folder, config.convention, config.database_csv)
     zone = database_zone(database, settings.utm_zone)
     planar, latlon = database_positions(database, zone)
-    calibration = load_calibration(settings.calibration) if settings.calibration else None
-    calibration_sha = hashlib.sha256(Path(settings.calibration).read_bytes()).hexdigest() if calibration else None
+    calibration, calibration_sha = load_checked_calibration(settings)
     model = load_localize_model(config, settings.blend, model)
     digest = weights_digest(model)
     store, _ = database_store(config, model, database, digest)

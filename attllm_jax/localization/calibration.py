@@ -33,6 +33,8 @@ class Calibration:
         radius_m: The radius "correct" was judged at.
         estimator: The estimator whose correctness was fitted.
         quality: Held-out metrics (``ece``, ``brier``, ``auroc``, ``reliability``, ``num``, ``base_rate``).
+        rerank: The ``--rerank`` stage (canonical spec) whose scores the model was fitted on, None for the plain
+            search; localize refuses to apply it to another stage's scores. Written only when set.
     """
 
     mean: tuple[float, ...]
@@ -42,6 +44,7 @@ class Calibration:
     radius_m: float
     estimator: str
     quality: dict
+    rerank: str | None = None
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """``[N, F]`` features (columns in :data:`FEATURES` order) -> ``[N]`` probabilities."""
@@ -50,7 +53,10 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the calibration JSON atomically."""
-        atomic_write_json(path, {"format": FORMAT, "features": list(FEATURES), **asdict(self)})
+        fields = asdict(self)
+        if self.rerank is None:
+            fields.pop("rerank")  # files of the plain search are written as before the field existed
+        atomic_write_json(path, {"format": FORMAT, "features": list(FEATURES), **fields})
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -71,6 +77,7 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
             float(data["radius_m"]),
             str(data["estimator"]),
             dict(data["quality"]),
+            None if data.get("rerank") is None else str(data["rerank"]),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"calibration file {path}: not an {FORMAT} file ({error})") from None

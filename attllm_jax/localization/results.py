@@ -45,6 +45,7 @@ class PhotoResult:
         claimed_distance_m: Metres from the claimed position to the estimate, or None.
         latency_s: Seconds per stage for this photo (a batch's stage time divided by its photos).
         settings_key: The settings key the result was computed under (reruns skip matching photos).
+        rerank: ``{"spec": "aqe:k=5,w=0.8"}`` when the matches come from a query-expansion search, else None.
     """
 
     photo: str
@@ -61,6 +62,7 @@ class PhotoResult:
     claimed_distance_m: float | None = None
     latency_s: dict = field(default_factory=dict)
     settings_key: str = ""
+    rerank: dict | None = None
 
     def to_dict(self) -> dict:
         """The JSON form."""

@@ -130,7 +130,7 @@ def write_outputs(out: Path, photos: list[PhotoResult], summary: dict, extra: di
 def summary_dict(run, settings) -> dict:
     """The content of localize_summary.json for a :class:`~attllm_jax.localization.api.LocalizeRun`."""
     latency = {}
-    for stage in LATENCY_STAGES:
+    for stage in (*LATENCY_STAGES, "rerank"):  # rerank: --rerank's expansion and second search (inside search)
         summary = percentiles(p.latency_s.get(stage) for p in run.photos)
         if summary is not None:
             latency[stage] = summary

@@ -108,9 +108,15 @@ class Engine:
         model: Optional already loaded model.
         max_batch: Most photos of one batch (sizes the search's memory plan).
         max_top_k: Most matches one photo asks.
+
+    Raises:
+        ValueError: ``settings.rerank`` set: the service searches its resident index once per request and has no
+            query-expansion stage (attllm-serve defines no ``--rerank``; attllm-localize has it).
     """
 
     def __init__(self, settings: api.LocalizeSettings, model=None, max_batch: int = 16, max_top_k: int = 100):
+        if settings.rerank is not None:
+            raise ValueError(f"--rerank {settings.rerank}: the service has no re-ranking stage (attllm-localize has)")
         self.ctx = api.open_context(settings, model)
         self.settings = self.ctx.settings
         self.sharding = data_sharding()
