@@ -28,6 +28,7 @@ def _quiet(stderr: str) -> bool:
     return not any(noise in stderr for noise in NOISE)
 
 
+@pytest.mark.slow
 def test_doctor_is_quiet_by_default_and_verbose_on_request():
     proc = _run("experiments.doctor", env={"JAX_PLATFORMS": None})
     assert proc.returncode == 0 and "backend:" in proc.stdout, proc.stderr

@@ -170,6 +170,7 @@ def test_batches_are_capped_at_the_chunk_size_and_the_number_of_queries(tmp_path
     assert rows == [4, 4, 4, 4, 5]  # 14 database images in chunks of 4 (the last padded), then the 5 queries
 
 
+@pytest.mark.slow
 def test_a_database_image_replaced_in_place_rebuilds_the_store(tmp_path):
     database, queries, _, _ = make_dataset(tmp_path)
     config = EvalConfig(

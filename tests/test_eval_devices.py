@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from attllm_jax.data.dataset import load_image_set
 from attllm_jax.evaluation import random_cosplace_model
@@ -46,6 +47,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_eight_devices_extract_the_one_device_store(tmp_path):
     database, _ = _dataset(tmp_path / "data")
     (tmp_path / "driver.py").write_text(DRIVER)

@@ -22,6 +22,7 @@ from attllm_jax.evaluation.demo import write_oracle_attention
 from attllm_jax.evaluation.ensemble import ensemble_answers
 from attllm_jax.evaluation.extract import extract_queries
 from attllm_jax.files import atomic_write_json
+from tests.marks import slow_after
 
 TINY = SyntheticConfig(num_streets=3, street_length_m=60.0, num_queries=10, image_height=72, image_width=96, seed=5)
 ALPHAS = (0.0, 0.5, 1.0)
@@ -111,7 +112,7 @@ def test_mean_attention_renders_the_mean_of_its_parts():
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("{a},{missing}", "entry 2 '{missing}' is not a directory"), ("{a},,{b}", "entry 2 is empty")],
+    slow_after([("{a},{missing}", "entry 2 '{missing}' is not a directory"), ("{a},,{b}", "entry 2 is empty")]),
 )
 def test_bad_attention_dir_lists_are_one_error_line_before_any_work(setup, tmp_path, value, message):
     bench, *_ = setup

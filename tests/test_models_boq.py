@@ -44,7 +44,8 @@ def _reference(backbone: str):
     return _CACHE[backbone]
 
 
-@pytest.fixture(scope="module", params=["dinov2", "resnet50"])
+# BoQ-ResNet50 shares the head with BoQ-DINOv2: its small parity runs with -m slow (full size: test_full_size_...)
+@pytest.fixture(scope="module", params=["dinov2", pytest.param("resnet50", marks=pytest.mark.slow)])
 def case(request, tmp_path_factory):
     """(backbone, reference, converted net, config, images, attention); the checkpoint goes through torch.save."""
     backbone = request.param

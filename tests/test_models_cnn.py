@@ -16,6 +16,7 @@ from flax import nnx
 
 from attllm_jax.convert.common import ConversionError
 from attllm_jax.models import registry
+from tests.marks import slow_after
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -130,7 +131,7 @@ def torch_descriptors_with_attention(model: TorchCosPlace, x, attention, alpha, 
 # ------------------------------------------------------------------------------------------------ parity
 
 
-@pytest.mark.parametrize("backbone", ["ResNet18", "ResNet50", "VGG16"])
+@pytest.mark.parametrize("backbone", slow_after(["ResNet18", "ResNet50", "VGG16"]))
 def test_parity_stages_and_descriptors(backbone, tmp_path_factory):
     model, _, net, spec = converted(backbone, tmp_path_factory)
     assert spec.backbone == backbone.lower() and spec.descriptor_dim == 64
