@@ -364,6 +364,19 @@ _LOCALIZE_DEFINITIONS: dict[str, Callable[[], None]] = {
 }
 
 LOCALIZE_FLAGS = tuple(_LOCALIZE_DEFINITIONS)  # localize and serve define all of them
+# The database and model flags localize and serve both define (localize_fields reads them).
+LOCALIZE_MODEL_FLAGS = (
+    "database_folder",
+    "database_csv",
+    "store_dir",
+    "convention",
+    "checkpoint",
+    "random_model",
+    "model_seed",
+    "precision",
+    "image_size",
+    "cache_dir",
+)
 
 _DEFINITIONS: dict[str, Callable[[], None]] = {
     "checkpoint": _define_checkpoint,

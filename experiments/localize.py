@@ -33,21 +33,7 @@ from experiments.cli import fail
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("images", None, "Folder of photos to localize (nested folders allowed); default: the demo's.")
-flagdefs.define(
-    "database_folder",
-    "database_csv",
-    "store_dir",
-    "convention",
-    "checkpoint",
-    "random_model",
-    "model_seed",
-    "precision",
-    "image_size",
-    "batch_size",
-    "cache_dir",
-    "rerank",
-    *flagdefs.LOCALIZE_FLAGS,
-)
+flagdefs.define(*flagdefs.LOCALIZE_MODEL_FLAGS, "batch_size", "rerank", *flagdefs.LOCALIZE_FLAGS)
 flags.DEFINE_string(
     "attention_dir", None, "Attention files of the photos (annotate's <stem>.json); none = no attention."
 )

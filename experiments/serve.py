@@ -26,19 +26,7 @@ from experiments.cli import fail
 
 FLAGS = flags.FLAGS
 
-flagdefs.define(
-    "database_folder",
-    "database_csv",
-    "store_dir",
-    "convention",
-    "checkpoint",
-    "random_model",
-    "model_seed",
-    "precision",
-    "image_size",
-    "cache_dir",
-    *flagdefs.LOCALIZE_FLAGS,
-)
+flagdefs.define(*flagdefs.LOCALIZE_MODEL_FLAGS, *flagdefs.LOCALIZE_FLAGS)
 flags.DEFINE_string(
     "output_dir", None, "Folder of the database store (without --store_dir) and serve.log (default outputs/serve)."
 )

@@ -140,27 +140,24 @@ def main(argv):
     print(f"McNemar (R@{cv['mcnemar_n']}, tuned vs alpha 0): p = {cv['mcnemar_p']:.3g}")
     policy = result["alpha_policy"]
     if "heldout" in policy:
-        n = policy["vs_global"]["mcnemar_n"]
-        gain = policy["vs_global"]["gain"][str(n)]
-        print(
-            f"alpha policy {policy['policy']} held-out R@{n}: {policy['heldout'][str(n)]['mean']:.1f}; vs best "
-            f"global alpha: {gain['mean']:+.1f} ({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f}), McNemar p = "
-            f"{policy['vs_global']['mcnemar_p']:.3g}"
-        )
+        _print_paired(f"alpha policy {policy['policy']}", policy["heldout"], policy["vs_global"], "best global alpha")
     for stage in result["rerank"].values():
-        if not isinstance(stage, dict) or "heldout" not in stage:
-            continue
-        n = stage["vs_plain"]["mcnemar_n"]
-        gain = stage["vs_plain"]["gain"][str(n)]
-        print(
-            f"re-ranking {stage['spec']} held-out R@{n}: {stage['heldout'][str(n)]['mean']:.1f}; vs plain: "
-            f"{gain['mean']:+.1f} ({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f}), McNemar p = "
-            f"{stage['vs_plain']['mcnemar_p']:.3g}"
-        )
+        if isinstance(stage, dict) and "heldout" in stage:
+            _print_paired(f"re-ranking {stage['spec']}", stage["heldout"], stage["vs_plain"], "plain")
     if "heldout" in result["optax"]:
         print(f"optax held-out: {json.dumps({n: r['mean'] for n, r in result['optax']['heldout'].items()})}")
     print(f"tuning: {config.output_dir}/tuning.json")
     sys.stdout.flush()
+
+
+def _print_paired(label: str, heldout: dict, paired: dict, against: str) -> None:
+    """One line: a stage's held-out recall at the McNemar N and its paired gain over ``against`` (tuning.json)."""
+    n = paired["mcnemar_n"]
+    gain = paired["gain"][str(n)]
+    print(
+        f"{label} held-out R@{n}: {heldout[str(n)]['mean']:.1f}; vs {against}: {gain['mean']:+.1f} "
+        f"({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f}), McNemar p = {paired['mcnemar_p']:.3g}"
+    )
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -40,12 +40,7 @@ class RankSource(Protocol):
     def retrieval(self, alpha: float, sigma: float, blend: str, top_m: int):
         """The descriptors ``[1, Q, D]`` and the full retrieval (top-``top_m`` predictions and scores) at one point,
         not memoized: what a re-ranking stage starts from (tune ``--rerank``)."""
-        desc = self.descriptors([alpha], sigma, blend)
-        found = retrieve(
-            self.database, self.database_valid, desc, self.features.valid, self.positives, (float(alpha),),
-            self.recall_values, int(top_m), spec=self.search,
-        )  # fmt: skip
-        return desc, found
+        ...
 
     def first_hits(self, alphas: Sequence[float], sigma: float, blend: str) -> np.ndarray:
         """``[K, Q]`` int64 0-based rank of each query's first positive (-1 = miss) for each alpha."""
