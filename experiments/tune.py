@@ -10,8 +10,9 @@ demo's synthetic flooded streets (random-weight CosPlace ResNet-18/512, oracle a
         --folds 5 --group_radius 50 --method both --output_dir OUT
 
 writes OUT/tuning.json (best, grid, folds, cv, optax), OUT/recall_vs_alpha_folds.png and OUT/tune.log
-(see attllm_jax.tuning.run.run_tuning). With eval's --rerank (same syntax), each query-expansion stage is run on the
-same folds at each fold's chosen alpha (tuning.json rerank: held-out interval, paired comparison with plain).
+(see attllm_jax.tuning.run.run_tuning). With eval's --rerank (same syntax), --symmetric_k (with --db_masks or
+--db_provider) and --chain_stages, each stage is run on the same folds at each fold's chosen alpha (tuning.json
+rerank: held-out interval, paired comparison with plain).
 --alphas and --sigmas take lists and start:stop:count ranges; --alphas
 defaults to 0:1:101 (0, 0.01, ..., 1), --sigmas to --sigma.
 """
@@ -138,16 +139,26 @@ def main(argv):
             f"({gain['ci95'][0]:+.1f}..{gain['ci95'][1]:+.1f})"
         )
     print(f"McNemar (R@{cv['mcnemar_n']}, tuned vs alpha 0): p = {cv['mcnemar_p']:.3g}")
-    policy = result["alpha_policy"]
-    if "heldout" in policy:
-        _print_paired(f"alpha policy {policy['policy']}", policy["heldout"], policy["vs_global"], "best global alpha")
-    for stage in result["rerank"].values():
-        if isinstance(stage, dict) and "heldout" in stage:
-            _print_paired(f"re-ranking {stage['spec']}", stage["heldout"], stage["vs_plain"], "plain")
+    print_comparisons(result)
     if "heldout" in result["optax"]:
         print(f"optax held-out: {json.dumps({n: r['mean'] for n, r in result['optax']['heldout'].items()})}")
     print(f"tuning: {config.output_dir}/tuning.json")
     sys.stdout.flush()
+
+
+def print_comparisons(result: dict) -> None:
+    """One line per compared stage of tuning.json: the alpha policy, each --rerank stage, the symmetric stage and
+    each chain, with its held-out recall and paired gain."""
+    policy = result["alpha_policy"]
+    if "heldout" in policy:
+        _print_paired(f"alpha policy {policy['policy']}", policy["heldout"], policy["vs_global"], "best global alpha")
+    for kind, stage in result["rerank"].items():
+        if kind == "chained":
+            for chain in stage.values():
+                _print_paired(f"chain {' -> '.join(chain['stages'])}", chain["heldout"], chain["vs_plain"], "plain")
+        elif isinstance(stage, dict) and "heldout" in stage:
+            label = stage.get("spec") or f"symmetric:k={stage['params']['k']},alpha_db={stage['params']['alpha_db']:g}"
+            _print_paired(f"re-ranking {label}", stage["heldout"], stage["vs_plain"], "plain")
 
 
 def _print_paired(label: str, heldout: dict, paired: dict, against: str) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from attllm_jax.retrieval.positives import find_positives
+from attllm_jax.retrieval.recall import recall_from_ranks
 
 
 class _UnionFind:
@@ -171,3 +173,60 @@ def mcnemar_exact(hits_a: np.ndarray, hits_b: np.ndarray) -> dict[str, float]:
         return {"a_only": b, "b_only": c, "p": 1.0}
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / (1 << n)  # exact integers, then one division
     return {"a_only": b, "b_only": c, "p": float(min(1.0, 2.0 * tail))}
+
+
+def hits_at(ranks: np.ndarray, recall_values: Sequence[int]) -> np.ndarray:
+    """``[Q, len(N)]`` 0/100 per query: hit at N (first positive ranked below N; rank -1 = miss)."""
+    ranks = np.asarray(ranks)
+    return 100.0 * np.stack([(ranks >= 0) & (ranks < n) for n in recall_values], axis=1)
+
+
+def _interval(mean, lo, hi, recall_values) -> dict[str, dict[str, Any]]:
+    rows = zip(recall_values, mean, lo, hi, strict=True)
+    return {str(int(n)): {"mean": float(m), "ci95": [float(a), float(b)]} for n, m, a, b in rows}
+
+
+def heldout_summary(
+    ranks: np.ndarray,
+    against: np.ndarray,
+    groups: np.ndarray,
+    recall_values: Sequence[int],
+    n_primary: int,
+    num_samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Held-out recall of ``ranks`` with its group-bootstrap interval, and its paired gain over ``against``.
+
+    Args:
+        ranks, against: ``[Q]`` first-hit ranks (-1 = miss) of the same queries.
+        groups: ``[Q]`` location groups (the bootstrap resamples whole groups).
+        recall_values: The N of recall@N; n_primary: the N of the headline McNemar test.
+        num_samples, seed: The bootstrap's.
+
+    Returns:
+        ``{"heldout", "gain_vs_alpha0", "mcnemar_p", "mcnemar_n", "mcnemar"}``: recall and gain in percent keyed
+        ``str(N)`` with ``ci95``, the exact McNemar test per N (``gain_vs_alpha0`` is the gain over ``against``).
+    """
+    hits, base = hits_at(ranks, recall_values), hits_at(against, recall_values)
+    exact = recall_from_ranks(ranks, recall_values)
+    _, lo, hi = bootstrap_mean_ci(hits, groups, num_samples, seed)
+    gain, glo, ghi = bootstrap_mean_ci(hits - base, groups, num_samples, seed)
+    tests = {str(int(n)): mcnemar_exact(hits[:, j] > 0, base[:, j] > 0) for j, n in enumerate(recall_values)}
+    return {
+        "heldout": _interval(exact, lo, hi, recall_values),
+        "gain_vs_alpha0": _interval(gain, glo, ghi, recall_values),
+        "mcnemar_p": tests[str(n_primary)]["p"],
+        "mcnemar_n": n_primary,
+        "mcnemar": tests,
+    }
+
+
+def paired(summary: dict[str, Any], note: str) -> dict[str, Any]:
+    """tuning.json's paired comparison (``vs_global``, ``vs_plain``) from a :func:`heldout_summary`."""
+    return {
+        "gain": summary["gain_vs_alpha0"],
+        "mcnemar_p": summary["mcnemar_p"],
+        "mcnemar_n": summary["mcnemar_n"],
+        "mcnemar": summary["mcnemar"],
+        "note": note,
+    }

@@ -28,13 +28,12 @@ from attllm_jax.models.vpr import DescriptorModel
 from attllm_jax.ops.gem import ALPHA_OFF, BLENDS
 from attllm_jax.outputs import OUTPUTS_KEY, OutputLock, remove_previous_outputs
 from attllm_jax.retrieval.adaptive import ALPHA_POLICIES, choose_from_margins
-from attllm_jax.retrieval.recall import recall_from_ranks
-from attllm_jax.retrieval.rerank import parse_reranks, rerank
 from attllm_jax.retrieval.store import StoreContents
 from attllm_jax.tuning import cv, search
 from attllm_jax.tuning.cache import QueryFeatures, cached_query_features
 from attllm_jax.tuning.evaluate import CachedRetrieval, RankSource, with_blend
 from attllm_jax.tuning.figures import plot_folds
+from attllm_jax.tuning.stages_cv import Comparison, post_search_cv
 from attllm_jax.tuning.surrogate import SIGMA_MIN, optimize
 
 log = logging.getLogger("attllm_jax.tuning")
@@ -43,10 +42,6 @@ TUNING_FILE = "tuning.json"
 LOG_FILE = "tune.log"
 FIGURE_FILE = "recall_vs_alpha_folds.png"
 METHODS = ("grid", "optax", "both")
-SYMMETRIC_NOT_IN_TUNE = (
-    "the symmetric stage is not cross-validated by tune: each fold would describe its shortlisted database images "
-    "again with the backbone (tune's points cost only cached aggregations and searches); eval reports it"
-)
 
 
 @dataclass(frozen=True)
@@ -242,12 +237,14 @@ def _run(config: EvalConfig, settings: TuneSettings, inputs: EvalInputs, out: Pa
         timings["alpha_policy"] = time.perf_counter() - t0
 
     rerank_part: dict[str, Any] = {"skipped": "no --rerank"}
-    if config.rerank:
+    if config.rerank or config.symmetric_k:
         t0 = time.perf_counter()
-        rerank_part = _rerank_cv(source, config, cross, settings, n_primary)
+        comparison = Comparison(
+            cross.folds, cross.fold_of, cross.groups, cross.cv_ranks, cross.baseline, tuple(config.recall_values),
+            n_primary, settings.bootstrap_samples, settings.seed,
+        )  # fmt: skip
+        rerank_part = post_search_cv(source, config, comparison, inputs.model, inputs.database, out)
         timings["rerank"] = time.perf_counter() - t0
-    if config.symmetric_k:
-        rerank_part["symmetric"] = {"skipped": SYMMETRIC_NOT_IN_TUNE}
 
     plot_folds(
         out / FIGURE_FILE,
@@ -412,31 +409,11 @@ def _cross_validate(source, ranks, fold_of, groups, settings) -> tuple[list[dict
     return folds, cv_ranks
 
 
-def _hits(ranks: np.ndarray, recall_values) -> np.ndarray:
-    """``[Q, len(N)]`` 0/100 per query: hit at N (first positive ranked below N)."""
-    ranks = np.asarray(ranks)
-    return 100.0 * np.stack([(ranks >= 0) & (ranks < n) for n in recall_values], axis=1)
-
-
-def _interval(mean, lo, hi, recall_values) -> dict[str, dict[str, Any]]:
-    rows = zip(recall_values, mean, lo, hi, strict=True)
-    return {str(int(n)): {"mean": float(m), "ci95": [float(a), float(b)]} for n, m, a, b in rows}
-
-
 def _summary(cv_ranks, baseline, groups, recall_values, n_primary, settings) -> dict[str, Any]:
     """Held-out recall with its group-bootstrap interval, the paired gain over another rank vector, McNemar."""
-    hits, base = _hits(cv_ranks, recall_values), _hits(baseline, recall_values)
-    exact = recall_from_ranks(cv_ranks, recall_values)
-    _, lo, hi = cv.bootstrap_mean_ci(hits, groups, settings.bootstrap_samples, settings.seed)
-    gain, glo, ghi = cv.bootstrap_mean_ci(hits - base, groups, settings.bootstrap_samples, settings.seed)
-    tests = {str(int(n)): cv.mcnemar_exact(hits[:, j] > 0, base[:, j] > 0) for j, n in enumerate(recall_values)}
-    return {
-        "heldout": _interval(exact, lo, hi, recall_values),
-        "gain_vs_alpha0": _interval(gain, glo, ghi, recall_values),
-        "mcnemar_p": tests[str(n_primary)]["p"],
-        "mcnemar_n": n_primary,
-        "mcnemar": tests,
-    }
+    return cv.heldout_summary(
+        cv_ranks, baseline, groups, recall_values, n_primary, settings.bootstrap_samples, settings.seed
+    )
 
 
 def _alpha_policy(source, folds, fold_of, groups, global_ranks, baseline, settings, n_primary) -> dict[str, Any]:
@@ -458,60 +435,12 @@ def _alpha_policy(source, folds, fold_of, groups, global_ranks, baseline, settin
         "policy": settings.alpha_policy,
         "heldout": summary["heldout"],
         "gain_vs_alpha0": summary["gain_vs_alpha0"],
-        "vs_global": {
-            "gain": vs_global["gain_vs_alpha0"],
-            "mcnemar_p": vs_global["mcnemar_p"],
-            "mcnemar_n": n_primary,
-            "mcnemar": vs_global["mcnemar"],
-            "note": "adaptive held-out hits minus best-global-alpha held-out hits, same folds, paired group bootstrap",
-        },
+        "vs_global": cv.paired(
+            vs_global,
+            "adaptive held-out hits minus best-global-alpha held-out hits, same folds, paired group bootstrap",
+        ),
         "alphas_chosen": {str(float(a)): int(c) for a, c in zip(settings.alphas, counts, strict=True) if c},
     }
-
-
-def _rerank_cv(
-    source: CachedRetrieval, config: EvalConfig, cross: CrossValidation, settings: TuneSettings, n_primary: int
-) -> dict[str, Any]:
-    """Each ``--rerank`` stage on the grid's folds: the held-out queries are searched at the (alpha, sigma, blend)
-    their fold's training chose, expanded and searched again; the held-out recall with its group-bootstrap
-    interval, and the paired comparison with the plain held-out ranking of the same folds (``vs_plain``: group
-    bootstrap of the gain, exact McNemar). The stages' parameters are fixed, not tuned."""
-    specs = parse_reranks(config.rerank)
-    top_m = max(*source.recall_values, *(spec.k for spec in specs))
-    ranks = {spec.kind: np.full(source.num_queries, -1, np.int64) for spec in specs}
-    for f, fold in enumerate(cross.folds):
-        held = np.flatnonzero(cross.fold_of == f)
-        best = fold["train_best"]
-        desc, first = source.retrieval(best["alpha"], best["sigma"], best["blend"], top_m)
-        for spec in specs:
-            found, _ = rerank(
-                spec, source.database, source.database_valid, desc, source.features.valid, first, source.positives,
-                search=source.search,
-            )  # fmt: skip
-            ranks[spec.kind][held] = found.first_hit[0, held]
-            fold[f"rerank_{spec.kind}_heldout_recalls"] = search.recalls_dict(
-                ranks[spec.kind][held], source.recall_values
-            )
-    stages = {}
-    for spec in specs:
-        summary = _summary(ranks[spec.kind], cross.baseline, cross.groups, source.recall_values, n_primary, settings)
-        vs_plain = _summary(ranks[spec.kind], cross.cv_ranks, cross.groups, source.recall_values, n_primary, settings)
-        stages[spec.kind] = {
-            "spec": spec.label(),
-            "params": spec.params(),
-            "heldout": summary["heldout"],
-            "gain_vs_alpha0": summary["gain_vs_alpha0"],
-            "vs_plain": {
-                "gain": vs_plain["gain_vs_alpha0"],
-                "mcnemar_p": vs_plain["mcnemar_p"],
-                "mcnemar_n": n_primary,
-                "mcnemar": vs_plain["mcnemar"],
-                "note": "re-ranked held-out hits minus plain held-out hits, same folds and alphas, paired group "
-                "bootstrap",
-            },
-        }
-        log.info("re-ranking %s held-out: %s", spec.label(), json.dumps(stages[spec.kind]["heldout"]))
-    return stages
 
 
 def _optax(source, fold_of, groups, grid_cv_ranks, baseline, settings, n_primary) -> dict[str, Any]:
