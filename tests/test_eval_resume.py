@@ -152,6 +152,8 @@ def test_demo_command_prints_the_recall_table(tmp_path):
     assert res["num_database"] == 124 and res["num_queries"] == 40
 
 
+# extract then eval (16 s); the extract command is also run by test_cli_extract_demo.py in the default suite
+@pytest.mark.slow
 def test_extract_command_builds_a_store_that_eval_reuses(tmp_path):
     database, queries = _dataset(tmp_path / "data")
     store = tmp_path / "store"

@@ -164,6 +164,8 @@ def test_the_unwhitened_variant_matches_torch(release, case):
 # ------------------------------------------------------------------------------------ script and registry
 
 
+# a converter subprocess (10 s); the converter script convention runs for CosPlace in the default suite
+@pytest.mark.slow
 def test_converter_script_and_load_without_torch(release, case, tmp_path):
     """attllm-convert netvlad on the .mat file, then aj.load_model, in a subprocess where torch cannot be imported."""
     import json

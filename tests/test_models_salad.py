@@ -241,6 +241,8 @@ def test_image_size_must_be_a_patch_multiple(checkpoint):
 # ------------------------------------------------------------------------------------ model directory and script
 
 
+# a converter subprocess (9 s); the converter script convention runs for CosPlace in the default suite
+@pytest.mark.slow
 def test_converter_script_and_load_without_torch(reference, inputs, tmp_path):
     """converters/salad.py on a .safetensors file, then aj.load_model, in one process where torch is blocked."""
     images, attention = inputs

@@ -180,6 +180,8 @@ def test_eval_takes_over_the_lock_of_a_killed_run(dataset):
     assert f"took over the stale lock of holder pid {holder.pid}" in (out / "eval.log").read_text()
 
 
+# two evals (19 s on the quiet 2-core machine); remove_previous_outputs itself is tested above in the default suite
+@pytest.mark.slow
 def test_a_rerun_with_other_alphas_leaves_only_its_own_results_and_the_users_files(dataset):
     out = dataset / "out"
     first = _run(_eval_args(dataset, out, "--alphas", "0,0.5", "--num_preds_to_save", "1"))

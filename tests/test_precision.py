@@ -208,10 +208,24 @@ def test_every_op_takes_bfloat16_inputs_and_returns_float32():
     assert jitted.dtype == jnp.float32
 
 
+def test_the_store_key_carries_the_precision_and_a_bad_precision_is_refused(tmp_path):
+    from attllm_jax.evaluation import EvalConfig, random_cosplace_model
+    from attllm_jax.evaluation.extract import database_store_key
+
+    f32 = random_cosplace_model(0)
+    tf32 = VPRModel(f32.net, f32.spec, "tf32")
+    key32 = database_store_key(f32, _FakeImages(), weights_sha256="w")
+    key_tf = database_store_key(tf32, _FakeImages(), weights_sha256="w")
+    assert key32["precision"] == "float32" and key_tf["precision"] == "tf32" and key32 != key_tf
+    folders = {"database_folder": str(tmp_path), "queries_folder": str(tmp_path), "output_dir": str(tmp_path / "o")}
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        EvalConfig(**folders, precision="fp8").validated()
+
+
+@pytest.mark.slow  # four evaluations, three precisions compiled (23 s on the quiet 2-core machine)
 def test_a_store_built_at_one_precision_is_not_reused_at_another(tmp_path):
     from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
-    from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
-    from attllm_jax.evaluation.extract import database_store_key
+    from attllm_jax.evaluation import EvalConfig, run_evaluation
 
     bench = generate_benchmark(
         tmp_path / "data",
@@ -233,13 +247,6 @@ def test_a_store_built_at_one_precision_is_not_reused_at_another(tmp_path):
         assert result.results["precision"] == precision
         assert result.model.precision == precision
     assert status == {"float32": ["created", "reused"], "bfloat16": ["rebuilt"], "tf32": ["rebuilt"]}
-    f32 = random_cosplace_model(0)
-    tf32 = VPRModel(f32.net, f32.spec, "tf32")
-    key32 = database_store_key(f32, _FakeImages(), weights_sha256="w")
-    key_tf = database_store_key(tf32, _FakeImages(), weights_sha256="w")
-    assert key32["precision"] == "float32" and key_tf["precision"] == "tf32" and key32 != key_tf
-    with pytest.raises(ValueError, match="--precision must be one of"):
-        EvalConfig(**base, precision="fp8").validated()
 
 
 class _FakeImages:

@@ -210,6 +210,8 @@ except hosts.CoordinationError as error:
 """
 
 
+# two jax.distributed processes (14 s); the join timeout keeps its one-line test in the default suite
+@pytest.mark.slow
 def test_a_barrier_timeout_names_the_late_process_on_both_sides():
     address = f"127.0.0.1:{_free_port()}"
     procs = [

@@ -17,6 +17,9 @@ from attllm_jax.evaluation.demo import prepare_demo
 from tests.llm_server import LLMServer, error_reply, text_reply
 from tests.serve_helpers import running_server
 
+# one worker runs the whole module: its server fixture (about 20 s) is then started once, not once per worker
+pytestmark = pytest.mark.xdist_group("serve_guarded")
+
 SMALL = SyntheticConfig(num_streets=2, street_length_m=60.0, db_spacing_m=10.0, num_queries=4, max_query_shift_m=12.0)
 KEY = "sk-test-7f3a9c2e5b1d4068a0c1e2f3"
 TOKEN = "serve-token-4c1e9b7a"
