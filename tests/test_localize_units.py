@@ -1,7 +1,10 @@
 """The localization building blocks without a model: estimate, calibration, EXIF, geo, writers."""
 
+import csv
+import io
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import geojson
@@ -167,6 +170,22 @@ def test_kml_parses_with_the_same_coordinates_and_csv_has_a_row_each():
         assert (lat, lon) == pytest.approx(CITIES[mark.find("k:name", ns).text], abs=1e-7)
     rows = csv_text(photos).strip().splitlines()
     assert len(rows) == 3 and rows[1].startswith("rio.jpg,-22.90684700,-43.17289700,,uncalibrated")
+
+
+def test_every_map_file_names_the_rerank_stage_of_a_photos_matches_and_none_for_the_plain_search():
+    plain, expanded = _result("rio.jpg", *CITIES["rio.jpg"]), _result("tokyo.jpg", *CITIES["tokyo.jpg"])
+    expanded = replace(expanded, rerank={"spec": "aqe:k=5,w=0.8"})
+    features = geojson_collection([plain, expanded], {"alpha": 0.5})["features"]
+    assert [f["properties"]["rerank"] for f in features] == [None, "aqe:k=5,w=0.8"]
+    rows = list(csv.DictReader(io.StringIO(csv_text([plain, expanded]))))
+    assert [r["rerank"] for r in rows] == ["", "aqe:k=5,w=0.8"] and [r["photo"] for r in rows] == [
+        "rio.jpg",
+        "tokyo.jpg",
+    ]
+    ns = {"k": "http://www.opengis.net/kml/2.2"}
+    marks = ET.fromstring(kml_text([plain, expanded])).findall(".//k:Placemark", ns)
+    descriptions = [m.find("k:description", ns).text for m in marks]
+    assert "re-ranked" not in descriptions[0] and descriptions[1].endswith("; re-ranked aqe:k=5,w=0.8")
 
 
 def test_calibration_object_predicts_with_standardized_features():

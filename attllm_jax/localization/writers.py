@@ -40,11 +40,18 @@ CSV_HEADER = [
     "claimed_distance_m",
     "attention",
     *(f"latency_{stage}_s" for stage in LATENCY_STAGES),
+    "rerank",
 ]
 
 
+def rerank_label(photo: PhotoResult) -> str | None:
+    """The query-expansion stage the photo's matches come from (``aqe:k=5,w=0.8``), or None for the plain search."""
+    return None if photo.rerank is None else str(photo.rerank["spec"])
+
+
 def geojson_collection(photos: list[PhotoResult], extra: dict) -> dict:
-    """An RFC 7946 FeatureCollection: one Point ``[lon, lat]`` per photo; ``extra`` (alpha, model) in each."""
+    """An RFC 7946 FeatureCollection: one Point ``[lon, lat]`` per photo; ``extra`` (alpha, model) in each;
+    ``rerank`` is the query-expansion stage of the photo's matches (None: the plain search)."""
     features = []
     for p in photos:
         properties = {
@@ -56,6 +63,7 @@ def geojson_collection(photos: list[PhotoResult], extra: dict) -> dict:
             **p.features,
             "top_k": [{"path": m.path, "lat": m.lat, "lon": m.lon, "score": m.score} for m in p.matches],
             "attention": p.attention,
+            "rerank": rerank_label(p),
             "claimed": None
             if p.claimed is None
             else {"lat": p.claimed[0], "lon": p.claimed[1], "distance_m": p.claimed_distance_m},
@@ -67,7 +75,7 @@ def geojson_collection(photos: list[PhotoResult], extra: dict) -> dict:
 
 
 def csv_text(photos: list[PhotoResult]) -> str:
-    """One row per photo (:data:`CSV_HEADER`); empty cells for unknown values."""
+    """One row per photo (:data:`CSV_HEADER`); empty cells for unknown values (``rerank``: the plain search)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_HEADER)
@@ -90,6 +98,7 @@ def csv_text(photos: list[PhotoResult]) -> str:
                 "" if p.claimed_distance_m is None else f"{p.claimed_distance_m:.1f}",
                 p.attention,
                 *(_seconds(p.latency_s.get(stage)) for stage in LATENCY_STAGES),
+                rerank_label(p) or "",
             ]
         )
     return buffer.getvalue()
@@ -108,6 +117,8 @@ def kml_text(photos: list[PhotoResult]) -> str:
             f"confidence {confidence} (within {p.confidence_radius_m:g} m); uncertainty radius "
             f"{p.radius_m:.1f} m; top-1 {p.matches[0].path} score {p.matches[0].score:.4f}"
         )
+        if p.rerank is not None:
+            description += f"; re-ranked {rerank_label(p)}"
         marks.append(
             f"<Placemark><name>{escape(p.photo)}</name><description>{escape(description)}</description>"
             f"<Point><coordinates>{p.lon:.8f},{p.lat:.8f}</coordinates></Point></Placemark>"
