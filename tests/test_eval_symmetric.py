@@ -19,7 +19,7 @@ from attllm_jax.data.synthetic import SyntheticConfig, generate_benchmark
 from attllm_jax.evaluation import EvalConfig, random_cosplace_model, run_evaluation
 from attllm_jax.evaluation.demo import write_oracle_attention
 from attllm_jax.evaluation.post_search import symmetric_stage
-from attllm_jax.evaluation.symmetric import SymmetricSpec, run_symmetric, shortlist_rows
+from attllm_jax.evaluation.symmetric import DescribedRows, SymmetricSpec, run_symmetric, shortlist_rows
 
 TINY = SyntheticConfig(
     num_streets=3, street_length_m=60.0, num_queries=10, image_height=72, image_width=96, seed=5, database_clutter=3
@@ -55,13 +55,13 @@ def setup(tmp_path_factory):
     return bench, config, model, run_evaluation(config, model=model), root
 
 
-def _run(setup, spec, provider):
+def _run(setup, spec, provider, described=None):
     bench, config, model, result, _ = setup
     database = load_image_set(bench.database)
     run_config = RunConfig(city="unknown", prompt=MASKS_PROMPT, workers=2)
     return run_symmetric(
         spec, model, database, result.database_descriptors, result.query_descriptors, result.retrieval,
-        result.positives, provider, run_config, batch_size=8, image_size=64,
+        result.positives, provider, run_config, described, batch_size=8, image_size=64,
     )  # fmt: skip
 
 
@@ -101,6 +101,29 @@ def test_each_database_image_is_annotated_once_and_the_costs_count_the_calls(set
     found2, costs2 = _run(setup, spec, again)
     assert again.asked == [] and costs2["llm_calls"] == 0 and costs2["reused_from_cache"] == len(rows)
     np.testing.assert_array_equal(found2.predictions, found.predictions)
+
+
+def test_a_later_call_of_the_run_reuses_the_database_side_descriptors(setup, tmp_path):
+    bench, _, _, result, _ = setup
+    spec = SymmetricSpec(5, 0.8, str(tmp_path / "att"))
+    described = DescribedRows(0.8)
+    found, costs = _run(setup, spec, MasksProvider(bench.database_masks), described)
+    rows = shortlist_rows(result.retrieval.predictions, 5)
+    assert (
+        costs["extra_backbone_passes"] == len(rows) == len(described.descriptors) and costs["descriptors_reused"] == 0
+    )
+    again, costs2 = _run(setup, spec, MasksProvider(bench.database_masks), described)
+    assert costs2["extra_backbone_passes"] == 0 and costs2["descriptors_reused"] == len(rows)
+    assert costs2["with_attention"] == costs["with_attention"] == len(rows)
+    np.testing.assert_array_equal(again.predictions, found.predictions)
+    np.testing.assert_array_equal(again.scores, found.scores)
+    # a fresh call describes them again and gets the same ranking: the reused descriptors are the described ones
+    fresh, costs3 = _run(setup, spec, None)
+    assert costs3["extra_backbone_passes"] == len(rows)
+    np.testing.assert_array_equal(fresh.predictions, found.predictions)
+    np.testing.assert_allclose(fresh.scores, found.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="described at alpha_db 0.8 reused at 0.5"):
+        _run(setup, SymmetricSpec(5, 0.5, str(tmp_path / "att")), None, described)
 
 
 def test_eval_writes_the_stage_and_its_costs(setup, tmp_path):

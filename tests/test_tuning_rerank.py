@@ -152,6 +152,12 @@ def test_symmetric_stage_and_chain_are_cross_validated_fold_by_fold_with_evals_s
         == chain["cost"]["unique_database_images_annotated"]
     )
     assert chain["cost"]["reused_from_cache"] > 0
+    # the chain describes only the images it adds: the stage's database-side descriptors are reused
+    assert (
+        chain["cost"]["descriptors_reused"] + chain["cost"]["extra_backbone_passes"]
+        == chain["cost"]["unique_database_images_annotated"]
+    )
+    assert chain["cost"]["descriptors_reused"] > 0 and stage["cost"]["descriptors_reused"] == 0
     cached = list((root / "tune" / "database_attention").glob("@*.json"))
     assert len(cached) == len(union) + chain["cost"]["llm_calls"]
     assert "rerank_symmetric_heldout_recalls" in written["folds"][0]

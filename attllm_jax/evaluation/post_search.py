@@ -130,9 +130,15 @@ def post_search(
     expanded = _rerank_stages(
         config, database, database_valid, queries, queries_valid, retrieval, positives, done, plan, devices
     )
+    described = None
     if config.symmetric_k:
+        from attllm_jax.evaluation.symmetric import DescribedRows
+
+        described = DescribedRows(config.alpha_db)  # the chains reuse the stage's database-side descriptors
         t0 = time.perf_counter()
-        found, costs = symmetric_stage(config, model, database_images, database, queries, retrieval, positives, out)
+        found, costs = symmetric_stage(
+            config, model, database_images, database, queries, retrieval, positives, out, described
+        )
         done.timings["symmetric"] = time.perf_counter() - t0
         done.retrievals["symmetric"] = found
         done.entries["symmetric"] = {
@@ -144,7 +150,9 @@ def post_search(
         log.info("shortlist-symmetric attention: recall@N (%%) before -> after:\n%s", _before_after(retrieval, found))
     if config.chain_stages:
         t0 = time.perf_counter()
-        done.entries["chained"] = _chained(config, model, database_images, database, expanded, done, positives, out)
+        done.entries["chained"] = _chained(
+            config, model, database_images, database, expanded, done, positives, out, described
+        )
         done.timings["chained"] = time.perf_counter() - t0
     if config.alpha_policy:
         done.entries["alpha_policy"] = policy_entry(retrieval, config.alpha_policy)
@@ -189,14 +197,19 @@ def _rerank_stages(
     return expanded
 
 
-def _chained(config, model, database_images, database, expanded, done: PostSearch, positives, out: Path) -> dict:
+def _chained(
+    config, model, database_images, database, expanded, done: PostSearch, positives, out: Path, described=None
+) -> dict:
     """All stages in one chain, per ``--rerank`` stage: its expanded queries' ranking, then the shortlist-symmetric
     re-ranking of that ranking (scored with the expanded queries), then ``--alpha_policy`` on the result. The
-    database attention cache is shared with the stand-alone symmetric stage (an image is annotated once)."""
+    database attention cache and the database-side descriptors (``described``) are shared with the stand-alone
+    symmetric stage: an image is annotated and described once."""
     chains = {}
     for kind, queries in expanded.items():
         before = done.retrievals[kind]
-        found, costs = symmetric_stage(config, model, database_images, database, queries, before, positives, out)
+        found, costs = symmetric_stage(
+            config, model, database_images, database, queries, before, positives, out, described
+        )
         done.retrievals[f"{kind}+symmetric"] = found
         chains[kind] = {
             "stages": [
@@ -214,8 +227,9 @@ def _chained(config, model, database_images, database, expanded, done: PostSearc
     return chains
 
 
-def symmetric_stage(config, model, database_images, database, queries, retrieval, positives, out: Path):
-    """Runs :func:`~attllm_jax.evaluation.symmetric.run_symmetric` with the run's provider and batch settings."""
+def symmetric_stage(config, model, database_images, database, queries, retrieval, positives, out: Path, described=None):
+    """Runs :func:`~attllm_jax.evaluation.symmetric.run_symmetric` with the run's provider and batch settings
+    (``described``: the run's :class:`~attllm_jax.evaluation.symmetric.DescribedRows`, or None)."""
     from attllm_jax.evaluation.symmetric import SymmetricSpec, run_symmetric
 
     directory = config.db_attention_dir or str(out / "database_attention")
@@ -223,7 +237,7 @@ def symmetric_stage(config, model, database_images, database, queries, retrieval
     provider, run_config = _database_provider(config)
     try:
         return run_symmetric(
-            spec, model, database_images, database, queries, retrieval, positives, provider, run_config,
+            spec, model, database_images, database, queries, retrieval, positives, provider, run_config, described,
             batch_size=config.batch_size, image_size=config.image_size, num_workers=config.num_workers,
             sigma=config.sigma, grid_interpolate=config.grid_interpolate, max_batch_pixels=config.max_batch_pixels,
         )  # fmt: skip

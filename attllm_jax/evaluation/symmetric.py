@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,21 @@ def annotate_shortlist(database: ImageSet, rows: np.ndarray, spec: SymmetricSpec
     return Annotation(parsed, calls, requests, failed)
 
 
+@dataclass
+class DescribedRows:
+    """Database-side descriptors a run already computed at ``alpha_db``, by database row: a later symmetric call of
+    the run (a chain after the stand-alone stage, tune's chains) describes only the rows it adds. Only rows whose
+    attention was applied are kept; the others are described again (a later call may have their answer).
+
+    Attributes:
+        alpha_db: The blend factor they were described at.
+        descriptors: Row -> ``[D]`` float32 descriptor with attention.
+    """
+
+    alpha_db: float
+    descriptors: dict[int, np.ndarray] = field(default_factory=dict)
+
+
 def describe_with_attention(model, database: ImageSet, rows: np.ndarray, parsed: list, alpha_db: float, **extract):
     """Descriptors of the shortlisted database images with their attention at ``alpha_db``, through the query
     extraction (:func:`~attllm_jax.evaluation.extract.extract_queries`; images without attention get the plain
@@ -160,20 +175,29 @@ def rerank_shortlists(
 
 
 def cost_model(
-    spec: SymmetricSpec, num_database: int, num_queries: int, num_alphas: int, annotation: Annotation, rows, seconds
+    spec: SymmetricSpec,
+    num_database: int,
+    num_queries: int,
+    num_alphas: int,
+    annotation: Annotation,
+    rows,
+    seconds,
+    passes: int | None = None,
 ) -> dict[str, Any]:
     """The stage's cost, measured and projected (a 1 M database with 1000 queries; full symmetric annotation).
 
     Unique images are bounded by ``min(N, alphas x Q x k)``; the projection uses that bound (no shortlist overlap
-    assumed: overlap measured on a small database does not carry over to a large one).
+    assumed: overlap measured on a small database does not carry over to a large one). ``passes``: the images
+    described in ``seconds`` (default all of ``rows``; fewer when earlier calls of the run described the others).
     """
     unique = int(len(rows))
+    passes = unique if passes is None else int(passes)
     price = spec.cost_per_1000_calls
 
     def cost(calls: int | float) -> float | None:
         return None if price is None else float(calls) / 1000.0 * float(price)
 
-    per_pass = seconds / unique if unique else 0.0
+    per_pass = seconds / passes if passes else 0.0
     big_n, big_q = PROJECTION
     bound = min(big_n, big_q * spec.k * num_alphas)
     return {
@@ -187,7 +211,8 @@ def cost_model(
         "failed": annotation.failed,
         "cost_per_1000_calls": price,
         "estimated_cost": cost(annotation.calls),
-        "extra_backbone_passes": unique,
+        "extra_backbone_passes": passes,
+        "descriptors_reused": unique - passes,
         "extra_backbone_seconds": round(float(seconds), 3),
         "full_symmetric": {"llm_calls": int(num_database), "estimated_cost": cost(num_database)},
         "projection": {
@@ -214,6 +239,7 @@ def run_symmetric(
     positives: list[np.ndarray],
     provider=None,
     run_config=None,
+    described: DescribedRows | None = None,
     **extract,
 ) -> tuple[Retrieval, dict[str, Any]]:
     """Annotates the shortlists (cached), describes them with attention and re-ranks them.
@@ -223,19 +249,32 @@ def run_symmetric(
         model: The evaluated model; database: its database images; database_descriptors: ``[N, D]`` (the store).
         queries: ``[K, Q, D]``; first: the first search; positives: Q arrays (recall only).
         provider, run_config: Who answers (None: only the cached files), see :func:`annotate_shortlist`.
+        described: Descriptors earlier calls of the run computed at ``spec.alpha_db`` (read and extended), or None.
         **extract: Batch settings of the extraction (``batch_size``, ``image_size``, ``sigma``, ...).
 
     Returns:
         The re-ranked retrieval and the cost model.
     """
+    described = DescribedRows(spec.alpha_db) if described is None else described
+    if described.alpha_db != spec.alpha_db:
+        raise ValueError(f"descriptors described at alpha_db {described.alpha_db:g} reused at {spec.alpha_db:g}")
     rows = shortlist_rows(first.predictions, spec.k)
     Path(spec.attention_dir).mkdir(parents=True, exist_ok=True)
     annotation = annotate_shortlist(database, rows, spec, provider, run_config)
+    todo = np.array([i for i, row in enumerate(rows) if int(row) not in described.descriptors], np.int64)
     t0 = time.perf_counter()
-    new, valid, applied, _ = describe_with_attention(model, database, rows, annotation.parsed, spec.alpha_db, **extract)
+    if len(todo):
+        parsed = [annotation.parsed[i] for i in todo]
+        new, valid, applied, _ = describe_with_attention(model, database, rows[todo], parsed, spec.alpha_db, **extract)
+        for j in np.flatnonzero(valid & applied):
+            described.descriptors[int(rows[todo[j]])] = new[j]
     seconds = time.perf_counter() - t0
-    found = rerank_shortlists(queries, first, spec.k, database_descriptors, rows, new, valid & applied, positives)
-    costs = cost_model(spec, len(database), queries.shape[1], queries.shape[0], annotation, rows, seconds)
-    costs["with_attention"] = int((valid & applied).sum())
+    use = np.array([int(row) in described.descriptors for row in rows], bool)
+    vectors = np.zeros((len(rows), queries.shape[-1]), np.float32)
+    for i in np.flatnonzero(use):
+        vectors[i] = described.descriptors[int(rows[i])]
+    found = rerank_shortlists(queries, first, spec.k, database_descriptors, rows, vectors, use, positives)
+    costs = cost_model(spec, len(database), queries.shape[1], queries.shape[0], annotation, rows, seconds, len(todo))
+    costs["with_attention"] = int(use.sum())
     log.info("shortlist-symmetric attention (k %d, alpha_db %g): %s", spec.k, spec.alpha_db, costs)
     return found, costs

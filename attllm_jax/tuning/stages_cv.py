@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from attllm_jax.evaluation.post_search import symmetric_stage
+from attllm_jax.evaluation.symmetric import DescribedRows
 from attllm_jax.retrieval.recall import first_hit_ranks
 from attllm_jax.retrieval.rerank import parse_reranks, rerank
 from attllm_jax.retrieval.retrieve import Retrieval
@@ -39,6 +40,7 @@ SYMMETRIC_COST_KEYS = (
     "failed",
     "with_attention",
     "extra_backbone_passes",
+    "descriptors_reused",
     "extra_backbone_seconds",
 )
 
@@ -105,15 +107,16 @@ def post_search_cv(source, config, comparison: Comparison, model=None, database_
         ranks = pooled_ranks(searches, [found for found, _ in expanded[spec.kind]])
         part[spec.kind] = {"spec": spec.label(), "params": spec.params(), **_entry(ranks, comparison, spec.kind)}
     if int(config.symmetric_k) > 0:
+        described = DescribedRows(config.alpha_db)  # the chains reuse the stage's database-side descriptors
         stage = _symmetric(config, source, searches, [s.queries for s in searches], [s.first for s in searches],
-                           model, database_images, out)  # fmt: skip
+                           model, database_images, out, described)  # fmt: skip
         part["symmetric"] = {"params": _symmetric_params(config), **_with_cost(stage, comparison, "symmetric")}
         if config.chain_stages:
             part["chained"] = {}
             for spec in specs:
                 found = [f for f, _ in expanded[spec.kind]]
                 stage = _symmetric(config, source, searches, [q for _, q in expanded[spec.kind]], found, model,
-                                   database_images, out)  # fmt: skip
+                                   database_images, out, described)  # fmt: skip
                 stages = [spec.label(), f"symmetric:k={config.symmetric_k},alpha_db={config.alpha_db:g}"]
                 name = f"{spec.kind}+symmetric"
                 part["chained"][spec.kind] = {"stages": stages, **_with_cost(stage, comparison, name)}
@@ -169,11 +172,19 @@ class _Stage:
     cost: dict[str, Any]
 
 
-def _symmetric(config, source, searches, queries, firsts, model, database_images, out) -> _Stage:
+def _symmetric(config, source, searches, queries, firsts, model, database_images, out, described) -> _Stage:
     """The evaluation's symmetric stage over the stacked held-out searches; the pooled held-out ranks."""
     stacked = stacked_held_out(searches, firsts, source.positives)
     found, costs = symmetric_stage(
-        config, model, database_images, source.database, np.concatenate(queries), stacked, source.positives, Path(out)
+        config,
+        model,
+        database_images,
+        source.database,
+        np.concatenate(queries),
+        stacked,
+        source.positives,
+        Path(out),
+        described,
     )
     ranks = np.full(stacked.first_hit.shape[1], -1, np.int64)
     for f, s in enumerate(searches):
