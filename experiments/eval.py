@@ -122,14 +122,7 @@ flags.DEFINE_enum(
     "--symmetric_k: the LLM that annotates the shortlisted database images not cached yet (key from GEMINI_API_KEY "
     "/ OPENAI_API_KEY, as attllm-annotate); instead of --db_masks.",
 )
-flags.DEFINE_string("db_llm_model", None, "--db_provider: model asked (default gemini-2.5-flash; required for openai).")
-flags.DEFINE_string("db_base_url", None, "--db_provider: endpoint instead of the provider's default (proxy, local).")
-flags.DEFINE_string("db_city", None, "--db_provider: the city named in the prompt.")
-flags.DEFINE_string("db_prompt", "axis_focus", "--db_provider: prompt id (as attllm-annotate --prompt).")
-flags.DEFINE_integer("db_workers", 4, "--db_provider: requests in flight at once (within --db_qpm).", lower_bound=1)
-flags.DEFINE_float("db_qpm", 60.0, "--db_provider: requests per minute, retries included (0: no limit).", lower_bound=0)
-flags.DEFINE_float("db_timeout_s", 60.0, "--db_provider: total deadline of each request, s.", lower_bound=0.001)
-flags.DEFINE_integer("db_max_attempts", 5, "--db_provider: attempts per image on 429/5xx/timeouts.", lower_bound=1)
+flagdefs.define_llm_flags("db_", workers=4, item="image")
 flags.DEFINE_bool(
     "chain_stages",
     False,
@@ -187,7 +180,7 @@ def _overrides() -> dict:
         "db_masks": FLAGS.db_masks,
         "llm_cost_per_1000": FLAGS.llm_cost_per_1000,
         "chain_stages": FLAGS.chain_stages,
-        "db_provider": _db_provider(),
+        "db_provider": flagdefs.llm_source_settings("db_"),
         "db_city": FLAGS.db_city or "unknown",
         "db_prompt": FLAGS.db_prompt,
         "db_workers": FLAGS.db_workers,
@@ -197,22 +190,6 @@ def _overrides() -> dict:
     if image_size is not None:
         overrides["image_size"] = image_size
     return overrides
-
-
-def _db_provider():
-    """The :class:`~attllm_jax.attention.sources.SourceSettings` of --db_provider and its flags, or None."""
-    if FLAGS.db_provider is None:
-        return None
-    from attllm_jax.attention.sources import SourceSettings
-
-    return SourceSettings(
-        provider=FLAGS.db_provider,
-        model=FLAGS.db_llm_model,
-        base_url=FLAGS.db_base_url,
-        timeout_s=FLAGS.db_timeout_s,
-        qpm=FLAGS.db_qpm,
-        max_attempts=FLAGS.db_max_attempts,
-    )
 
 
 def _search_spec():

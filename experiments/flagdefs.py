@@ -423,6 +423,64 @@ def define(*names: str) -> None:
         FLAGS.register_key_flag_for_module(caller, FLAGS[name])
 
 
+def define_llm_flags(prefix: str, workers: int, item: str) -> None:
+    """The request flags of an LLM asked for attention, each named ``--<prefix>...``: ``llm_model``, ``base_url``,
+    ``city``, ``prompt``, ``workers``, ``qpm``, ``timeout_s``, ``max_attempts`` (localize: prefix ""; eval's
+    database side: "db_"). The command defines ``--<prefix>provider`` itself (its choices differ).
+
+    Args:
+        prefix: The flag-name prefix.
+        workers: Default requests in flight.
+        item: What one request is about ("photo", "image"), for the help.
+    """
+    owner = f"--{prefix}provider"
+    caller = module_key(sys._getframe(1).f_globals["__name__"])
+
+    def name(flag: str) -> str:
+        return f"{prefix}{flag}"
+
+    flags.DEFINE_string(
+        name("llm_model"), None, f"{owner}: model asked (default gemini-2.5-flash; required for openai)."
+    )
+    flags.DEFINE_string(name("base_url"), None, f"{owner}: endpoint instead of the provider's default (proxy, local).")
+    flags.DEFINE_string(name("city"), None, f"{owner} gemini/openai: the city named in the prompt.")
+    flags.DEFINE_string(
+        name("prompt"), "axis_focus", f"{owner} gemini/openai: prompt id (as attllm-annotate --prompt)."
+    )
+    flags.DEFINE_integer(
+        name("workers"), workers, f"{owner}: requests in flight at once (within --{name('qpm')}).", lower_bound=1
+    )
+    flags.DEFINE_float(
+        name("qpm"), 60.0, f"{owner}: requests per minute, retries included (0: no limit).", lower_bound=0
+    )
+    flags.DEFINE_float(name("timeout_s"), 60.0, f"{owner}: total deadline of each request, seconds.", lower_bound=0.001)
+    flags.DEFINE_integer(name("max_attempts"), 5, f"{owner}: attempts per {item} on 429/5xx/timeouts.", lower_bound=1)
+    for flag in ("llm_model", "base_url", "city", "prompt", "workers", "qpm", "timeout_s", "max_attempts"):
+        FLAGS.register_key_flag_for_module(caller, FLAGS[name(flag)])  # listed by the command's --help
+
+
+def llm_source_settings(prefix: str, **extra):
+    """The :class:`~attllm_jax.attention.sources.SourceSettings` of ``--<prefix>provider`` and the flags of
+    :func:`define_llm_flags` (``extra``: more fields, e.g. ``masks``), or None without a provider."""
+    provider = FLAGS[f"{prefix}provider"].value
+    if provider is None:
+        return None
+    from attllm_jax.attention.sources import SourceSettings
+
+    def value(flag: str):
+        return FLAGS[f"{prefix}{flag}"].value
+
+    return SourceSettings(
+        provider=provider,
+        model=value("llm_model"),
+        base_url=value("base_url"),
+        timeout_s=value("timeout_s"),
+        qpm=value("qpm"),
+        max_attempts=value("max_attempts"),
+        **extra,
+    )
+
+
 def image_size() -> int | tuple[int, int] | None:
     """The parsed ``--image_size``: None, the shorter side, or ``(height, width)``."""
     if not FLAGS.image_size:

@@ -43,15 +43,8 @@ flags.DEFINE_enum(
     ["gemini", "openai", "masks", "none"],
     "Ask each photo's attention on the fly (stored in OUT/attention as annotate stores it); none: no attention.",
 )
-flags.DEFINE_string("city", None, "--provider gemini/openai: the city named in the prompt.")
-flags.DEFINE_string("llm_model", None, "--provider: model asked (default gemini-2.5-flash; required for openai).")
-flags.DEFINE_string("base_url", None, "--provider: endpoint instead of the provider's default (proxy, local server).")
-flags.DEFINE_string("prompt", "axis_focus", "--provider gemini/openai: prompt id (as attllm-annotate --prompt).")
+flagdefs.define_llm_flags("", workers=8, item="photo")
 flags.DEFINE_string("masks", None, "--provider masks: folder of water masks (<stem>.png, 255 = water).")
-flags.DEFINE_integer("workers", 8, "--provider: requests in flight at once (within --qpm).", lower_bound=1)
-flags.DEFINE_float("qpm", 60.0, "--provider: requests per minute, retries included (0: no limit).", lower_bound=0)
-flags.DEFINE_float("timeout_s", 60.0, "--provider: total deadline of each request, seconds.", lower_bound=0.001)
-flags.DEFINE_integer("max_attempts", 5, "--provider: attempts per photo on 429/5xx/timeouts.", lower_bound=1)
 flags.DEFINE_string(
     "calibrate_with",
     None,
@@ -133,18 +126,9 @@ def ask_from_flags():
     """The :class:`~attllm_jax.localization.ask.AskSettings` of --provider and its flags, or None."""
     if FLAGS.provider is None:
         return None
-    from attllm_jax.attention.sources import SourceSettings
     from attllm_jax.localization.ask import AskSettings
 
-    source = SourceSettings(
-        provider=FLAGS.provider,
-        model=FLAGS.llm_model,
-        base_url=FLAGS.base_url,
-        timeout_s=FLAGS.timeout_s,
-        qpm=FLAGS.qpm,
-        max_attempts=FLAGS.max_attempts,
-        masks=FLAGS.masks,
-    )
+    source = flagdefs.llm_source_settings("", masks=FLAGS.masks)
     return AskSettings(source, city=FLAGS.city or "unknown", prompt=FLAGS.prompt, workers=FLAGS.workers)
 
 
