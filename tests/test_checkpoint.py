@@ -302,6 +302,8 @@ def test_load_is_quiet_and_closes_orbax_cleanly(saved, recwarn, caplog):
     from absl import logging as absl_logging
 
     _, directory = saved
+    gc.collect()  # another test's leftovers (a socket of a local server) are not this load's: collected, then dropped
+    recwarn.clear()
     warnings.simplefilter("always")
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.INFO)  # as under absl's app.run, where orbax's INFO lines would show
